@@ -1,0 +1,340 @@
+"""One configuration schema, loaded from YAML and validated at start-up.
+
+Every section is a dataclass; ``load_config`` turns a mapping into them and
+reports the first problems with the dotted field path, the bad value and what
+is allowed, e.g. ``sources.cam1.uri: unsupported scheme 'rtps' (use file,
+v4l2, rtsp, csi, gst)``.  ``${VAR}`` and ``${VAR:-default}`` in any string
+value are replaced from the environment, so secrets stay out of the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SOURCE_SCHEMES = ("file", "v4l2", "rtsp", "csi", "gst")
+ENGINE_TYPES = ("onnxruntime",)
+FAMILIES = ("auto", "yolov8", "yolov5", "yolox", "end2end")
+PROVIDERS = ("tensorrt", "cuda", "cpu")
+DATASET_FORMATS = ("yolo", "coco")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_TOPIC_RE = re.compile(r"^[^#+\s]+$")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; ``problems`` lists one line per field."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def _choice(*allowed: str) -> dict[str, Any]:
+    return {"choices": allowed}
+
+
+@dataclass
+class ModelConfig:
+    """The detector: an ONNX file, the back end that runs it and how to decode it."""
+
+    path: str = ""
+    engine: str = field(default="onnxruntime", metadata=_choice(*ENGINE_TYPES))
+    family: str = field(default="auto", metadata=_choice(*FAMILIES))
+    labels: str | None = None  # a text file, one class name per line
+    conf: float = field(default=0.25, metadata={"min": 0.0, "max": 1.0})
+    iou: float = field(default=0.45, metadata={"min": 0.0, "max": 1.0})
+    providers: list[str] = field(default_factory=lambda: list(PROVIDERS))
+    threads: int = field(default=0, metadata={"min": 0, "max": 256})  # 0: ONNX Runtime decides
+
+
+@dataclass
+class ReconnectConfig:
+    """Exponential backoff between attempts to reopen a live source."""
+
+    initial: float = field(default=1.0, metadata={"min": 0.01})
+    max: float = field(default=60.0, metadata={"min": 0.01})
+
+
+@dataclass
+class SourceConfig:
+    """One input: a folder, image, video file, camera or stream, chosen by URI."""
+
+    uri: str = ""
+    enabled: bool = True
+    fps: float = field(default=0.0, metadata={"min": 0.0})  # cap; 0: no cap
+    loop: bool = False  # video files: start again at the end
+    watch: bool = False  # folders: keep running and label new files
+    watch_interval: float = field(default=2.0, metadata={"min": 0.05})
+    read_timeout: float = field(default=10.0, metadata={"min": 0.1})  # live sources
+    reconnect: ReconnectConfig = field(default_factory=ReconnectConfig)
+    width: int = field(default=0, metadata={"min": 0})  # cameras: requested size, 0 = default
+    height: int = field(default=0, metadata={"min": 0})
+    name: str = ""  # filled from the mapping key
+
+
+@dataclass
+class TlsConfig:
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    insecure: bool = False
+
+
+@dataclass
+class MqttConfig:
+    """Broker connection and topic layout: ``<prefix>/<device>/<source>/labels``."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = field(default=1883, metadata={"min": 1, "max": 65535})
+    username: str | None = None
+    password: str | None = None
+    client_id: str | None = None
+    prefix: str = "edgelabel"
+    qos: int = field(default=1, metadata={"min": 0, "max": 2})
+    keepalive: int = field(default=30, metadata={"min": 5, "max": 65535})
+    max_queued: int = field(default=10000, metadata={"min": 0})  # in-memory backlog while offline
+    tls: TlsConfig | None = None
+
+
+@dataclass
+class DatasetConfig:
+    """The labeled dataset on disk (YOLO txt + COCO JSON)."""
+
+    enabled: bool = True
+    path: str = "dataset"
+    formats: list[str] = field(default_factory=lambda: list(DATASET_FORMATS))
+    save_images: str = field(default="auto", metadata=_choice("auto", "always", "never"))
+    image_format: str = field(default="jpg", metadata=_choice("jpg", "png"))
+    jpeg_quality: int = field(default=95, metadata={"min": 1, "max": 100})
+    coco_interval: float = field(default=10.0, metadata={"min": 0.0})  # seconds between rewrites
+
+
+@dataclass
+class WebConfig:
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = field(default=8080, metadata={"min": 1, "max": 65535})
+
+
+@dataclass
+class Config:
+    """The whole daemon configuration."""
+
+    device_id: str = "edge-01"
+    state_dir: str = "state"
+    log_level: str = field(default="info", metadata=_choice("debug", "info", "warning", "error"))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    web: WebConfig = field(default_factory=WebConfig)
+    base_dir: str = field(default=".", metadata={"internal": True})
+
+    def resolve(self, path: str) -> Path:
+        """A path from the config, relative paths taken from the config file's folder."""
+        p = Path(os.path.expanduser(path))
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+
+# --------------------------------------------------------------------------- loading
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+
+def expand_env(value: str, path: str, problems: list[str]) -> str:
+    """Replace ``${VAR}`` / ``${VAR:-default}``; an unset variable without default is an error."""
+
+    def sub(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        problems.append(f"{path}: environment variable {name} is not set (set it or write ${{{name}:-default}})")
+        return ""
+
+    return _ENV_RE.sub(sub, value)
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    origin = typing.get_origin(tp)
+    if origin in (list,):
+        return "a list"
+    if origin in (dict,):
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, path: str, meta: typing.Mapping[str, Any], problems: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, path, meta, problems)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {value!r}")
+            return tp()
+        return _build(tp, value, path, problems)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            problems.append(f"{path}: expected a list, got {value!r}")
+            return []
+        return [_convert(v, item_tp, f"{path}[{i}]", meta, problems) for i, v in enumerate(value)]
+    if origin is dict:
+        _, val_tp = typing.get_args(tp)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {value!r}")
+            return {}
+        return {str(k): _convert(v, val_tp, f"{path}.{k}", meta, problems) for k, v in value.items()}
+    # scalars
+    if isinstance(value, str):
+        value = expand_env(value, path, problems)
+    out: Any = value
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            out = value.lower() in ("true", "yes", "on", "1")
+        elif not isinstance(value, bool):
+            problems.append(f"{path}: expected true/false, got {value!r}")
+            return False
+    elif tp in (int, float):
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            out = tp(value)
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+        except (TypeError, ValueError):
+            problems.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
+            return tp()
+        if "min" in meta and out < meta["min"]:
+            problems.append(f"{path}: {value!r} is below the minimum {meta['min']}")
+        if "max" in meta and out > meta["max"]:
+            problems.append(f"{path}: {value!r} is above the maximum {meta['max']}")
+    elif tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out = str(value)
+        elif not isinstance(value, str):
+            problems.append(f"{path}: expected a string, got {value!r}")
+            return ""
+    choices = meta.get("choices")
+    if choices and out not in choices:
+        problems.append(f"{path}: {out!r} is not allowed (use {', '.join(choices)})")
+    return out
+
+
+def _build(cls: type, data: dict[str, Any], path: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in known:
+            allowed = ", ".join(n for n in known if n != "name")
+            problems.append(f"{where}: unknown field (allowed: {allowed})")
+            continue
+        f = known[key]
+        kwargs[key] = _convert(value, hints[key], where, f.metadata, problems)
+    return cls(**kwargs)
+
+
+def _check(cfg: Config, problems: list[str]) -> None:
+    """Rules that involve more than one field or the meaning of a value."""
+    from edge.sources import parse_uri  # late import: sources import config types
+
+    if not _NAME_RE.match(cfg.device_id):
+        problems.append(f"device_id: {cfg.device_id!r} must be 1-64 characters of letters, digits, '_', '-', '.'")
+    if not cfg.model.path:
+        problems.append("model.path: required (path to an ONNX detector)")
+    for i, p in enumerate(cfg.model.providers):
+        if p not in PROVIDERS:
+            problems.append(f"model.providers[{i}]: {p!r} is not allowed (use {', '.join(PROVIDERS)})")
+    if not cfg.sources:
+        problems.append("sources: at least one source is required, e.g. sources: {cam1: {uri: rtsp://...}}")
+    for name, src in cfg.sources.items():
+        src.name = name
+        if not _NAME_RE.match(name):
+            problems.append(f"sources.{name}: source names must be 1-64 characters of letters, digits, '_', '-', '.'")
+        if not src.uri:
+            problems.append(f"sources.{name}.uri: required")
+            continue
+        try:
+            parse_uri(src.uri)
+        except ValueError as exc:
+            problems.append(f"sources.{name}.uri: {exc}")
+        if src.reconnect.max < src.reconnect.initial:
+            problems.append(f"sources.{name}.reconnect.max: {src.reconnect.max} is below reconnect.initial {src.reconnect.initial}")
+    if not _TOPIC_RE.match(cfg.mqtt.prefix):
+        problems.append(f"mqtt.prefix: {cfg.mqtt.prefix!r} must not be empty or contain '#', '+' or spaces")
+    for i, fmt in enumerate(cfg.dataset.formats):
+        if fmt not in DATASET_FORMATS:
+            problems.append(f"dataset.formats[{i}]: {fmt!r} is not allowed (use {', '.join(DATASET_FORMATS)})")
+
+
+def config_from_dict(data: Any, base_dir: str | Path = ".") -> Config:
+    """Validate a mapping (as read from YAML) and return the config, or raise ConfigError."""
+    problems: list[str] = []
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"(top level): expected a mapping of settings, got {type(data).__name__}"])
+    cfg = _build(Config, data, "", problems)
+    cfg.base_dir = str(base_dir)
+    if not problems:
+        _check(cfg, problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML file into a mapping; errors name the file and line."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{p}: config file not found"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{p}: cannot read config file ({exc.strerror})"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{p}: config file is not UTF-8 text"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{p}:{where}: invalid YAML ({problem})"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{p}: expected a mapping of settings at the top level, got {type(data).__name__}"])
+    return data
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, validate and return the config in ``path``."""
+    p = Path(path)
+    return config_from_dict(read_config_file(p), base_dir=p.resolve().parent)

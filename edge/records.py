@@ -1,0 +1,101 @@
+"""The label record: one per processed frame, the unit every sink receives.
+
+Serialised with ``to_json``; the JSON Schema is ``edge/schemas/label-record.v1.json``
+(``SCHEMA_PATH``).  Record ids are uuid5 of device, source and frame key, so the
+same frame processed twice (after a crash) gets the same id and consumers can
+de-duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from engines.base import Detection
+
+SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).parent / "schemas" / "label-record.v1.json"
+_NAMESPACE = uuid.UUID("6a1f6c8e-3b0e-5b7a-9d1e-2f4c8a9b0c11")
+
+
+def record_id(device_id: str, source: str, frame_key: str) -> str:
+    """Stable id of the record for one frame of one source on one device."""
+    return str(uuid.uuid5(_NAMESPACE, f"{device_id}\x1f{source}\x1f{frame_key}"))
+
+
+def iso_utc(epoch: float) -> str:
+    """ISO-8601 UTC with milliseconds and a ``Z``."""
+    dt = datetime.fromtimestamp(epoch, tz=timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Which model produced a record, and how it ran."""
+
+    name: str
+    sha256: str
+    family: str
+    engine: str
+    provider: str
+    precision: str
+    input_size: tuple[int, int]  # (height, width)
+
+
+@dataclass(frozen=True)
+class DetectionRecord:
+    class_id: int
+    label: str
+    score: float
+    box: list[float]  # x1, y1, x2, y2 in frame pixels
+    box_norm: list[float]  # the same divided by width/height
+
+    @classmethod
+    def from_detection(cls, det: Detection, width: int, height: int) -> DetectionRecord:
+        return cls(
+            class_id=int(det.class_id),
+            label=det.label,
+            score=round(float(det.score), 5),
+            box=[round(float(v), 2) for v in det.box],
+            box_norm=[round(float(v), 6) for v in det.box_norm(width, height)],
+        )
+
+
+@dataclass
+class LabelRecord:
+    """Everything known about one processed frame."""
+
+    id: str
+    device_id: str
+    source: str
+    frame_index: int
+    frame_key: str
+    captured_at: str  # ISO-8601 UTC
+    captured_ts: float  # epoch seconds
+    width: int
+    height: int
+    model: ModelInfo
+    inference_ms: float
+    detections: list[DetectionRecord]
+    frame_sha256: str | None = None  # sha256 of the stored image bytes
+    frame_path: str | None = None  # where the exact pixels are stored (or the original file)
+    schema_version: int = SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["model"]["input_size"] = list(self.model.input_size)
+        if not d["extra"]:
+            del d["extra"]
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
+
+
+def load_schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))

@@ -1,0 +1,39 @@
+"""The interface of every sink: something that receives label records."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+from edge.frame import Frame
+from edge.records import LabelRecord
+
+
+class Sink(abc.ABC):
+    """Receives every record in order from the single sink worker thread."""
+
+    name: str = "sink"
+
+    def open(self) -> None:
+        """Connect or create files; must not block on an absent broker."""
+
+    def prepare(self, record: LabelRecord, frame: Frame) -> None:
+        """Called before ``write`` on every sink, in order: a sink may fill
+        ``record.frame_path``/``frame_sha256`` here (the dataset stores the pixels)."""
+
+    @abc.abstractmethod
+    def write(self, record: LabelRecord, frame: Frame) -> None:
+        """Deliver one record; failures are handled inside and reported in ``status``."""
+
+    def source_status(self, source: str, status: str) -> None:
+        """A source changed state (online, reconnecting, offline, finished, disabled)."""
+
+    def flush(self) -> None:
+        """Make everything written so far durable/delivered as far as possible."""
+
+    def close(self) -> None:
+        """Flush and release; called once at shutdown."""
+
+    def status(self) -> dict[str, Any]:
+        """A small JSON-able snapshot for status pages."""
+        return {}

@@ -1,0 +1,66 @@
+"""The interface every source implements, whatever its URI scheme.
+
+A source is a plain synchronous reader: ``open()``, then ``read()`` until it
+returns ``None`` (finished) or raises ``SourceError`` (lost; a live source is
+reopened with backoff by its runner).  Threads, buffering, fps caps and
+reconnects live in ``edge.sources.runner`` so each source file stays small.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import ClassVar
+
+from edge.config import SourceConfig
+from edge.frame import Frame
+
+
+class SourceError(RuntimeError):
+    """The source cannot deliver frames right now (absent camera, dropped stream)."""
+
+
+def _never_done(key: str) -> bool:
+    return False
+
+
+def _ignore_reject(path: str, reason: str) -> None:
+    return None
+
+
+class Source(abc.ABC):
+    """One input of frames.
+
+    ``live`` sources (cameras, streams) produce frames whether or not anyone
+    reads them, so the runner keeps only the newest; storage sources (files)
+    wait for the reader and never drop.
+    """
+
+    live: ClassVar[bool] = False
+
+    def __init__(self, name: str, cfg: SourceConfig, target: str) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.target = target  # the URI with its scheme resolved (path, device, url, pipeline)
+        #: called with a frame key before a storage source decodes it; True skips it
+        self.skip: Callable[[str], bool] = _never_done
+        #: called with (path, reason) for every input that cannot be decoded
+        self.on_reject: Callable[[str, str], None] = _ignore_reject
+
+    @abc.abstractmethod
+    def open(self) -> None:
+        """Open the device, stream or file; raise SourceError when it is not there."""
+
+    @abc.abstractmethod
+    def read(self) -> Frame | None:
+        """The next frame, ``None`` when a finite source is done; SourceError when lost."""
+
+    def close(self) -> None:
+        """Release the device or file; safe to call twice."""
+
+    def total(self) -> int | None:
+        """Number of frames this source will deliver, when known (for progress bars)."""
+        return None
+
+    def describe(self) -> str:
+        return f"{type(self).__name__}({self.target})"

@@ -1,0 +1,1 @@
+"""Model-family decoders, preprocessing and family auto-detection."""

@@ -1,0 +1,49 @@
+"""Packaging for edgelabel.
+
+ONNX Runtime (CPU) and a headless pip OpenCV are installed by default so the
+daemon works out of the box.  On a Jetson, JetPack already provides a
+GStreamer-enabled OpenCV and a GPU ONNX Runtime from NVIDIA's wheel index;
+installing pip's copies would shadow them.  Set, at install time:
+
+  EDGELABEL_SYSTEM_OPENCV=1          do not depend on opencv-python-headless
+  EDGELABEL_ORT_PACKAGE=<name|none>  onnxruntime (default), onnxruntime-gpu, or none
+
+The ``gpu`` extra adds pycuda (TensorRT itself comes with JetPack / NVIDIA's wheels).
+"""
+
+import os
+
+from setuptools import find_packages, setup
+
+ort_package = os.environ.get("EDGELABEL_ORT_PACKAGE", "onnxruntime").strip()
+system_opencv = os.environ.get("EDGELABEL_SYSTEM_OPENCV", "").strip().lower() in ("1", "true", "yes")
+
+install_requires = [
+    "numpy>=1.23",
+    "PyYAML>=6.0",
+    "paho-mqtt>=2.0,<3",
+    "flask>=3.0",
+    "tqdm>=4.60",
+]
+if ort_package and ort_package != "none":
+    install_requires.append(f"{ort_package}>=1.16")
+if not system_opencv:
+    install_requires.append("opencv-python-headless>=4.8")
+
+setup(
+    name="edgelabel",
+    version="0.1.0",
+    description="Edge auto-labeling appliance: TensorRT/ONNX detectors on cameras and files, labels over MQTT and on disk",
+    long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["edge", "edge.*", "engines", "engines.*", "web", "web.*"]),
+    package_data={"edge": ["schemas/*.json", "configs/*.yaml"], "engines": ["models/*.names"]},
+    install_requires=install_requires,
+    extras_require={
+        "gpu": ["pycuda>=2022.1"],
+        "test": ["pytest>=7", "jsonschema>=4", "pycocotools>=2.0.7", "ruff>=0.5"],
+    },
+    entry_points={"console_scripts": ["edgelabel=edge.cli:main"]},
+)
