@@ -185,7 +185,9 @@ def _convert(value: Any, tp: Any, path: str, meta: typing.Mapping[str, Any], pro
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
-        return _convert(value, inner, path, meta, problems)
+        converted = _convert(value, inner, path, meta, problems)
+        # an empty string (often an unset ${VAR:-}) means "not set" for optional fields
+        return None if converted == "" else converted
     if dataclasses.is_dataclass(tp):
         if value is None:
             value = {}
@@ -302,8 +304,7 @@ def config_from_dict(data: Any, base_dir: str | Path = ".") -> Config:
         raise ConfigError([f"(top level): expected a mapping of settings, got {type(data).__name__}"])
     cfg = _build(Config, data, "", problems)
     cfg.base_dir = str(base_dir)
-    if not problems:
-        _check(cfg, problems)
+    _check(cfg, problems)
     if problems:
         raise ConfigError(problems)
     return cfg

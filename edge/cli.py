@@ -1,0 +1,297 @@
+"""The ``edgelabel`` command: run, label, check-config.
+
+Exit codes: 0 success, 1 the job failed at run time, 2 bad configuration,
+bad input path or a model that cannot be used (one line says which file and why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from edge import __version__
+from edge.config import Config, ConfigError, config_from_dict, read_config_file
+
+log = logging.getLogger("edgelabel")
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def setup_logging(level: str = "info") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger().setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+def _source_name(uri: str, taken: set[str]) -> str:
+    """A readable, unique source name derived from a URI (``cars`` for ``/videos/cars.mp4``)."""
+    text = uri.rstrip("/")
+    stem = Path(urlparse(text).path or text).stem if "://" in text else Path(text).stem or text
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("_.") or "source"
+    base = base[:56]
+    name, i = base, 2
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def parse_mqtt_url(url: str) -> dict[str, Any]:
+    """``mqtt[s]://[user[:pass]@]host[:port]`` -> mqtt config fields (password also from EDGELABEL_MQTT_PASSWORD)."""
+    u = urlparse(url)
+    if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+        raise ConfigError([f"--mqtt: {url!r} is not mqtt[s]://[user@]host[:port]"])
+    out: dict[str, Any] = {"enabled": True, "host": u.hostname, "port": u.port or (8883 if u.scheme == "mqtts" else 1883)}
+    if u.username:
+        out["username"] = unquote(u.username)
+    if u.password:
+        out["password"] = unquote(u.password)
+    elif os.environ.get("EDGELABEL_MQTT_PASSWORD"):
+        out["password"] = os.environ["EDGELABEL_MQTT_PASSWORD"]
+    if u.scheme == "mqtts":
+        out["tls"] = {}
+    return out
+
+
+def build_run_config(args: argparse.Namespace) -> Config:
+    """The config file (or the bundled default) with the command-line overrides applied."""
+    if args.config:
+        path = Path(args.config)
+        data = read_config_file(path)
+        base_dir = path.resolve().parent
+    else:
+        data = read_config_file(DEFAULT_CONFIG)
+        base_dir = Path.cwd()
+        log.info("no -c given: using the bundled default config %s", DEFAULT_CONFIG)
+    if args.source:
+        taken: set[str] = set()
+        data["sources"] = {_source_name(u, taken): {"uri": u} for u in args.source}
+    if args.model:
+        model = dict(data.get("model") or {})
+        model["path"] = str(Path(args.model).resolve())
+        if "family" in model and not args.family:
+            model["family"] = "auto"
+        if "labels" in model:
+            model.pop("labels")
+        data["model"] = model
+    if args.family:
+        data.setdefault("model", {})["family"] = args.family
+    if args.mqtt:
+        if args.mqtt == "off":
+            data["mqtt"] = {**(data.get("mqtt") or {}), "enabled": False}
+        else:
+            data["mqtt"] = {**(data.get("mqtt") or {}), **parse_mqtt_url(args.mqtt)}
+    if args.device:
+        data["device_id"] = args.device
+    if args.state_dir:
+        data["state_dir"] = str(Path(args.state_dir).resolve())
+    if args.web:
+        host, _, port = args.web.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError([f"--web: {args.web!r} is not HOST:PORT"])
+        data["web"] = {"enabled": True, "host": host, "port": int(port)}
+    if args.log_level:
+        data["log_level"] = args.log_level
+    return config_from_dict(data, base_dir=base_dir)
+
+
+def _check_paths(cfg: Config) -> list[str]:
+    """File checks that need the disk, beyond the schema (model and file sources exist)."""
+    from edge.sources import source_kind
+
+    problems = []
+    model = cfg.resolve(cfg.model.path)
+    if not model.is_file():
+        problems.append(f"model.path: {model}: file not found (an ONNX detector is expected)")
+    if cfg.model.labels and not cfg.resolve(cfg.model.labels).is_file():
+        problems.append(f"model.labels: {cfg.resolve(cfg.model.labels)}: file not found")
+    for name, src in cfg.sources.items():
+        kind, target = source_kind(src.uri)
+        if kind in ("folder", "image", "video"):
+            p = cfg.resolve(target)
+            if not p.exists() and not src.watch:
+                problems.append(f"sources.{name}.uri: {p}: no such file or folder")
+    return problems
+
+
+def _resolve_file_sources(cfg: Config) -> None:
+    """Make file source paths absolute against the config's folder (keys stay stable across cwd)."""
+    from edge.sources import source_kind
+
+    for src in cfg.sources.values():
+        kind, target = source_kind(src.uri)
+        if kind in ("folder", "image", "video"):
+            resolved = str(cfg.resolve(target).resolve())
+            src.uri = resolved + ("/" if kind == "folder" else "")
+
+
+def _install_signal_handlers(pipeline: Any) -> None:
+    def handler(signum: int, _frame: Any) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        pipeline.stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _run_pipeline(cfg: Config, fresh: bool, show_progress: bool = True) -> tuple[int, Any]:
+    from edge.pipeline import Pipeline
+    from engines.base import EngineError
+
+    _resolve_file_sources(cfg)
+    pipeline = Pipeline(cfg, fresh=fresh, show_progress=show_progress)
+    _install_signal_handlers(pipeline)
+    try:
+        code = pipeline.run()
+    except EngineError as exc:
+        print(f"edgelabel: {exc}", file=sys.stderr)
+        return EXIT_USAGE, pipeline
+    return code, pipeline
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        cfg = build_run_config(args)
+        problems = _check_paths(cfg)
+        if problems:
+            raise ConfigError(problems)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"edgelabel: config error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(cfg.log_level)
+    code, pipeline = _run_pipeline(cfg, args.fresh)
+    t = pipeline.totals
+    log.info("done: %d frames, %d detections, %d rejected", t.frames, t.detections, t.rejected)
+    return code
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    """One-shot auto-labeling of a folder, image or video into a dataset, no config file."""
+    inp = Path(args.input)
+    if not inp.exists():
+        print(f"edgelabel: {inp}: no such file or folder (give a folder of images, an image or a video)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    out = Path(args.out).resolve()
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    data: dict[str, Any] = {
+        "device_id": args.device or "edge-01",
+        "state_dir": str(out / ".edgelabel"),
+        "log_level": args.log_level or "info",
+        "model": {"path": str(Path(args.model).resolve()), "family": args.family or "auto",
+                  "conf": args.conf, "iou": args.iou},
+        "sources": {_source_name(str(inp), set()): {"uri": str(inp.resolve()) + ("/" if inp.is_dir() else "")}},
+        "mqtt": {"enabled": False},
+        "dataset": {"enabled": True, "path": str(out), "formats": formats, "coco_interval": 30.0,
+                    "save_images": "auto"},
+    }
+    if args.labels:
+        data["model"]["labels"] = str(Path(args.labels).resolve())
+    try:
+        cfg = config_from_dict(data, base_dir=Path.cwd())
+        problems = _check_paths(cfg)
+        if problems:
+            raise ConfigError(problems)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"edgelabel: {line.replace('dataset.formats', '--format').replace('model.', '--')}", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(cfg.log_level)
+    started = time.monotonic()
+    code, pipeline = _run_pipeline(cfg, args.fresh)
+    if code == EXIT_USAGE:
+        return code
+    elapsed = time.monotonic() - started
+    t = pipeline.totals
+    lines = [
+        f"labeled {t.frames} frame(s) in {elapsed:.1f} s ({t.frames / elapsed if elapsed else 0:.1f} fps), "
+        f"{t.detections} detection(s), {t.rejected} rejected",
+    ]
+    if t.by_class:
+        lines.append("classes: " + ", ".join(f"{k} {v}" for k, v in t.by_class.most_common()))
+    lines.append(f"dataset: {out}")
+    if t.rejected:
+        lines.append(f"rejected inputs: {pipeline.rejected_report}")
+    print("\n".join(lines))
+    return code
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    try:
+        data = read_config_file(path)
+        cfg = config_from_dict(data, base_dir=path.resolve().parent)
+        problems = _check_paths(cfg)
+        if problems:
+            raise ConfigError(problems)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"{path}: {line}", file=sys.stderr)
+        print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        return EXIT_USAGE
+    names = ", ".join(cfg.sources)
+    print(f"{path}: OK ({len(cfg.sources)} source(s): {names}; model {cfg.resolve(cfg.model.path)})")
+    return EXIT_OK
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgelabel", description="Edge auto-labeling: detectors on cameras and files, "
+                                "labels over MQTT and on disk.")
+    p.add_argument("--version", action="version", version=f"edgelabel {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run the daemon (the bundled demo config when -c is not given)")
+    r.add_argument("-c", "--config", help="YAML config file (default: the bundled demo config)")
+    r.add_argument("--source", action="append", metavar="URI",
+                   help="replace the config's sources (repeatable): a path, file://, v4l2://, rtsp://, csi://, gst://")
+    r.add_argument("--model", metavar="PATH", help="ONNX detector (replaces model.path)")
+    r.add_argument("--family", choices=["auto", "yolov8", "yolov5", "yolox", "end2end"], help="model family")
+    r.add_argument("--mqtt", metavar="URL", help="mqtt[s]://[user@]host:port, or 'off'")
+    r.add_argument("--device", metavar="ID", help="device id used in topics and records")
+    r.add_argument("--web", metavar="HOST:PORT", help="serve the web page on HOST:PORT")
+    r.add_argument("--state-dir", metavar="DIR", help="where the ledger and reports live")
+    r.add_argument("--fresh", action="store_true", help="forget which frames were already labeled")
+    r.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    r.set_defaults(func=cmd_run)
+
+    lab = sub.add_parser("label", help="label a folder, image or video into a dataset (no config file)")
+    lab.add_argument("input", help="folder of images, an image or a video file")
+    lab.add_argument("--model", required=True, metavar="PATH", help="ONNX detector")
+    lab.add_argument("--out", default="labeled", metavar="DIR", help="dataset folder (default: ./labeled)")
+    lab.add_argument("--format", default="yolo,coco", help="comma list of yolo, coco (default: both)")
+    lab.add_argument("--conf", type=float, default=0.25, help="confidence threshold (default 0.25)")
+    lab.add_argument("--iou", type=float, default=0.45, help="NMS IoU threshold (default 0.45)")
+    lab.add_argument("--family", choices=["auto", "yolov8", "yolov5", "yolox", "end2end"])
+    lab.add_argument("--labels", metavar="FILE", help="class names, one per line")
+    lab.add_argument("--device", metavar="ID")
+    lab.add_argument("--fresh", action="store_true", help="label everything again")
+    lab.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    lab.set_defaults(func=cmd_label)
+
+    c = sub.add_parser("check-config", help="validate a config file without starting anything")
+    c.add_argument("file")
+    c.set_defaults(func=cmd_check_config)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

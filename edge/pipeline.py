@@ -1,0 +1,408 @@
+"""The daemon's data flow: source -> frame -> preprocess -> engine -> decode -> record -> sinks.
+
+Threads and queues::
+
+    SourceRunner (one per source) --FrameHub--> inference worker --queue--> sink worker
+                                                 preprocess, engine,          LabelRecord, dataset,
+                                                 decode boxes                 MQTT, ledger
+
+Capture, inference and publishing overlap.  Live sources keep only their
+newest frame in the hub (and count what they drop); storage sources block, so
+they never drop.  The inference worker owns the engine (and, on a GPU, its
+CUDA context); the sink worker is the only thread that calls sinks.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engines.detector import Detector, load_detector
+
+from edge.config import Config
+from edge.frame import Frame
+from edge.ledger import Ledger
+from edge.progress import Progress
+from edge.records import DetectionRecord, LabelRecord, ModelInfo, iso_utc, record_id
+from edge.sinks.base import Sink
+from edge.sources import create_source
+from edge.sources.hub import FrameHub
+from edge.sources.runner import SourceRunner
+from engines.base import Detection
+
+log = logging.getLogger("edgelabel.pipeline")
+
+_STOP = object()
+
+
+@dataclass
+class Inferred:
+    """A frame and what the model found in it, on its way to the sinks."""
+
+    frame: Frame
+    detections: list[Detection]
+    preprocess_ms: float
+    inference_ms: float
+    decode_ms: float
+
+
+@dataclass
+class _StatusEvent:
+    source: str
+    status: str
+
+
+@dataclass
+class Totals:
+    """Running totals for summaries and status pages."""
+
+    frames: int = 0
+    detections: int = 0
+    by_class: Counter[str] = field(default_factory=Counter)
+    by_source: Counter[str] = field(default_factory=Counter)
+    rejected: int = 0
+    inference_ms_sum: float = 0.0
+
+
+def build_sinks(cfg: Config, detector: Detector) -> list[Sink]:
+    """The sinks the config asks for, dataset first so it can fill in the stored frame path."""
+    sinks: list[Sink] = []
+    if cfg.dataset.enabled:
+        from edge.sinks.dataset import DatasetSink
+
+        sinks.append(DatasetSink(cfg.dataset, cfg.resolve(cfg.dataset.path), detector.names, detector.describe()["name"]))
+    if cfg.mqtt.enabled:
+        from edge.sinks.mqtt import MqttSink
+
+        sinks.append(MqttSink(cfg.mqtt, cfg.device_id))
+    return sinks
+
+
+class Pipeline:
+    """Runs the configured sources through one detector into the sinks."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        detector: Detector | None = None,
+        sinks: list[Sink] | None = None,
+        show_progress: bool = True,
+        fresh: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.detector = detector
+        self.sinks = sinks
+        self.show_progress = show_progress
+        self.fresh = fresh
+        self.totals = Totals()
+        self.started_at = time.time()
+        self._stop = threading.Event()
+        self._finished = threading.Event()
+        self._records: queue.Queue[Any] = queue.Queue(maxsize=16)
+        self._hub = FrameHub()
+        self._runners: dict[str, SourceRunner] = {}
+        self._threads: list[threading.Thread] = []
+        self._progress: Progress | None = None
+        self._model_info: ModelInfo | None = None
+        self._source_status: dict[str, str] = {}
+        self._last_error: str | None = None
+        self.ledger: Ledger | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Load the model, open sinks and sources, start the threads.
+
+        Raises EngineError when the model cannot be loaded; nothing is left running then.
+        """
+        cfg = self.cfg
+        state_dir = cfg.resolve(cfg.state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        if self.detector is None:
+            m = cfg.model
+            self.detector = load_detector(
+                cfg.resolve(m.path),
+                engine=m.engine,
+                family=m.family,
+                labels=str(cfg.resolve(m.labels)) if m.labels else None,
+                conf=m.conf,
+                iou=m.iou,
+                providers=m.providers,
+                threads=m.threads,
+            )
+        d = self.detector.describe()
+        self._model_info = ModelInfo(
+            name=d["name"],
+            sha256=d["sha256"],
+            family=d["family"],
+            engine=d["engine"],
+            provider=d["provider"],
+            precision=d["precision"],
+            input_size=(int(d["input_size"][0]), int(d["input_size"][1])),
+        )
+        log.info(
+            "model %s (%s, %s on %s, %s, input %sx%s)",
+            d["name"], d["family"], d["engine"], d["provider"], d["precision"], *d["input_size"],
+        )
+        ledger_path = state_dir / "ledger.sqlite"
+        if self.fresh:
+            for suffix in ("", "-wal", "-shm"):
+                Path(str(ledger_path) + suffix).unlink(missing_ok=True)
+        self.ledger = Ledger(ledger_path)
+        if self.sinks is None:
+            self.sinks = build_sinks(cfg, self.detector)
+        for sink in self.sinks:
+            sink.open()
+
+        finite_total: int | None = 0
+        for name, scfg in cfg.sources.items():
+            source = create_source(scfg)
+            if not source.live:
+                source.skip = lambda key, _n=name: self.ledger.is_done(_n, key)  # type: ignore[union-attr]
+            self._hub.register(name, live=source.live, capacity=1 if source.live else 4)
+            runner = SourceRunner(source, self._hub, self._on_status, self._stop, on_reject=self._on_reject)
+            self._runners[name] = runner
+            if not scfg.enabled:
+                continue
+            if source.live or scfg.watch or scfg.loop:
+                finite_total = None
+            elif finite_total is not None:
+                try:
+                    source.open()
+                    n = source.total()
+                    source.close()
+                except Exception:  # the runner reports open failures properly
+                    n = None
+                if n is None:
+                    finite_total = None
+                else:
+                    already = self.ledger.done_count(name)
+                    if already:
+                        log.info("%s: %d frames already labeled in a previous run (resuming; --fresh starts over)",
+                                 name, already)
+                    finite_total += max(n - already, 0)
+        if finite_total is not None and self.show_progress:
+            self._progress = Progress(finite_total, label="labeling")
+
+        self._threads = [
+            threading.Thread(target=self._inference_loop, name="inference", daemon=True),
+            threading.Thread(target=self._sink_loop, name="sinks", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        for runner in self._runners.values():
+            runner.start()
+
+    def stop(self) -> None:
+        """Ask everything to stop: the frame in flight finishes, sinks are flushed."""
+        if not self._stop.is_set():
+            log.info("stopping: finishing the frame in flight and flushing sinks")
+        self._stop.set()
+        self._hub.close()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the pipeline has finished (all finite sources done, or stopped)."""
+        return self._finished.wait(timeout)
+
+    def run(self) -> int:
+        """Start, block until done or stopped, shut down; 0 on success, 1 if a source failed."""
+        self.start()
+        try:
+            while not self._finished.wait(0.5):
+                pass
+        finally:
+            self.shutdown()
+        failed = [n for n, s in self._source_status.items() if s == "offline"]
+        return 1 if failed and not self._stop.is_set() else 0
+
+    def shutdown(self) -> None:
+        """Stop threads, flush and close sinks, write the rejected-files report."""
+        self.stop()
+        for runner in self._runners.values():
+            runner.join(5.0)
+        for t in self._threads:
+            t.join(30.0)
+        if self._progress is not None:
+            self._progress.close()
+        for sink in self.sinks or []:
+            try:
+                sink.close()
+            except Exception:
+                log.exception("closing sink %s failed", sink.name)
+        self._write_rejected_report()
+        if self.ledger is not None:
+            self.ledger.close()
+            self.ledger = None
+        if self.detector is not None:
+            self.detector.engine.close()
+
+    # ------------------------------------------------------------------ callbacks from source runners
+
+    def _on_status(self, source: str, status: str) -> None:
+        previous = self._source_status.get(source)
+        self._source_status[source] = status
+        if previous != status:
+            level = logging.WARNING if status in ("offline", "reconnecting") else logging.INFO
+            log.log(level, "source %s: %s", source, status)
+            try:
+                self._records.put(_StatusEvent(source, status), timeout=5.0)
+            except queue.Full:
+                log.warning("source %s: status %s not forwarded (sink worker busy)", source, status)
+
+    def _on_reject(self, source: str, path: str, reason: str) -> None:
+        self.totals.rejected += 1
+        log.warning("rejected %s: %s", path, reason)
+        if self.ledger is not None:
+            self.ledger.mark_rejected(source, path, reason)
+
+    # ------------------------------------------------------------------ workers
+
+    def _sources_running(self) -> bool:
+        return any(r.is_alive() for r in self._runners.values())
+
+    def _inference_loop(self) -> None:
+        det = self.detector
+        assert det is not None
+        try:
+            while True:
+                frame = self._hub.get(timeout=0.2)
+                if frame is None:
+                    if self._stop.is_set():
+                        break
+                    if not self._sources_running() and self._hub.pending_total() == 0:
+                        break
+                    continue
+                try:
+                    t0 = time.perf_counter()
+                    tensor, info = det.preprocess(frame.image)
+                    t1 = time.perf_counter()
+                    outputs = det.infer(tensor)
+                    t2 = time.perf_counter()
+                    detections = det.decode(outputs, info)
+                    t3 = time.perf_counter()
+                except Exception as exc:  # one bad frame must not stop the daemon
+                    self._last_error = f"{frame.source} frame {frame.index}: {exc}"
+                    log.exception("inference failed on %s frame %d", frame.source, frame.index)
+                    continue
+                self._records.put(
+                    Inferred(frame, detections, (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
+                )
+        finally:
+            self._records.put(_STOP)
+
+    def _sink_loop(self) -> None:
+        sinks = self.sinks or []
+        while True:
+            item = self._records.get()
+            if item is _STOP:
+                break
+            if isinstance(item, _StatusEvent):
+                for sink in sinks:
+                    try:
+                        sink.source_status(item.source, item.status)
+                    except Exception:
+                        log.exception("sink %s failed on a status update", sink.name)
+                continue
+            self._deliver(item, sinks)
+        for sink in sinks:
+            try:
+                sink.flush()
+            except Exception:
+                log.exception("flushing sink %s failed", sink.name)
+        self._finished.set()
+
+    def make_record(self, item: Inferred) -> LabelRecord:
+        """The label record for one inferred frame."""
+        frame = item.frame
+        assert self._model_info is not None
+        w, h = frame.width, frame.height
+        return LabelRecord(
+            id=record_id(self.cfg.device_id, frame.source, frame.key),
+            device_id=self.cfg.device_id,
+            source=frame.source,
+            frame_index=frame.index,
+            frame_key=frame.key,
+            captured_at=iso_utc(frame.captured_at),
+            captured_ts=round(frame.captured_at, 6),
+            width=w,
+            height=h,
+            model=self._model_info,
+            inference_ms=round(item.inference_ms, 3),
+            detections=[DetectionRecord.from_detection(d, w, h) for d in item.detections],
+            frame_path=frame.path,
+        )
+
+    def _deliver(self, item: Inferred, sinks: list[Sink]) -> None:
+        record = self.make_record(item)
+        frame = item.frame
+        for sink in sinks:
+            try:
+                sink.prepare(record, frame)
+            except Exception:
+                log.exception("sink %s failed to prepare record %s", sink.name, record.id)
+        for sink in sinks:
+            try:
+                sink.write(record, frame)
+            except Exception:
+                log.exception("sink %s failed to write record %s", sink.name, record.id)
+        if not frame.live and self.ledger is not None:
+            self.ledger.mark_done(frame.source, frame.key, record.id)
+        t = self.totals
+        t.frames += 1
+        t.detections += len(record.detections)
+        t.by_source[frame.source] += 1
+        t.inference_ms_sum += item.inference_ms
+        for d in record.detections:
+            t.by_class[d.label] += 1
+        if self._progress is not None:
+            self._progress.update()
+
+    # ------------------------------------------------------------------ reporting
+
+    def _write_rejected_report(self) -> None:
+        if self.ledger is None:
+            return
+        rows = self.ledger.rejected()
+        path = self.cfg.resolve(self.cfg.state_dir) / "rejected.csv"
+        if not rows:
+            path.unlink(missing_ok=True)
+            return
+        tmp = path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["source", "path", "reason", "at"])
+            for source, p, reason, at in rows:
+                w.writerow([source, p, reason, iso_utc(at)])
+        os.replace(tmp, path)
+        log.warning("%d input(s) rejected; see %s", len(rows), path)
+
+    @property
+    def rejected_report(self) -> Path:
+        return self.cfg.resolve(self.cfg.state_dir) / "rejected.csv"
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-able snapshot of the whole daemon (read by the web page and stats)."""
+        t = self.totals
+        return {
+            "device_id": self.cfg.device_id,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "running": not self._finished.is_set(),
+            "model": None if self._model_info is None else {
+                **self._model_info.__dict__, "input_size": list(self._model_info.input_size)},
+            "frames": t.frames,
+            "detections": t.detections,
+            "rejected": t.rejected,
+            "inference_ms_avg": round(t.inference_ms_sum / t.frames, 2) if t.frames else None,
+            "sources": {n: r.stats().__dict__ for n, r in self._runners.items()},
+            "sinks": {s.name: s.status() for s in self.sinks or []},
+            "last_error": self._last_error,
+        }
