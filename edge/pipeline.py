@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engines.detector import Detector, load_detector
-
 from edge.config import Config
 from edge.frame import Frame
 from edge.ledger import Ledger
@@ -37,6 +35,7 @@ from edge.sources import create_source
 from edge.sources.hub import FrameHub
 from edge.sources.runner import SourceRunner
 from engines.base import Detection
+from engines.detector import Detector, load_detector
 
 log = logging.getLogger("edgelabel.pipeline")
 
@@ -204,7 +203,7 @@ class Pipeline:
 
     def stop(self) -> None:
         """Ask everything to stop: the frame in flight finishes, sinks are flushed."""
-        if not self._stop.is_set():
+        if not self._stop.is_set() and not self._finished.is_set():
             log.info("stopping: finishing the frame in flight and flushing sinks")
         self._stop.set()
         self._hub.close()
@@ -250,17 +249,14 @@ class Pipeline:
     def _on_status(self, source: str, status: str) -> None:
         previous = self._source_status.get(source)
         self._source_status[source] = status
-        if previous != status:
-            level = logging.WARNING if status in ("offline", "reconnecting") else logging.INFO
-            log.log(level, "source %s: %s", source, status)
+        if previous != status:  # the runner has logged the change
             try:
                 self._records.put(_StatusEvent(source, status), timeout=5.0)
             except queue.Full:
                 log.warning("source %s: status %s not forwarded (sink worker busy)", source, status)
 
     def _on_reject(self, source: str, path: str, reason: str) -> None:
-        self.totals.rejected += 1
-        log.warning("rejected %s: %s", path, reason)
+        self.totals.rejected += 1  # the runner has logged it
         if self.ledger is not None:
             self.ledger.mark_rejected(source, path, reason)
 
@@ -278,7 +274,7 @@ class Pipeline:
                 if frame is None:
                     if self._stop.is_set():
                         break
-                    if not self._sources_running() and self._hub.pending_total() == 0:
+                    if not self._sources_running() and not any(self._hub.pending(n) for n in self._runners):
                         break
                     continue
                 try:

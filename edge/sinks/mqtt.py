@@ -102,7 +102,7 @@ class MqttSink(Sink):
         cfg = self.cfg
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=cfg.client_id or f"edgelabel-{self.device_id}",
+            client_id=self._client_id(),
             protocol=mqtt.MQTTv311,
         )
         client.enable_logger(logging.getLogger(f"{__name__}.paho"))
@@ -187,7 +187,8 @@ class MqttSink(Sink):
             self._client.loop_stop()
         with self._lock:
             self._connected = False
-        log.info("MQTT: closed (%d published, %d acknowledged, %d dropped)", self._published, self._acked, self._dropped)
+            counts = (self._published, self._acked, self._dropped)
+        log.info("MQTT: closed (%d published, %d acknowledged, %d dropped)", *counts)
 
     def status(self) -> dict[str, Any]:
         """Connection state and counters.

@@ -100,7 +100,5 @@ def to_detections(
     result: list[Detection] = []
     for box, score, cls in zip(boxes_frame.tolist(), scores.tolist(), class_ids.tolist(), strict=True):
         cid = int(cls)
-        result.append(
-            Detection(class_id=cid, label=label(cid), score=float(score), box=(box[0], box[1], box[2], box[3]))
-        )
+        result.append(Detection(class_id=cid, label=label(cid), score=float(score), box=(box[0], box[1], box[2], box[3])))
     return result

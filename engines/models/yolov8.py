@@ -41,14 +41,15 @@ class YoloV8Decoder(Decoder):
             raise EngineError(f"yolov8 decoder expects an output of shape [1, 4+nc, N], got {list(out.shape)}")
         pred = out[0]  # (4+nc, N): rows are fields, columns anchors; no transpose copy needed
         cls_scores = pred[4:]
-        class_ids = cls_scores.argmax(axis=0)
-        scores = np.take_along_axis(cls_scores, class_ids[None, :], axis=0)[0]
-        keep = np.flatnonzero(scores > conf)
+        # max first (one pass over nc x N), argmax only for the few survivors
+        best = cls_scores.max(axis=0)
+        keep = np.flatnonzero(best > conf)
         if keep.size == 0:
             return []
         if keep.size > MAX_NMS:
-            keep = keep[np.argsort(-scores[keep], kind="stable")[:MAX_NMS]]
+            keep = keep[np.argsort(-best[keep], kind="stable")[:MAX_NMS]]
+        scores = best[keep].astype(np.float32)
+        class_ids = cls_scores[:, keep].argmax(axis=0)
         boxes = cxcywh_to_xyxy(pred[:4, keep].T.astype(np.float32))
-        scores, class_ids = scores[keep], class_ids[keep]
         idx = batched_nms(boxes, scores, class_ids, iou, agnostic=self.agnostic, max_det=self.max_det)
         return to_detections(info.to_frame(boxes[idx]), scores[idx], class_ids[idx], self.label)

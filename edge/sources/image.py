@@ -1,0 +1,65 @@
+"""A single image file: one frame, then finished.
+
+The same decoding and rejection rules as a folder (``edge.sources.imageio``):
+a file that exists but cannot be used is reported through ``on_reject`` and
+the source finishes without a frame; only a missing file is a SourceError,
+because that is a configuration mistake rather than bad input.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from edge.config import SourceConfig
+from edge.frame import Frame
+from edge.sources.base import Source, SourceError
+from edge.sources.imageio import ImageRejected, decode_image_file
+
+logger = logging.getLogger(__name__)
+
+
+class ImageSource(Source):
+    """One image file; key and ``frame.path`` are its absolute path."""
+
+    live = False
+
+    def __init__(self, name: str, cfg: SourceConfig, target: str) -> None:
+        super().__init__(name, cfg, target)
+        self.path = os.path.abspath(os.path.expanduser(target))
+        self._done = False
+
+    def describe(self) -> str:
+        return f"ImageSource({self.path})"
+
+    def open(self) -> None:
+        if not os.path.lexists(self.path):
+            raise SourceError(f"image {self.path} not found")
+        self._done = False
+
+    def total(self) -> int | None:
+        return 1
+
+    def read(self) -> Frame | None:
+        if self._done:
+            return None
+        self._done = True
+        if self.skip(self.path):
+            return None
+        try:
+            decoded = decode_image_file(self.path)
+        except ImageRejected as exc:
+            logger.debug("%s: rejected %s: %s", self.name, self.path, exc.reason)
+            self.on_reject(self.path, exc.reason)
+            return None
+        return Frame(
+            source=self.name,
+            index=0,
+            image=decoded.image,
+            captured_at=time.time(),
+            key=self.path,
+            path=self.path,
+            live=False,
+            extra={"mtime": decoded.mtime, "format": decoded.format, "bytes": decoded.size_bytes},
+        )

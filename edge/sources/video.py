@@ -1,0 +1,141 @@
+"""A video file decoded with ``cv2.VideoCapture`` (FFmpeg in the pip wheels).
+
+Keys are ``<absolute path>#<index>``; with ``loop`` the file starts again at the
+end and the index keeps counting, so every key stays unique.  ``skip(key)`` is
+honoured with ``grab()`` (no colour conversion or copy to Python), which makes
+resuming a half-labeled file cheaper than labeling it again.
+
+A corrupt or cut-off file can make ``read()`` fail before the frame count the
+container declares: we retry a couple of times (FFmpeg often resyncs on the
+next packet) and otherwise finish that pass with a WARNING naming the frame,
+instead of spinning or hanging.  ``frame.path`` stays None: the video is not
+the frame's image, and sinks use ``path`` to reference the original picture.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import cv2
+
+from edge.config import SourceConfig
+from edge.frame import Frame
+from edge.sources.base import Source, SourceError
+from edge.sources.imageio import ensure_bgr
+
+logger = logging.getLogger(__name__)
+
+#: extra read attempts after a failure before the declared end of the file
+READ_RETRIES = 2
+
+
+class VideoSource(Source):
+    """Frames of one video file, optionally looped."""
+
+    live = False
+
+    def __init__(self, name: str, cfg: SourceConfig, target: str) -> None:
+        super().__init__(name, cfg, target)
+        self.path = os.path.abspath(os.path.expanduser(target))
+        self._cap: cv2.VideoCapture | None = None
+        self._frame_count: int | None = None
+        self.fps: float | None = None
+        self._index = 0  # across loops
+        self._pos = 0  # within the current pass
+        self._pass = 0
+
+    def describe(self) -> str:
+        return f"VideoSource({self.path}{', loop' if self.cfg.loop else ''})"
+
+    def _open_capture(self) -> cv2.VideoCapture:
+        try:
+            cap = cv2.VideoCapture(self.path)
+        except cv2.error as exc:
+            raise SourceError(f"cannot open video {self.path} ({str(exc).strip()[:200]})") from None
+        if not cap.isOpened():
+            cap.release()
+            raise SourceError(f"cannot open video {self.path} (not a video, or a codec this OpenCV cannot decode)")
+        return cap
+
+    def open(self) -> None:
+        if not os.path.isfile(self.path):
+            raise SourceError(f"video {self.path} not found")
+        if not os.access(self.path, os.R_OK):
+            raise SourceError(f"video {self.path}: permission denied")
+        self.close()
+        self._cap = self._open_capture()
+        count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        self._frame_count = count if count > 0 else None
+        fps = float(self._cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        self.fps = fps if fps > 0 else None
+        self._index = 0
+        self._pos = 0
+        self._pass = 0
+        logger.info("%s: %s frames at %s fps", self.describe(), self._frame_count or "unknown", self.fps or "unknown")
+
+    def total(self) -> int | None:
+        return None if self.cfg.loop else self._frame_count
+
+    def close(self) -> None:
+        cap, self._cap = self._cap, None
+        if cap is not None:
+            cap.release()
+
+    def _next_image(self, want_pixels: bool) -> tuple[bool, object]:
+        """One read or grab with the retry rule for failures before the declared end."""
+        assert self._cap is not None
+        for attempt in range(READ_RETRIES + 1):
+            if want_pixels:
+                ok, image = self._cap.read()
+            else:
+                ok, image = self._cap.grab(), None
+            if ok:
+                return True, image
+            if self._frame_count is None or self._pos >= self._frame_count:
+                return False, None  # the normal end
+            logger.debug("%s: read failed at frame %d (attempt %d)", self.name, self._pos, attempt + 1)
+        logger.warning(
+            "%s: %s: read failed at frame %d of %d (corrupt or cut-off file); finishing this pass early",
+            self.name, self.path, self._pos, self._frame_count,
+        )
+        return False, None
+
+    def read(self) -> Frame | None:
+        if self._cap is None:
+            raise SourceError(f"video {self.path}: not open")
+        restarted_empty = False
+        while True:
+            key = f"{self.path}#{self._index}"
+            skip = self.skip(key)
+            ok, image = self._next_image(want_pixels=not skip)
+            if not ok:
+                if not self.cfg.loop:
+                    return None
+                if restarted_empty or self._pos == 0:
+                    logger.warning("%s: %s gives no frames; stopping the loop", self.name, self.path)
+                    return None
+                self.close()
+                self._cap = self._open_capture()  # reopening is more reliable than seeking to 0
+                self._pos = 0
+                self._pass += 1
+                restarted_empty = True
+                continue
+            restarted_empty = False
+            index, pos = self._index, self._pos
+            self._index += 1
+            self._pos += 1
+            if skip:
+                continue
+            assert image is not None
+            return Frame(
+                source=self.name,
+                index=index,
+                image=ensure_bgr(image),  # type: ignore[arg-type]
+                captured_at=time.time(),
+                key=key,
+                path=None,
+                live=False,
+                extra={"video": self.path, "position": pos, "pass": self._pass},
+            )

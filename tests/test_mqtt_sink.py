@@ -1,0 +1,446 @@
+"""MqttSink against a real Mosquitto: topics, QoS, retained status, Last Will, broker outages.
+
+A small TCP relay stands in front of the broker where a test needs to control
+the network: to open the broker's port only after a subscriber is listening
+(so the "broker comes back" check is not a race), or to cut the link silently
+the way a pulled cable does (no FIN, so only the keepalive can notice).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge.config import ConfigError, MqttConfig, TlsConfig
+from edge.frame import Frame
+from edge.records import DetectionRecord, LabelRecord, ModelInfo, iso_utc, load_schema, record_id
+from edge.sinks.mqtt import MqttSink
+from engines.base import Detection
+from tests.conftest import Broker, free_port
+
+DEVICE = "edge-test-01"
+PREFIX = "edgelabel"
+MODEL = ModelInfo(
+    name="yolox_nano",
+    sha256=hashlib.sha256(b"yolox_nano.onnx test stand-in").hexdigest(),
+    family="yolox",
+    engine="onnxruntime",
+    provider="CPUExecutionProvider",
+    precision="fp32",
+    input_size=(416, 416),
+)
+FRAME_IMAGE = np.zeros((72, 128, 3), np.uint8)
+
+
+def make_record(source: str, index: int) -> LabelRecord:
+    """A record as the pipeline would build it for frame ``index`` of a 1280x720 RTSP camera."""
+    captured_ns = 1_700_000_000_000_000_000 + index * 33_333_333
+    key = f"rtsp://10.0.0.5:554/stream1@{captured_ns}"
+    ts = captured_ns / 1e9
+    dets = [
+        Detection(0, "person", 0.873, (120.5, 80.25, 260.0, 410.75)),
+        Detection(2, "car", 0.51, (700.0, 300.0, 1010.5, 520.0)),
+    ]
+    return LabelRecord(
+        id=record_id(DEVICE, source, key),
+        device_id=DEVICE,
+        source=source,
+        frame_index=index,
+        frame_key=key,
+        captured_at=iso_utc(ts),
+        captured_ts=ts,
+        width=1280,
+        height=720,
+        model=MODEL,
+        inference_ms=11.7,
+        detections=[DetectionRecord.from_detection(d, 1280, 720) for d in dets[: index % 3]],
+    )
+
+
+def frame_for(record: LabelRecord) -> Frame:
+    return Frame(record.source, record.frame_index, FRAME_IMAGE, record.captured_ts, record.frame_key, live=True)
+
+
+def mqtt_cfg(port: int, **kw: object) -> MqttConfig:
+    return MqttConfig(host="127.0.0.1", port=port, prefix=PREFIX, **kw)  # type: ignore[arg-type]
+
+
+class Subscriber:
+    """Records every message on ``topic`` with its QoS and retain flag (tests.helpers.Collector keeps no QoS)."""
+
+    def __init__(self, port: int, topic: str = f"{PREFIX}/#") -> None:
+        self.messages: list[mqtt.MQTTMessage] = []
+        self._cond = threading.Condition()
+        subscribed = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"collector-{uuid.uuid4().hex[:8]}")
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *_: subscribed.set()
+        self.client.connect("127.0.0.1", port, keepalive=30)
+        self.client.subscribe(topic, qos=1)
+        self.client.loop_start()
+        assert subscribed.wait(5), "collector could not subscribe"
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        with self._cond:
+            self.messages.append(msg)
+            self._cond.notify_all()
+
+    def wait_for(self, pred: Callable[[list[mqtt.MQTTMessage]], bool], timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: pred(self.messages), timeout)
+
+    def on(self, topic: str) -> list[mqtt.MQTTMessage]:
+        with self._cond:
+            return [m for m in self.messages if m.topic == topic]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def retained(port: int, topic: str, timeout: float = 2.0) -> str | None:
+    """The retained payload on ``topic`` as a new subscriber sees it (None if none arrives)."""
+    c = Subscriber(port, topic)
+    try:
+        if not c.wait_for(lambda ms: any(m.retain for m in ms), timeout):
+            return None  # none stored (a live message published just now does not count)
+        return next(m for m in c.messages if m.retain).payload.decode()
+    finally:
+        c.close()
+
+
+def wait_retained(port: int, topic: str, expected: str, timeout: float) -> str | None:
+    """Poll until the retained value on ``topic`` is ``expected``; return the last value seen."""
+    deadline = time.monotonic() + timeout
+    value = None
+    while time.monotonic() < deadline:
+        value = retained(port, topic, timeout=0.5)
+        if value == expected:
+            break
+        time.sleep(0.1)
+    return value
+
+
+def wait_until(pred: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return pred()
+
+
+class Relay:
+    """TCP relay from ``port`` to the broker; ``cut()`` silently stops all traffic and refuses new links."""
+
+    def __init__(self, target_port: int, port: int | None = None) -> None:
+        self.target_port = target_port
+        self.port = port or free_port()
+        self._cut = threading.Event()
+        self._listener: socket.socket | None = None
+        self._socks: list[socket.socket] = []
+
+    def start(self) -> Relay:
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+        return self
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self._socks += [conn, upstream]
+            threading.Thread(target=self._pump, args=(conn, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, conn), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                return
+            if self._cut.is_set():
+                if not data:
+                    return
+                continue  # swallow: neither side learns anything, like a dead link
+            try:
+                if data:
+                    dst.sendall(data)
+                else:
+                    dst.shutdown(socket.SHUT_WR)
+                    return
+            except OSError:
+                return
+
+    def cut(self) -> None:
+        self._cut.set()
+        if self._listener is not None:
+            self._listener.close()
+
+    def close(self) -> None:
+        self.cut()
+        for s in self._socks:
+            s.close()
+
+
+@pytest.fixture
+def schema() -> dict[str, object]:
+    return load_schema()
+
+
+def test_records_published_once_on_labels_topic_with_qos1_and_valid_schema(broker: Broker, schema: dict) -> None:
+    collector = Subscriber(broker.port)
+    sink = MqttSink(mqtt_cfg(broker.port), DEVICE)
+    sink.open()
+    try:
+        assert wait_until(lambda: sink.status()["connected"], 5)
+        records = [make_record(src, i) for src in ("cam1", "yard") for i in range(25)]
+        for rec in records:
+            sink.write(rec, frame_for(rec))
+        assert collector.wait_for(lambda ms: sum(m.topic.endswith("/labels") for m in ms) >= 50, 10)
+        sink.flush()
+        st = sink.status()
+    finally:
+        sink.close()
+    time.sleep(0.2)  # nothing more may arrive: no duplicates
+    collector.close()
+
+    assert st["connected"] is True and st["broker"] == f"127.0.0.1:{broker.port}"
+    assert st["published"] == 51 and st["acked"] == 51  # 50 records + the retained "online"
+    assert st["pending"] == 0 and st["dropped"] == 0 and st["last_error"] is None
+    assert st["last_publish_at"] is not None and abs(st["last_publish_at"] - time.time()) < 30
+
+    by_id: dict[str, mqtt.MQTTMessage] = {}
+    for msg in collector.messages:
+        if not msg.topic.endswith("/labels"):
+            continue
+        doc = json.loads(msg.payload)
+        jsonschema.validate(doc, schema)
+        assert doc["id"] not in by_id, f"record {doc['id']} delivered twice"
+        by_id[doc["id"]] = msg
+        assert msg.topic == f"{PREFIX}/{DEVICE}/{doc['source']}/labels"
+        assert msg.qos == 1 and not msg.retain
+    assert set(by_id) == {r.id for r in records}
+    sample = json.loads(by_id[records[2].id].payload)
+    assert sample == records[2].to_dict()
+
+
+def test_device_and_source_status_are_retained_online_then_stopped(broker: Broker) -> None:
+    status_topic = f"{PREFIX}/{DEVICE}/status"
+    sink = MqttSink(mqtt_cfg(broker.port), DEVICE)
+    sink.open()
+    try:
+        assert wait_retained(broker.port, status_topic, "online", 5) == "online"
+        sink.source_status("cam1", "reconnecting")
+        sink.source_status("cam1", "online")
+        sink.source_status("files", "finished")
+        sink.flush()
+        assert retained(broker.port, f"{PREFIX}/{DEVICE}/cam1/status") == "online"
+        assert retained(broker.port, f"{PREFIX}/{DEVICE}/files/status") == "finished"
+    finally:
+        sink.close()
+    assert sink.status()["connected"] is False
+    assert sink.status()["pending"] == 0
+    assert retained(broker.port, status_topic) == "stopped"
+    sink.close()  # a second close is harmless
+
+
+def test_reconnect_republishes_device_and_source_status(broker: Broker, tmp_path: Path, caplog) -> None:
+    """The broker restarts without persistence, losing every retained message: the sink restores them."""
+    caplog.set_level(logging.INFO, logger="edge.sinks.mqtt")
+    sink = MqttSink(mqtt_cfg(broker.port), DEVICE)
+    sink.open()
+    restarted = Broker(tmp_path, port=broker.port)
+    try:
+        assert wait_until(lambda: sink.status()["connected"], 5)
+        sink.source_status("cam1", "online")
+        sink.flush()
+        broker.stop()
+        assert wait_until(lambda: not sink.status()["connected"], 5)
+        restarted.start()
+        assert wait_retained(broker.port, f"{PREFIX}/{DEVICE}/status", "online", 10) == "online"
+        assert wait_retained(broker.port, f"{PREFIX}/{DEVICE}/cam1/status", "online", 5) == "online"
+        assert sink.status()["connected"] is True
+    finally:
+        sink.close()
+        restarted.stop()
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and f"127.0.0.1:{broker.port}" in errors[0].getMessage()
+    assert any("connected to" in r.getMessage() and "again" in r.getMessage() for r in caplog.records)
+
+
+WILL_CHILD = """
+import logging, sys, time
+from edge.config import ConfigError, MqttConfig, TlsConfig
+from edge.sinks.mqtt import MqttSink
+logging.basicConfig(level=logging.INFO)
+sink = MqttSink(MqttConfig(host="127.0.0.1", port=int(sys.argv[1]), prefix="edgelabel", keepalive=5), sys.argv[2])
+sink.open()
+deadline = time.time() + 10
+while not sink.status()["connected"] and time.time() < deadline:
+    time.sleep(0.02)
+sink.source_status("cam1", "online")
+sink.flush()
+print("READY" if sink.status()["connected"] else "NOT CONNECTED", flush=True)
+time.sleep(60)
+"""
+
+
+def test_last_will_offline_when_the_process_is_killed(broker: Broker) -> None:
+    device = "edge-will-01"
+    status_topic = f"{PREFIX}/{device}/status"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WILL_CHILD, str(broker.port), device],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "READY"
+        assert retained(broker.port, status_topic) == "online"
+        watcher = Subscriber(broker.port, status_topic)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+        assert watcher.wait_for(lambda ms: any(m.payload == b"offline" for m in ms), 12)
+        watcher.close()
+        assert retained(broker.port, status_topic) == "offline"
+        assert retained(broker.port, f"{PREFIX}/{device}/cam1/status") == "online"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_last_will_offline_when_the_link_dies_silently(broker: Broker, caplog) -> None:
+    """No FIN, no RST: the broker notices only by keepalive (1.5 x 5 s) and then publishes the will."""
+    caplog.set_level(logging.ERROR, logger="edge.sinks.mqtt")
+    relay = Relay(broker.port).start()
+    status_topic = f"{PREFIX}/{DEVICE}/status"
+    sink = MqttSink(mqtt_cfg(relay.port, keepalive=5), DEVICE)
+    sink.open()
+    try:
+        assert wait_retained(broker.port, status_topic, "online", 5) == "online"
+        watcher = Subscriber(broker.port, status_topic)
+        relay.cut()
+        t0 = time.monotonic()
+        assert watcher.wait_for(lambda ms: any(m.payload == b"offline" for m in ms), 12)
+        assert time.monotonic() - t0 > 4  # the broker could only learn it by keepalive
+        watcher.close()
+        assert retained(broker.port, status_topic) == "offline"
+        # the sink noticed too, and said so loudly
+        assert wait_until(lambda: not sink.status()["connected"], 8)
+        assert wait_until(lambda: any(r.levelno == logging.ERROR for r in caplog.records), 5)
+    finally:
+        sink.close()
+        relay.close()
+
+
+def test_broker_down_at_start_queues_without_blocking_and_delivers_later(broker: Broker, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="edge.sinks.mqtt")
+    port = free_port()  # nothing listens here yet
+    sink = MqttSink(mqtt_cfg(port), DEVICE)
+    t0 = time.perf_counter()
+    sink.open()
+    records = [make_record("cam1", i) for i in range(100)]
+    for rec in records:
+        sink.write(rec, frame_for(rec))
+    elapsed = time.perf_counter() - t0
+    relay: Relay | None = None
+    collector: Subscriber | None = None
+    try:
+        assert elapsed < 0.5, f"open + 100 writes took {elapsed:.3f} s with the broker down"
+        assert wait_until(lambda: any(r.levelno == logging.ERROR for r in caplog.records), 5)
+        error = next(r for r in caplog.records if r.levelno == logging.ERROR).getMessage()
+        assert f"127.0.0.1:{port}" in error and "is the broker running" in error and "mqtt.host/port" in error
+        st = sink.status()
+        assert st["connected"] is False and st["broker"] == f"127.0.0.1:{port}"
+        assert (st["published"], st["pending"], st["acked"], st["dropped"]) == (100, 100, 0, 0)
+        assert st["last_error"]
+
+        # the broker "comes up" on that port: subscribe first, then open the port
+        collector = Subscriber(broker.port)
+        relay = Relay(broker.port, port=port).start()
+        assert collector.wait_for(lambda ms: sum(m.topic.endswith("/labels") for m in ms) >= 100, 15)
+        assert wait_until(lambda: sink.status()["pending"] == 0, 5)
+        st = sink.status()
+        assert st["connected"] is True
+        assert (st["published"], st["acked"], st["dropped"]) == (101, 101, 0)  # + the "online" status
+        got = [json.loads(m.payload)["id"] for m in collector.on(f"{PREFIX}/{DEVICE}/cam1/labels")]
+        assert sorted(got) == sorted(r.id for r in records) and all(m.qos == 1 for m in collector.messages)
+        assert any("again" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    finally:
+        sink.close()
+        if collector:
+            collector.close()
+        if relay:
+            relay.close()
+
+
+def test_bounded_queue_and_offline_qos0_are_counted_as_dropped(caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="edge.sinks.mqtt")
+    port = free_port()
+    sink = MqttSink(mqtt_cfg(port, max_queued=10), DEVICE)  # never opened: nothing can be delivered
+    for i in range(15):
+        rec = make_record("cam1", i)
+        sink.write(rec, frame_for(rec))
+    st = sink.status()
+    assert (st["published"], st["pending"], st["dropped"]) == (10, 10, 5)
+    assert "queue full" in st["last_error"]
+    drops = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert drops and "max_queued=10" in drops[0]
+
+    qos0 = MqttSink(mqtt_cfg(port, qos=0), DEVICE)
+    for i in range(3):
+        rec = make_record("cam1", i)
+        qos0.write(rec, frame_for(rec))
+    assert qos0.status()["dropped"] == 3 and qos0.status()["pending"] == 0
+    sink.close()
+    qos0.close()
+
+
+def test_outage_warning_repeats_with_the_backlog(monkeypatch, caplog) -> None:
+    monkeypatch.setattr("edge.sinks.mqtt.WARN_INTERVAL", 0.3)
+    caplog.set_level(logging.WARNING, logger="edge.sinks.mqtt")
+    sink = MqttSink(mqtt_cfg(free_port()), DEVICE)
+    sink.open()
+    try:
+        for i in range(5):
+            rec = make_record("cam1", i)
+            sink.write(rec, frame_for(rec))
+        assert wait_until(lambda: any(r.levelno == logging.ERROR for r in caplog.records), 5)
+        time.sleep(0.35)
+        rec = make_record("cam1", 5)
+        sink.write(rec, frame_for(rec))
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("still unreachable" in w and "6 message(s) waiting" in w for w in warnings), warnings
+        assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1  # ERROR once per outage
+    finally:
+        sink.close()
+
+
+def test_unreadable_tls_files_fail_start_up_with_the_field_named(tmp_path: Path) -> None:
+    cfg = mqtt_cfg(8883, tls=TlsConfig(ca=str(tmp_path / "missing-ca.pem")))
+    with pytest.raises(ConfigError, match=r"mqtt\.tls"):
+        MqttSink(cfg, DEVICE)
