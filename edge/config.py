@@ -89,6 +89,25 @@ class TlsConfig:
 
 
 @dataclass
+class OutboxConfig:
+    """The durable on-disk queue between the pipeline and the broker."""
+
+    enabled: bool = True
+    path: str = "outbox.sqlite"  # relative paths are inside state_dir
+    max_messages: int = field(default=1_000_000, metadata={"min": 1})
+    max_age: float = field(default=7 * 24 * 3600.0, metadata={"min": 0.0})  # seconds; 0 = no limit
+    policy: str = field(default="drop_oldest", metadata=_choice("drop_oldest", "stop_capture"))
+
+
+@dataclass
+class SnapshotConfig:
+    """Optional JPEG of the latest annotated frame on ``<prefix>/<device>/<source>/snapshot``."""
+
+    enabled: bool = False
+    interval: float = field(default=10.0, metadata={"min": 0.5})
+
+
+@dataclass
 class MqttConfig:
     """Broker connection and topic layout: ``<prefix>/<device>/<source>/labels``."""
 
@@ -103,6 +122,11 @@ class MqttConfig:
     keepalive: int = field(default=30, metadata={"min": 5, "max": 65535})
     max_queued: int = field(default=10000, metadata={"min": 0})  # in-memory backlog while offline
     tls: TlsConfig | None = None
+    protocol: str = field(default="3.1.1", metadata=_choice("3.1.1", "5"))
+    password_file: str | None = None  # read the password from this file instead
+    stats_interval: float = field(default=10.0, metadata={"min": 0.5})  # seconds between stats messages
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
 
 
 @dataclass
@@ -119,10 +143,28 @@ class DatasetConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Multi-object tracking per source: track ids in records and track events."""
+
+    enabled: bool = False
+    iou: float = field(default=0.3, metadata={"min": 0.0, "max": 1.0})  # match threshold
+    max_age: float = field(default=2.0, metadata={"min": 0.0})  # seconds unseen before a track ends
+    min_hits: int = field(default=2, metadata={"min": 1})  # detections before a track is announced
+    update_interval: float = field(default=5.0, metadata={"min": 0.0})  # seconds between update events
+
+
+@dataclass
 class WebConfig:
+    """The operator's web page."""
+
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = field(default=8080, metadata={"min": 1, "max": 65535})
+    token: str | None = None  # needed for every state-changing action; generated when unset
+    token_file: str = "web-token"  # relative paths are inside state_dir
+    public_read: bool = True  # read-only pages without the token
+    threads: int = field(default=16, metadata={"min": 2, "max": 256})
+    stream_fps: float = field(default=5.0, metadata={"min": 0.1, "max": 30.0})
 
 
 @dataclass
@@ -136,6 +178,7 @@ class Config:
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     web: WebConfig = field(default_factory=WebConfig)
     base_dir: str = field(default=".", metadata={"internal": True})
 
@@ -143,6 +186,11 @@ class Config:
         """A path from the config, relative paths taken from the config file's folder."""
         p = Path(os.path.expanduser(path))
         return p if p.is_absolute() else Path(self.base_dir) / p
+
+    def state_path(self, path: str) -> Path:
+        """A path for daemon state: relative paths are inside ``state_dir``."""
+        p = Path(os.path.expanduser(path))
+        return p if p.is_absolute() else self.resolve(self.state_dir) / p
 
 
 # --------------------------------------------------------------------------- loading

@@ -94,12 +94,14 @@ class Pipeline:
         *,
         detector: Detector | None = None,
         sinks: list[Sink] | None = None,
+        extra_sinks: list[Sink] | None = None,
         show_progress: bool = True,
         fresh: bool = False,
     ) -> None:
         self.cfg = cfg
         self.detector = detector
         self.sinks = sinks
+        self.extra_sinks = list(extra_sinks or [])
         self.show_progress = show_progress
         self.fresh = fresh
         self.totals = Totals()
@@ -114,6 +116,7 @@ class Pipeline:
         self._model_info: ModelInfo | None = None
         self._source_status: dict[str, str] = {}
         self._last_error: str | None = None
+        self._trackers: dict[str, Any] = {}
         self.ledger: Ledger | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -159,6 +162,7 @@ class Pipeline:
         self.ledger = Ledger(ledger_path)
         if self.sinks is None:
             self.sinks = build_sinks(cfg, self.detector)
+        self.sinks = self.sinks + self.extra_sinks
         for sink in self.sinks:
             sink.open()
 
@@ -295,10 +299,47 @@ class Pipeline:
         finally:
             self._records.put(_STOP)
 
+    def _tracker(self, source: str) -> Any:
+        """The source's tracker, created on first use (None when tracking is off)."""
+        if not self.cfg.tracking.enabled:
+            return None
+        tracker = self._trackers.get(source)
+        if tracker is None:
+            from edge.tracking import Tracker
+
+            tracker = self._trackers[source] = Tracker(source, self.cfg.tracking)
+        return tracker
+
+    def _emit_events(self, events: list[dict[str, Any]], sinks: list[Sink]) -> None:
+        if not events:
+            return
+        for sink in sinks:
+            try:
+                sink.events(events)
+            except Exception:
+                log.exception("sink %s failed on track events", sink.name)
+
+    def _emit_stats(self, sinks: list[Sink]) -> None:
+        snapshot = self.status()
+        for sink in sinks:
+            try:
+                sink.stats(snapshot)
+            except Exception:
+                log.exception("sink %s failed on stats", sink.name)
+
     def _sink_loop(self) -> None:
         sinks = self.sinks or []
+        interval = self.cfg.mqtt.stats_interval
+        next_stats = time.monotonic() + interval
         while True:
-            item = self._records.get()
+            now = time.monotonic()
+            if now >= next_stats:
+                next_stats = now + interval
+                self._emit_stats(sinks)
+            try:
+                item = self._records.get(timeout=max(0.05, next_stats - now))
+            except queue.Empty:
+                continue
             if item is _STOP:
                 break
             if isinstance(item, _StatusEvent):
@@ -307,8 +348,13 @@ class Pipeline:
                         sink.source_status(item.source, item.status)
                     except Exception:
                         log.exception("sink %s failed on a status update", sink.name)
+                if item.status in ("finished", "offline", "reconnecting") and item.source in self._trackers:
+                    self._emit_events(self._trackers[item.source].finish(time.time()), sinks)
                 continue
             self._deliver(item, sinks)
+        for tracker in self._trackers.values():
+            self._emit_events(tracker.finish(time.time()), sinks)
+        self._emit_stats(sinks)
         for sink in sinks:
             try:
                 sink.flush()
@@ -316,13 +362,15 @@ class Pipeline:
                 log.exception("flushing sink %s failed", sink.name)
         self._finished.set()
 
-    def make_record(self, item: Inferred) -> LabelRecord:
-        """The label record for one inferred frame."""
+    def make_record(self, item: Inferred, track_ids: list[int | None] | None = None) -> LabelRecord:
+        """The label record for one inferred frame (with the tracker's ids when given)."""
         frame = item.frame
         assert self._model_info is not None
         w, h = frame.width, frame.height
+        ids = track_ids if track_ids is not None else [None] * len(item.detections)
+        rid = record_id(self.cfg.device_id, frame.source, frame.key)
         return LabelRecord(
-            id=record_id(self.cfg.device_id, frame.source, frame.key),
+            id=rid,
             device_id=self.cfg.device_id,
             source=frame.source,
             frame_index=frame.index,
@@ -333,13 +381,19 @@ class Pipeline:
             height=h,
             model=self._model_info,
             inference_ms=round(item.inference_ms, 3),
-            detections=[DetectionRecord.from_detection(d, w, h) for d in item.detections],
+            detections=[DetectionRecord.from_detection(d, w, h, t) for d, t in zip(item.detections, ids, strict=True)],
             frame_path=frame.path,
         )
 
     def _deliver(self, item: Inferred, sinks: list[Sink]) -> None:
-        record = self.make_record(item)
         frame = item.frame
+        events: list[dict[str, Any]] = []
+        track_ids = None
+        tracker = self._tracker(frame.source)
+        if tracker is not None:
+            rid = record_id(self.cfg.device_id, frame.source, frame.key)
+            track_ids, events = tracker.update(item.detections, frame.captured_at, rid, frame.index)
+        record = self.make_record(item, track_ids)
         for sink in sinks:
             try:
                 sink.prepare(record, frame)
@@ -350,6 +404,7 @@ class Pipeline:
                 sink.write(record, frame)
             except Exception:
                 log.exception("sink %s failed to write record %s", sink.name, record.id)
+        self._emit_events(events, sinks)
         if not frame.live and self.ledger is not None:
             self.ledger.mark_done(frame.source, frame.key, record.id)
         t = self.totals

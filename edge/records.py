@@ -53,15 +53,17 @@ class DetectionRecord:
     score: float
     box: list[float]  # x1, y1, x2, y2 in frame pixels
     box_norm: list[float]  # the same divided by width/height
+    track_id: int | None = None  # set when tracking is on
 
     @classmethod
-    def from_detection(cls, det: Detection, width: int, height: int) -> DetectionRecord:
+    def from_detection(cls, det: Detection, width: int, height: int, track_id: int | None = None) -> DetectionRecord:
         return cls(
             class_id=int(det.class_id),
             label=det.label,
             score=round(float(det.score), 5),
             box=[round(float(v), 2) for v in det.box],
             box_norm=[round(float(v), 6) for v in det.box_norm(width, height)],
+            track_id=track_id,
         )
 
 

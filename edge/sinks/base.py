@@ -28,6 +28,12 @@ class Sink(abc.ABC):
     def source_status(self, source: str, status: str) -> None:
         """A source changed state (online, reconnecting, offline, finished, disabled)."""
 
+    def events(self, events: list[dict[str, Any]]) -> None:
+        """Track events (new / update / end) produced while handling the last record."""
+
+    def stats(self, snapshot: dict[str, Any]) -> None:
+        """The daemon's status snapshot, every ``mqtt.stats_interval`` seconds."""
+
     def flush(self) -> None:
         """Make everything written so far durable/delivered as far as possible."""
 

@@ -1,0 +1,1 @@
+"""The operator's web page (Flask app factory in ``web.app``)."""
