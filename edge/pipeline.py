@@ -417,6 +417,16 @@ class Pipeline:
         if self._progress is not None:
             self._progress.update()
 
+    # ------------------------------------------------------------------ control
+
+    def set_source_paused(self, name: str, paused: bool) -> None:
+        """Pause or resume one source (KeyError when there is no such source)."""
+        runner = self._runners[name]
+        if paused:
+            runner.pause()
+        else:
+            runner.resume()
+
     # ------------------------------------------------------------------ reporting
 
     def _write_rejected_report(self) -> None:

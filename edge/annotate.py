@@ -1,0 +1,50 @@
+"""Draw a record's boxes on its frame (for snapshots, live views and the labels page)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+from edge.records import DetectionRecord
+
+
+def class_color(class_id: int) -> tuple[int, int, int]:
+    """A stable, well-separated BGR colour per class id (golden-ratio hue steps)."""
+    hue = int((class_id * 0.618033988749895 % 1.0) * 179)
+    hsv = np.uint8([[[hue, 200, 255]]])
+    b, g, r = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0]
+    return int(b), int(g), int(r)
+
+
+def draw_detections(image: np.ndarray, detections: Sequence[DetectionRecord], copy: bool = True) -> np.ndarray:
+    """The image with each detection's box, label, score and track id drawn on it."""
+    out = image.copy() if copy else image
+    h, w = out.shape[:2]
+    thickness = max(1, round(min(h, w) / 400))
+    font_scale = max(0.4, min(h, w) / 1200)
+    for det in detections:
+        x1, y1, x2, y2 = (int(round(v)) for v in det.box)
+        color = class_color(det.class_id)
+        cv2.rectangle(out, (x1, y1), (x2, y2), color, thickness, cv2.LINE_AA)
+        text = f"{det.label} {det.score:.2f}"
+        if det.track_id is not None:
+            text += f" #{det.track_id}"
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
+        ty = y1 - 2 if y1 - th - base - 2 >= 0 else min(y1 + th + base + 2, h - 1)
+        cv2.rectangle(out, (x1, ty - th - base), (x1 + tw + 2, ty + 1), color, -1)
+        cv2.putText(out, text, (x1 + 1, ty - base + 1), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0),
+                    thickness, cv2.LINE_AA)
+    return out
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 80, max_width: int = 0) -> bytes:
+    """JPEG bytes of the image, downscaled to ``max_width`` when it is wider (0 = keep size)."""
+    if max_width and image.shape[1] > max_width:
+        scale = max_width / image.shape[1]
+        image = cv2.resize(image, (max_width, max(1, round(image.shape[0] * scale))), interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return buf.tobytes()
