@@ -31,6 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge.config import ConfigError, MqttConfig, TlsConfig
 from edge.frame import Frame
 from edge.records import DetectionRecord, LabelRecord, ModelInfo, iso_utc, load_schema, record_id
+from edge.sinks.base import SinkRefused
 from edge.sinks.mqtt import MqttSink
 from engines.base import Detection
 from tests.conftest import Broker, free_port
@@ -376,7 +377,8 @@ def test_broker_down_at_start_queues_without_blocking_and_delivers_later(broker:
         assert f"127.0.0.1:{port}" in error and "is the broker running" in error and "mqtt.host/port" in error
         st = sink.status()
         assert st["connected"] is False and st["broker"] == f"127.0.0.1:{port}"
-        assert (st["published"], st["pending"], st["acked"], st["dropped"]) == (100, 100, 0, 0)
+        # nothing is handed to the MQTT client while offline: all 100 wait in the outbox
+        assert (st["published"], st["pending"], st["acked"], st["dropped"]) == (0, 100, 0, 0)
         assert st["last_error"]
 
         # the broker "comes up" on that port: subscribe first, then open the port
@@ -398,24 +400,29 @@ def test_broker_down_at_start_queues_without_blocking_and_delivers_later(broker:
             relay.close()
 
 
-def test_bounded_queue_and_offline_qos0_are_counted_as_dropped(caplog) -> None:
-    caplog.set_level(logging.WARNING, logger="edge.sinks.mqtt")
+def test_full_outbox_drops_oldest_and_offline_qos0_waits(caplog) -> None:
+    """drop_oldest: the newest records are kept, every eviction is counted and logged; QoS 0 is not lost offline."""
+    caplog.set_level(logging.WARNING)
     port = free_port()
-    sink = MqttSink(mqtt_cfg(port, max_queued=10), DEVICE)  # never opened: nothing can be delivered
-    for i in range(15):
-        rec = make_record("cam1", i)
+    cfg = mqtt_cfg(port)
+    cfg.outbox.max_messages = 10
+    sink = MqttSink(cfg, DEVICE)  # never opened: nothing can be delivered
+    records = [make_record("cam1", i) for i in range(15)]
+    for rec in records:
         sink.write(rec, frame_for(rec))
     st = sink.status()
-    assert (st["published"], st["pending"], st["dropped"]) == (10, 10, 5)
-    assert "queue full" in st["last_error"]
+    assert (st["published"], st["pending"], st["dropped"]) == (0, 10, 5)
+    assert st["drops"]["outbox_full"] == 5 and st["outbox"]["evicted"] == 5
     drops = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
-    assert drops and "max_queued=10" in drops[0]
+    assert drops and "max_messages=10" in drops[0] and "oldest" in drops[0]
+    kept = [json.loads(m.payload)["id"] for m in sink._outbox.fetch(0, 100)]
+    assert kept == [r.id for r in records[5:]]  # the oldest went, order kept
 
     qos0 = MqttSink(mqtt_cfg(port, qos=0), DEVICE)
     for i in range(3):
         rec = make_record("cam1", i)
         qos0.write(rec, frame_for(rec))
-    assert qos0.status()["dropped"] == 3 and qos0.status()["pending"] == 0
+    assert qos0.status()["dropped"] == 0 and qos0.status()["pending"] == 3
     sink.close()
     qos0.close()
 
@@ -433,8 +440,12 @@ def test_outage_warning_repeats_with_the_backlog(monkeypatch, caplog) -> None:
         time.sleep(0.35)
         rec = make_record("cam1", 5)
         sink.write(rec, frame_for(rec))
-        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-        assert any("still unreachable" in w and "6 message(s) waiting" in w for w in warnings), warnings
+
+        def repeated() -> bool:
+            warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+            return any("still unreachable" in w and "6 message(s) waiting" in w for w in warnings)
+
+        assert wait_until(repeated, 3), [r.getMessage() for r in caplog.records]
         assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1  # ERROR once per outage
     finally:
         sink.close()
@@ -444,3 +455,283 @@ def test_unreadable_tls_files_fail_start_up_with_the_field_named(tmp_path: Path)
     cfg = mqtt_cfg(8883, tls=TlsConfig(ca=str(tmp_path / "missing-ca.pem")))
     with pytest.raises(ConfigError, match=r"mqtt\.tls"):
         MqttSink(cfg, DEVICE)
+
+
+# ---------------------------------------------------------------------- outbox, events, stats, snapshots, MQTT 5
+
+EVENT_VALIDATOR = jsonschema.Draft202012Validator(
+    json.loads((Path(__file__).parent.parent / "edge" / "schemas" / "event.v1.json").read_text()))
+STATS_VALIDATOR = jsonschema.Draft202012Validator(
+    json.loads((Path(__file__).parent.parent / "edge" / "schemas" / "stats.v1.json").read_text()))
+
+
+def storage_frame(record: LabelRecord) -> Frame:
+    return Frame(record.source, record.frame_index, FRAME_IMAGE, record.captured_ts, record.frame_key, live=False)
+
+
+def label_ids(sub: Subscriber) -> list[str]:
+    return [json.loads(m.payload)["id"] for m in sub.messages if m.topic.endswith("/labels")]
+
+
+def test_outbox_survives_a_sink_restart_and_replays_in_order(broker: Broker, tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="edge.sinks")
+    port = free_port()  # the broker is "down": nothing listens here
+    first = MqttSink(mqtt_cfg(port), DEVICE, state_dir=tmp_path)
+    first.open()
+    records = [make_record(src, i) for i in range(30) for src in ("cam1", "yard")]
+    for rec in records:
+        first.write(rec, storage_frame(rec))
+    first.close()
+    assert (tmp_path / "outbox.sqlite").is_file()
+    assert any("stay in the outbox" in r.getMessage() for r in caplog.records)
+
+    collector = Subscriber(broker.port)
+    second = MqttSink(mqtt_cfg(broker.port), DEVICE, state_dir=tmp_path)
+    assert second.status()["pending"] == 60
+    second.open()
+    try:
+        assert collector.wait_for(lambda ms: sum(m.topic.endswith("/labels") for m in ms) >= 60, 10)
+        second.flush()
+        assert second.status()["pending"] == 0 and second.status()["acked"] >= 60
+    finally:
+        second.close()
+        collector.close()
+    assert label_ids(collector) == [r.id for r in records]  # exactly once, in the original order
+
+
+def test_events_are_published_after_their_label_with_ids_and_a_valid_schema(broker: Broker) -> None:
+    from edge.config import TrackingConfig
+    from edge.tracking import Tracker
+
+    collector = Subscriber(broker.port)
+    sink = MqttSink(mqtt_cfg(broker.port), DEVICE)
+    sink.open()
+    tracker = Tracker("cam1", TrackingConfig(min_hits=2, update_interval=0.0))
+    try:
+        assert wait_until(lambda: sink.status()["connected"], 5)
+        for i in range(6):
+            rec = make_record("cam1", 2)  # two detections each frame
+            rec.frame_index = i
+            rec.id = record_id(DEVICE, "cam1", f"k{i}")
+            dets = [Detection(d.class_id, d.label, d.score, tuple(d.box)) for d in rec.detections]  # type: ignore[arg-type]
+            ids, events = tracker.update(dets, rec.captured_ts + i * 0.1, rec.id, i)
+            sink.write(rec, frame_for(rec))
+            sink.events(events)
+        sink.events(tracker.finish(rec.captured_ts + 1))
+        assert collector.wait_for(lambda ms: sum(m.topic.endswith("/events") for m in ms) >= 2 + 8 + 2, 10)
+    finally:
+        sink.close()
+        collector.close()
+    events = [json.loads(m.payload) for m in collector.messages if m.topic == f"{PREFIX}/{DEVICE}/events"]
+    assert [e["type"] for e in events] == ["new", "new"] + ["update"] * 8 + ["end", "end"]
+    for e in events:
+        assert not sorted(EVENT_VALIDATOR.iter_errors(e), key=str)
+        assert e["device_id"] == DEVICE and e["source"] == "cam1"
+    assert len({e["id"] for e in events}) == len(events)
+    # every event comes after the label record it refers to
+    order = [json.loads(m.payload)["id"] if m.topic.endswith("/labels") else ("ev", json.loads(m.payload)["record_id"])
+             for m in collector.messages if m.topic.endswith(("/labels", "/events"))]
+    for pos, item in enumerate(order):
+        if isinstance(item, tuple):
+            assert item[1] in order[:pos]
+
+
+def test_stats_message_from_the_pipeline_snapshot(broker: Broker) -> None:
+    collector = Subscriber(broker.port)
+    sink = MqttSink(mqtt_cfg(broker.port), DEVICE)
+    sink.open()
+    snapshot = {
+        "device_id": DEVICE, "uptime_s": 12.5, "running": True, "frames": 40, "detections": 55, "rejected": 1,
+        "inference_ms_avg": 14.2, "last_error": None,
+        "sources": {
+            "cam1": {"name": "cam1", "status": "online", "live": True, "frames_in": 300, "frames_dropped": 7,
+                     "frames_skipped_fps": 250, "rejected": 0, "reconnects": 2, "last_frame_at": None, "fps_in": 9.8,
+                     "total": None, "last_error": None},
+            "files": {"name": "files", "status": "finished", "live": False, "frames_in": 10, "frames_dropped": 0,
+                      "frames_skipped_fps": 0, "rejected": 1, "reconnects": 0, "last_frame_at": None, "fps_in": 0.0,
+                      "total": 11, "last_error": None},
+        },
+    }
+    try:
+        assert wait_until(lambda: sink.status()["connected"], 5)
+        for i in range(10):
+            rec = make_record("cam1", i)
+            sink.write(rec, frame_for(rec))
+        sink.stats(snapshot)
+        assert collector.wait_for(lambda ms: any(m.topic.endswith("/stats") for m in ms), 5)
+    finally:
+        sink.close()
+        collector.close()
+    (msg,) = collector.on(f"{PREFIX}/{DEVICE}/stats")
+    doc = json.loads(msg.payload)
+    assert not sorted(STATS_VALIDATOR.iter_errors(doc), key=str), sorted(STATS_VALIDATOR.iter_errors(doc), key=str)[0]
+    assert msg.qos == 0 and not msg.retain
+    assert doc["device_id"] == DEVICE and doc["uptime_s"] == 12.5 and doc["frames"] == 40
+    cam = doc["sources"]["cam1"]
+    assert cam["frames_out"] == 10 and cam["fps_out"] > 0 and cam["fps_in"] == 9.8 and cam["frames_dropped"] == 7
+    assert cam["inference_ms"] == pytest.approx(11.7)
+    assert doc["sources"]["files"]["frames_out"] == 0 and doc["sources"]["files"]["inference_ms"] is None
+    assert doc["drops"] == {"hub": 7, "outbox_full": 0, "outbox_expired": 0, "outbox_refused": 0, "mqtt_rejected": 0,
+                            "outbox_error": 0}
+    assert doc["outbox"]["policy"] == "drop_oldest" and doc["mqtt"]["connected"] is True
+
+
+def test_snapshot_is_a_retained_annotated_jpeg_rate_limited_per_source(broker: Broker) -> None:
+    import cv2
+
+    from edge.config import SnapshotConfig
+
+    topic = f"{PREFIX}/{DEVICE}/cam1/snapshot"
+    cfg = mqtt_cfg(broker.port, snapshot=SnapshotConfig(enabled=True, interval=0.5, max_width=64))
+    sink = MqttSink(cfg, DEVICE)
+    sink.open()
+    live = Subscriber(broker.port, topic)
+    try:
+        assert wait_until(lambda: sink.status()["connected"], 5)
+        image = np.full((720, 1280, 3), 90, np.uint8)
+        for i in range(10):  # ten frames within 0.5 s: one snapshot
+            rec = make_record("cam1", 2)
+            sink.write(rec, Frame("cam1", i, image, rec.captured_ts, f"k{i}", live=True))
+        assert live.wait_for(lambda ms: bool(ms), 3)
+        time.sleep(0.2)
+        assert len(live.on(topic)) == 1
+        late = Subscriber(broker.port, topic)  # a dashboard that opens later still gets the latest frame
+        assert late.wait_for(lambda ms: bool(ms), 3) and late.messages[0].retain
+        jpeg = late.messages[0].payload
+        late.close()
+    finally:
+        sink.close()
+        live.close()
+    img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert img.shape == (36, 64, 3)  # downscaled to max_width
+    assert (img != 90).any()  # the boxes are drawn
+
+
+def test_mqtt5_publishes_with_json_content_type_and_message_expiry(broker: Broker) -> None:
+    got: list[mqtt.MQTTMessage] = []
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"v5-{uuid.uuid4().hex[:6]}", protocol=mqtt.MQTTv5)
+    subscribed = threading.Event()
+    sub.on_subscribe = lambda *_: subscribed.set()
+    sub.on_message = lambda c, u, m: got.append(m)
+    sub.connect("127.0.0.1", broker.port)
+    sub.subscribe(f"{PREFIX}/#", qos=1)
+    sub.loop_start()
+    assert subscribed.wait(5)
+    cfg = mqtt_cfg(broker.port, protocol="5")
+    cfg.outbox.max_age = 3600
+    sink = MqttSink(cfg, DEVICE)
+    sink.open()
+    try:
+        for i in range(5):
+            rec = make_record("cam1", i)
+            sink.write(rec, storage_frame(rec))
+        assert wait_until(lambda: sum(m.topic.endswith("/labels") for m in got) >= 5, 10)
+        assert sink.status()["protocol"] == "5"
+    finally:
+        sink.close()
+        sub.disconnect()
+        sub.loop_stop()
+    labels = [m for m in got if m.topic.endswith("/labels")]
+    assert [json.loads(m.payload)["frame_index"] for m in labels] == list(range(5))
+    props = labels[0].properties
+    assert props is not None and props.ContentType == "application/json"
+    assert 3500 < props.MessageExpiryInterval <= 3600
+
+
+def test_stop_capture_blocks_the_writer_until_the_broker_takes_messages(broker: Broker) -> None:
+    port = free_port()
+    cfg = mqtt_cfg(port)
+    cfg.outbox.max_messages, cfg.outbox.policy = 3, "stop_capture"
+    cfg.reconnect.initial = cfg.reconnect.max = 0.2
+    sink = MqttSink(cfg, DEVICE)
+    sink.open()
+    records = [make_record("cam1", i) for i in range(6)]
+    done = threading.Event()
+
+    def pipeline() -> None:
+        for rec in records:
+            sink.write(rec, storage_frame(rec))
+        done.set()
+
+    collector = Subscriber(broker.port)
+    relay: Relay | None = None
+    try:
+        threading.Thread(target=pipeline, daemon=True).start()
+        assert not done.wait(1.0), "the 4th write must wait while the outbox is full"
+        st = sink.status()
+        assert st["pending"] == 3 and st["outbox"]["blocked"] is True and st["dropped"] == 0
+        relay = Relay(broker.port, port=port).start()  # the broker comes up: the writer goes on
+        assert done.wait(10)
+        assert collector.wait_for(lambda ms: sum(m.topic.endswith("/labels") for m in ms) >= 6, 10)
+        assert sink.status()["dropped"] == 0
+    finally:
+        sink.close()
+        collector.close()
+        if relay:
+            relay.close()
+    assert label_ids(collector) == [r.id for r in records]
+
+
+def test_stop_capture_writer_is_released_by_close_and_the_refusal_counted(caplog) -> None:
+    caplog.set_level(logging.WARNING)
+    cfg = mqtt_cfg(free_port())
+    cfg.outbox.max_messages, cfg.outbox.policy = 2, "stop_capture"
+    sink = MqttSink(cfg, DEVICE)
+    for i in range(2):
+        rec = make_record("cam1", i)
+        sink.write(rec, storage_frame(rec))
+    released = threading.Event()
+    refused: list[Exception] = []
+    rec = make_record("cam1", 2)
+
+    def blocked_write() -> None:
+        try:
+            sink.write(rec, storage_frame(rec))
+        except SinkRefused as exc:  # the pipeline then leaves the frame for the next start
+            refused.append(exc)
+        released.set()
+
+    threading.Thread(target=blocked_write, daemon=True).start()
+    assert not released.wait(0.5)
+    sink.close()
+    assert released.wait(3)
+    assert len(refused) == 1
+    assert sink.status()["drops"]["outbox_refused"] == 1 and sink.status()["dropped"] == 1
+    assert any("stop_capture" in r.getMessage() for r in caplog.records)
+
+
+def test_a_failing_outbox_never_stops_labeling_and_is_counted(monkeypatch, caplog) -> None:
+    import sqlite3
+
+    caplog.set_level(logging.ERROR, logger="edge.sinks.mqtt")
+    sink = MqttSink(mqtt_cfg(free_port()), DEVICE)
+
+    def disk_full(*a: object, **kw: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(sink._outbox, "put", disk_full)
+    rec = make_record("cam1", 0)
+    with pytest.raises(SinkRefused):  # reported to the pipeline, which does not mark the frame done
+        sink.write(rec, storage_frame(rec))
+    st = sink.status()
+    assert st["dropped"] == 1 and st["drops"]["outbox_error"] == 1 and "disk is full" in st["last_error"]
+    assert any("labeled again on the next start" in r.getMessage() for r in caplog.records)
+    monkeypatch.undo()
+    sink.close()
+
+
+def test_password_file_is_read_and_misconfigurations_name_the_field(tmp_path: Path) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text("from-the-file\n")
+    sink = MqttSink(mqtt_cfg(1883, username="edge", password_file=str(pw)), DEVICE)
+    assert sink._client._password == b"from-the-file"  # newline stripped
+    sink.close()
+    with pytest.raises(ConfigError, match=r"mqtt\.password_file: cannot read") as err:
+        MqttSink(mqtt_cfg(1883, username="edge", password_file=str(tmp_path / "missing")), DEVICE)
+    assert "from-the-file" not in str(err.value)
+    with pytest.raises(ConfigError, match="not both"):
+        MqttSink(mqtt_cfg(1883, username="edge", password="x", password_file=str(pw)), DEVICE)
+    with pytest.raises(ConfigError, match="needs mqtt.username"):
+        MqttSink(mqtt_cfg(1883, password="x"), DEVICE)
+    with pytest.raises(ConfigError, match="both cert and key"):
+        MqttSink(mqtt_cfg(8883, tls=TlsConfig(cert=str(pw))), DEVICE)

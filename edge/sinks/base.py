@@ -9,6 +9,14 @@ from edge.frame import Frame
 from edge.records import LabelRecord
 
 
+class SinkRefused(RuntimeError):
+    """A sink could not take a record (refused while stopping, storage failed).
+
+    The pipeline then does not mark the frame done, so a storage job labels it
+    again on the next start instead of losing it.
+    """
+
+
 class Sink(abc.ABC):
     """Receives every record in order from the single sink worker thread."""
 
@@ -23,10 +31,16 @@ class Sink(abc.ABC):
 
     @abc.abstractmethod
     def write(self, record: LabelRecord, frame: Frame) -> None:
-        """Deliver one record; failures are handled inside and reported in ``status``."""
+        """Deliver one record; failures are reported in ``status``.
+
+        Raises SinkRefused when the record was not taken (the frame is then not marked done).
+        """
 
     def source_status(self, source: str, status: str) -> None:
         """A source changed state (online, reconnecting, offline, finished, disabled)."""
+
+    def interrupt(self) -> None:
+        """The daemon is stopping: release a ``write`` blocked on back-pressure (it raises SinkRefused)."""
 
     def events(self, events: list[dict[str, Any]]) -> None:
         """Track events (new / update / end) produced while handling the last record."""

@@ -1,123 +1,245 @@
-"""Publish label records and device/source status to an MQTT broker (paho-mqtt 2.x).
+"""Publish label records, track events, stats and status to an MQTT broker (paho-mqtt 2.x).
 
-Topics (``prefix`` and the device id come from the config)::
+Topics (``prefix`` and the device id come from the config; docs/mqtt.md has every payload)::
 
-    <prefix>/<device>/status            retained: online | stopped | offline (Last Will)
-    <prefix>/<device>/<source>/status   retained: whatever the source last reported
-    <prefix>/<device>/<source>/labels   one LabelRecord JSON per processed frame
+    <prefix>/<device>/status             retained: online | stopped | offline (Last Will)
+    <prefix>/<device>/<source>/status    retained: online | reconnecting | offline | finished | disabled
+    <prefix>/<device>/<source>/labels    one LabelRecord JSON per processed frame      (outbox, mqtt.qos)
+    <prefix>/<device>/events             track events new / update / end             (outbox, mqtt.qos)
+    <prefix>/<device>/stats              every mqtt.stats_interval seconds            (QoS 0, live only)
+    <prefix>/<device>/<source>/snapshot  retained JPEG of the latest annotated frame  (QoS 0, optional)
 
 Why it is built this way:
 
+* **Durable outbox** (:mod:`edge.sinks.outbox`).  ``write``/``events``/
+  ``source_status`` only store messages in an SQLite outbox; a publisher
+  thread (``mqtt-outbox``) sends committed rows in ``seq`` order and deletes a
+  row when paho reports its PUBACK/PUBCOMP (for QoS 0: when it was written to
+  the socket).  Labels therefore survive broker outages, ``kill -9`` and
+  restarts, and are replayed in order.  Storage frames are committed before
+  ``write`` returns (the job ledger marks them done right after); live frames
+  are group-committed every ``outbox.commit_interval`` seconds.
+* **Window = in-flight limit.**  The publisher never hands paho more than
+  ``mqtt.max_inflight`` outbox messages, and paho's in-flight limit is the
+  same, so paho never holds a message back in its own queue, where a later
+  publish could overtake it.
+* **Order across reconnects.**  paho re-sends its unacknowledged messages
+  after a reconnect, but only after ``on_connect`` has returned; a message
+  published from another thread in between would overtake them.  Each
+  in-flight message remembers the connection generation it was sent on, and
+  the publisher sends nothing new while a message of an older generation is
+  unacknowledged.  Ordering per source is therefore kept on the wire.
 * ``connect_async`` + ``loop_start``: the daemon must start and label frames
-  even when the broker is absent; paho's network thread keeps retrying with
-  backoff (1 s doubling to 30 s) and re-sends queued QoS>0 messages on reconnect.
-* paho keeps QoS>0 messages in RAM only, so its queue is capped with
-  ``max_queued_messages_set(cfg.max_queued)`` (0 means unlimited, paho's rule)
-  and every message it refuses is counted as ``dropped`` and logged.  QoS0
-  messages published while disconnected are discarded by paho: counted too.
-* An unreachable broker is an operator problem that is easy to miss on a
-  headless box, so the first failure is an ERROR naming host:port, followed by
-  a WARNING at most every 30 s with the backlog size while it lasts.
-* Every publish goes through :meth:`MqttSink._publish`, the one place that
-  talks to paho, so a durable on-disk outbox can later sit between ``write``
-  and ``_publish`` (write appends to the outbox; a drainer calls ``_publish``;
-  the acknowledgements tracked by message id delete the rows).
+  even when the broker is absent; paho's network thread retries with backoff
+  (``mqtt.reconnect.initial`` doubling to ``mqtt.reconnect.max``).
+* An unreachable broker or a refused login is an operator problem that is
+  easy to miss on a headless box: the first failure (and every change of its
+  cause) is an ERROR naming host:port and, for a refused login, the user
+  (never the password); then a WARNING at most every 30 s with the backlog.
+* Device and source status, stats and snapshots are state, not data: they are
+  published directly (not through the outbox).  On every (re)connect the
+  device's ``online`` and each source's last state are published again,
+  retained, because a broker restarted without persistence forgot them.
+* Every call into paho's ``publish`` goes through :meth:`MqttSink._publish_locked`.
 
-Threading: ``write``/``source_status``/``close`` run on the sink worker thread,
+Threading: ``write``/``events``/``source_status``/``stats``/``flush``/``close``
+run on the pipeline's sink worker thread, the publisher on ``mqtt-outbox``,
 paho callbacks on paho's network thread, ``status`` on any thread.  Shared
 state is guarded by ``self._lock``.  ``on_publish`` runs while paho holds its
-internal message mutex, and ``_publish`` holds ``self._lock`` while calling
-``client.publish`` (which takes that mutex), so ``on_publish`` must never take
-``self._lock``: it only drops the message id into a lock-free queue that is
-drained under ``self._lock``.  Holding ``self._lock`` across ``publish`` also
-means an acknowledgement can never be drained before its id is recorded.
+internal message mutex, and ``_publish_locked`` holds ``self._lock`` while
+calling ``client.publish`` (which takes that mutex), so ``on_publish`` must
+never take ``self._lock``: it only drops the message id into a lock-free queue
+and sets an ``Event``.  Holding ``self._lock`` across ``publish`` also means an
+acknowledgement can never be processed before its id is recorded.  The
+outbox has its own lock, which is taken after ``self._lock`` or alone, never
+the other way round.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
+import sqlite3
 import ssl
 import threading
 import time
+import uuid
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge.config import ConfigError, MqttConfig
 from edge.frame import Frame
-from edge.records import LabelRecord
-from edge.sinks.base import Sink
+from edge.records import LabelRecord, iso_utc
+from edge.sinks.base import Sink, SinkRefused
+from edge.sinks.outbox import Message, Outbox, StoredMessage
 
 log = logging.getLogger(__name__)
 
 #: seconds between repeated warnings while the broker stays unreachable or messages are dropped
 WARN_INTERVAL = 30.0
-#: how long ``close``/``flush`` wait for the broker to acknowledge pending QoS>0 messages
+#: how long ``close``/``flush`` wait for the broker to acknowledge what is stored
 ACK_TIMEOUT = 5.0
-RECONNECT_MIN_DELAY = 1
-RECONNECT_MAX_DELAY = 30
+#: how often the publisher looks at the outbox when nothing wakes it
+IDLE_TICK = 0.25
+#: seconds between max_age sweeps of the outbox
+EXPIRE_INTERVAL = 1.0
+#: acknowledged rows are deleted in one transaction once this many are waiting or the oldest is ACK_DELAY old
+ACK_BATCH = 256
+ACK_DELAY = 0.05
+#: CONNACK reason codes that mean "who you are is not accepted" (3.1.1: 4, 5; MQTT 5: 0x86, 0x87)
+AUTH_FAILURES = {4, 5, 0x86, 0x87}
+STATS_SCHEMA_VERSION = 1
+_STATS_NAMESPACE = uuid.UUID("9b8e4f2a-1c7d-5f3e-b6a0-4d2e8c1f7a95")
+_PAHO_LOG = logging.getLogger(f"{__name__}.paho")
+
+
+def _paho_noise(record: logging.LogRecord) -> bool:
+    """paho 2.2 logs "Client is not connected" at ERROR on every loop turn without a socket (each retry
+    while the broker is down, and after a disconnect); the sink reports the connection state itself, so
+    this is demoted to DEBUG instead of flooding an operator's log with false errors."""
+    if record.levelno >= logging.ERROR and record.getMessage().startswith("Client is not connected"):
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return _PAHO_LOG.isEnabledFor(logging.DEBUG)
+    return True
+
+
+_PAHO_LOG.addFilter(_paho_noise)
 
 
 class MqttSink(Sink):
-    """Publishes every record on ``<prefix>/<device>/<source>/labels`` and keeps retained status topics."""
+    """Publishes records, events, stats and status for one device; see the module doc."""
 
     name = "mqtt"
 
-    def __init__(self, cfg: MqttConfig, device_id: str) -> None:
+    def __init__(self, cfg: MqttConfig, device_id: str, *, state_dir: Path | None = None) -> None:
         self.cfg = cfg
         self.device_id = device_id
         self.broker = f"{cfg.host}:{cfg.port}"
         self.base_topic = f"{cfg.prefix}/{device_id}"
         self.status_topic = f"{self.base_topic}/status"
+        self.events_topic = f"{self.base_topic}/events"
+        self.stats_topic = f"{self.base_topic}/stats"
+        self.client_id = cfg.client_id or f"edgelabel-{device_id}"
+        self._v5 = cfg.protocol == "5"
+        self._window = min(cfg.max_inflight, cfg.max_queued) if cfg.max_queued else cfg.max_inflight
 
         self._lock = threading.Lock()
-        self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()  # filled by on_publish, see module doc
-        self._pending: dict[int, str] = {}  # mid -> topic of QoS>0 messages not yet acknowledged
+        self._wake = threading.Event()  # set by callbacks and writers: the publisher has work
+        self._acks: queue.SimpleQueue[tuple[int, bool, str]] = queue.SimpleQueue()  # filled by on_publish
+        self._inflight: dict[int, tuple[int, int]] = {}  # mid -> (outbox seq, connection generation)
+        self._direct: dict[int, str] = {}  # mid -> topic of direct QoS>0 messages not yet acknowledged
+        self._cursor = 0  # highest outbox seq handed to paho
+        self._to_delete: list[int] = []  # acknowledged outbox rows not deleted yet (see _process_acks)
+        self._to_delete_since = 0.0
+        self._generation = 0  # successful connections so far
         self._source_status: dict[str, str] = {}
         self._connected = False
         self._opened = False
         self._closing = False
+        self._interrupted = False  # the pipeline is stopping: do not wait for room in a full outbox
+        self._closed = False
         self._published = 0
         self._acked = 0
-        self._dropped = 0
+        self._rejected = 0  # refused by the broker (failure reason code) or invalid for paho
+        self._unserialisable = 0
+        self._store_failed = 0  # the outbox could not store them (disk full, I/O error)
         self._last_publish_at: float | None = None
         self._last_error: str | None = None
-        # outage reporting: ERROR once per outage, then WARNING at most every WARN_INTERVAL
+        self._refused = False  # the last connection attempt got a failing CONNACK
+        # outage reporting: ERROR once per outage (and when its cause changes), then WARNING every WARN_INTERVAL
         self._outage_since: float | None = None
+        self._outage_kind: str | None = None
         self._last_outage_warning = 0.0
-        # drop reporting: first drop logged at once, later ones summarised every WARN_INTERVAL
-        self._dropped_unlogged = 0
-        self._last_drop_log = float("-inf")
+        self._last_reject_log = float("-inf")
+        # per-source counters for the stats topic
+        self._frames_out: Counter[str] = Counter()
+        self._inference_ms: dict[str, list[float]] = {}  # source -> [sum, count] since the last stats
+        self._last_stats: tuple[float, Counter[str]] | None = None
+        self._stats_seq = 0
+        self._last_snapshot: dict[str, float] = {}
+        self._last_write_sync = True
+        self._started = time.monotonic()
 
-        self._client = self._make_client()
+        self._client = self._make_client()  # first: a configuration error must not leave the outbox open
+        self._outbox = self._make_outbox(state_dir)
+        self._drainer: threading.Thread | None = None
+        self._stop_drainer = threading.Event()
 
     # ------------------------------------------------------------------ set-up
+
+    def _make_outbox(self, state_dir: Path | None) -> Outbox:
+        """The outbox file: ``outbox.path`` inside ``state_dir`` (absolute paths as given); memory if disabled."""
+        ob = self.cfg.outbox
+        path: Path | None = None
+        if ob.enabled:
+            p = Path(ob.path).expanduser()
+            if p.is_absolute():
+                path = p
+            elif state_dir is not None:
+                path = Path(state_dir) / p
+            else:
+                log.warning("MQTT: no state directory given; the outbox is kept in memory (lost on restart)")
+        else:
+            log.info("MQTT: mqtt.outbox.enabled is false; messages wait in memory only (lost on restart)")
+        try:
+            return Outbox(
+                path,
+                max_messages=ob.max_messages,
+                max_age=ob.max_age,
+                policy=ob.policy,
+                commit_interval=ob.commit_interval,
+            )
+        except (OSError, ValueError, sqlite3.Error) as exc:
+            raise ConfigError([f"mqtt.outbox.path: cannot open {path} ({exc})"]) from exc
+
+    def _password(self) -> str | None:
+        cfg = self.cfg
+        if not cfg.password_file:
+            return cfg.password
+        if cfg.password:
+            raise ConfigError(["mqtt.password_file: set either mqtt.password or mqtt.password_file, not both"])
+        try:
+            text = Path(cfg.password_file).expanduser().read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            # the message names the file, never its content
+            raise ConfigError([f"mqtt.password_file: cannot read {cfg.password_file} ({exc.__class__.__name__})"]) from None
+        return text.rstrip("\r\n")
 
     def _make_client(self) -> mqtt.Client:
         """Build the paho client; everything here must happen before the first connect."""
         cfg = self.cfg
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=self._client_id(),
-            protocol=mqtt.MQTTv311,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
         )
-        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        client.enable_logger(_PAHO_LOG)
+        password = self._password()
         if cfg.username:
-            client.username_pw_set(cfg.username, cfg.password)
+            client.username_pw_set(cfg.username, password)
+        elif password:
+            raise ConfigError(["mqtt.password: a password needs mqtt.username"])
         if cfg.tls is not None:
             tls = cfg.tls
+            if bool(tls.cert) != bool(tls.key):
+                raise ConfigError(["mqtt.tls: a client certificate needs both cert and key"])
             try:
                 client.tls_set(ca_certs=tls.ca, certfile=tls.cert, keyfile=tls.key)
             except (OSError, ssl.SSLError, ValueError) as exc:
                 # a bad certificate path is a configuration mistake: fail start-up with the field named
                 raise ConfigError([f"mqtt.tls: cannot load CA/certificate/key ({exc})"]) from exc
             client.tls_insecure_set(tls.insecure)
+        client.max_inflight_messages_set(cfg.max_inflight)
         client.max_queued_messages_set(cfg.max_queued)
-        client.reconnect_delay_set(RECONNECT_MIN_DELAY, RECONNECT_MAX_DELAY)
+        client.reconnect_delay_set(cfg.reconnect.initial, max(cfg.reconnect.max, cfg.reconnect.initial))  # type: ignore[arg-type]
         # the broker publishes this for us if we vanish without a DISCONNECT (crash, power or network loss)
         client.will_set(self.status_topic, "offline", qos=1, retain=True)
         client.on_connect = self._on_connect
@@ -127,178 +249,495 @@ class MqttSink(Sink):
         return client
 
     def open(self) -> None:
-        """Start connecting in the background; returns at once even if the broker is down."""
+        """Start connecting and publishing in the background; returns at once even if the broker is down."""
         with self._lock:
-            if self._opened:
+            if self._opened or self._closing:
                 return
             self._opened = True
-        log.info("MQTT: connecting to %s as %s (topics under %s/)", self.broker, self._client_id(), self.base_topic)
+        log.info(
+            "MQTT: connecting to %s as %s (MQTT %s%s, topics under %s/, outbox %s)",
+            self.broker, self.client_id, self.cfg.protocol, ", TLS" if self.cfg.tls is not None else "",
+            self.base_topic, self._outbox.where,
+        )
         try:
             self._client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
         except (OSError, ValueError) as exc:  # pragma: no cover - connect_async only stores arguments
-            self._report_outage(f"cannot start connecting: {exc}")
+            self._report_outage(f"cannot start connecting: {exc}", "connect")
         self._client.loop_start()
-
-    def _client_id(self) -> str:
-        return self.cfg.client_id or f"edgelabel-{self.device_id}"
+        self._drainer = threading.Thread(target=self._drain_loop, name="mqtt-outbox", daemon=True)
+        self._drainer.start()
 
     # ------------------------------------------------------------------ Sink API
 
     def write(self, record: LabelRecord, frame: Frame) -> None:
-        """Queue the record for delivery; never raises and never blocks on the network."""
+        """Store the record in the outbox (durable before returning for storage frames); never raises.
+
+        With ``outbox.policy: stop_capture`` and a full outbox this blocks until
+        the broker has taken messages (or the sink is closing).
+        """
         topic = f"{self.base_topic}/{record.source}/labels"
         try:
-            payload = record.to_json()
+            payload = record.to_json().encode("utf-8")
         except (TypeError, ValueError) as exc:
             log.error("MQTT: record %s cannot be serialised, not published: %s", record.id, exc)
             with self._lock:
-                self._dropped += 1
+                self._unserialisable += 1
                 self._last_error = f"record not serialisable: {exc}"
             return
-        self._publish(topic, payload, self.cfg.qos, retain=False)
+        sync = not frame.live
+        self._last_write_sync = sync
+        self._store([Message(record.source, topic, payload, self.cfg.qos, False, record.id)], sync=sync)
+        with self._lock:
+            self._frames_out[record.source] += 1
+            acc = self._inference_ms.setdefault(record.source, [0.0, 0])
+            acc[0] += record.inference_ms
+            acc[1] += 1
+        if self.cfg.snapshot.enabled:
+            self._maybe_snapshot(record, frame)
+
+    def events(self, events: list[dict[str, Any]]) -> None:
+        """Store track events (from :mod:`edge.tracking`) in the outbox, in order with the labels."""
+        msgs: list[Message] = []
+        for ev in events:
+            doc = {
+                "schema_version": ev.get("schema_version", 1),
+                "id": ev.get("id") or str(uuid.uuid4()),
+                "type": ev.get("type"),
+                "device_id": self.device_id,
+                **{k: v for k, v in ev.items() if k not in ("schema_version", "id", "type", "device_id")},
+            }
+            try:
+                payload = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+            except (TypeError, ValueError) as exc:
+                log.error("MQTT: track event %s cannot be serialised, not published: %s", doc["id"], exc)
+                with self._lock:
+                    self._unserialisable += 1
+                continue
+            msgs.append(Message(str(doc.get("source") or ""), self.events_topic, payload, self.cfg.qos, False, doc["id"]))
+        self._store(msgs, sync=self._last_write_sync)
 
     def source_status(self, source: str, status: str) -> None:
-        """Publish the source's state retained, and remember it for re-publishing after a reconnect."""
+        """Store the source's new state (retained, in order with its labels) and remember it for reconnects."""
         with self._lock:
             self._source_status[source] = status
-        self._publish(f"{self.base_topic}/{source}/status", status, 1, retain=True)
+        self._store([Message(source, f"{self.base_topic}/{source}/status", status.encode(), 1, True, None)], sync=True)
+
+    def stats(self, snapshot: dict[str, Any]) -> None:
+        """Publish the daemon's numbers on ``<prefix>/<device>/stats`` (QoS 0; skipped while offline)."""
+        doc = self.build_stats(snapshot)
+        with self._lock:
+            connected = self._connected
+        if not connected:
+            log.debug("MQTT: stats not published (not connected)")
+            return
+        self._publish(self.stats_topic, json.dumps(doc, separators=(",", ":")).encode(), 0, retain=False)
 
     def flush(self) -> None:
-        """Wait (bounded) until the broker has acknowledged everything published so far."""
-        self._wait_for_acks(ACK_TIMEOUT)
+        """Commit what is stored and wait (bounded) until the broker has acknowledged all of it."""
+        self._outbox.commit()
+        self._wake.set()
+        self._wait_drained(ACK_TIMEOUT)
 
     def close(self) -> None:
-        """Announce ``stopped``, give pending messages a bounded time to be acknowledged, disconnect."""
+        """Deliver what is stored (bounded), announce ``stopped``, disconnect; the rest stays in the outbox."""
         with self._lock:
             if self._closing:
                 return
-            self._closing = True
+            self._closing = True  # releases a write blocked by stop_capture
             opened = self._opened
-        self._publish(self.status_topic, "stopped", 1, retain=True)
+        self._outbox.commit()
+        self._wake.set()
         if opened:
-            self._wait_for_acks(ACK_TIMEOUT)
+            self._wait_drained(ACK_TIMEOUT)
+        self._stop_drainer.set()
+        self._wake.set()
+        if self._drainer is not None:
+            self._drainer.join(5.0)
         with self._lock:
-            self._drain_acks_locked()
-            lost = len(self._pending)
-        if lost:
-            log.warning("MQTT: closing with %d message(s) not acknowledged by %s; they are lost", lost, self.broker)
+            connected = self._connected
+        if connected:  # offline: the broker has published the Last Will already
+            self._publish(self.status_topic, b"stopped", 1, retain=True)
+            self._wait_drained(2.0, outbox=False)
+        self._process_acks(force=True)
+        left = self._outbox.depth
+        if left and self._outbox.durable:
+            log.warning("MQTT: %d message(s) not yet acknowledged by %s stay in the outbox %s and are sent on the "
+                        "next start", left, self.broker, self._outbox.where)
+        elif left:
+            log.warning("MQTT: closing with %d message(s) not acknowledged by %s; the outbox is in memory, they are "
+                        "lost", left, self.broker)
         self._client.disconnect()
         if opened:
             self._client.loop_stop()
+        self._outbox.close()
         with self._lock:
             self._connected = False
-            counts = (self._published, self._acked, self._dropped)
+            self._closed = True
+            counts = (self._published, self._acked, self._dropped_locked())
         log.info("MQTT: closed (%d published, %d acknowledged, %d dropped)", *counts)
 
     def status(self) -> dict[str, Any]:
         """Connection state and counters.
 
-        ``published``: messages paho accepted (sent or queued); ``acked``: QoS>0
-        messages the broker acknowledged; ``pending``: QoS>0 messages accepted
-        but not yet acknowledged; ``dropped``: messages that will never be sent
-        (queue full, QoS0 while offline, unserialisable record).
+        ``published``: messages handed to the MQTT client (replays included);
+        ``acked``: messages the broker acknowledged; ``pending``: messages in
+        the outbox, not yet acknowledged; ``dropped``: messages that will never
+        be sent (outbox full or expired, refused by the broker, unserialisable,
+        not storable), broken down in ``drops``.
         """
+        self._process_acks(force=True)
+        ob = self._outbox.stats()
         with self._lock:
-            self._drain_acks_locked()
             return {
                 "connected": self._connected,
                 "broker": self.broker,
+                "client_id": self.client_id,
+                "protocol": self.cfg.protocol,
                 "published": self._published,
                 "acked": self._acked,
-                "pending": len(self._pending),
-                "dropped": self._dropped,
+                "pending": ob["depth"],
+                "inflight": len(self._inflight),
+                "dropped": self._dropped_locked(),
+                "drops": {
+                    "outbox_full": ob["evicted"],
+                    "outbox_expired": ob["expired"],
+                    "outbox_refused": ob["refused"],
+                    "rejected": self._rejected,
+                    "unserialisable": self._unserialisable,
+                    "outbox_error": self._store_failed,
+                },
+                "outbox": ob,
                 "last_publish_at": self._last_publish_at,
                 "last_error": self._last_error,
             }
 
-    # ------------------------------------------------------------------ publishing
+    def _dropped_locked(self) -> int:
+        return self._outbox.dropped + self._rejected + self._unserialisable + self._store_failed
 
-    def _publish(self, topic: str, payload: str | bytes, qos: int, retain: bool) -> bool:
-        """Hand one message to paho and account for it; True if it will be delivered (or was).
+    # ------------------------------------------------------------------ stats and snapshots
 
-        The single point where messages leave the sink: a future outbox calls
-        this for each stored row and uses the tracked acknowledgement to delete it.
-        """
-        reason: str | None = None
+    def build_stats(self, snapshot: dict[str, Any]) -> dict[str, Any]:
+        """The stats document (schema edge/schemas/stats.v1.json) from ``Pipeline.status()`` and our counters."""
+        now_wall, now = time.time(), time.monotonic()
+        mine = self.status()
         with self._lock:
-            self._drain_acks_locked()
-            try:
-                info = self._client.publish(topic, payload, qos=qos, retain=retain)
-            except (ValueError, TypeError) as exc:  # invalid topic/payload: a bug, but never fatal here
-                rc: MQTTErrorCode | None = None
-                reason = f"invalid message for {topic}: {exc}"
-            else:
-                rc = info.rc
-                if rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
-                    reason = f"in-memory queue full (mqtt.max_queued={self.cfg.max_queued})"
-                elif rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos == 0:
-                    reason = "QoS0 message while not connected"
-                elif rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-                    reason = mqtt.error_string(rc)
-                else:
-                    # NO_CONN with QoS>0: paho keeps it queued and sends it after reconnecting
-                    self._published += 1
-                    self._last_publish_at = time.time()
-                    if qos > 0:
-                        self._pending[info.mid] = topic
-            if reason is not None:
-                self._dropped += 1
-                self._dropped_unlogged += 1
-                self._last_error = f"dropped: {reason}"
-            connected = self._connected
-        if reason is not None:
-            self._log_drops(reason)
-        elif not connected:
-            self._warn_outage_if_due()
-        return reason is None
+            out_now = Counter(self._frames_out)
+            prev_t, prev_out = self._last_stats or (self._started, Counter())
+            self._last_stats = (now, out_now)
+            inf, self._inference_ms = self._inference_ms, {}
+            self._stats_seq += 1
+            seq = self._stats_seq
+        elapsed = max(now - prev_t, 1e-6)
+        sources: dict[str, Any] = {}
+        hub_drops = 0
+        for name, s in (snapshot.get("sources") or {}).items():
+            s = s or {}
+            dropped = int(s.get("frames_dropped") or 0)
+            hub_drops += dropped
+            acc = inf.get(name)
+            sources[name] = {
+                "status": s.get("status"),
+                "live": bool(s.get("live", False)),
+                "paused": bool(s.get("paused", False)),
+                "fps_in": round(float(s.get("fps_in") or 0.0), 2),
+                "fps_out": round((out_now[name] - prev_out[name]) / elapsed, 2),
+                "frames_in": int(s.get("frames_in") or 0),
+                "frames_out": out_now[name],
+                "frames_dropped": dropped,
+                "frames_skipped_fps": int(s.get("frames_skipped_fps") or 0),
+                "rejected": int(s.get("rejected") or 0),
+                "reconnects": int(s.get("reconnects") or 0),
+                "inference_ms": round(acc[0] / acc[1], 2) if acc and acc[1] else None,
+            }
+        sums = [v for v in inf.values() if v[1]]
+        ob = mine["outbox"]
+        return {
+            "schema_version": STATS_SCHEMA_VERSION,
+            "id": str(uuid.uuid5(_STATS_NAMESPACE, f"{self.device_id}\x1f{self._started}\x1f{now_wall}\x1f{seq}")),
+            "device_id": self.device_id,
+            "at": iso_utc(now_wall),
+            "ts": round(now_wall, 3),
+            "uptime_s": snapshot.get("uptime_s", round(now - self._started, 1)),
+            "frames": int(snapshot.get("frames") or sum(out_now.values())),
+            "detections": int(snapshot.get("detections") or 0),
+            "inference_ms": round(sum(v[0] for v in sums) / sum(v[1] for v in sums), 2) if sums else None,
+            "inference_ms_avg": snapshot.get("inference_ms_avg"),
+            "sources": sources,
+            "drops": {
+                "hub": hub_drops,
+                "outbox_full": ob["evicted"],
+                "outbox_expired": ob["expired"],
+                "outbox_refused": ob["refused"],
+                "mqtt_rejected": mine["drops"]["rejected"] + mine["drops"]["unserialisable"],
+                "outbox_error": mine["drops"]["outbox_error"],
+            },
+            "outbox": {
+                "depth": ob["depth"],
+                "oldest_age_s": ob["oldest_age_s"],
+                "max_messages": ob["max_messages"],
+                "policy": ob["policy"],
+                "durable": ob["durable"],
+                "blocked": ob["blocked"],
+            },
+            "mqtt": {
+                "connected": mine["connected"],
+                "published": mine["published"],
+                "acked": mine["acked"],
+                "inflight": mine["inflight"],
+                "last_error": mine["last_error"],
+            },
+        }
 
-    def _drain_acks_locked(self) -> None:
-        """Move acknowledgements from the callback queue into the counters (caller holds the lock).
-
-        Ids that are not pending belong to QoS0 messages (paho reports those
-        once written to the socket) and are ignored.
-        """
-        while True:
-            try:
-                mid = self._acks.get_nowait()
-            except queue.Empty:
+    def _maybe_snapshot(self, record: LabelRecord, frame: Frame) -> None:
+        """Publish the annotated frame, retained, at most every ``snapshot.interval`` seconds per source."""
+        snap = self.cfg.snapshot
+        now = time.monotonic()
+        with self._lock:
+            if not self._connected or now - self._last_snapshot.get(record.source, float("-inf")) < snap.interval:
                 return
-            if self._pending.pop(mid, None) is not None:
-                self._acked += 1
+            self._last_snapshot[record.source] = now
+        try:
+            from edge.annotate import draw_detections, encode_jpeg
 
-    def _wait_for_acks(self, timeout: float) -> bool:
-        """Wait until nothing is pending; give up at ``timeout`` or as soon as the link is down."""
+            jpeg = encode_jpeg(draw_detections(frame.image, record.detections), snap.quality, snap.max_width)
+        except Exception as exc:  # a snapshot is a convenience: never let it disturb labeling
+            log.warning("MQTT: snapshot of %s frame %d failed: %s", record.source, record.frame_index, exc)
+            return
+        props = None
+        if self._v5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ContentType = "image/jpeg"
+            props.UserProperty = ("record_id", record.id)
+            props.UserProperty = ("frame_index", str(record.frame_index))
+            props.UserProperty = ("captured_at", record.captured_at)
+        self._publish(f"{self.base_topic}/{record.source}/snapshot", jpeg, 0, retain=True, properties=props)
+
+    # ------------------------------------------------------------------ storing
+
+    def interrupt(self) -> None:
+        """Release a write waiting for room in a full outbox (stop_capture); it raises SinkRefused."""
+        self._interrupted = True
+
+    def _store(self, msgs: list[Message], *, sync: bool) -> None:
+        """Hand messages to the outbox; drops are counted and logged by the outbox itself.
+
+        Raises SinkRefused when the messages were not stored (closed, interrupted while
+        waiting for room, or the outbox cannot be written), so the caller can retry the
+        frame later instead of marking it done.
+        """
+        if not msgs:
+            return
+        if self._closed:
+            log.error("MQTT: %d message(s) after close, not stored (first topic %s)", len(msgs), msgs[0].topic)
+            with self._lock:
+                self._store_failed += len(msgs)
+            raise SinkRefused("MQTT sink is closed")
+        try:
+            result = self._outbox.put(msgs, sync=sync, interrupted=lambda: self._closing or self._interrupted)
+        except Exception as exc:  # disk full, I/O error: report, keep labeling (the dataset still works)
+            log.error("MQTT: cannot store %d message(s) in the outbox %s: %s (storage frames are labeled again "
+                      "on the next start)", len(msgs), self._outbox.where, exc)
+            with self._lock:
+                self._store_failed += len(msgs)
+                self._last_error = f"outbox write failed: {exc}"
+            raise SinkRefused(f"outbox write failed: {exc}") from exc
+        if result.refused:
+            raise SinkRefused(f"{result.refused} message(s) refused: the outbox is full and the daemon is stopping")
+        if sync and not self._inflight:
+            # committed now: publish at once; with messages in flight the next acknowledgement wakes the
+            # publisher anyway, and it then sends what has gathered in one go (a batch is sent by its tick)
+            self._wake.set()
+        if not self._connected:
+            self._warn_outage_if_due()
+
+    # ------------------------------------------------------------------ publishing (the outbox thread)
+
+    def _drain_loop(self) -> None:
+        """Commit due batches, apply acknowledgements, expire old rows, keep the in-flight window full."""
+        tick = min(IDLE_TICK, self.cfg.outbox.commit_interval) if self.cfg.outbox.commit_interval > 0 else IDLE_TICK
+        last_expire = 0.0
+        failing = False
+        while not self._stop_drainer.is_set():
+            self._wake.wait(tick)
+            self._wake.clear()
+            try:
+                self._outbox.commit_due()
+                self._process_acks()
+                if time.monotonic() - last_expire >= EXPIRE_INTERVAL:
+                    last_expire = time.monotonic()
+                    self._outbox.expire()
+                self._fill_window()
+                self._warn_outage_if_due()
+                failing = False
+            except Exception as exc:  # the thread must not die silently (disk full, I/O errors)
+                if not failing:
+                    log.exception("MQTT: outbox publisher failed; retrying")
+                failing = True
+                with self._lock:
+                    self._last_error = f"outbox: {exc}"
+                self._stop_drainer.wait(1.0)
+
+    def _fill_window(self) -> None:
+        """Publish the next committed rows, up to ``max_inflight`` unacknowledged at a time."""
+        with self._lock:
+            if not self._connected or self._stop_drainer.is_set():
+                return
+            if any(gen != self._generation for _, gen in self._inflight.values()):
+                return  # paho is re-sending what was in flight at the disconnect: nothing may overtake it
+            room = self._window - len(self._inflight)
+            cursor = self._cursor
+        if room <= 0:
+            return
+        rows = self._outbox.fetch(cursor, room)
+        if not rows:
+            return
+        with self._lock:
+            for row in rows:
+                if not self._connected:
+                    break
+                if not self._publish_row_locked(row):
+                    break
+
+    def _publish_row_locked(self, row: StoredMessage) -> bool:
+        """Publish one outbox row (caller holds the lock); False to stop filling the window for now."""
+        props = None
+        if self._v5:
+            props = Properties(PacketTypes.PUBLISH)
+            if row.payload[:1] == b"{":
+                props.ContentType = "application/json"
+            if self._outbox.max_age > 0:
+                left = self._outbox.max_age - (time.time() - row.created_at)
+                props.MessageExpiryInterval = max(1, int(left))
+        mid, rc = self._publish_locked(row.topic, row.payload, row.qos, row.retain, props)
+        if rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            return False  # paho's RAM queue is full (mqtt.max_queued): try again when acks arrive
+        if row.qos == 0 and rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            return False  # paho discards QoS 0 while offline: keep the row, send it after the reconnect
+        self._cursor = row.seq
+        if row.qos == 0 and rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            # QoS 0 has no acknowledgement and paho does not keep it across a reconnect, so it must not hold
+            # the in-flight window: handed over is as delivered as it gets
+            self._acks.put((-row.seq, False, "qos0"))
+            return True
+        if mid is None or rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            # paho refused it for good (invalid topic, payload too large): it will never be sent
+            self._rejected += 1
+            self._last_error = f"message {row.msg_id or row.seq} on {row.topic} refused by the MQTT client: {rc}"
+            self._acks.put((-row.seq, True, "refused by the client"))  # deleted by _process_acks
+            return True
+        self._inflight[mid] = (row.seq, self._generation)
+        return True
+
+    def _publish(self, topic: str, payload: bytes, qos: int, retain: bool, properties: Properties | None = None) -> bool:
+        """Publish a direct (not outboxed) message; True if paho took it."""
+        with self._lock:
+            mid, rc = self._publish_locked(topic, payload, qos, retain, properties)
+            ok = mid is not None and rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN)
+            if ok and qos > 0 and mid is not None:
+                self._direct[mid] = topic
+        return ok
+
+    def _publish_locked(
+        self, topic: str, payload: bytes, qos: int, retain: bool, properties: Properties | None
+    ) -> tuple[int | None, MQTTErrorCode | None]:
+        """The one place that calls ``client.publish`` (caller holds ``self._lock``)."""
+        try:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        except (ValueError, TypeError) as exc:  # invalid topic/payload: a bug, but never fatal here
+            log.error("MQTT: cannot publish on %s: %s", topic, exc)
+            return None, None
+        if info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            self._published += 1
+            self._last_publish_at = time.time()
+        return info.mid, info.rc
+
+    def _process_acks(self, force: bool = False) -> None:
+        """Move acknowledgements from the callback queue into counters and delete the acknowledged rows.
+
+        The in-flight window is freed at once; the rows are deleted in batches
+        (ACK_BATCH rows or ACK_DELAY seconds, or now with ``force``), because a
+        transaction per acknowledgement would cost as much as the publishing.
+        A crash in between only means those few rows are sent again.
+        """
+        rejected: list[str] = []
+        batch: list[int] = []
+        with self._lock:
+            done = self._to_delete
+            while True:
+                try:
+                    mid, failed, reason = self._acks.get_nowait()
+                except queue.Empty:
+                    break
+                if mid < 0:  # a row paho refused outright or a QoS 0 row handed over (see _publish_row_locked)
+                    done.append(-mid)
+                    continue
+                entry = self._inflight.pop(mid, None)
+                if entry is not None:
+                    done.append(entry[0])
+                elif self._direct.pop(mid, None) is None:
+                    continue  # a QoS0 direct message (stats, snapshot): nothing to account
+                if failed:
+                    self._rejected += 1
+                    self._last_error = f"broker refused a message: {reason}"
+                    rejected.append(reason)
+                else:
+                    self._acked += 1
+            now = time.monotonic()
+            if done and not self._to_delete_since:
+                self._to_delete_since = now
+            if done and (force or len(done) >= ACK_BATCH or now - self._to_delete_since >= ACK_DELAY):
+                batch, self._to_delete, self._to_delete_since = done, [], 0.0
+        if batch:
+            self._outbox.ack(batch)
+        if rejected:
+            now = time.monotonic()
+            if now - self._last_reject_log >= WARN_INTERVAL:
+                self._last_reject_log = now
+                log.error("MQTT: broker %s refused %d message(s) (%s); they are dropped", self.broker, len(rejected),
+                          rejected[-1])
+
+    def _wait_drained(self, timeout: float, outbox: bool = True) -> bool:
+        """Wait until the outbox (if ``outbox``) is empty and direct messages are acknowledged.
+
+        Gives up at ``timeout`` or as soon as the link is down.
+        """
         deadline = time.monotonic() + timeout
         while True:
+            self._process_acks(force=True)
             with self._lock:
-                self._drain_acks_locked()
-                if not self._pending:
-                    return True
-                if not self._connected:
-                    return False
-            if time.monotonic() >= deadline:
+                connected = self._connected
+                direct = len(self._direct)
+            if (not outbox or self._outbox.depth == 0) and not direct:
+                return True
+            if not connected or time.monotonic() >= deadline:
                 return False
+            self._wake.set()
             time.sleep(0.02)
 
     # ------------------------------------------------------------------ reporting
 
-    def _report_outage(self, reason: str) -> None:
-        """ERROR on the first failure of an outage, then a rate-limited WARNING with the backlog."""
+    def _report_outage(self, reason: str, kind: str) -> None:
+        """ERROR on the first failure of an outage and when its cause changes, then a rate-limited WARNING."""
         now = time.monotonic()
         with self._lock:
             self._last_error = reason
             first = self._outage_since is None
+            changed = kind != self._outage_kind
             if first:
                 self._outage_since = now
+            if first or changed:
+                self._outage_kind = kind
                 self._last_outage_warning = now
-        if first:
-            log.error(
-                "MQTT: broker %s unreachable (%s): is the broker running? check mqtt.host/port. "
-                "Labels are kept in memory (max %s) and sent when it comes back.",
-                self.broker,
-                reason,
-                self.cfg.max_queued or "unlimited",
-            )
+        if first or changed:
+            if kind == "auth":
+                log.error("MQTT: broker %s: %s. Retrying; labels are kept in the outbox until it accepts us.",
+                          self.broker, reason)
+            else:
+                log.error(
+                    "MQTT: broker %s unreachable (%s): is the broker running? check mqtt.host/port. "
+                    "Labels are kept in the outbox %s (max %d) and sent when it comes back.",
+                    self.broker, reason, self._outbox.where, self._outbox.max_messages,
+                )
         else:
             self._warn_outage_if_due()
 
@@ -309,26 +748,11 @@ class MqttSink(Sink):
             if since is None or now - self._last_outage_warning < WARN_INTERVAL:
                 return
             self._last_outage_warning = now
-            self._drain_acks_locked()
-            waiting, dropped, reason = len(self._pending), self._dropped, self._last_error
+            reason = self._last_error
         log.warning(
-            "MQTT: broker %s still unreachable after %.0f s (%s); %d message(s) waiting, %d dropped so far",
-            self.broker,
-            now - since,
-            reason,
-            waiting,
-            dropped,
+            "MQTT: broker %s still unreachable after %.0f s (%s); %d message(s) waiting in the outbox, %d dropped so far",
+            self.broker, now - since, reason, self._outbox.depth, self._outbox.dropped,
         )
-
-    def _log_drops(self, reason: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last_drop_log < WARN_INTERVAL:
-                return
-            self._last_drop_log = now
-            count, self._dropped_unlogged = self._dropped_unlogged, 0
-            total = self._dropped
-        log.warning("MQTT: dropped %d message(s) (%s); %d dropped in total", count, reason, total)
 
     # ------------------------------------------------------------------ paho callbacks (network thread)
 
@@ -341,30 +765,42 @@ class MqttSink(Sink):
         properties: Properties | None,
     ) -> None:
         if reason_code.is_failure:
-            self._report_outage(f"broker refused the connection: {reason_code}")
+            with self._lock:
+                self._connected = False
+                self._refused = True
+            if reason_code.value in AUTH_FAILURES:
+                user = f"user {self.cfg.username!r}" if self.cfg.username else "no username"
+                self._report_outage(
+                    f"not authorised: the broker refused the login ({reason_code}, {user}); check mqtt.username "
+                    "and mqtt.password / mqtt.password_file",
+                    "auth",
+                )
+            else:
+                self._report_outage(f"broker refused the connection: {reason_code}", "refused")
             return
         with self._lock:
             self._connected = True
-            since, self._outage_since = self._outage_since, None
-            self._drain_acks_locked()
-            waiting = len(self._pending)
+            self._refused = False
+            self._generation += 1
+            since, self._outage_since, self._outage_kind = self._outage_since, None, None
             sources = dict(self._source_status)
+        waiting = self._outbox.depth
         if since is not None:
-            log.warning(
-                "MQTT: connected to %s again after %.0f s; sending %d queued message(s)",
-                self.broker,
-                time.monotonic() - since,
-                waiting,
-            )
+            log.warning("MQTT: connected to %s again after %.0f s; sending %d stored message(s)",
+                        self.broker, time.monotonic() - since, waiting)
         else:
-            log.info("MQTT: connected to %s", self.broker)
+            log.info("MQTT: connected to %s%s", self.broker,
+                     f"; sending {waiting} stored message(s)" if waiting else "")
         # birth message, then the last known state of every source (retained, so late subscribers see it)
-        self._publish(self.status_topic, "online", 1, retain=True)
+        self._publish(self.status_topic, b"online", 1, retain=True)
         for source, state in sources.items():
-            self._publish(f"{self.base_topic}/{source}/status", state, 1, retain=True)
+            self._publish(f"{self.base_topic}/{source}/status", state.encode(), 1, retain=True)
+        self._wake.set()
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        self._report_outage("connection failed")
+        with self._lock:
+            self._refused = False
+        self._report_outage("connection failed", "connect")
 
     def _on_disconnect(
         self,
@@ -375,12 +811,14 @@ class MqttSink(Sink):
         properties: Properties | None,
     ) -> None:
         with self._lock:
-            self._connected = False
-            closing = self._closing
+            was_connected, self._connected = self._connected, False
+            closing, refused = self._closing, self._refused
         if closing and not reason_code.is_failure:
             log.debug("MQTT: disconnected from %s", self.broker)
             return
-        self._report_outage(f"connection lost: {reason_code}")
+        if refused and not was_connected:
+            return  # the refused CONNACK was reported; keep that reason in last_error
+        self._report_outage(f"connection lost: {reason_code}", "connect")
 
     def _on_publish(
         self,
@@ -391,4 +829,5 @@ class MqttSink(Sink):
         properties: Properties | None,
     ) -> None:
         # runs under paho's message mutex: must not take self._lock (see module doc)
-        self._acks.put(mid)
+        self._acks.put((mid, bool(reason_code.is_failure), str(reason_code)))
+        self._wake.set()
