@@ -23,6 +23,12 @@ time lives here:
   frames the detector was too slow for); storage sources are slowed down.
 * An unexpected exception from a source is logged with its traceback and
   handled like a SourceError, so a thread never dies silently.
+* **Pause** (an operator's action from the web page): a paused live source
+  keeps its device open and keeps reading, so the camera's buffer and the read
+  timeout behave as usual, but its frames are discarded uncounted (``fps_in``
+  falls to 0); a paused storage source simply stops reading, so nothing is
+  skipped and it continues where it was.  The status does not change (a
+  paused camera is still ``online``); ``SourceStats.paused`` says it.
 """
 
 from __future__ import annotations
@@ -63,7 +69,8 @@ class SourceStats:
     included); ``frames_skipped_fps`` of them were thinned out by the fps cap;
     ``frames_dropped`` were replaced in the hub before the detector took them
     (live only).  ``fps_in`` is the smoothed read rate, 0 when frames stopped.
-    ``reconnects`` counts attempts to reopen after a failure.
+    ``reconnects`` counts attempts to reopen after a failure.  ``paused``:
+    an operator paused the source (``status`` keeps its value meanwhile).
     """
 
     name: str
@@ -78,6 +85,7 @@ class SourceStats:
     fps_in: float
     total: int | None
     last_error: str | None
+    paused: bool = False
 
 
 class _Stopped(Exception):
@@ -183,6 +191,7 @@ class SourceRunner:
         self._last_error: str | None = None
         self._recent_rejects: deque[tuple[str, str]] = deque(maxlen=reject_history)
         self._next_due = 0.0
+        self._paused = threading.Event()
         self._prepare(source)
         if self.name not in hub:
             hub.register(self.name, live=self.live)
@@ -213,6 +222,25 @@ class SourceRunner:
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def paused(self) -> bool:
+        """Whether an operator paused this source."""
+        return self._paused.is_set()
+
+    def pause(self) -> None:
+        """Stop emitting frames; a live source keeps its device open (see the module docstring)."""
+        if not self._paused.is_set():
+            self._paused.set()
+            logger.info("source %s: paused", self.name)
+
+    def resume(self) -> None:
+        """Emit frames again; the fps estimate starts afresh so the pause does not read as a slow frame."""
+        if self._paused.is_set():
+            with self._lock:
+                self._last_frame_mono = None
+            self._paused.clear()
+            logger.info("source %s: resumed", self.name)
+
     def recent_rejects(self) -> list[tuple[str, str]]:
         """The last (path, reason) pairs, oldest first."""
         with self._lock:
@@ -239,6 +267,7 @@ class SourceRunner:
                 fps_in=round(fps, 2),
                 total=self._total,
                 last_error=self._last_error,
+                paused=self._paused.is_set(),
             )
 
     # ------------------------------------------------------------------ plumbing
@@ -319,6 +348,13 @@ class SourceRunner:
         self._next_due = max(self._next_due + 1.0 / self.cfg.fps, time.monotonic())
         return not self._stop.is_set()
 
+    def _wait_while_paused(self) -> bool:
+        """Storage sources: block while paused; False when stopped meanwhile."""
+        while self._paused.is_set():
+            if self._stop.wait(_POLL):
+                return False
+        return not self._stop.is_set()
+
     def _run(self) -> None:
         try:
             if self.live:
@@ -343,7 +379,7 @@ class SourceRunner:
         self._total = src.total()
         self._set_status(ONLINE)
         try:
-            while not self._stop.is_set():
+            while self._wait_while_paused():
                 try:
                     frame = src.read()
                 except Exception as exc:
@@ -442,6 +478,8 @@ class SourceRunner:
                         if frame is None:
                             raise SourceError(f"{src.describe()}: the stream ended")
                         delay = rc.initial
+                        if self._paused.is_set():
+                            continue  # keep the device open and its buffer fresh; emit nothing
                         self._count_frame(frame)
                         if self._fps_allows():
                             self.hub.put(frame)

@@ -1,0 +1,131 @@
+"""Serve the web app inside the daemon with waitress, on a background thread.
+
+Two steps, because the web sink must be in the pipeline before it starts::
+
+    web_sink = WebSink(cfg)
+    pipeline = Pipeline(cfg, extra_sinks=[web_sink])
+    pipeline.start()
+    server = start_web(pipeline, web_sink, cfg)   # -> WebServer(.url, .stop())
+    ...
+    server.stop()
+
+Why waitress (see the platform notes): pure Python, production grade, runs
+from a thread so the daemon keeps its main loop, and closes a streaming
+response when the viewer leaves.  Each open live view holds one of its
+``web.threads`` worker threads; the app caps live views below that number so
+that the API always has threads left.
+
+``start_web`` also installs the log panel's ring buffer on the root logger;
+``stop`` removes it, ends the live views and joins every thread it started.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Flask
+from waitress.server import create_server
+
+from edge.config import Config
+from web.app import create_app
+from web.context import PipelineLike, WebContext
+from web.logbuffer import RingLogHandler
+from web.sink import WebSink
+
+log = logging.getLogger("edgelabel.web")
+
+#: seconds a waitress connection may stay idle (live views are not idle: they keep sending)
+CHANNEL_TIMEOUT = 60
+
+
+def _url_host(host: str) -> str:
+    """The host part of a URL for a bind address: 0.0.0.0 / :: are reached on loopback; IPv6 in brackets."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    try:
+        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
+    except ValueError:
+        return host
+
+
+@dataclass
+class WebServer:
+    """A running web server: ``url`` to reach it, ``stop()`` to end it."""
+
+    url: str
+    app: Flask
+    _server: Any
+    _thread: threading.Thread
+    _log_handler: RingLogHandler
+    _stopped: bool = field(default=False)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End live views, close every connection, stop the threads and remove the log handler (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        ctx: WebContext = self.app.extensions["edgelabel"]
+        ctx.closing.set()
+        ctx.sink.wake_viewers()
+        server = self._server
+
+        def close_all() -> None:  # runs on the server's own loop thread, so no race with it
+            from waitress import wasyncore
+
+            wasyncore.close_all(server._map)
+
+        try:
+            server.trigger.pull_trigger(close_all)
+        except OSError:
+            log.debug("web: the server loop was already closed", exc_info=True)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("web: the server thread did not stop within %.0f s", timeout)
+        server.task_dispatcher.shutdown(timeout=timeout)
+        self._log_handler.uninstall()
+        log.info("web page stopped")
+
+
+def start_web(pipeline: PipelineLike, web_sink: WebSink, cfg: Config, *, host: str | None = None,
+              port: int | None = None) -> WebServer:
+    """Serve the web page for ``pipeline`` on ``cfg.web.host:port`` (or the overrides; port 0 picks a free one).
+
+    Raises OSError (with the address in the message) when the address cannot be bound; nothing is left running then.
+    """
+    bind_host = cfg.web.host if host is None else host
+    bind_port = cfg.web.port if port is None else port
+    handler = RingLogHandler()
+    app = create_app(cfg, pipeline, web_sink, log_handler=handler)
+    handler.install()
+    try:
+        server = create_server(
+            app,
+            host=bind_host,
+            port=bind_port,
+            threads=cfg.web.threads,
+            ident="edgelabel",
+            channel_timeout=CHANNEL_TIMEOUT,
+            connection_limit=max(100, cfg.web.threads * 4),
+            asyncore_use_poll=True,
+            expose_tracebacks=False,
+            clear_untrusted_proxy_headers=True,
+        )
+    except OSError as exc:
+        handler.uninstall()
+        raise OSError(exc.errno, f"web page: cannot listen on {bind_host}:{bind_port}: {exc.strerror or exc}") from exc
+    except Exception:
+        handler.uninstall()
+        raise
+    thread = threading.Thread(target=server.run, name="web-server", daemon=True)
+    thread.start()
+    url = f"http://{_url_host(bind_host)}:{server.effective_port}"
+    auth_note = "read-only pages open" if cfg.web.public_read else "every page needs the operator token"
+    token_note = "the token from web.token" if cfg.web.token else f"the operator token is in {cfg.state_path(cfg.web.token_file)}"
+    log.info("web page on %s (%s; %s)", url, auth_note, token_note)
+    return WebServer(url=url, app=app, _server=server, _thread=thread, _log_handler=handler)
