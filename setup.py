@@ -24,6 +24,8 @@ install_requires = [
     "paho-mqtt>=2.0,<3",
     "flask>=3.0",
     "tqdm>=4.60",
+    "waitress>=2.1",
+    "prometheus-client>=0.17",
 ]
 if ort_package and ort_package != "none":
     install_requires.append(f"{ort_package}>=1.16")
@@ -39,11 +41,14 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["edge", "edge.*", "engines", "engines.*", "web", "web.*"]),
-    package_data={"edge": ["schemas/*.json", "configs/*.yaml"], "engines": ["models/*.names"]},
+    package_data={
+        "edge": ["schemas/*.json", "configs/*.yaml"],
+        "web": ["templates/*.html", "static/*", "openapi.yaml"],
+    },
     install_requires=install_requires,
     extras_require={
         "gpu": ["pycuda>=2022.1"],
-        "test": ["pytest>=7", "jsonschema>=4", "pycocotools>=2.0.7", "ruff>=0.5", "onnx>=1.14"],
+        "test": ["pytest>=7", "jsonschema>=4", "pycocotools>=2.0.7", "ruff>=0.5", "onnx>=1.14", "playwright>=1.40"],
     },
     entry_points={"console_scripts": ["edgelabel=edge.cli:main"]},
 )

@@ -7,6 +7,7 @@ bad input path or a model that cannot be used (one line says which file and why)
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import re
@@ -21,20 +22,12 @@ from urllib.parse import unquote, urlparse
 import edge.sources.imageio  # noqa: F401  (sets OpenCV's image size limit before cv2 is loaded)
 from edge import __version__
 from edge.config import Config, ConfigError, config_from_dict, read_config_file
+from edge.logsetup import setup_logging
 
 log = logging.getLogger("edgelabel")
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-def setup_logging(level: str = "info") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger().setLevel(getattr(logging, level.upper(), logging.INFO))
 
 
 def _source_name(uri: str, taken: set[str]) -> str:
@@ -103,7 +96,7 @@ def build_run_config(args: argparse.Namespace) -> Config:
         host, _, port = args.web.rpartition(":")
         if not host or not port.isdigit():
             raise ConfigError([f"--web: {args.web!r} is not HOST:PORT"])
-        data["web"] = {"enabled": True, "host": host, "port": int(port)}
+        data["web"] = {**(data.get("web") or {}), "enabled": True, "host": host, "port": int(port)}
     if args.log_level:
         data["log_level"] = args.log_level
     return config_from_dict(data, base_dir=base_dir)
@@ -129,9 +122,17 @@ def _check_paths(cfg: Config) -> list[str]:
 
 
 def _resolve_file_sources(cfg: Config) -> None:
-    """Make file source paths absolute against the config's folder (keys stay stable across cwd)."""
+    """Make file paths absolute against the config's folder (source keys stay stable across cwd)."""
     from edge.sources import source_kind
 
+    mqtt = cfg.mqtt
+    if mqtt.password_file:
+        mqtt.password_file = str(cfg.resolve(mqtt.password_file))
+    if mqtt.tls is not None:
+        for attr in ("ca", "cert", "key"):
+            value = getattr(mqtt.tls, attr)
+            if value:
+                setattr(mqtt.tls, attr, str(cfg.resolve(value)))
     for src in cfg.sources.values():
         kind, target = source_kind(src.uri)
         if kind in ("folder", "image", "video"):
@@ -163,18 +164,32 @@ def _run_pipeline(cfg: Config, fresh: bool, show_progress: bool = True) -> tuple
     return code, pipeline
 
 
+def _validated_run_config(args: argparse.Namespace) -> Config:
+    cfg = build_run_config(args)
+    problems = _check_paths(cfg)
+    if problems:
+        raise ConfigError(problems)
+    _resolve_file_sources(cfg)
+    return cfg
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from edge.daemon import run_daemon
+    from engines.base import EngineError
+
     try:
-        cfg = build_run_config(args)
-        problems = _check_paths(cfg)
-        if problems:
-            raise ConfigError(problems)
+        cfg = _validated_run_config(args)
     except ConfigError as exc:
         for line in exc.problems:
             print(f"edgelabel: config error: {line}", file=sys.stderr)
         return EXIT_USAGE
     setup_logging(cfg.log_level)
-    code, pipeline = _run_pipeline(cfg, args.fresh)
+    reload_config = (lambda: _validated_run_config(args)) if args.config else None
+    try:
+        code, pipeline = run_daemon(cfg, fresh=args.fresh, reload_config=reload_config)
+    except EngineError as exc:
+        print(f"edgelabel: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     t = pipeline.totals
     log.info("done: %d frames, %d detections, %d rejected", t.frames, t.detections, t.rejected)
     return code
@@ -231,6 +246,12 @@ def cmd_label(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from edge.doctor import run_doctor
+
+    return int(run_doctor(args.config, args.json))
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     path = Path(args.file)
     try:
@@ -283,6 +304,11 @@ def make_parser() -> argparse.ArgumentParser:
     lab.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     lab.set_defaults(func=cmd_label)
 
+    d = sub.add_parser("doctor", help="check this machine for everything the configured job needs")
+    d.add_argument("-c", "--config", help="YAML config file (default: the bundled demo config)")
+    d.add_argument("--json", action="store_true", help="machine-readable output")
+    d.set_defaults(func=cmd_doctor)
+
     c = sub.add_parser("check-config", help="validate a config file without starting anything")
     c.add_argument("file")
     c.set_defaults(func=cmd_check_config)
@@ -290,6 +316,11 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # a watchdog kill (SIGABRT) or a fatal error then prints every thread's stack to the log
+    try:
+        faulthandler.enable()
+    except (AttributeError, ValueError, OSError):  # stderr without a file descriptor (embedded, captured)
+        pass
     args = make_parser().parse_args(argv)
     return int(args.func(args))
 

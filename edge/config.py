@@ -97,6 +97,9 @@ class OutboxConfig:
     max_messages: int = field(default=1_000_000, metadata={"min": 1})
     max_age: float = field(default=7 * 24 * 3600.0, metadata={"min": 0.0})  # seconds; 0 = no limit
     policy: str = field(default="drop_oldest", metadata=_choice("drop_oldest", "stop_capture"))
+    # seconds a live frame's messages may wait in memory to be committed in one batch; 0 = commit each one
+    # (storage frames are always committed before the job ledger marks them done)
+    commit_interval: float = field(default=0.05, metadata={"min": 0.0, "max": 5.0})
 
 
 @dataclass
@@ -105,6 +108,8 @@ class SnapshotConfig:
 
     enabled: bool = False
     interval: float = field(default=10.0, metadata={"min": 0.5})
+    quality: int = field(default=80, metadata={"min": 1, "max": 100})  # JPEG quality
+    max_width: int = field(default=640, metadata={"min": 0})  # downscale wider frames; 0 = full size
 
 
 @dataclass
@@ -120,7 +125,9 @@ class MqttConfig:
     prefix: str = "edgelabel"
     qos: int = field(default=1, metadata={"min": 0, "max": 2})
     keepalive: int = field(default=30, metadata={"min": 5, "max": 65535})
-    max_queued: int = field(default=10000, metadata={"min": 0})  # in-memory backlog while offline
+    max_queued: int = field(default=10000, metadata={"min": 0})  # cap on the MQTT client's RAM queue; 0 = none
+    max_inflight: int = field(default=100, metadata={"min": 1, "max": 65535})  # unacknowledged messages on the wire
+    reconnect: ReconnectConfig = field(default_factory=lambda: ReconnectConfig(initial=1.0, max=30.0))
     tls: TlsConfig | None = None
     protocol: str = field(default="3.1.1", metadata=_choice("3.1.1", "5"))
     password_file: str | None = None  # read the password from this file instead
@@ -146,8 +153,9 @@ class DatasetConfig:
 class TrackingConfig:
     """Multi-object tracking per source: track ids in records and track events."""
 
-    enabled: bool = False
+    enabled: bool = True
     iou: float = field(default=0.3, metadata={"min": 0.0, "max": 1.0})  # match threshold
+    high_score: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})  # weaker detections only extend tracks
     max_age: float = field(default=2.0, metadata={"min": 0.0})  # seconds unseen before a track ends
     min_hits: int = field(default=2, metadata={"min": 1})  # detections before a track is announced
     update_interval: float = field(default=5.0, metadata={"min": 0.0})  # seconds between update events
@@ -165,6 +173,9 @@ class WebConfig:
     public_read: bool = True  # read-only pages without the token
     threads: int = field(default=16, metadata={"min": 2, "max": 256})
     stream_fps: float = field(default=5.0, metadata={"min": 0.1, "max": 30.0})
+    secret_key_file: str = "web-secret-key"  # signs session cookies; generated when absent; inside state_dir
+    stream_width: int = field(default=960, metadata={"min": 160, "max": 3840})  # live views and kept frames
+    recent_records: int = field(default=200, metadata={"min": 10, "max": 10000})  # records (and frames) kept
 
 
 @dataclass

@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge.config import Config
+from edge.config import Config, SourceConfig
 from edge.frame import Frame
 from edge.ledger import Ledger
 from edge.progress import Progress
 from edge.records import DetectionRecord, LabelRecord, ModelInfo, iso_utc, record_id
-from edge.sinks.base import Sink
+from edge.sinks.base import Sink, SinkRefused
 from edge.sources import create_source
 from edge.sources.hub import FrameHub
 from edge.sources.runner import SourceRunner
@@ -51,6 +51,7 @@ class Inferred:
     preprocess_ms: float
     inference_ms: float
     decode_ms: float
+    model: ModelInfo
 
 
 @dataclass
@@ -71,6 +72,39 @@ class Totals:
     inference_ms_sum: float = 0.0
 
 
+def load_model(cfg: Config) -> Detector:
+    """Load the configured detector (EngineError with one clear line when it cannot be used)."""
+    m = cfg.model
+    return load_detector(
+        cfg.resolve(m.path),
+        engine=m.engine,
+        family=m.family,
+        labels=str(cfg.resolve(m.labels)) if m.labels else None,
+        conf=m.conf,
+        iou=m.iou,
+        providers=m.providers,
+        threads=m.threads,
+        cache_dir=str(cfg.state_path("engines")),  # TensorRT EP engine cache: no rebuild on every start
+    )
+
+
+def model_info(detector: Detector) -> ModelInfo:
+    """The record's description of a loaded detector (logged once)."""
+    d = detector.describe()
+    info = ModelInfo(
+        name=d["name"],
+        sha256=d["sha256"],
+        family=d["family"],
+        engine=d["engine"],
+        provider=d["provider"],
+        precision=d["precision"],
+        input_size=(int(d["input_size"][0]), int(d["input_size"][1])),
+    )
+    log.info("model %s (%s, %s on %s, %s, input %sx%s)",
+             info.name, info.family, info.engine, info.provider, info.precision, *info.input_size)
+    return info
+
+
 def build_sinks(cfg: Config, detector: Detector) -> list[Sink]:
     """The sinks the config asks for, dataset first so it can fill in the stored frame path."""
     sinks: list[Sink] = []
@@ -81,7 +115,7 @@ def build_sinks(cfg: Config, detector: Detector) -> list[Sink]:
     if cfg.mqtt.enabled:
         from edge.sinks.mqtt import MqttSink
 
-        sinks.append(MqttSink(cfg.mqtt, cfg.device_id))
+        sinks.append(MqttSink(cfg.mqtt, cfg.device_id, state_dir=cfg.resolve(cfg.state_dir)))
     return sinks
 
 
@@ -114,9 +148,14 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
         self._progress: Progress | None = None
         self._model_info: ModelInfo | None = None
+        self._active: tuple[Detector, ModelInfo]
         self._source_status: dict[str, str] = {}
         self._last_error: str | None = None
         self._trackers: dict[str, Any] = {}
+        self._source_stops: dict[str, threading.Event] = {}
+        self._reload_lock = threading.Lock()
+        #: monotonic time of each worker's last loop turn (liveness for the watchdog)
+        self.heartbeats: dict[str, float] = {}
         self.ledger: Ledger | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -130,31 +169,9 @@ class Pipeline:
         state_dir = cfg.resolve(cfg.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         if self.detector is None:
-            m = cfg.model
-            self.detector = load_detector(
-                cfg.resolve(m.path),
-                engine=m.engine,
-                family=m.family,
-                labels=str(cfg.resolve(m.labels)) if m.labels else None,
-                conf=m.conf,
-                iou=m.iou,
-                providers=m.providers,
-                threads=m.threads,
-            )
-        d = self.detector.describe()
-        self._model_info = ModelInfo(
-            name=d["name"],
-            sha256=d["sha256"],
-            family=d["family"],
-            engine=d["engine"],
-            provider=d["provider"],
-            precision=d["precision"],
-            input_size=(int(d["input_size"][0]), int(d["input_size"][1])),
-        )
-        log.info(
-            "model %s (%s, %s on %s, %s, input %sx%s)",
-            d["name"], d["family"], d["engine"], d["provider"], d["precision"], *d["input_size"],
-        )
+            self.detector = load_model(cfg)
+        self._model_info = model_info(self.detector)
+        self._active = (self.detector, self._model_info)
         ledger_path = state_dir / "ledger.sqlite"
         if self.fresh:
             for suffix in ("", "-wal", "-shm"):
@@ -168,12 +185,7 @@ class Pipeline:
 
         finite_total: int | None = 0
         for name, scfg in cfg.sources.items():
-            source = create_source(scfg)
-            if not source.live:
-                source.skip = lambda key, _n=name: self.ledger.is_done(_n, key)  # type: ignore[union-attr]
-            self._hub.register(name, live=source.live, capacity=1 if source.live else 4)
-            runner = SourceRunner(source, self._hub, self._on_status, self._stop, on_reject=self._on_reject)
-            self._runners[name] = runner
+            source = self._make_runner(scfg).source
             if not scfg.enabled:
                 continue
             if source.live or scfg.watch or scfg.loop:
@@ -205,12 +217,34 @@ class Pipeline:
         for runner in self._runners.values():
             runner.start()
 
+    def _make_runner(self, scfg: SourceConfig) -> SourceRunner:
+        """Create (not start) the runner of one source, with its own stop event."""
+        name = scfg.name
+        source = create_source(scfg)
+        if not source.live:
+            source.skip = lambda key, _n=name: self.ledger is not None and self.ledger.is_done(_n, key)
+        self._hub.register(name, live=source.live, capacity=1 if source.live else 4)
+        stop = threading.Event()
+        if self._stop.is_set():
+            stop.set()
+        runner = SourceRunner(source, self._hub, self._on_status, stop, on_reject=self._on_reject)
+        self._runners[name] = runner
+        self._source_stops[name] = stop
+        return runner
+
     def stop(self) -> None:
         """Ask everything to stop: the frame in flight finishes, sinks are flushed."""
         if not self._stop.is_set() and not self._finished.is_set():
             log.info("stopping: finishing the frame in flight and flushing sinks")
         self._stop.set()
+        for stop in list(self._source_stops.values()):
+            stop.set()
         self._hub.close()
+        for sink in self.sinks or []:
+            try:
+                sink.interrupt()
+            except Exception:
+                log.exception("interrupting sink %s failed", sink.name)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the pipeline has finished (all finite sources done, or stopped)."""
@@ -230,7 +264,7 @@ class Pipeline:
     def shutdown(self) -> None:
         """Stop threads, flush and close sinks, write the rejected-files report."""
         self.stop()
-        for runner in self._runners.values():
+        for runner in list(self._runners.values()):
             runner.join(5.0)
         for t in self._threads:
             t.join(30.0)
@@ -270,10 +304,9 @@ class Pipeline:
         return any(r.is_alive() for r in self._runners.values())
 
     def _inference_loop(self) -> None:
-        det = self.detector
-        assert det is not None
         try:
             while True:
+                self.heartbeats["inference"] = time.monotonic()
                 frame = self._hub.get(timeout=0.2)
                 if frame is None:
                     if self._stop.is_set():
@@ -281,6 +314,7 @@ class Pipeline:
                     if not self._sources_running() and not any(self._hub.pending(n) for n in self._runners):
                         break
                     continue
+                det, info_record = self._active  # one read: swapped as a pair on reload
                 try:
                     t0 = time.perf_counter()
                     tensor, info = det.preprocess(frame.image)
@@ -294,7 +328,7 @@ class Pipeline:
                     log.exception("inference failed on %s frame %d", frame.source, frame.index)
                     continue
                 self._records.put(
-                    Inferred(frame, detections, (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
+                    Inferred(frame, detections, (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, info_record)
                 )
         finally:
             self._records.put(_STOP)
@@ -333,6 +367,7 @@ class Pipeline:
         next_stats = time.monotonic() + interval
         while True:
             now = time.monotonic()
+            self.heartbeats["sinks"] = now
             if now >= next_stats:
                 next_stats = now + interval
                 self._emit_stats(sinks)
@@ -365,7 +400,6 @@ class Pipeline:
     def make_record(self, item: Inferred, track_ids: list[int | None] | None = None) -> LabelRecord:
         """The label record for one inferred frame (with the tracker's ids when given)."""
         frame = item.frame
-        assert self._model_info is not None
         w, h = frame.width, frame.height
         ids = track_ids if track_ids is not None else [None] * len(item.detections)
         rid = record_id(self.cfg.device_id, frame.source, frame.key)
@@ -379,7 +413,7 @@ class Pipeline:
             captured_ts=round(frame.captured_at, 6),
             width=w,
             height=h,
-            model=self._model_info,
+            model=item.model,
             inference_ms=round(item.inference_ms, 3),
             detections=[DetectionRecord.from_detection(d, w, h, t) for d, t in zip(item.detections, ids, strict=True)],
             frame_path=frame.path,
@@ -399,13 +433,20 @@ class Pipeline:
                 sink.prepare(record, frame)
             except Exception:
                 log.exception("sink %s failed to prepare record %s", sink.name, record.id)
+        taken = True
         for sink in sinks:
             try:
                 sink.write(record, frame)
+            except SinkRefused as exc:
+                taken = False
+                log.warning("sink %s did not take record %s (%s)", sink.name, record.id, exc)
             except Exception:
+                taken = False
                 log.exception("sink %s failed to write record %s", sink.name, record.id)
         self._emit_events(events, sinks)
-        if not frame.live and self.ledger is not None:
+        if not taken and not frame.live:
+            log.warning("%s frame %s is not marked done; it is labeled again on the next start", frame.source, frame.key)
+        elif not frame.live and self.ledger is not None:
             self.ledger.mark_done(frame.source, frame.key, record.id)
         t = self.totals
         t.frames += 1
@@ -418,6 +459,75 @@ class Pipeline:
             self._progress.update()
 
     # ------------------------------------------------------------------ control
+
+    def source_states(self) -> dict[str, str | None]:
+        """Each configured source's last reported state (None until it reports)."""
+        return {name: self._source_status.get(name) for name in list(self._runners)}
+
+    @property
+    def stopped(self) -> bool:
+        """True once a stop was requested (signal, web, shutdown)."""
+        return self._stop.is_set()
+
+    def alive(self, max_age: float) -> bool:
+        """True while both workers have turned their loops within ``max_age`` seconds.
+
+        An idle worker still turns (it waits in short timeouts), so this is false
+        only when one is stuck, e.g. an inference call that never returns.
+        """
+        now = time.monotonic()
+        beats = [self.heartbeats.get(k) for k in ("inference", "sinks")]
+        return all(b is not None and now - b <= max_age for b in beats)
+
+    def reload(self, new: Config) -> list[str]:
+        """Apply a new, already validated config without a restart; returns what changed.
+
+        Sources are added, removed or restarted one by one; a model change loads the
+        new engine beside the old one and swaps it in between two frames, so records
+        already queued keep their model info and nothing queued is dropped.  Sink,
+        web and tracking settings need a restart (a warning says so).
+        """
+        changes: list[str] = []
+        with self._reload_lock:
+            old = self.cfg
+            if new.model != old.model:
+                detector = load_model(new)
+                info = model_info(detector)
+                previous = self.detector
+                self.detector, self._model_info = detector, info
+                self._active = (detector, info)
+                changes.append(f"model {info.name}")
+                if previous is not None:
+                    # the inference worker may still be inside previous.infer(); let the GC close it
+                    log.info("previous model %s released", previous.describe()["name"])
+            for name in old.sources.keys() - new.sources.keys():
+                self._remove_source(name)
+                changes.append(f"source {name} removed")
+            for name, scfg in new.sources.items():
+                if name in old.sources and old.sources[name] == scfg:
+                    continue
+                if name in old.sources:
+                    self._remove_source(name)
+                    changes.append(f"source {name} changed")
+                else:
+                    changes.append(f"source {name} added")
+                self._make_runner(scfg).start()
+            for section in ("mqtt", "dataset", "web", "tracking", "state_dir", "device_id"):
+                if getattr(new, section) != getattr(old, section):
+                    log.warning("reload: %s changed; that takes effect after a restart", section)
+            new.sources = {**new.sources}
+            self.cfg = new
+        log.info("reloaded: %s", ", ".join(changes) if changes else "nothing changed")
+        return changes
+
+    def _remove_source(self, name: str) -> None:
+        runner = self._runners.pop(name, None)
+        stop = self._source_stops.pop(name, None)
+        if stop is not None:
+            stop.set()
+        if runner is not None and not runner.join(10.0):
+            log.warning("source %s did not stop within 10 s; it is abandoned", name)
+        self._source_status.pop(name, None)
 
     def set_source_paused(self, name: str, paused: bool) -> None:
         """Pause or resume one source (KeyError when there is no such source)."""
