@@ -48,7 +48,7 @@ setup(
     install_requires=install_requires,
     extras_require={
         "gpu": ["pycuda>=2022.1"],
-        "test": ["pytest>=7", "jsonschema>=4", "pycocotools>=2.0.7", "ruff>=0.5", "onnx>=1.14", "playwright>=1.40"],
+        "test": ["pytest>=7", "jsonschema>=4", "pycocotools>=2.0.7", "ruff>=0.5", "onnx>=1.14", "playwright>=1.40", "cryptography>=41"],
     },
     entry_points={"console_scripts": ["edgelabel=edge.cli:main"]},
 )
