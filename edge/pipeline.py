@@ -142,6 +142,7 @@ class Pipeline:
         self.started_at = time.time()
         self._stop = threading.Event()
         self._finished = threading.Event()
+        self._prepared: queue.Queue[Any] = queue.Queue(maxsize=2)  # letterboxed tensors waiting for the engine
         self._records: queue.Queue[Any] = queue.Queue(maxsize=16)
         self._hub = FrameHub()
         self._runners: dict[str, SourceRunner] = {}
@@ -209,6 +210,7 @@ class Pipeline:
             self._progress = Progress(finite_total, label="labeling")
 
         self._threads = [
+            threading.Thread(target=self._prepare_loop, name="prepare", daemon=True),
             threading.Thread(target=self._inference_loop, name="inference", daemon=True),
             threading.Thread(target=self._sink_loop, name="sinks", daemon=True),
         ]
@@ -303,10 +305,21 @@ class Pipeline:
     def _sources_running(self) -> bool:
         return any(r.is_alive() for r in self._runners.values())
 
-    def _inference_loop(self) -> None:
+    def _put(self, q: queue.Queue[Any], item: Any, beat: str) -> None:
+        """Blocking put that keeps the worker's heartbeat fresh while it waits on back-pressure."""
+        while True:
+            self.heartbeats[beat] = time.monotonic()
+            try:
+                q.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _prepare_loop(self) -> None:
+        """Take frames from the hub and letterbox them, overlapping with the engine's run."""
         try:
             while True:
-                self.heartbeats["inference"] = time.monotonic()
+                self.heartbeats["prepare"] = time.monotonic()
                 frame = self._hub.get(timeout=0.2)
                 if frame is None:
                     if self._stop.is_set():
@@ -314,10 +327,32 @@ class Pipeline:
                     if not self._sources_running() and not any(self._hub.pending(n) for n in self._runners):
                         break
                     continue
-                det, info_record = self._active  # one read: swapped as a pair on reload
+                active = self._active  # one read: detector and model info are swapped as a pair on reload
                 try:
                     t0 = time.perf_counter()
-                    tensor, info = det.preprocess(frame.image)
+                    tensor, info = active[0].preprocess(frame.image)
+                    pre_ms = (time.perf_counter() - t0) * 1e3
+                except Exception as exc:  # one bad frame must not stop the daemon
+                    self._last_error = f"{frame.source} frame {frame.index}: {exc}"
+                    log.exception("preprocessing failed on %s frame %d", frame.source, frame.index)
+                    continue
+                self._put(self._prepared, (frame, active, tensor, info, pre_ms), "prepare")
+        finally:
+            self._put(self._prepared, _STOP, "prepare")
+
+    def _inference_loop(self) -> None:
+        """Run the engine and the decoder on prepared frames, in order."""
+        try:
+            while True:
+                self.heartbeats["inference"] = time.monotonic()
+                try:
+                    item = self._prepared.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if item is _STOP:
+                    break
+                frame, (det, info_record), tensor, info, pre_ms = item
+                try:
                     t1 = time.perf_counter()
                     outputs = det.infer(tensor)
                     t2 = time.perf_counter()
@@ -327,11 +362,11 @@ class Pipeline:
                     self._last_error = f"{frame.source} frame {frame.index}: {exc}"
                     log.exception("inference failed on %s frame %d", frame.source, frame.index)
                     continue
-                self._records.put(
-                    Inferred(frame, detections, (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, info_record)
-                )
+                self._put(self._records,
+                          Inferred(frame, detections, pre_ms, (t2 - t1) * 1e3, (t3 - t2) * 1e3, info_record),
+                          "inference")
         finally:
-            self._records.put(_STOP)
+            self._put(self._records, _STOP, "inference")
 
     def _tracker(self, source: str) -> Any:
         """The source's tracker, created on first use (None when tracking is off)."""
@@ -470,14 +505,17 @@ class Pipeline:
         return self._stop.is_set()
 
     def alive(self, max_age: float) -> bool:
-        """True while both workers have turned their loops within ``max_age`` seconds.
+        """True while every worker has turned its loop within ``max_age`` seconds.
 
-        An idle worker still turns (it waits in short timeouts), so this is false
-        only when one is stuck, e.g. an inference call that never returns.
+        An idle or back-pressured worker still turns (it waits in short timeouts),
+        so this is false only when one is stuck, e.g. an engine call that never returns.
         """
         now = time.monotonic()
-        beats = [self.heartbeats.get(k) for k in ("inference", "sinks")]
-        return all(b is not None and now - b <= max_age for b in beats)
+        stale = [k for k in ("prepare", "inference", "sinks")
+                 if self.heartbeats.get(k) is None or now - self.heartbeats[k] > max_age]
+        if stale == ["sinks"] and any(s.waiting() for s in self.sinks or []):
+            return True  # a sink waits on purpose (stop_capture with a full outbox), nothing is stuck
+        return not stale
 
     def reload(self, new: Config) -> list[str]:
         """Apply a new, already validated config without a restart; returns what changed.

@@ -39,6 +39,10 @@ class Sink(abc.ABC):
     def source_status(self, source: str, status: str) -> None:
         """A source changed state (online, reconnecting, offline, finished, disabled)."""
 
+    def waiting(self) -> bool:
+        """True while ``write`` blocks on purpose (back-pressure), so the watchdog does not call it stuck."""
+        return False
+
     def interrupt(self) -> None:
         """The daemon is stopping: release a ``write`` blocked on back-pressure (it raises SinkRefused)."""
 

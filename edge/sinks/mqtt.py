@@ -145,6 +145,7 @@ class MqttSink(Sink):
         self._opened = False
         self._closing = False
         self._interrupted = False  # the pipeline is stopping: do not wait for room in a full outbox
+        self._in_put = False  # a write is inside Outbox.put (which may wait under stop_capture)
         self._closed = False
         self._published = 0
         self._acked = 0
@@ -514,6 +515,10 @@ class MqttSink(Sink):
 
     # ------------------------------------------------------------------ storing
 
+    def waiting(self) -> bool:
+        """True while a write may be waiting for room in a full outbox (stop_capture back-pressure)."""
+        return self._in_put and self.cfg.outbox.policy == "stop_capture"
+
     def interrupt(self) -> None:
         """Release a write waiting for room in a full outbox (stop_capture); it raises SinkRefused."""
         self._interrupted = True
@@ -533,6 +538,7 @@ class MqttSink(Sink):
                 self._store_failed += len(msgs)
             raise SinkRefused("MQTT sink is closed")
         try:
+            self._in_put = True
             result = self._outbox.put(msgs, sync=sync, interrupted=lambda: self._closing or self._interrupted)
         except Exception as exc:  # disk full, I/O error: report, keep labeling (the dataset still works)
             log.error("MQTT: cannot store %d message(s) in the outbox %s: %s (storage frames are labeled again "
@@ -541,6 +547,8 @@ class MqttSink(Sink):
                 self._store_failed += len(msgs)
                 self._last_error = f"outbox write failed: {exc}"
             raise SinkRefused(f"outbox write failed: {exc}") from exc
+        finally:
+            self._in_put = False
         if result.refused:
             raise SinkRefused(f"{result.refused} message(s) refused: the outbox is full and the daemon is stopping")
         if sync and not self._inflight:
