@@ -380,6 +380,8 @@ class SourceRunner:
         self._set_status(ONLINE)
         try:
             while self._wait_while_paused():
+                if not self._throttle():  # before the read, so a paced frame is fresh when it is emitted
+                    return
                 try:
                     frame = src.read()
                 except Exception as exc:
@@ -390,8 +392,6 @@ class SourceRunner:
                         self._set_status(FINISHED)
                     return
                 self._count_frame(frame)
-                if not self._throttle():
-                    return
                 while not self._stop.is_set():
                     if self.hub.put(frame, timeout=_POLL):
                         break

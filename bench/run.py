@@ -1,0 +1,277 @@
+"""edgelabel benchmarks: the raw engine, the pipeline, latency, the outbox, RSS and cold start.
+
+One command prints a table and writes it, with the commands, the machine and the versions, to
+BENCHMARKS.md::
+
+    python bench/run.py                         # full run (a few minutes on 2 cores)
+    python bench/run.py --quick                 # smoke run (seconds; what CI runs)
+    python bench/run.py --ultralytics-python /path/to/venv/bin/python   # add the Ultralytics peer
+
+Everything runs side by side in one process tree on this machine, so ratios are meaningful even
+when absolute numbers are noisy.  The pipeline is the real ``edgelabel run`` process, publishing
+through the durable outbox to a private Mosquitto on a free loopback port, dataset writing off;
+rates are taken between the first and the last label received by a subscriber.
+
+B (the CPU bound) = cores / (decode CPU-seconds per frame + single-thread inference seconds per
+frame): on a small CPU the decoder and the detector compete for the same cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+import paho.mqtt.client as mqtt
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.conftest import Broker  # noqa: E402  (the same private-broker helper the tests use)
+
+MIRROR = Path(os.environ.get("EDGELABEL_MIRROR", ROOT.parent / "shared")).resolve()
+VIDEO = MIRROR / "videos" / "people-walking.mp4"
+MODELS = {"yolox_nano": "yolox", "yolo11n_int8": "auto"}
+
+
+def raw_engine(model: str, seconds: float, threads: int = 0) -> float:
+    """session.run only, batch 1: inferences per second."""
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(MIRROR / "models" / f"{model}.onnx"), so, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    x = (np.random.default_rng(0).random([d if isinstance(d, int) else 1 for d in inp.shape]) * 255).astype(np.float32)
+    for _ in range(3):
+        sess.run(None, {inp.name: x})
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        sess.run(None, {inp.name: x})
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def short_clip(src: Path, dst: Path, frames: int) -> Path:
+    """The first ``frames`` frames of ``src`` as a new MP4 (quick runs)."""
+    cap = cv2.VideoCapture(str(src))
+    fps = cap.get(cv2.CAP_PROP_FPS) or 30.0
+    writer = None
+    for _ in range(frames):
+        ok, img = cap.read()
+        if not ok:
+            break
+        if writer is None:
+            writer = cv2.VideoWriter(str(dst), cv2.VideoWriter_fourcc(*"mp4v"), fps, (img.shape[1], img.shape[0]))
+        writer.write(img)
+    cap.release()
+    if writer is not None:
+        writer.release()
+    return dst
+
+
+def decode_cpu_s_per_frame(video: Path, frames: int) -> float:
+    cap = cv2.VideoCapture(str(video))
+    n, t0 = 0, time.process_time()
+    while n < frames:
+        ok, _ = cap.read()
+        if not ok:
+            break
+        n += 1
+    cap.release()
+    return (time.process_time() - t0) / max(n, 1)
+
+
+class Subscriber:
+    """Receives every label (QoS 1) and notes when it arrived."""
+
+    def __init__(self, port: int) -> None:
+        self.received: list[tuple[float, dict[str, Any]]] = []
+        self._ready = threading.Event()
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{os.getpid()}-{time.time_ns()}")
+        c.on_connect = lambda cl, u, f, rc, p: cl.subscribe("bench/+/+/labels", qos=1)
+        c.on_subscribe = lambda *a: self._ready.set()
+        c.on_message = lambda cl, u, m: self.received.append((time.time(), json.loads(m.payload)))
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+        self.client = c
+        if not self._ready.wait(10):
+            raise RuntimeError("subscriber did not connect")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def run_pipeline(work: Path, port: int, model: str, sources: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One ``edgelabel run`` process; returns fps, cold start, peak RSS and the latencies."""
+    state = work / f"state-{time.time_ns()}"
+    cfg = {
+        "device_id": "bench", "state_dir": str(state), "log_level": "warning",
+        "model": {"path": str(MIRROR / "models" / f"{model}.onnx"), "family": MODELS[model], "conf": 0.25},
+        "sources": sources,
+        "mqtt": {"host": "127.0.0.1", "port": port, "prefix": "bench", "qos": 1},
+        "dataset": {"enabled": False},
+    }
+    path = work / "bench.yaml"
+    path.write_text(json.dumps(cfg))
+    sub = Subscriber(port)
+    log_path = work / "daemon.log"
+    started = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "-c", str(path)], cwd=ROOT,
+                                stdout=log, stderr=log)
+        deadline = time.time() + timeout
+        while True:  # wait4 gives this child's own peak RSS
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("edgelabel run did not finish in time")
+            time.sleep(0.05)
+    time.sleep(0.5)
+    sub.close()
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise RuntimeError(f"edgelabel run failed ({code}): {log_path.read_text()[-2000:]}")
+    peak_kib = usage.ru_maxrss
+    got = sub.received
+    if len(got) < 2:
+        raise RuntimeError("fewer than two labels received")
+    t_first, t_last = got[0][0], got[-1][0]
+    lat = sorted((t - rec["captured_ts"]) * 1e3 for t, rec in got)
+    ids = {rec["id"] for _, rec in got}
+    inf = [rec["inference_ms"] for _, rec in got]
+    return {
+        "frames": len(ids), "duplicates": len(got) - len(ids),
+        "fps": (len(got) - 1) / (t_last - t_first),
+        "cold_start_s": t_first - started,
+        "peak_rss_mb": peak_kib / 1024,
+        "lat_p50": lat[len(lat) // 2], "lat_p95": lat[int(len(lat) * 0.95)], "lat_p99": lat[int(len(lat) * 0.99)],
+        "inference_ms_mean": statistics.fmean(inf),
+    }
+
+
+def ultralytics_fps(python: str, model: str, video: Path, frames: int) -> float | None:
+    """Ultralytics' own predict(stream=True) on the same ONNX and video, in its own environment."""
+    code = (
+        "import sys,time\nfrom ultralytics import YOLO\n"
+        f"m=YOLO({str(MIRROR / 'models' / (model + '.onnx'))!r}, task='detect')\n"
+        f"it=m.predict({str(video)!r}, stream=True, conf=0.25, iou=0.45, verbose=False)\n"
+        "n=0\nfor r in it:\n    n+=1\n    if n==5: t0=time.perf_counter()\n"
+        f"    if n>={frames}: break\n"
+        "print((n-5)/(time.perf_counter()-t0))\n"
+    )
+    try:
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        print(f"ultralytics peer failed: {exc}", file=sys.stderr)
+        return None
+    if out.returncode != 0:
+        print(f"ultralytics peer failed: {out.stderr[-1500:]}", file=sys.stderr)
+        return None
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def outbox_rate(quick: bool) -> str:
+    n = "2000" if quick else "20000"
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "outbox_bench.py"), "-n", n],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("delivered")]
+    return lines[-1] if lines else f"outbox bench failed: {out.stderr[-500:]}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a smoke run of every step (seconds)")
+    ap.add_argument("--ultralytics-python", help="python of an environment with ultralytics installed")
+    ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    args = ap.parse_args()
+    quick = args.quick
+    seconds = 1.0 if quick else 8.0
+    cores = os.cpu_count() or 1
+    rows: list[tuple[str, str]] = []
+    work = Path(tempfile.mkdtemp(prefix="edgelabel-bench-"))
+    broker = Broker(work).start()
+    try:
+        folder = work / "images"
+        folder.mkdir()
+        imgs = sorted((MIRROR / "images").glob("*.jpg"))
+        for i in range(12 if quick else 180):
+            shutil.copy(imgs[i % len(imgs)], folder / f"img_{i:04d}.jpg")
+        video = short_clip(VIDEO, work / "clip.mp4", 40) if quick else VIDEO
+        decode = decode_cpu_s_per_frame(video, 30 if quick else 300)
+        rows.append(("video decode CPU per 720p frame", f"{decode * 1e3:.2f} ms"))
+        frames_video = 40 if quick else 314
+        for model in MODELS:
+            raw = raw_engine(model, seconds)
+            raw1 = raw_engine(model, seconds, threads=1)
+            bound = cores / (decode + 1 / raw1)
+            rows.append((f"{model}: raw engine (session.run, batch 1, default threads)", f"{raw:.1f} inf/s"))
+            rows.append((f"{model}: raw engine, 1 thread", f"{raw1:.1f} inf/s ({1e3 / raw1:.2f} ms)"))
+            rows.append((f"{model}: CPU bound B = {cores} / (decode + 1-thread inference)", f"{bound:.1f} fps"))
+            video_src = {"video": {"uri": str(video)}}
+            r = run_pipeline(work, broker.port, model, video_src, 600)
+            rows.append((f"{model}: pipeline, video ({r['frames']} frames)",
+                         f"{r['fps']:.1f} fps = {r['fps'] / raw:.2f} x raw, {r['fps'] / bound:.2f} x B"))
+            rows.append((f"{model}: peak RSS / cold start to first label",
+                         f"{r['peak_rss_mb']:.0f} MB / {r['cold_start_s']:.2f} s"))
+            if model == "yolo11n_int8" or not quick:
+                r4 = run_pipeline(work, broker.port, model,
+                                  {f"v{i}": {"uri": str(video)} for i in range(4)}, 900)
+                rows.append((f"{model}: pipeline, 4 video sources ({r4['frames']} frames)",
+                             f"{r4['fps']:.1f} fps total = {r4['fps'] / raw:.2f} x raw"))
+            rf = run_pipeline(work, broker.port, model, {"folder": {"uri": str(folder)}}, 600)
+            rows.append((f"{model}: pipeline, folder ({rf['frames']} images)", f"{rf['fps']:.1f} fps"))
+            paced = max(2.0, min(15.0, raw / 3))
+            rl = run_pipeline(work, broker.port, model, {"cam": {"uri": str(video), "fps": paced}}, 600)
+            rows.append((f"{model}: capture->subscriber latency at {paced:.0f} fps (p50/p95/p99)",
+                         f"{rl['lat_p50']:.1f} / {rl['lat_p95']:.1f} / {rl['lat_p99']:.1f} ms "
+                         f"(mean inference {rl['inference_ms_mean']:.1f} ms)"))
+            if args.ultralytics_python and model.startswith("yolo"):
+                for peer_model in ("yolo11n_int8", "yolov8n_int8"):
+                    ufps = ultralytics_fps(args.ultralytics_python, peer_model, VIDEO, frames_video)
+                    ours = run_pipeline(work, broker.port, peer_model, {"video": {"uri": str(VIDEO)}}, 900)
+                    if ufps:
+                        rows.append((f"{peer_model}: Ultralytics predict(stream=True) vs edgelabel, same video",
+                                     f"{ufps:.1f} vs {ours['fps']:.1f} fps = {ours['fps'] / ufps:.2f} x"))
+        rows.append(("outbox alone (QoS 1, private broker)", outbox_rate(quick)))
+    finally:
+        broker.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    width = max(len(k) for k, _ in rows)
+    table = "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+    print(table)
+    versions = (f"Python {platform.python_version()}, ONNX Runtime {ort.__version__}, OpenCV {cv2.__version__}, "
+                f"numpy {np.__version__}")
+    cpu = platform.processor() or platform.machine()
+    md = [
+        "# Benchmarks", "",
+        f"Command: `python bench/run.py{' --quick' if quick else ''}"
+        f"{' --ultralytics-python ' + args.ultralytics_python if args.ultralytics_python else ''}`", "",
+        f"Machine: {cores} cores ({cpu}), {platform.system()} {platform.release()}; {versions}.", "",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Video: `{VIDEO.name}`. Every figure below comes "
+        "from this one run; compare ratios, not absolute numbers, across machines.", "",
+        "| measure | result |", "|---|---|",
+        *[f"| {k} | {v} |" for k, v in rows], "",
+    ]
+    Path(args.out).write_text("\n".join(md))
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
