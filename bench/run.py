@@ -43,7 +43,8 @@ from tests.conftest import Broker  # noqa: E402  (the same private-broker helper
 
 MIRROR = Path(os.environ.get("EDGELABEL_MIRROR", ROOT.parent / "shared")).resolve()
 VIDEO = MIRROR / "videos" / "people-walking.mp4"
-MODELS = {"yolox_nano": "yolox", "yolo11n_int8": "auto"}
+FAMILIES = {"yolox_nano": "yolox", "yolo11n_int8": "auto", "yolov8n_int8": "auto"}
+MODELS = ("yolox_nano", "yolo11n_int8")  # the full set of measurements; yolov8n only against the peer
 
 
 def raw_engine(model: str, seconds: float, threads: int = 0) -> float:
@@ -119,7 +120,7 @@ def run_pipeline(work: Path, port: int, model: str, sources: dict[str, Any], tim
     state = work / f"state-{time.time_ns()}"
     cfg = {
         "device_id": "bench", "state_dir": str(state), "log_level": "warning",
-        "model": {"path": str(MIRROR / "models" / f"{model}.onnx"), "family": MODELS[model], "conf": 0.25},
+        "model": {"path": str(MIRROR / "models" / f"{model}.onnx"), "family": FAMILIES[model], "conf": 0.25},
         "sources": sources,
         "mqtt": {"host": "127.0.0.1", "port": port, "prefix": "bench", "qos": 1},
         "dataset": {"enabled": False},
@@ -161,18 +162,22 @@ def run_pipeline(work: Path, port: int, model: str, sources: dict[str, Any], tim
         "peak_rss_mb": peak_kib / 1024,
         "lat_p50": lat[len(lat) // 2], "lat_p95": lat[int(len(lat) * 0.95)], "lat_p99": lat[int(len(lat) * 0.99)],
         "inference_ms_mean": statistics.fmean(inf),
+        "by_frame": {rec["frame_index"]: rec["detections"] for _, rec in got},
     }
 
 
-def ultralytics_fps(python: str, model: str, video: Path, frames: int) -> float | None:
-    """Ultralytics' own predict(stream=True) on the same ONNX and video, in its own environment."""
+def ultralytics_run(python: str, model: str, video: Path, frames: int) -> tuple[float, list[list[tuple]]] | None:
+    """Ultralytics' own predict(stream=True) on the same ONNX and video, in its own environment:
+    (fps after a 5-frame warm-up, per-frame detections as (class, score, x1, y1, x2, y2))."""
     code = (
-        "import sys,time\nfrom ultralytics import YOLO\n"
+        "import json,time\nfrom ultralytics import YOLO\n"
         f"m=YOLO({str(MIRROR / 'models' / (model + '.onnx'))!r}, task='detect')\n"
         f"it=m.predict({str(video)!r}, stream=True, conf=0.25, iou=0.45, verbose=False)\n"
-        "n=0\nfor r in it:\n    n+=1\n    if n==5: t0=time.perf_counter()\n"
+        "n=0\ndets=[]\nfor r in it:\n    n+=1\n    if n==5: t0=time.perf_counter()\n"
+        "    b=r.boxes\n    dets.append([[int(c),float(s),*map(float,xy)] for xy,s,c in zip(b.xyxy.tolist(),"
+        "b.conf.tolist(),b.cls.tolist())])\n"
         f"    if n>={frames}: break\n"
-        "print((n-5)/(time.perf_counter()-t0))\n"
+        "print(json.dumps([(n-5)/(time.perf_counter()-t0), dets]))\n"
     )
     try:
         out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=600)
@@ -182,7 +187,37 @@ def ultralytics_fps(python: str, model: str, video: Path, frames: int) -> float 
     if out.returncode != 0:
         print(f"ultralytics peer failed: {out.stderr[-1500:]}", file=sys.stderr)
         return None
-    return float(out.stdout.strip().splitlines()[-1])
+    fps, dets = json.loads(out.stdout.strip().splitlines()[-1])
+    return fps, dets
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def parity(peer: list[list[list[float]]], ours: dict[int, list[dict[str, Any]]]) -> tuple[float, float, int]:
+    """Share of the peer's detections we match (same class, IoU >= 0.9, score within 0.02), and of ours it
+    matches, over the frames both processed; and the number of detections compared."""
+    matched_peer = matched_ours = total_peer = total_ours = 0
+    for idx, pdets in enumerate(peer):
+        odets = ours.get(idx)
+        if odets is None:
+            continue
+        total_peer += len(pdets)
+        total_ours += len(odets)
+        used: set[int] = set()
+        for c, sc, *box in pdets:
+            for j, d in enumerate(odets):
+                if j not in used and d["class_id"] == c and abs(d["score"] - sc) <= 0.02 and _iou(d["box"], box) >= 0.9:
+                    used.add(j)
+                    matched_peer += 1
+                    break
+        matched_ours += len(used)
+    return matched_peer / max(total_peer, 1), matched_ours / max(total_ours, 1), total_peer
 
 
 def outbox_rate(quick: bool) -> str:
@@ -240,13 +275,18 @@ def main() -> int:
             rows.append((f"{model}: capture->subscriber latency at {paced:.0f} fps (p50/p95/p99)",
                          f"{rl['lat_p50']:.1f} / {rl['lat_p95']:.1f} / {rl['lat_p99']:.1f} ms "
                          f"(mean inference {rl['inference_ms_mean']:.1f} ms)"))
-            if args.ultralytics_python and model.startswith("yolo"):
+            if args.ultralytics_python and model == "yolo11n_int8":
                 for peer_model in ("yolo11n_int8", "yolov8n_int8"):
-                    ufps = ultralytics_fps(args.ultralytics_python, peer_model, VIDEO, frames_video)
-                    ours = run_pipeline(work, broker.port, peer_model, {"video": {"uri": str(VIDEO)}}, 900)
-                    if ufps:
+                    peer = ultralytics_run(args.ultralytics_python, peer_model, video, frames_video)
+                    ours = run_pipeline(work, broker.port, peer_model, {"video": {"uri": str(video)}}, 900)
+                    if peer:
+                        ufps, udets = peer
                         rows.append((f"{peer_model}: Ultralytics predict(stream=True) vs edgelabel, same video",
                                      f"{ufps:.1f} vs {ours['fps']:.1f} fps = {ours['fps'] / ufps:.2f} x"))
+                        pm, om, n = parity(udets, ours["by_frame"])
+                        rows.append((f"{peer_model}: detection parity with Ultralytics ({n} detections)",
+                                     f"{pm:.1%} of theirs matched by ours, {om:.1%} of ours by theirs "
+                                     "(same class, IoU >= 0.9, score within 0.02)"))
         rows.append(("outbox alone (QoS 1, private broker)", outbox_rate(quick)))
     finally:
         broker.stop()
