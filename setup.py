@@ -48,7 +48,9 @@ setup(
     install_requires=install_requires,
     extras_require={
         "gpu": ["pycuda>=2022.1"],
-        "test": ["pytest>=7", "jsonschema>=4", "pycocotools>=2.0.7", "ruff>=0.5", "onnx>=1.14", "playwright>=1.40", "cryptography>=41"],
+        "test": ["pytest>=7", "jsonschema>=4", "pycocotools>=2.0.7", "ruff>=0.5", "onnx>=1.14", "playwright>=1.40", "cryptography>=41",
+                 "hypothesis>=6.100", "schemathesis>=4.0,<5",
+                 "datumaro>=1.13,<2"],
     },
     entry_points={"console_scripts": ["edgelabel=edge.cli:main"]},
 )

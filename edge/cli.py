@@ -1,4 +1,4 @@
-"""The ``edgelabel`` command: run, label, check-config.
+"""The ``edgelabel`` command: run, label, export, check-config.
 
 Exit codes: 0 success, 1 the job failed at run time, 2 bad configuration,
 bad input path or a model that cannot be used (one line says which file and why).
@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -107,6 +108,16 @@ def _check_paths(cfg: Config) -> list[str]:
     from edge.sources import source_kind
 
     problems = []
+    mqtt = cfg.mqtt
+    if mqtt.enabled:
+        files = [("mqtt.password_file", mqtt.password_file)]
+        if mqtt.tls is not None:
+            files += [(f"mqtt.tls.{a}", getattr(mqtt.tls, a)) for a in ("ca", "cert", "key")]
+        for field_path, value in files:
+            if value and not os.access(cfg.resolve(value), os.R_OK):
+                problems.append(f"{field_path}: {cfg.resolve(value)}: file not found or not readable")
+        if (mqtt.password or mqtt.password_file) and not mqtt.username:
+            problems.append("mqtt.password: a password needs mqtt.username too")
     model = cfg.resolve(cfg.model.path)
     if not model.is_file():
         problems.append(f"model.path: {model}: file not found (an ONNX detector is expected)")
@@ -161,6 +172,10 @@ def _run_pipeline(cfg: Config, fresh: bool, show_progress: bool = True) -> tuple
     except EngineError as exc:
         print(f"edgelabel: {exc}", file=sys.stderr)
         return EXIT_USAGE, pipeline
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"edgelabel: config error: {line}", file=sys.stderr)
+        return EXIT_USAGE, pipeline
     return code, pipeline
 
 
@@ -189,6 +204,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         code, pipeline = run_daemon(cfg, fresh=args.fresh, reload_config=reload_config)
     except EngineError as exc:
         print(f"edgelabel: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"edgelabel: config error: {line}", file=sys.stderr)
         return EXIT_USAGE
     t = pipeline.totals
     log.info("done: %d frames, %d detections, %d rejected", t.frames, t.detections, t.rejected)
@@ -270,6 +289,37 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export the dataset's frames in the chosen review states to a folder or zip (edge/export.py)."""
+    from edge.export import ExportError, export_dataset
+
+    setup_logging(args.log_level or "warning")
+    if args.dataset:
+        root = Path(args.dataset)
+    else:
+        try:
+            cfg = config_from_dict(read_config_file(args.config), base_dir=Path(args.config).resolve().parent) \
+                if args.config else None
+        except ConfigError as exc:
+            for line in exc.problems:
+                print(f"edgelabel: config error: {line}", file=sys.stderr)
+            return EXIT_USAGE
+        root = cfg.resolve(cfg.dataset.path) if cfg is not None else Path("dataset")
+    try:
+        res = export_dataset(root, args.format, Path(args.out), states=args.state, val_fraction=args.val,
+                             image_prefix=args.image_prefix, overwrite=args.overwrite)
+    except ExportError as exc:
+        print(f"edgelabel: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (OSError, sqlite3.Error) as exc:
+        print(f"edgelabel: export failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    skipped = f", {len(res.missing)} skipped (image gone)" if res.missing else ""
+    print(f"exported {res.images} image(s), {res.annotations} box(es) as {res.format} "
+          f"({', '.join(res.states)}) to {res.path}{skipped}")
+    return EXIT_OK
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgelabel", description="Edge auto-labeling: detectors on cameras and files, "
                                 "labels over MQTT and on disk.")
@@ -308,6 +358,21 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("-c", "--config", help="YAML config file (default: the bundled demo config)")
     d.add_argument("--json", action="store_true", help="machine-readable output")
     d.set_defaults(func=cmd_doctor)
+
+    e = sub.add_parser("export", help="export the dataset as yolo, coco, voc, cvat or labelstudio (folder or .zip)")
+    e.add_argument("out", metavar="OUT", help="output folder, or a .zip file")
+    e.add_argument("--format", required=True, choices=["yolo", "coco", "voc", "cvat", "labelstudio"])
+    e.add_argument("--state", default="accepted,corrected,auto_accepted",
+                   help="comma list of review states to export (default: accepted,corrected,auto_accepted)")
+    e.add_argument("--dataset", metavar="DIR", help="dataset folder (default: dataset.path of -c, else ./dataset)")
+    e.add_argument("-c", "--config", help="take the dataset folder from this config file")
+    e.add_argument("--val", type=float, default=0.0, metavar="FRACTION",
+                   help="yolo: put this share of the frames (by record id) in val (default 0: val = train)")
+    e.add_argument("--image-prefix", metavar="URL",
+                   help="labelstudio: start of every image URL (default /data/local-files/?d=<OUT name>/)")
+    e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    e.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    e.set_defaults(func=cmd_export)
 
     c = sub.add_parser("check-config", help="validate a config file without starting anything")
     c.add_argument("file")

@@ -10,8 +10,10 @@ value are replaced from the environment, so secrets stay out of the file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +29,26 @@ PROVIDERS = ("tensorrt", "cuda", "cpu")
 DATASET_FORMATS = ("yolo", "coco")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _TOPIC_RE = re.compile(r"^[^#+\s]+$")
+
+
+#: values quoted in error messages: bounded, so a huge or alias-bombed YAML value cannot blow up a message
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
+_REPR.maxlevel = 2
+
+
+def _show(value: Any) -> str:
+    """``repr(value)``, shortened with ``...`` past ~80 characters."""
+    return _REPR.repr(value)
+
+
+_PLAIN_KEY = re.compile(r"^(?=.*[A-Za-z0-9])[A-Za-z0-9_.-]{1,64}$")
+
+
+def _key(key: Any) -> str:
+    """A mapping key as it appears in a field path: as written, or quoted when empty, odd or long."""
+    return key if isinstance(key, str) and _PLAIN_KEY.match(key) else _show(key)
 
 
 class ConfigError(ValueError):
@@ -137,6 +159,60 @@ class MqttConfig:
 
 
 @dataclass
+class BandConfig:
+    """A score band ``low <= score < high``: detections in it are uncertain (see edge/capture.py)."""
+
+    low: float = field(default=0.25, metadata={"min": 0.0, "max": 1.0})
+    high: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
+
+
+@dataclass
+class RateConfig:
+    """The most frames one source may add to the dataset per sliding minute/hour/day; 0 = no limit."""
+
+    per_minute: int = field(default=0, metadata={"min": 0})
+    per_hour: int = field(default=0, metadata={"min": 0})
+    per_day: int = field(default=0, metadata={"min": 0})
+
+
+@dataclass
+class CaptureConfig:
+    """Which frames of a source enter the dataset, and which of those need a person's review.
+
+    Filters (classes, min/max_detections) must pass; then any trigger (every_n, random,
+    near_threshold, new_tracks) selects the frame -- no trigger set selects every frame --
+    and the rate limits have the last word.  docs/review.md has the rules.
+    """
+
+    enabled: bool = True
+    every_n: int = field(default=0, metadata={"min": 0})  # every N-th filtered frame; 0 = off
+    random: float = field(default=0.0, metadata={"min": 0.0, "max": 100.0})  # percent of filtered frames
+    near_threshold: BandConfig | None = None  # a detection scored in the band selects the frame for review
+    new_tracks: bool = False  # a tracked object seen for the first time selects the frame
+    classes: list[str] = field(default_factory=list)  # only these classes count; empty = all
+    min_detections: int = field(default=0, metadata={"min": 0})
+    max_detections: int | None = field(default=None, metadata={"min": 0})
+    rate: RateConfig = field(default_factory=RateConfig)
+    review: str = field(default="uncertain", metadata=_choice("uncertain", "all", "none"))  # -> needs_review
+    seed: int | None = None  # the random trigger's seed (reproducible sampling); null = a fresh one
+
+
+def _live_capture_default() -> CaptureConfig:
+    """Cameras never stop: keep the frames worth a look, not 30 a second (docs/review.md, "Defaults")."""
+    return CaptureConfig(every_n=300, near_threshold=BandConfig(), new_tracks=True,
+                         rate=RateConfig(per_minute=12, per_hour=240, per_day=2000))
+
+
+@dataclass
+class CaptureSection:
+    """Capture policies: one for file/folder/video sources, one for live sources, overrides by source name."""
+
+    storage: CaptureConfig = field(default_factory=CaptureConfig)  # every frame, auto_accepted (edgelabel label)
+    live: CaptureConfig = field(default_factory=_live_capture_default)
+    sources: dict[str, CaptureConfig] = field(default_factory=dict)  # replaces storage/live for that source
+
+
+@dataclass
 class DatasetConfig:
     """The labeled dataset on disk (YOLO txt + COCO JSON)."""
 
@@ -147,6 +223,11 @@ class DatasetConfig:
     image_format: str = field(default="jpg", metadata=_choice("jpg", "png"))
     jpeg_quality: int = field(default=95, metadata={"min": 1, "max": 100})
     coco_interval: float = field(default=10.0, metadata={"min": 0.0})  # seconds between rewrites
+    capture: CaptureSection = field(default_factory=CaptureSection)
+    # quota, oldest first (rejected, then auto_accepted, then needs_review, then reviewed); 0 = no limit
+    max_bytes: int = field(default=0, metadata={"min": 0})
+    max_images: int = field(default=0, metadata={"min": 0})
+    min_free_bytes: int = field(default=1_000_000_000, metadata={"min": 0})  # free space kept on the disk
 
 
 @dataclass
@@ -251,7 +332,7 @@ def _convert(value: Any, tp: Any, path: str, meta: typing.Mapping[str, Any], pro
         if value is None:
             value = {}
         if not isinstance(value, dict):
-            problems.append(f"{path}: expected a mapping, got {value!r}")
+            problems.append(f"{path}: expected a mapping, got {_show(value)}")
             return tp()
         return _build(tp, value, path, problems)
     if origin is list:
@@ -259,7 +340,7 @@ def _convert(value: Any, tp: Any, path: str, meta: typing.Mapping[str, Any], pro
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
-            problems.append(f"{path}: expected a list, got {value!r}")
+            problems.append(f"{path}: expected a list, got {_show(value)}")
             return []
         return [_convert(v, item_tp, f"{path}[{i}]", meta, problems) for i, v in enumerate(value)]
     if origin is dict:
@@ -267,9 +348,9 @@ def _convert(value: Any, tp: Any, path: str, meta: typing.Mapping[str, Any], pro
         if value is None:
             return {}
         if not isinstance(value, dict):
-            problems.append(f"{path}: expected a mapping, got {value!r}")
+            problems.append(f"{path}: expected a mapping, got {_show(value)}")
             return {}
-        return {str(k): _convert(v, val_tp, f"{path}.{k}", meta, problems) for k, v in value.items()}
+        return {str(k): _convert(v, val_tp, f"{path}.{_key(k)}", meta, problems) for k, v in value.items()}
     # scalars
     if isinstance(value, str):
         value = expand_env(value, path, problems)
@@ -278,7 +359,7 @@ def _convert(value: Any, tp: Any, path: str, meta: typing.Mapping[str, Any], pro
         if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
             out = value.lower() in ("true", "yes", "on", "1")
         elif not isinstance(value, bool):
-            problems.append(f"{path}: expected true/false, got {value!r}")
+            problems.append(f"{path}: expected true/false, got {_show(value)}")
             return False
     elif tp in (int, float):
         try:
@@ -287,22 +368,25 @@ def _convert(value: Any, tp: Any, path: str, meta: typing.Mapping[str, Any], pro
             out = tp(value)
             if tp is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
-        except (TypeError, ValueError):
-            problems.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(.inf) from YAML
+            problems.append(f"{path}: expected {_type_name(tp)}, got {_show(value)}")
+            return tp()
+        if tp is float and not math.isfinite(out):  # .nan passes every min/max comparison, .inf never ends
+            problems.append(f"{path}: expected a finite number, got {_show(value)}")
             return tp()
         if "min" in meta and out < meta["min"]:
-            problems.append(f"{path}: {value!r} is below the minimum {meta['min']}")
+            problems.append(f"{path}: {_show(value)} is below the minimum {meta['min']}")
         if "max" in meta and out > meta["max"]:
-            problems.append(f"{path}: {value!r} is above the maximum {meta['max']}")
+            problems.append(f"{path}: {_show(value)} is above the maximum {meta['max']}")
     elif tp is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             out = str(value)
         elif not isinstance(value, str):
-            problems.append(f"{path}: expected a string, got {value!r}")
+            problems.append(f"{path}: expected a string, got {_show(value)}")
             return ""
     choices = meta.get("choices")
     if choices and out not in choices:
-        problems.append(f"{path}: {out!r} is not allowed (use {', '.join(choices)})")
+        problems.append(f"{path}: {_show(out)} is not allowed (use {', '.join(choices)})")
     return out
 
 
@@ -311,7 +395,7 @@ def _build(cls: type, data: dict[str, Any], path: str, problems: list[str]) -> A
     known = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
-        where = f"{path}.{key}" if path else str(key)
+        where = f"{path}.{_key(key)}" if path else _key(key)
         if key not in known:
             allowed = ", ".join(n for n in known if n != "name")
             problems.append(f"{where}: unknown field (allowed: {allowed})")
@@ -326,12 +410,12 @@ def _check(cfg: Config, problems: list[str]) -> None:
     from edge.sources import parse_uri  # late import: sources import config types
 
     if not _NAME_RE.match(cfg.device_id):
-        problems.append(f"device_id: {cfg.device_id!r} must be 1-64 characters of letters, digits, '_', '-', '.'")
+        problems.append(f"device_id: {_show(cfg.device_id)} must be 1-64 characters of letters, digits, '_', '-', '.'")
     if not cfg.model.path:
         problems.append("model.path: required (path to an ONNX detector)")
     for i, p in enumerate(cfg.model.providers):
         if p not in PROVIDERS:
-            problems.append(f"model.providers[{i}]: {p!r} is not allowed (use {', '.join(PROVIDERS)})")
+            problems.append(f"model.providers[{i}]: {_show(p)} is not allowed (use {', '.join(PROVIDERS)})")
     if not cfg.sources:
         problems.append("sources: at least one source is required, e.g. sources: {cam1: {uri: rtsp://...}}")
     for name, src in cfg.sources.items():
@@ -348,10 +432,29 @@ def _check(cfg: Config, problems: list[str]) -> None:
         if src.reconnect.max < src.reconnect.initial:
             problems.append(f"sources.{name}.reconnect.max: {src.reconnect.max} is below reconnect.initial {src.reconnect.initial}")
     if not _TOPIC_RE.match(cfg.mqtt.prefix):
-        problems.append(f"mqtt.prefix: {cfg.mqtt.prefix!r} must not be empty or contain '#', '+' or spaces")
+        problems.append(f"mqtt.prefix: {_show(cfg.mqtt.prefix)} must not be empty or contain '#', '+' or spaces")
+    mqtt = cfg.mqtt
+    if mqtt.enabled:  # the MQTT sink refuses these too, but only after the model is loaded and the ledger open
+        if mqtt.password and mqtt.password_file:
+            problems.append("mqtt.password_file: set either mqtt.password or mqtt.password_file, not both")
+        if mqtt.tls is not None and bool(mqtt.tls.cert) != bool(mqtt.tls.key):
+            problems.append("mqtt.tls: a client certificate needs both cert and key")
     for i, fmt in enumerate(cfg.dataset.formats):
         if fmt not in DATASET_FORMATS:
-            problems.append(f"dataset.formats[{i}]: {fmt!r} is not allowed (use {', '.join(DATASET_FORMATS)})")
+            problems.append(f"dataset.formats[{i}]: {_show(fmt)} is not allowed (use {', '.join(DATASET_FORMATS)})")
+    _check_capture(cfg.dataset.capture, problems)
+
+
+def _check_capture(section: CaptureSection, problems: list[str]) -> None:
+    """Capture rules that span fields: a band must be a real interval, min <= max detections."""
+    policies = {"dataset.capture.storage": section.storage, "dataset.capture.live": section.live}
+    policies.update({f"dataset.capture.sources.{name}": c for name, c in section.sources.items()})
+    for where, c in policies.items():
+        band = c.near_threshold
+        if band is not None and not band.low < band.high:
+            problems.append(f"{where}.near_threshold: low {band.low} must be below high {band.high}")
+        if c.max_detections is not None and c.max_detections < c.min_detections:
+            problems.append(f"{where}.max_detections: {c.max_detections} is below min_detections {c.min_detections}")
 
 
 def config_from_dict(data: Any, base_dir: str | Path = ".") -> Config:
@@ -384,8 +487,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
+        position = getattr(exc, "position", None)  # a ReaderError (control character) has no mark
+        where = (f" line {mark.line + 1}, column {mark.column + 1}" if mark
+                 else f" character {position + 1}" if isinstance(position, int) else "")
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line
         raise ConfigError([f"{p}:{where}: invalid YAML ({problem})"]) from None
     if data is None:
         return {}

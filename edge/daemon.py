@@ -110,7 +110,7 @@ def run_daemon(
         with _Extender(notifier):
             try:
                 pipeline.start()
-            except EngineError:
+            except (EngineError, ConfigError):
                 pipeline.shutdown()
                 raise
             _wait_sources_reported(pipeline, SOURCES_READY_TIMEOUT_S)

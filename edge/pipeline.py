@@ -173,14 +173,14 @@ class Pipeline:
             self.detector = load_model(cfg)
         self._model_info = model_info(self.detector)
         self._active = (self.detector, self._model_info)
+        if self.sinks is None:  # before the ledger: a sink's config error leaves no job state behind
+            self.sinks = build_sinks(cfg, self.detector)
+        self.sinks = self.sinks + self.extra_sinks
         ledger_path = state_dir / "ledger.sqlite"
         if self.fresh:
             for suffix in ("", "-wal", "-shm"):
                 Path(str(ledger_path) + suffix).unlink(missing_ok=True)
         self.ledger = Ledger(ledger_path)
-        if self.sinks is None:
-            self.sinks = build_sinks(cfg, self.detector)
-        self.sinks = self.sinks + self.extra_sinks
         for sink in self.sinks:
             sink.open()
 

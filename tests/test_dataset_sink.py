@@ -17,7 +17,7 @@ import pytest
 import yaml
 from pycocotools.coco import COCO
 
-from edge.config import DatasetConfig
+from edge.config import CaptureConfig, CaptureSection, DatasetConfig
 from edge.frame import Frame
 from edge.records import DetectionRecord, LabelRecord, ModelInfo, iso_utc, record_id
 from edge.sinks.dataset import DatasetSink
@@ -34,6 +34,8 @@ MODEL = ModelInfo(
     precision="int8",
     input_size=(640, 640),
 )
+#: these tests are about storage, not sampling: keep every camera frame too (the default samples cameras)
+EVERY_FRAME = CaptureSection(live=CaptureConfig())
 YOLO_LINE = re.compile(r"^\d+ [01]\.\d{6} [01]\.\d{6} [01]\.\d{6} [01]\.\d{6}$")
 
 
@@ -98,7 +100,7 @@ def read_yolo(path: Path) -> list[tuple[int, list[float]]]:
 
 def test_folder_and_camera_frames_make_a_consistent_dataset(tmp_path: Path, assets: Path) -> None:
     root = tmp_path / "ds"
-    sink = DatasetSink(DatasetConfig(path=str(root), image_format="png"), root, NAMES, "yolo11n_int8")
+    sink = DatasetSink(DatasetConfig(path=str(root), image_format="png", capture=EVERY_FRAME), root, NAMES, "yolo11n_int8")
     sink.open()
     bus_dets = [Detection(0, "person", 0.91, (50.0, 400.0, 250.0, 900.0)), Detection(5, "bus", 0.88, (10.0, 230.0, 800.0, 750.0))]
     bus = put(sink, folder_frame(assets / "images" / "bus.jpg", 0), bus_dets)
@@ -165,7 +167,7 @@ def test_folder_and_camera_frames_make_a_consistent_dataset(tmp_path: Path, asse
 
 def test_same_record_twice_leaves_one_image_and_one_annotation_set(tmp_path: Path) -> None:
     root = tmp_path / "ds"
-    cfg = DatasetConfig(path=str(root), image_format="jpg", jpeg_quality=90)
+    cfg = DatasetConfig(path=str(root), image_format="jpg", jpeg_quality=90, capture=EVERY_FRAME)
     frame = camera_frame(3, shape=(96, 128))
     dets = [Detection(0, "person", 0.8, (5.0, 6.0, 50.0, 90.0)), Detection(7, "truck", 0.4, (60.0, 10.0, 127.0, 80.0))]
     sink = DatasetSink(cfg, root, NAMES, "m")
@@ -207,7 +209,7 @@ def test_save_images_always_never_and_formats(tmp_path: Path, assets: Path) -> N
     assert not (always / "annotations.coco.json").exists()  # coco not asked for
 
     never = tmp_path / "never"
-    sink = DatasetSink(DatasetConfig(save_images="never", formats=["coco"]), never, NAMES, "m")
+    sink = DatasetSink(DatasetConfig(save_images="never", formats=["coco"], capture=EVERY_FRAME), never, NAMES, "m")
     sink.open()
     cam = put(sink, camera_frame(1), det[:0])
     ref = put(sink, folder_frame(bus_path, 0), det)
@@ -222,7 +224,7 @@ def test_save_images_always_never_and_formats(tmp_path: Path, assets: Path) -> N
 
 def test_coco_rewrites_are_rate_limited(tmp_path: Path) -> None:
     root = tmp_path / "ds"
-    sink = DatasetSink(DatasetConfig(coco_interval=3600), root, NAMES, "m")
+    sink = DatasetSink(DatasetConfig(coco_interval=3600, capture=EVERY_FRAME), root, NAMES, "m")
     sink.open()
     put(sink, camera_frame(0, (32, 32)), [])
     coco_path = root / "annotations.coco.json"
@@ -262,7 +264,7 @@ def fill(path: Path) -> None:
 def test_disk_full_and_read_only_are_reported_and_recovered(small_fs: Path, assets: Path, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="edge.sinks.dataset")
     root = small_fs / "ds"
-    sink = DatasetSink(DatasetConfig(image_format="png"), root, NAMES, "m")
+    sink = DatasetSink(DatasetConfig(image_format="png", capture=EVERY_FRAME, min_free_bytes=0), root, NAMES, "m")
     sink.open()
     det = [Detection(2, "car", 0.7, (1.0, 2.0, 30.0, 40.0))]
     ok_rec = put(sink, camera_frame(0, (48, 64)), det)  # the first write also writes the COCO file
@@ -298,7 +300,7 @@ def test_disk_full_and_read_only_are_reported_and_recovered(small_fs: Path, asse
 
     # a read-only disk at start-up (Linux refuses a read-only remount while files are open for writing)
     subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
-    ro = DatasetSink(DatasetConfig(image_format="png"), root, NAMES, "m")
+    ro = DatasetSink(DatasetConfig(image_format="png", capture=EVERY_FRAME, min_free_bytes=0), root, NAMES, "m")
     ro.open()  # must not raise
     put(ro, camera_frame(2, (48, 64)), det)
     st = ro.status()

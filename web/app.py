@@ -23,7 +23,7 @@ from flask import Flask, Response, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from edge.config import Config
-from web import api, auth, ops, pages
+from web import api, auth, ops, pages, review
 from web.auth import LoginThrottle, auth_method, csrf_token, is_authenticated, load_secrets, unauthorized, wants_json
 from web.context import PipelineLike, WebContext
 from web.logbuffer import RingLogHandler
@@ -114,6 +114,7 @@ def create_app(
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(ops.bp)
+    app.register_blueprint(review.bp)
 
     @app.before_request
     def _gate() -> Any:

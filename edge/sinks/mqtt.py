@@ -6,7 +6,9 @@ Topics (``prefix`` and the device id come from the config; docs/mqtt.md has ever
     <prefix>/<device>/<source>/status    retained: online | reconnecting | offline | finished | disabled
     <prefix>/<device>/<source>/labels    one LabelRecord JSON per processed frame      (outbox, mqtt.qos)
     <prefix>/<device>/events             track events new / update / end             (outbox, mqtt.qos)
+    <prefix>/<device>/review             review decisions from the web page           (outbox, mqtt.qos)
     <prefix>/<device>/stats              every mqtt.stats_interval seconds            (QoS 0, live only)
+    <prefix>/<device>/alarm              retained: active alarms (dataset capture stopped), on change
     <prefix>/<device>/<source>/snapshot  retained JPEG of the latest annotated frame  (QoS 0, optional)
 
 Why it is built this way:
@@ -127,6 +129,7 @@ class MqttSink(Sink):
         self.status_topic = f"{self.base_topic}/status"
         self.events_topic = f"{self.base_topic}/events"
         self.stats_topic = f"{self.base_topic}/stats"
+        self.alarm_topic = f"{self.base_topic}/alarm"
         self.client_id = cfg.client_id or f"edgelabel-{device_id}"
         self._v5 = cfg.protocol == "5"
         self._window = min(cfg.max_inflight, cfg.max_queued) if cfg.max_queued else cfg.max_inflight
@@ -166,6 +169,9 @@ class MqttSink(Sink):
         self._last_stats: tuple[float, Counter[str]] | None = None
         self._stats_seq = 0
         self._last_snapshot: dict[str, float] = {}
+        self._alarm_since: dict[str, str] | None = None  # active alarm id -> since (None: not evaluated yet)
+        self._alarm_payload: bytes | None = None  # the retained alarm state, published again on every reconnect
+        self._disk_skipped: int | None = None  # dataset frames the free-space guard refused, at the last stats
         self._last_write_sync = True
         self._started = time.monotonic()
 
@@ -323,9 +329,42 @@ class MqttSink(Sink):
             self._source_status[source] = status
         self._store([Message(source, f"{self.base_topic}/{source}/status", status.encode(), 1, True, None)], sync=True)
 
+    def publish_review(self, doc: dict[str, Any]) -> bool:
+        """Store a review decision for ``<prefix>/<device>/review`` (outbox, ``mqtt.qos``); False if not stored.
+
+        Called from the web page's threads once the decision is saved (the outbox is thread-safe).
+        It goes through the outbox like labels and events, so it survives outages and restarts; with
+        ``stop_capture`` and a full outbox it waits at most ACK_TIMEOUT, since a person is waiting.
+        """
+        full = {"schema_version": doc.get("schema_version", 1), "id": doc.get("id") or str(uuid.uuid4()),
+                "type": "review", "device_id": self.device_id,
+                **{k: v for k, v in doc.items() if k not in ("schema_version", "id", "type", "device_id")}}
+        try:
+            payload = json.dumps(full, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            log.error("MQTT: review %s cannot be serialised, not published: %s", full["id"], exc)
+            return False
+        if self._closed:
+            log.error("MQTT: review %s after close, not stored", full["id"])
+            return False
+        deadline = time.monotonic() + ACK_TIMEOUT
+        msg = Message(str(full.get("source") or ""), f"{self.base_topic}/review", payload, self.cfg.qos, False, full["id"])
+        try:
+            result = self._outbox.put([msg], sync=True, interrupted=lambda: self._closing or time.monotonic() > deadline)
+        except Exception as exc:  # disk full, closed: the decision itself is saved in the dataset
+            log.error("MQTT: cannot store review %s in the outbox %s: %s", full["id"], self._outbox.where, exc)
+            with self._lock:
+                self._store_failed += 1
+            return False
+        if result.refused:
+            return False
+        self._wake.set()
+        return True
+
     def stats(self, snapshot: dict[str, Any]) -> None:
         """Publish the daemon's numbers on ``<prefix>/<device>/stats`` (QoS 0; skipped while offline)."""
         doc = self.build_stats(snapshot)
+        self._update_alarm(snapshot)
         with self._lock:
             connected = self._connected
         if not connected:
@@ -487,7 +526,35 @@ class MqttSink(Sink):
                 "inflight": mine["inflight"],
                 "last_error": mine["last_error"],
             },
+            "dataset": _dataset_health(snapshot),
         }
+
+    def _update_alarm(self, snapshot: dict[str, Any]) -> None:
+        """Publish ``<prefix>/<device>/alarm`` (retained, QoS 1) whenever the set of active alarms changes.
+
+        Evaluated with every stats snapshot, so an alarm is raised or cleared within ``stats_interval``
+        seconds.  The first evaluation always publishes, which clears an alarm retained by a previous run.
+        """
+        now = iso_utc(time.time())
+        active = device_alarms(snapshot, skipped_before=self._disk_skipped)
+        self._disk_skipped = _disk_skipped(snapshot)
+        with self._lock:
+            before = self._alarm_since
+            if before is not None and set(before) == {a["id"] for a in active}:
+                return
+            since = {a["id"]: (before or {}).get(a["id"], now) for a in active}
+            self._alarm_since = since
+            alarms = [{**a, "since": since[a["id"]]} for a in active]
+            doc = {"schema_version": 1, "device_id": self.device_id, "at": now, "active": bool(alarms), "alarms": alarms}
+            payload = self._alarm_payload = json.dumps(doc, separators=(",", ":")).encode()
+            connected = self._connected
+        for a in alarms:
+            if before is None or a["id"] not in before:
+                log.error("MQTT: alarm %s raised on %s: %s", a["id"], self.alarm_topic, a["message"])
+        for gone in set(before or {}) - set(since):
+            log.warning("MQTT: alarm %s cleared", gone)
+        if connected:  # else the next (re)connect publishes it
+            self._publish(self.alarm_topic, payload, 1, retain=True)
 
     def _maybe_snapshot(self, record: LabelRecord, frame: Frame) -> None:
         """Publish the annotated frame, retained, at most every ``snapshot.interval`` seconds per source."""
@@ -792,6 +859,7 @@ class MqttSink(Sink):
             self._generation += 1
             since, self._outage_since, self._outage_kind = self._outage_since, None, None
             sources = dict(self._source_status)
+            alarm = self._alarm_payload
         waiting = self._outbox.depth
         if since is not None:
             log.warning("MQTT: connected to %s again after %.0f s; sending %d stored message(s)",
@@ -803,6 +871,8 @@ class MqttSink(Sink):
         self._publish(self.status_topic, b"online", 1, retain=True)
         for source, state in sources.items():
             self._publish(f"{self.base_topic}/{source}/status", state.encode(), 1, retain=True)
+        if alarm is not None:
+            self._publish(self.alarm_topic, alarm, 1, retain=True)
         self._wake.set()
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
@@ -839,3 +909,39 @@ class MqttSink(Sink):
         # runs under paho's message mutex: must not take self._lock (see module doc)
         self._acks.put((mid, bool(reason_code.is_failure), str(reason_code)))
         self._wake.set()
+
+
+def _dataset_health(snapshot: dict[str, Any]) -> dict[str, Any] | None:
+    """The dataset sink's health for the stats topic (None when the daemon keeps no dataset)."""
+    ds = (snapshot.get("sinks") or {}).get("dataset")
+    if not isinstance(ds, dict):
+        return None
+    return {"ok": ds.get("ok") is not False, "errors": int(ds.get("errors") or 0), "last_error": ds.get("last_error")}
+
+
+def _disk_skipped(snapshot: dict[str, Any]) -> int | None:
+    """Frames the dataset's free-space guard (``dataset.min_free_bytes``) refused so far, if it reports them."""
+    quota = ((snapshot.get("sinks") or {}).get("dataset") or {}).get("quota")
+    value = quota.get("skipped_disk") if isinstance(quota, dict) else None
+    return int(value) if isinstance(value, (int, float)) else None
+
+
+def device_alarms(snapshot: dict[str, Any], *, skipped_before: int | None = None) -> list[dict[str, Any]]:
+    """The alarms a ``Pipeline.status()`` snapshot shows.
+
+    ``dataset_write_failed``: dataset writes fail (disk full, read-only, I/O error);
+    ``dataset_disk_low``: the free-space guard refused frames since the previous snapshot
+    (``skipped_before`` is its count then), i.e. capture is stopped to keep ``min_free_bytes`` free.
+    """
+    alarms: list[dict[str, Any]] = []
+    ds = _dataset_health(snapshot)
+    if ds is not None and not ds["ok"]:
+        alarms.append({"id": "dataset_write_failed", "severity": "error", "component": "dataset",
+                       "message": f"dataset capture stopped: {ds['last_error'] or 'writes fail'}", "errors": ds["errors"]})
+    skipped = _disk_skipped(snapshot)
+    if skipped is not None and skipped_before is not None and skipped > skipped_before:
+        alarms.append({"id": "dataset_disk_low", "severity": "error", "component": "dataset",
+                       "message": f"dataset capture stopped: the disk is below dataset.min_free_bytes "
+                                  f"({skipped - skipped_before} frame(s) not stored since the last check)",
+                       "errors": skipped})
+    return alarms

@@ -45,6 +45,7 @@ class VideoSource(Source):
         self._index = 0  # across loops
         self._pos = 0  # within the current pass
         self._pass = 0
+        self._reported_corrupt = False  # the rejected-inputs report lists a corrupt file once, not once per loop
 
     def describe(self) -> str:
         return f"VideoSource({self.path}{', loop' if self.cfg.loop else ''})"
@@ -100,6 +101,10 @@ class VideoSource(Source):
             "%s: %s: read failed at frame %d of %d (corrupt or cut-off file); finishing this pass early",
             self.name, self.path, self._pos, self._frame_count,
         )
+        if not self._reported_corrupt:  # counted and listed in rejected.csv like an undecodable image
+            self._reported_corrupt = True
+            self.on_reject(self.path, f"corrupt or cut-off video: read failed at frame {self._pos} of "
+                                      f"{self._frame_count}; the rest of the pass was skipped")
         return False, None
 
     def read(self) -> Frame | None:

@@ -1,0 +1,168 @@
+"""Fault: the dataset's disk fills up while the daemon runs, then space returns.
+
+Injected for real: the dataset lives on a 6 MiB tmpfs the test mounts (skipped with the reason when
+mounting is not permitted); once a few frames are stored, a filler file takes every free byte
+(ENOSPC for the dataset's next image, label, index and COCO writes); a few seconds later the filler
+is deleted.  The daemon's own state (ledger, MQTT outbox) is on another disk.  The dataset's
+free-space guard (``dataset.min_free_bytes``) is set to 0 so that the disk really fills: this is
+the case of another program filling the disk, or of a guard set too low.
+
+Must happen: dataset capture stops with a status (``ok: false`` with the path and the OS error in
+the dataset status and in the ``dataset`` field of the stats message) and a retained alarm on
+``<prefix>/<device>/alarm``; labels keep flowing to MQTT (without ``frame_path`` while no pixels are
+stored); nothing already written changes or breaks (same bytes, valid COCO, index integrity); when
+space returns, capture resumes by itself and the alarm clears (a late subscriber sees it cleared).
+Measured: alarm latency, labels published while the disk was full, recovery latency.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pycocotools.coco import COCO
+
+from edge.config import DatasetConfig
+from edge.sinks.mqtt import device_alarms
+from tests.conftest import Broker
+from tests.test_faults_support import (
+    HAVE_MOSQUITTO,
+    PREFIX,
+    DaemonProc,
+    TimedCollector,
+    dataset_files,
+    measure,
+    sqlite_check,
+    wait_until,
+    write_config,
+)
+
+pytestmark = [pytest.mark.faults, pytest.mark.skipif(not HAVE_MOSQUITTO, reason="mosquitto binary not installed")]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill a disk for real (needs root/CAP_SYS_ADMIN): {res.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(path: Path) -> int:
+    """Write ``path`` until the file system is full; the bytes written."""
+    written = 0
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                written += f.write(b"\0" * 65536)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return written
+
+
+def alarms(col: TimedCollector) -> list[tuple[float, dict]]:
+    return [(t, json.loads(p)) for t, p in col.on(f"{PREFIX}/fault-dev/alarm")]
+
+
+def test_full_disk_stops_capture_with_an_alarm_labels_keep_flowing_capture_resumes(
+    small_disk: Path, tmp_path: Path, assets: Path, broker: Broker
+) -> None:
+    root = small_disk / "dataset"
+    dataset: dict[str, object] = {"enabled": True, "path": str(root), "coco_interval": 0.5, "jpeg_quality": 90}
+    if "min_free_bytes" in {f.name for f in dataclasses.fields(DatasetConfig)}:
+        dataset["min_free_bytes"] = 0  # let the disk really fill (the guard's own case is checked below)
+    cfg = write_config(tmp_path, broker.port, {"cars": {"uri": str(assets / "videos" / "cars.mp4"), "loop": True, "fps": 4}},
+                       dataset=dataset)
+    col = TimedCollector(broker.port)
+    daemon = DaemonProc(cfg)
+    filler = small_disk / "filler.bin"
+
+    def stored() -> int:
+        return len(list((root / "images").rglob("*.jpg"))) if (root / "images").is_dir() else 0
+
+    try:
+        assert wait_until(lambda: stored() >= 4 and alarms(col), 60), "no frames stored\n" + daemon.log()[-3000:]
+        assert alarms(col)[-1][1]["active"] is False  # the first stats tick states "no alarm", retained
+        time.sleep(0.6)  # let the COCO file catch up with the stored frames
+        before = {k: hashlib.sha256(v).hexdigest() for k, v in dataset_files(root).items()}
+        filled = fill(filler)
+        full_at = time.monotonic()
+        labels_at_full = len(col.labels("cars"))
+        assert wait_until(lambda: alarms(col)[-1][1]["active"], 15), "no alarm\n" + daemon.log()[-3000:]
+        alarm_at, alarm = alarms(col)[-1]
+        time.sleep(4.0)
+        assert daemon.alive()
+        labels_while_full = len(col.labels("cars")) - labels_at_full
+        coco_during = COCO(str(root / "annotations.coco.json"))  # the last good file, still whole
+        images_before_free = stored()
+        filler.unlink()
+        freed_at = time.monotonic()
+        assert wait_until(lambda: not alarms(col)[-1][1]["active"], 15), "the alarm does not clear\n" + daemon.log()[-3000:]
+        cleared_at = alarms(col)[-1][0]
+        assert wait_until(lambda: stored() >= images_before_free + 3, 15), "capture does not resume"
+        code = daemon.stop(30)
+    finally:
+        daemon.ensure_dead()
+        col.close()
+    assert code == 0, daemon.log()[-3000:]
+    log = daemon.log()
+    assert "Traceback" not in log
+    # the alarm said why, the stats said it too
+    assert alarm["alarms"][0]["id"] == "dataset_write_failed" and "No space left on device" in alarm["alarms"][0]["message"]
+    stats = [json.loads(p) for _, p in col.on(f"{PREFIX}/fault-dev/stats")]
+    assert any(s["dataset"] and s["dataset"]["ok"] is False and "No space left" in (s["dataset"]["last_error"] or "")
+               for s in stats)
+    assert stats[-1]["dataset"]["ok"] is True
+    # nothing written before the disk filled changed
+    after = {k: hashlib.sha256(v).hexdigest() for k, v in dataset_files(root).items()}
+    changed = [k for k, h in before.items() if after.get(k) != h]
+    assert not changed, f"{len(changed)} file(s) changed or vanished: {changed[:5]}"
+    # the dataset is whole and consistent
+    assert sqlite_check(root / "index.sqlite") == "ok"
+    coco = COCO(str(root / "annotations.coco.json"))
+    for img in coco.dataset["images"]:
+        assert (root / img["file_name"]).is_file() and (root / img["edgelabel_label_file"]).is_file()
+    assert not [p for p in root.rglob("*.tmp")], "partial files left behind"
+    # every label that names stored pixels names pixels that are there, with the right hash
+    recs = [r for _, r in col.labels("cars")]
+    named = [r for r in recs if r["frame_path"]]
+    for r in named:
+        assert hashlib.sha256((root / r["frame_path"]).read_bytes()).hexdigest() == r["frame_sha256"]
+    unstored = len(recs) - len(named)
+    late = TimedCollector(broker.port, f"{PREFIX}/fault-dev/alarm")  # retained: whoever looks later sees it cleared
+    assert wait_until(lambda: late.last("/alarm") is not None, 5)
+    assert json.loads(late.last("/alarm") or b"{}")["active"] is False
+    late.close()
+    measure("full_disk", tmpfs_mib=6, filler_mib=round(filled / 2**20, 2), alarm_after_s=round(alarm_at - full_at, 2),
+            labels_published_while_full=labels_while_full, labels_without_stored_pixels=unstored,
+            coco_images_during=len(coco_during.getImgIds()), files_before_unchanged=len(before),
+            alarm_cleared_after_s=round(cleared_at - freed_at, 2), images_at_end=stored(),
+            alarm_message=alarm["alarms"][0]["message"])
+    assert labels_while_full >= 8  # 4 fps for 4 s: labels never waited for the disk
+    assert unstored >= labels_while_full - 2
+
+
+def test_alarm_rules_from_a_status_snapshot() -> None:
+    """The alarm topic's rules, on the status shapes the dataset sink reports."""
+    healthy = {"sinks": {"dataset": {"ok": True, "errors": 0, "last_error": None}}}
+    failing = {"sinks": {"dataset": {"ok": False, "errors": 3, "last_error": "/d/x.jpg: No space left on device (ENOSPC)"}}}
+    assert device_alarms(healthy) == [] and device_alarms({"sinks": {}}) == [] and device_alarms({}) == []
+    (alarm,) = device_alarms(failing)
+    assert alarm["id"] == "dataset_write_failed" and "ENOSPC" in alarm["message"] and alarm["errors"] == 3
+    # the free-space guard (dataset.min_free_bytes) refusing frames is capture stopped too, while it lasts
+    guarded = {"sinks": {"dataset": {"ok": True, "errors": 0, "quota": {"skipped_disk": 7}}}}
+    (low,) = device_alarms(guarded, skipped_before=4)
+    assert low["id"] == "dataset_disk_low" and "3 frame(s)" in low["message"]
+    assert device_alarms(guarded, skipped_before=7) == [] and device_alarms(guarded) == []
