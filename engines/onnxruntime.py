@@ -107,7 +107,6 @@ class OnnxRuntimeEngine(Engine):
         device_id: int = 0,
         fp16: bool = True,
         cache_dir: str | None = None,
-        spin: bool = True,
     ) -> None:
         super().__init__(model_path)
         requested = list(providers) or ["cpu"]
@@ -121,9 +120,6 @@ class OnnxRuntimeEngine(Engine):
         options = ort.SessionOptions()
         if self.threads > 0:
             options.intra_op_num_threads = self.threads
-        if not spin:
-            # idle intra-op threads sleep instead of spinning, leaving the CPU to decode and publish
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=entries)
         except Exception as exc:  # ORT's exception types share no base
