@@ -432,12 +432,11 @@ class Pipeline:
                 log.exception("flushing sink %s failed", sink.name)
         self._finished.set()
 
-    def make_record(self, item: Inferred, track_ids: list[int | None] | None = None) -> LabelRecord:
-        """The label record for one inferred frame (with the tracker's ids when given)."""
+    def make_record(self, item: Inferred, rid: str, track_ids: list[int | None] | None = None) -> LabelRecord:
+        """The label record ``rid`` for one inferred frame (with the tracker's ids when given)."""
         frame = item.frame
         w, h = frame.width, frame.height
         ids = track_ids if track_ids is not None else [None] * len(item.detections)
-        rid = record_id(self.cfg.device_id, frame.source, frame.key)
         return LabelRecord(
             id=rid,
             device_id=self.cfg.device_id,
@@ -458,11 +457,11 @@ class Pipeline:
         frame = item.frame
         events: list[dict[str, Any]] = []
         track_ids = None
+        rid = record_id(self.cfg.device_id, frame.source, frame.key)
         tracker = self._tracker(frame.source)
         if tracker is not None:
-            rid = record_id(self.cfg.device_id, frame.source, frame.key)
             track_ids, events = tracker.update(item.detections, frame.captured_at, rid, frame.index)
-        record = self.make_record(item, track_ids)
+        record = self.make_record(item, rid, track_ids)
         for sink in sinks:
             try:
                 sink.prepare(record, frame)
