@@ -2,14 +2,19 @@
 
 Threads and queues::
 
-    SourceRunner (one per source) --FrameHub--> inference worker --queue--> sink worker
-                                                 preprocess, engine,          LabelRecord, dataset,
-                                                 decode boxes                 MQTT, ledger
+    SourceRunner (one per source) --FrameHub--> prepare --queue--> inference worker(s) --queue--> sink worker
+                                                letterbox,          engine, decode boxes           reorder, LabelRecord,
+                                                sequence number                                    dataset, MQTT, ledger
 
-Capture, inference and publishing overlap.  Live sources keep only their
-newest frame in the hub (and count what they drop); storage sources block, so
-they never drop.  The inference worker owns the engine (and, on a GPU, its
-CUDA context); the sink worker is the only thread that calls sinks.
+Capture, letterbox, inference and publishing overlap.  Live sources keep only
+their newest frame in the hub (and count what they drop); storage sources
+block, so they never drop.  On the CPU, ONNX Runtime runs fastest for small
+detectors as one single-threaded session called by one worker per core (two
+1-thread calls beat one 2-thread call, which spends its time spinning and
+synchronising); the workers finish out of order, so the sink worker puts the
+results back in prepare order before tracking and publishing.  An engine
+that must stay on one thread (native TensorRT: one CUDA context and stream)
+gets one worker.  The sink worker is the only thread that calls sinks.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge.config import Config, SourceConfig
+from edge.config import Config, ModelConfig, SourceConfig
 from edge.frame import Frame
 from edge.ledger import Ledger
 from edge.progress import Progress
@@ -40,6 +45,13 @@ from engines.detector import Detector, load_detector
 log = logging.getLogger("edgelabel.pipeline")
 
 _STOP = object()
+
+
+@dataclass
+class _Failed:
+    """A sequence number whose frame failed in the engine: the reorder buffer must not wait for it."""
+
+    seq: int
 
 
 @dataclass
@@ -72,9 +84,23 @@ class Totals:
     inference_ms_sum: float = 0.0
 
 
+def cpu_plan(m: ModelConfig, cores: int | None = None) -> tuple[int, int]:
+    """(intra-op threads, inference workers) for ONNX Runtime on the CPU.
+
+    Explicit settings win.  Otherwise one single-threaded session is called by
+    one worker per core (at most 4): on small detectors this measured about
+    twice the throughput of one 2-thread call on 2 cores (bench/run.py).
+    """
+    cores = max(1, cores if cores is not None else (os.cpu_count() or 1))
+    workers = m.workers or min(cores, 4)
+    threads = m.threads or (1 if workers > 1 else 0)
+    return threads, workers
+
+
 def load_model(cfg: Config) -> Detector:
     """Load the configured detector (EngineError with one clear line when it cannot be used)."""
     m = cfg.model
+    threads, _ = cpu_plan(m)
     return load_detector(
         cfg.resolve(m.path),
         engine=m.engine,
@@ -83,9 +109,19 @@ def load_model(cfg: Config) -> Detector:
         conf=m.conf,
         iou=m.iou,
         providers=m.providers,
-        threads=m.threads,
-        cache_dir=str(cfg.state_path("engines")),  # TensorRT EP engine cache: no rebuild on every start
+        threads=threads,
+        cache_dir=str(cfg.state_path("engines")),  # TensorRT engine caches: no rebuild on every start
     )
+
+
+def worker_count(cfg: Config, detector: Detector) -> int:
+    """How many inference workers call ``detector`` at once (1 unless the engine allows more)."""
+    limit = max(1, int(getattr(detector.engine, "max_concurrency", 1)))
+    if limit == 1:
+        return 1
+    on_cpu = detector.engine.info().provider == "CPUExecutionProvider"
+    wanted = cpu_plan(cfg.model)[1] if on_cpu else max(1, cfg.model.workers)
+    return min(wanted, limit)
 
 
 def model_info(detector: Detector) -> ModelInfo:
@@ -144,6 +180,7 @@ class Pipeline:
         self._finished = threading.Event()
         self._prepared: queue.Queue[Any] = queue.Queue(maxsize=2)  # letterboxed tensors waiting for the engine
         self._records: queue.Queue[Any] = queue.Queue(maxsize=16)
+        self._workers = 1  # inference workers, set at start
         self._hub = FrameHub()
         self._runners: dict[str, SourceRunner] = {}
         self._threads: list[threading.Thread] = []
@@ -209,9 +246,14 @@ class Pipeline:
         if finite_total is not None and self.show_progress:
             self._progress = Progress(finite_total, label="labeling")
 
+        self._workers = worker_count(cfg, self.detector)
+        if self._workers > 1:
+            log.info("%d inference workers share the engine", self._workers)
+        self._prepared = queue.Queue(maxsize=self._workers + 1)
         self._threads = [
             threading.Thread(target=self._prepare_loop, name="prepare", daemon=True),
-            threading.Thread(target=self._inference_loop, name="inference", daemon=True),
+            *(threading.Thread(target=self._inference_loop, args=(i,), name=f"inference-{i}", daemon=True)
+              for i in range(self._workers)),
             threading.Thread(target=self._sink_loop, name="sinks", daemon=True),
         ]
         for t in self._threads:
@@ -316,7 +358,12 @@ class Pipeline:
                 continue
 
     def _prepare_loop(self) -> None:
-        """Take frames from the hub and letterbox them, overlapping with the engine's run."""
+        """Take frames from the hub and letterbox them, overlapping with the engine's run.
+
+        Each prepared frame gets the next sequence number; the sink worker
+        delivers in that order whatever order the inference workers finish in.
+        """
+        seq = 0
         try:
             while True:
                 self.heartbeats["prepare"] = time.monotonic()
@@ -336,22 +383,25 @@ class Pipeline:
                     self._last_error = f"{frame.source} frame {frame.index}: {exc}"
                     log.exception("preprocessing failed on %s frame %d", frame.source, frame.index)
                     continue
-                self._put(self._prepared, (frame, active, tensor, info, pre_ms), "prepare")
+                self._put(self._prepared, (seq, frame, active, tensor, info, pre_ms), "prepare")
+                seq += 1
         finally:
             self._put(self._prepared, _STOP, "prepare")
 
-    def _inference_loop(self) -> None:
-        """Run the engine and the decoder on prepared frames, in order."""
+    def _inference_loop(self, worker: int = 0) -> None:
+        """Run the engine and the decoder on prepared frames; results carry their sequence number."""
+        beat = f"inference-{worker}"
         try:
             while True:
-                self.heartbeats["inference"] = time.monotonic()
+                self.heartbeats[beat] = time.monotonic()
                 try:
                     item = self._prepared.get(timeout=0.5)
                 except queue.Empty:
                     continue
                 if item is _STOP:
+                    self._put(self._prepared, _STOP, beat)  # for the next worker
                     break
-                frame, (det, info_record), tensor, info, pre_ms = item
+                seq, frame, (det, info_record), tensor, info, pre_ms = item
                 try:
                     t1 = time.perf_counter()
                     outputs = det.infer(tensor)
@@ -361,12 +411,13 @@ class Pipeline:
                 except Exception as exc:  # one bad frame must not stop the daemon
                     self._last_error = f"{frame.source} frame {frame.index}: {exc}"
                     log.exception("inference failed on %s frame %d", frame.source, frame.index)
+                    self._put(self._records, _Failed(seq), beat)
                     continue
                 self._put(self._records,
-                          Inferred(frame, detections, pre_ms, (t2 - t1) * 1e3, (t3 - t2) * 1e3, info_record),
-                          "inference")
+                          (seq, Inferred(frame, detections, pre_ms, (t2 - t1) * 1e3, (t3 - t2) * 1e3, info_record)),
+                          beat)
         finally:
-            self._put(self._records, _STOP, "inference")
+            self._put(self._records, _STOP, beat)
 
     def _tracker(self, source: str) -> Any:
         """The source's tracker, created on first use (None when tracking is off)."""
@@ -400,6 +451,9 @@ class Pipeline:
         sinks = self.sinks or []
         interval = self.cfg.mqtt.stats_interval
         next_stats = time.monotonic() + interval
+        pending: dict[int, Inferred | None] = {}  # results that overtook an earlier frame
+        next_seq = 0
+        stops = 0
         while True:
             now = time.monotonic()
             self.heartbeats["sinks"] = now
@@ -411,7 +465,21 @@ class Pipeline:
             except queue.Empty:
                 continue
             if item is _STOP:
+                stops += 1
+                if stops < self._workers:
+                    continue
                 break
+            if isinstance(item, _Failed):
+                pending[item.seq] = None
+            elif isinstance(item, tuple):
+                pending[item[0]] = item[1]
+            if isinstance(item, (_Failed, tuple)):
+                while next_seq in pending:
+                    ready = pending.pop(next_seq)
+                    next_seq += 1
+                    if ready is not None:
+                        self._deliver(ready, sinks)
+                continue
             if isinstance(item, _StatusEvent):
                 for sink in sinks:
                     try:
@@ -421,7 +489,10 @@ class Pipeline:
                 if item.status in ("finished", "offline", "reconnecting") and item.source in self._trackers:
                     self._emit_events(self._trackers[item.source].finish(time.time()), sinks)
                 continue
-            self._deliver(item, sinks)
+        for seq in sorted(pending):  # not reached normally: every sequence number arrives before the stops
+            ready = pending.pop(seq)
+            if ready is not None:
+                self._deliver(ready, sinks)
         for tracker in self._trackers.values():
             self._emit_events(tracker.finish(time.time()), sinks)
         self._emit_stats(sinks)
@@ -510,7 +581,8 @@ class Pipeline:
         so this is false only when one is stuck, e.g. an engine call that never returns.
         """
         now = time.monotonic()
-        stale = [k for k in ("prepare", "inference", "sinks")
+        workers = [f"inference-{i}" for i in range(self._workers)]
+        stale = [k for k in ("prepare", *workers, "sinks")
                  if self.heartbeats.get(k) is None or now - self.heartbeats[k] > max_age]
         if stale == ["sinks"] and any(s.waiting() for s in self.sinks or []):
             return True  # a sink waits on purpose (stop_capture with a full outbox), nothing is stuck
@@ -605,7 +677,9 @@ class Pipeline:
             "uptime_s": round(time.time() - self.started_at, 1),
             "running": not self._finished.is_set(),
             "model": None if self._model_info is None else {
-                **self._model_info.__dict__, "input_size": list(self._model_info.input_size)},
+                **self._model_info.__dict__, "input_size": list(self._model_info.input_size),
+                "engine_reason": getattr(self._active[0], "engine_reason", None),
+                "inference_workers": self._workers},
             "frames": t.frames,
             "detections": t.detections,
             "rejected": t.rejected,

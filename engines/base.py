@@ -58,12 +58,14 @@ class EngineInfo:
 class Engine(abc.ABC):
     """A loaded model that maps input arrays to output arrays.
 
-    Implementations must be usable from a single worker thread; callers do not
-    share one engine between threads.
+    :meth:`infer` may be called from at most ``max_concurrency`` threads at
+    once; the default, 1, suits back ends bound to one context and stream.
     """
 
     #: the ``type`` key that selects this back end in the config
     type_name: str = ""
+    #: how many threads may be inside :meth:`infer` at the same time
+    max_concurrency: int = 1
 
     def __init__(self, model_path: str | Path) -> None:
         self.model_path = Path(model_path)
@@ -112,6 +114,7 @@ class Engine(abc.ABC):
 # type key -> "module:Class"; modules are imported only when selected
 ENGINE_TYPES: dict[str, str] = {
     "onnxruntime": "engines.onnxruntime:OnnxRuntimeEngine",
+    "tensorrt": "engines.tensorrt:TensorRTEngine",
 }
 
 

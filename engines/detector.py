@@ -10,6 +10,7 @@ question on a slow device.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from engines.models.base import Decoder, LetterboxInfo
 from engines.models.detect import DECODERS, UnsupportedModelError, detect_family, input_size
 from engines.models.names import resolve_names
 from engines.models.preprocess import letterbox
+from engines.select import choose_engine, is_serialized_engine
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,9 @@ class Detector:
         iou: float = 0.45,
     ) -> None:
         self.engine = engine
+        #: which back end runs the model and why (set by :func:`load_detector`)
+        self.engine_reason = f"engine {engine.type_name or engine.info().backend} given directly"
+        self._infer_lock = threading.Lock() if int(getattr(engine, "max_concurrency", 1)) <= 1 else None
         self.conf = float(conf)
         self.iou = float(iou)
         path = engine.model_path
@@ -123,8 +128,11 @@ class Detector:
         return letterbox(image_bgr, self.input_size, self.decoder.preprocess, dtype=self.input_dtype)
 
     def infer(self, tensor: np.ndarray) -> list[np.ndarray]:
-        """Run the engine (one thread at a time per engine)."""
-        return self.engine.infer(tensor)
+        """Run the engine; serialised here when the engine allows one caller at a time."""
+        if self._infer_lock is None:
+            return self.engine.infer(tensor)
+        with self._infer_lock:
+            return self.engine.infer(tensor)
 
     def decode(self, outputs: list[np.ndarray], info: LetterboxInfo) -> list[Detection]:
         """Raw outputs -> detections in frame pixels, with this detector's thresholds."""
@@ -159,6 +167,7 @@ class Detector:
             "provider": info.provider,
             "precision": info.precision,
             "input_size": [self.input_size[0], self.input_size[1]],
+            "engine_reason": self.engine_reason,
         }
 
     def close(self) -> None:
@@ -166,32 +175,69 @@ class Detector:
         self.engine.close()
 
 
+#: options each back end takes (``cache_dir`` and ``device_id`` are shared)
+ORT_OPTIONS = frozenset({"providers", "threads", "device_id", "fp16", "cache_dir"})
+TRT_OPTIONS = frozenset({"precision", "workspace_mb", "cache_dir", "device_id", "calib_images", "calib_cache",
+                         "input_size"})
+
+
+def _make_engine(backend: str, model_path: str | Path, options: dict[str, Any]) -> Engine:
+    allowed = ORT_OPTIONS if backend == "onnxruntime" else TRT_OPTIONS
+    try:
+        return create_engine(backend, model_path, **{k: v for k, v in options.items() if k in allowed})
+    except EngineError:
+        raise
+    except TypeError as exc:
+        raise EngineError(f"{model_path}: bad options for engine {backend!r}: {exc}") from None
+
+
 def load_detector(
     model_path: str | Path,
-    engine: str = "onnxruntime",
+    engine: str = "auto",
     family: str = "auto",
     labels: str | Path | None = None,
     conf: float = 0.25,
     iou: float = 0.45,
     **engine_options: Any,
 ) -> Detector:
-    """Create the engine and the detector; every failure is one line naming the file.
+    """Choose and create the engine, then the detector; every failure is one line naming the file.
+
+    ``engine`` is ``auto``, ``tensorrt`` or ``onnxruntime`` (see
+    :mod:`engines.select`).  When native TensorRT cannot build or load an ONNX
+    model, ONNX Runtime takes over with a warning: an appliance that labels on
+    a slower path beats one that is down.  The choice and its reason end up in
+    :attr:`Detector.engine_reason`.
 
     Errors are :class:`EngineError` (file missing, not a model, back end
     failure) or its subclass :class:`UnsupportedModelError` (loads, but is not
     a detector layout we decode).
     """
+    unknown = set(engine_options) - ORT_OPTIONS - TRT_OPTIONS
+    if unknown:
+        raise EngineError(f"{model_path}: unknown engine option(s) {', '.join(sorted(unknown))}")
     try:
-        backend = create_engine(engine, model_path, **engine_options)
-    except EngineError:
+        choice = choose_engine(engine, model_path)
+    except ValueError as exc:
+        raise EngineError(str(exc)) from None
+    reason = choice.reason
+    try:
+        backend = _make_engine(choice.engine, model_path, engine_options)
+    except UnsupportedModelError:
         raise
-    except TypeError as exc:
-        raise EngineError(f"{model_path}: bad options for engine {engine!r}: {exc}") from None
+    except EngineError as exc:
+        if choice.engine != "tensorrt" or is_serialized_engine(model_path) or not Path(model_path).is_file():
+            raise
+        log.warning("%s; falling back to ONNX Runtime", exc)
+        reason = f"{reason}, but TensorRT failed ({exc}); fell back to ONNX Runtime"
+        backend = _make_engine("onnxruntime", model_path, engine_options)
+    log.info("%s: engine %s (%s)", Path(model_path).name, backend.type_name, reason)
     try:
-        return Detector(backend, family=family, labels_file=labels, conf=conf, iou=iou)
+        detector = Detector(backend, family=family, labels_file=labels, conf=conf, iou=iou)
     except EngineError:
         backend.close()
         raise
     except Exception as exc:
         backend.close()
         raise EngineError(f"{model_path}: cannot set up the detector: {exc}") from exc
+    detector.engine_reason = reason
+    return detector

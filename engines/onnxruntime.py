@@ -98,6 +98,9 @@ class OnnxRuntimeEngine(Engine):
     """One ONNX model in one ``onnxruntime.InferenceSession``."""
 
     type_name = "onnxruntime"
+    #: ``InferenceSession.run`` is thread-safe; concurrent calls each run on their caller's thread
+    #: (plus the intra-op pool), which is how one session serves several CPU workers
+    max_concurrency = 16
 
     def __init__(
         self,

@@ -24,7 +24,8 @@ def _problems(data) -> list[str]:
 
 def test_minimal_config_defaults():
     cfg = config_from_dict(_base())
-    assert cfg.model.engine == "onnxruntime"
+    assert cfg.model.engine == "auto"
+    assert (cfg.model.threads, cfg.model.workers, cfg.model.precision) == (0, 0, "fp16")
     assert cfg.mqtt.qos == 1 and cfg.mqtt.prefix == "edgelabel"
     assert cfg.sources["cam1"].name == "cam1"
     assert cfg.dataset.formats == ["yolo", "coco"]
@@ -41,7 +42,7 @@ def test_unsupported_scheme_names_field_value_and_choices():
         ({"mqtt": {"qos": 3}}, "mqtt.qos: 3 is above the maximum 2"),
         ({"mqtt": {"port": "abc"}}, "mqtt.port: expected an integer, got 'abc'"),
         ({"model": {"path": "m.onnx", "family": "yolo99"}},
-         "model.family: 'yolo99' is not allowed (use auto, yolov8, yolov5, yolox, end2end)"),
+         "model.family: 'yolo99' is not allowed (use auto, yolov8, yolov5, yolox, end2end, efficientnms)"),
         ({"model": {"path": "m.onnx", "conf": 1.5}}, "model.conf: 1.5 is above the maximum 1.0"),
         ({"model": {"path": "m.onnx", "providers": ["tensorrt", "rocm"]}},
          "model.providers[1]: 'rocm' is not allowed (use tensorrt, cuda, cpu)"),

@@ -53,6 +53,7 @@
       return;
     }
     EL.setF(card, "engine", engine.engine || "–");
+    EL.setF(card, "engine_reason", engine.engine_reason || "–");
     EL.setF(card, "provider", engine.provider || "–");
     EL.setF(card, "precision", engine.precision || "–");
     EL.setF(card, "model", `${engine.name}${engine.family ? ` (${engine.family})` : ""}`);
