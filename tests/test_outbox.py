@@ -51,14 +51,16 @@ def test_rows_come_back_in_write_order_per_source_and_window_by_seq(tmp_path: Pa
 
 def test_unsynced_puts_are_batched_and_invisible_until_committed(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.sqlite", commit_interval=60.0, batch_size=50)
+    assert box.put([msg("cam1", -1)], sync=False).committed  # the first after a quiet spell: no waiting
     for i in range(49):
-        assert box.put([msg("cam1", i)], sync=False).stored == 1
-    assert box.depth == 49 and box.fetch(0, 100) == []  # committed before published: nothing visible yet
+        res = box.put([msg("cam1", i)], sync=False)
+        assert res.stored == 1 and not res.committed
+    assert box.depth == 50 and len(box.fetch(0, 100)) == 1  # committed before published: the batch is invisible
     assert box.stats()["uncommitted"] == 49
-    box.put([msg("cam1", 49)], sync=False)  # the 50th fills the batch: one transaction for all
-    assert len(box.fetch(0, 100)) == 50 and box.stats()["uncommitted"] == 0
+    assert box.put([msg("cam1", 49)], sync=False).committed  # the 50th fills the batch: one transaction for all
+    assert len(box.fetch(0, 100)) == 51 and box.stats()["uncommitted"] == 0
     box.put([msg("cam1", 50)], sync=False)
-    assert box.commit() == 1 and len(box.fetch(0, 100)) == 51
+    assert box.commit() == 1 and len(box.fetch(0, 100)) == 52
     # a sync put commits what was batched before it too, in order
     box.put([msg("cam1", 51)], sync=False)
     box.put([msg("cam2", 0)], sync=True)
@@ -67,9 +69,12 @@ def test_unsynced_puts_are_batched_and_invisible_until_committed(tmp_path: Path)
 
     timed = Outbox(None, commit_interval=0.05)
     timed.put([msg("cam1", 0)], sync=False)
+    timed.put([msg("cam1", 1)], sync=False)
     assert timed.commit_due() == 0  # not old enough yet
     time.sleep(0.06)
-    assert timed.commit_due() == 1 and len(timed.fetch()) == 1
+    assert timed.commit_due() == 1 and len(timed.fetch()) == 2
+    time.sleep(0.06)  # a quiet spell: the next put commits at once (a camera's pace pays no batching delay)
+    assert timed.put([msg("cam1", 2)], sync=False).committed and len(timed.fetch()) == 3
     timed.close()
 
 

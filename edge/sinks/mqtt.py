@@ -618,7 +618,7 @@ class MqttSink(Sink):
             self._in_put = False
         if result.refused:
             raise SinkRefused(f"{result.refused} message(s) refused: the outbox is full and the daemon is stopping")
-        if sync and not self._inflight:
+        if result.committed and not self._inflight:
             # committed now: publish at once; with messages in flight the next acknowledgement wakes the
             # publisher anyway, and it then sends what has gathered in one go (a batch is sent by its tick)
             self._wake.set()

@@ -22,7 +22,10 @@ Design decisions:
   ledger marks a storage frame done right after the sinks took it, so those
   rows must be on disk first), ``sync=False`` adds the rows to a batch that is
   committed when it holds ``batch_size`` rows or is ``commit_interval``
-  seconds old (:meth:`commit_due`, called by the publisher's loop).
+  seconds old (:meth:`commit_due`, called by the publisher's loop).  A put
+  that arrives ``commit_interval`` or more after the previous commit commits
+  at once: batching only pays under a burst, and at a camera's pace waiting
+  for the batch would add up to ``commit_interval`` to every label's latency.
   Acknowledged rows are deleted in one transaction per :meth:`ack` call.
 * **Bounded.**  ``max_messages`` caps the rows (a put that would exceed it
   commits at once, evicting or waiting as the policy says) and ``max_age``
@@ -105,6 +108,7 @@ class PutResult:
 
     stored: int
     refused: int
+    committed: bool = False  # the rows are committed (visible to the publisher) on return
 
 
 class Outbox:
@@ -135,6 +139,7 @@ class Outbox:
         self._cond = threading.Condition(threading.Lock())
         self._buffer: list[tuple[str, str, bytes, int, int, str | None, float]] = []
         self._buffer_since = 0.0  # monotonic time the oldest buffered row arrived
+        self._last_commit = float("-inf")  # monotonic time of the last commit
         self._closed = False
         self._waiting = 0  # writers blocked by stop_capture
         # drop accounting (cumulative for this process) and rate-limited logging
@@ -220,13 +225,16 @@ class Outbox:
                 self.refused += len(rows)
                 self._note_drop_locked("refused", len(rows))
                 return PutResult(0, len(rows))
+            mono = time.monotonic()
             if not self._buffer:
-                self._buffer_since = time.monotonic()
+                self._buffer_since = mono
             self._buffer.extend(rows)
             full = self._count + len(self._buffer) > self.max_messages  # drop_oldest evicts at the commit
-            if sync or full or len(self._buffer) >= self.batch_size or self._batch_due_locked():
+            quiet = mono - self._last_commit >= self.commit_interval
+            committed = sync or full or quiet or len(self._buffer) >= self.batch_size or self._batch_due_locked()
+            if committed:
                 self._commit_locked()
-        return PutResult(len(rows), 0)
+        return PutResult(len(rows), 0, committed)
 
     def _wait_for_room_locked(self, n: int, interrupted: Callable[[], bool] | None, poll: float) -> bool:
         """stop_capture: wait until ``n`` more rows fit (or the outbox is empty); False if interrupted."""
@@ -273,6 +281,7 @@ class Outbox:
         if not self._buffer or self._closed:
             return 0
         rows, self._buffer = self._buffer, []
+        self._last_commit = time.monotonic()
         overflow = self._count + len(rows) - self.max_messages
         evict_db = evict_buf = 0
         if overflow > 0 and self.policy == "drop_oldest":
