@@ -26,6 +26,7 @@ install_requires = [
     "tqdm>=4.60",
     "waitress>=2.1",
     "prometheus-client>=0.17",
+    "pycocotools>=2.0.7",  # COCO mAP for `edgelabel eval` and the INT8 accuracy gate
 ]
 if ort_package and ort_package != "none":
     install_requires.append(f"{ort_package}>=1.16")
@@ -48,7 +49,7 @@ setup(
     install_requires=install_requires,
     extras_require={
         "gpu": ["pycuda>=2022.1"],
-        "test": ["pytest>=7", "jsonschema>=4", "pycocotools>=2.0.7", "ruff>=0.5", "onnx>=1.14", "playwright>=1.40", "cryptography>=41",
+        "test": ["pytest>=7", "jsonschema>=4", "ruff>=0.5", "onnx>=1.14", "playwright>=1.40", "cryptography>=41",
                  "hypothesis>=6.100", "schemathesis>=4.0,<5",
                  "datumaro>=1.13,<2"],
     },

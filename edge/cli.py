@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlparse
 
 import edge.sources.imageio  # noqa: F401  (sets OpenCV's image size limit before cv2 is loaded)
 from edge import __version__
-from edge.config import Config, ConfigError, config_from_dict, read_config_file
+from edge.config import FAMILIES, Config, ConfigError, config_from_dict, read_config_file
 from edge.logsetup import setup_logging
 
 log = logging.getLogger("edgelabel")
@@ -320,6 +320,93 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _config_or_exit(path: str | None) -> Config | None:
+    """The config file's settings (None without -c); raises SystemExit(2) listing its problems."""
+    if not path:
+        return None
+    try:
+        return config_from_dict(read_config_file(path), base_dir=Path(path).resolve().parent)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"edgelabel: {path}: {line}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """COCO mAP of a model on a YOLO-format labeled folder (the same scoring as the INT8 gate)."""
+    from edge.evaluate import DatasetError, NoGroundTruthError, evaluate, format_result, load_yolo_dataset
+    from engines.base import EngineError
+    from engines.detector import load_detector
+
+    setup_logging(args.log_level or "warning")
+    try:
+        dataset = load_yolo_dataset(args.data, split=args.split)
+        detector = load_detector(args.model, engine=args.engine, family=args.family, conf=args.conf, iou=args.iou,
+                                 labels=args.labels)
+    except (DatasetError, EngineError, OSError) as exc:
+        print(f"edgelabel: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        result = evaluate(detector, dataset, progress=True)
+    except NoGroundTruthError as exc:
+        print(f"edgelabel: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        detector.close()
+    print(f"{Path(args.model).name} on {args.data} ({detector.engine.type_name}, conf {args.conf}, iou {args.iou})")
+    print(format_result(result))
+    return EXIT_OK
+
+
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    """Build (or find in the cache) the TensorRT engine the daemon will use, ahead of time."""
+    from edge.loader import calibration_folder, calibration_split
+    from engines.base import EngineError
+    from engines.select import cuda_gpu_count, tensorrt_importable
+
+    setup_logging(args.log_level or "info")
+    cfg = _config_or_exit(args.config)
+    if not tensorrt_importable():
+        print("edgelabel: TensorRT's Python bindings are not installed (JetPack: sudo apt install python3-libnvinfer; "
+              "desktop: pip install tensorrt); the daemon runs ONNX Runtime instead", file=sys.stderr)
+        return EXIT_FAILED
+    if cuda_gpu_count() == 0:
+        print("edgelabel: no CUDA GPU answers (driver not loaded, or not an NVIDIA machine); "
+              "engines are built on the device that runs them", file=sys.stderr)
+        return EXIT_FAILED
+    from engines.tensorrt import TensorRTEngine
+
+    cache = Path(args.cache_dir) if args.cache_dir else (cfg.state_path("engines") if cfg else None)
+    calib = None
+    if args.precision == "int8":
+        folder = Path(args.calib) if args.calib else calibration_folder(cfg) if cfg is not None else None
+        limit = cfg.model.calibration_images if cfg is not None else 500
+        calib = calibration_split(folder, limit)[0] if folder is not None else []
+        if not calib:
+            print(f"edgelabel: --precision int8 needs calibration images: {folder or 'give --calib DIR'} "
+                  "has none (a folder of site images)", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        engine = TensorRTEngine(args.model, precision=args.precision, workspace_mb=args.workspace_mb,
+                                cache_dir=cache, calib_images=calib, input_size=args.input_size,
+                                family=args.family)
+    except EngineError as exc:
+        print(f"edgelabel: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        info = engine.info()
+        how = "found in the cache" if engine.cache_hit else f"built in {engine.build_seconds:.1f} s"
+        print(f"engine: {engine.engine_file} ({how})")
+        print(f"runs on: {info.provider}, precision {info.precision}")
+        for spec in engine.inputs:
+            print(f"input  {spec.name}: {list(spec.shape)} {spec.dtype}")
+        for spec in engine.outputs:
+            print(f"output {spec.name}: {list(spec.shape)} {spec.dtype}")
+    finally:
+        engine.close()
+    return EXIT_OK
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgelabel", description="Edge auto-labeling: detectors on cameras and files, "
                                 "labels over MQTT and on disk.")
@@ -331,7 +418,7 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--source", action="append", metavar="URI",
                    help="replace the config's sources (repeatable): a path, file://, v4l2://, rtsp://, csi://, gst://")
     r.add_argument("--model", metavar="PATH", help="ONNX detector (replaces model.path)")
-    r.add_argument("--family", choices=["auto", "yolov8", "yolov5", "yolox", "end2end"], help="model family")
+    r.add_argument("--family", choices=list(FAMILIES), help="model family")
     r.add_argument("--mqtt", metavar="URL", help="mqtt[s]://[user@]host:port, or 'off'")
     r.add_argument("--device", metavar="ID", help="device id used in topics and records")
     r.add_argument("--web", metavar="HOST:PORT", help="serve the web page on HOST:PORT")
@@ -347,7 +434,7 @@ def make_parser() -> argparse.ArgumentParser:
     lab.add_argument("--format", default="yolo,coco", help="comma list of yolo, coco (default: both)")
     lab.add_argument("--conf", type=float, default=0.25, help="confidence threshold (default 0.25)")
     lab.add_argument("--iou", type=float, default=0.45, help="NMS IoU threshold (default 0.45)")
-    lab.add_argument("--family", choices=["auto", "yolov8", "yolov5", "yolox", "end2end"])
+    lab.add_argument("--family", choices=list(FAMILIES))
     lab.add_argument("--labels", metavar="FILE", help="class names, one per line")
     lab.add_argument("--device", metavar="ID")
     lab.add_argument("--fresh", action="store_true", help="label everything again")
@@ -373,6 +460,30 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     e.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("eval", help="COCO mAP50-95 / mAP50 of a model on a YOLO-format labeled folder")
+    v.add_argument("--data", required=True, metavar="DIR", help="folder with images/ and labels/ (or its data.yaml)")
+    v.add_argument("--model", required=True, metavar="PATH", help="ONNX detector (or a TensorRT .engine)")
+    v.add_argument("--split", metavar="NAME", help="images/NAME and labels/NAME only (e.g. val)")
+    v.add_argument("--engine", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
+    v.add_argument("--family", default="auto", choices=list(FAMILIES))
+    v.add_argument("--labels", metavar="FILE", help="class names, one per line")
+    v.add_argument("--conf", type=float, default=0.001, help="confidence threshold (default 0.001, as for mAP)")
+    v.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold (default 0.7)")
+    v.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    v.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("build-engine", help="build the TensorRT engine for a model ahead of time (on the device)")
+    b.add_argument("model", metavar="MODEL", help="ONNX detector")
+    b.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "int8"])
+    b.add_argument("--calib", metavar="DIR", help="int8: folder of calibration images (site images)")
+    b.add_argument("-c", "--config", help="use this config's engine cache (state_dir/engines) and calibration folder")
+    b.add_argument("--cache-dir", metavar="DIR", help="engine cache folder (default: the config's, else ~/.cache)")
+    b.add_argument("--input-size", metavar="HxW", help="for models with a dynamic input size (default 640x640)")
+    b.add_argument("--family", default="auto", choices=list(FAMILIES))
+    b.add_argument("--workspace-mb", type=int, default=1024)
+    b.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    b.set_defaults(func=cmd_build_engine)
 
     c = sub.add_parser("check-config", help="validate a config file without starting anything")
     c.add_argument("file")

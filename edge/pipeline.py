@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge.config import Config, ModelConfig, SourceConfig
+from edge.config import Config, SourceConfig
 from edge.frame import Frame
 from edge.ledger import Ledger
+from edge.loader import load_model, worker_count
 from edge.progress import Progress
 from edge.records import DetectionRecord, LabelRecord, ModelInfo, iso_utc, record_id
 from edge.sinks.base import Sink, SinkRefused
@@ -40,7 +41,7 @@ from edge.sources import create_source
 from edge.sources.hub import FrameHub
 from edge.sources.runner import SourceRunner
 from engines.base import Detection
-from engines.detector import Detector, load_detector
+from engines.detector import Detector
 
 log = logging.getLogger("edgelabel.pipeline")
 
@@ -84,44 +85,12 @@ class Totals:
     inference_ms_sum: float = 0.0
 
 
-def cpu_plan(m: ModelConfig, cores: int | None = None) -> tuple[int, int]:
-    """(intra-op threads, inference workers) for ONNX Runtime on the CPU.
-
-    Explicit settings win.  Otherwise one single-threaded session is called by
-    one worker per core (at most 4): on small detectors this measured about
-    twice the throughput of one 2-thread call on 2 cores (bench/run.py).
-    """
-    cores = max(1, cores if cores is not None else (os.cpu_count() or 1))
-    workers = m.workers or min(cores, 4)
-    threads = m.threads or (1 if workers > 1 else 0)
-    return threads, workers
-
-
-def load_model(cfg: Config) -> Detector:
-    """Load the configured detector (EngineError with one clear line when it cannot be used)."""
-    m = cfg.model
-    threads, _ = cpu_plan(m)
-    return load_detector(
-        cfg.resolve(m.path),
-        engine=m.engine,
-        family=m.family,
-        labels=str(cfg.resolve(m.labels)) if m.labels else None,
-        conf=m.conf,
-        iou=m.iou,
-        providers=m.providers,
-        threads=threads,
-        cache_dir=str(cfg.state_path("engines")),  # TensorRT engine caches: no rebuild on every start
-    )
-
-
-def worker_count(cfg: Config, detector: Detector) -> int:
-    """How many inference workers call ``detector`` at once (1 unless the engine allows more)."""
-    limit = max(1, int(getattr(detector.engine, "max_concurrency", 1)))
-    if limit == 1:
-        return 1
-    on_cpu = detector.engine.info().provider == "CPUExecutionProvider"
-    wanted = cpu_plan(cfg.model)[1] if on_cpu else max(1, cfg.model.workers)
-    return min(wanted, limit)
+def _gate_status(result: Any) -> dict[str, Any] | None:
+    """The INT8 gate's verdict for status pages (None when no gate ran)."""
+    if result is None:
+        return None
+    return {"accepted": result.accepted, "map50": round(result.map50, 4), "drop_points": round(result.drop_points, 2),
+            "margin_points": result.margin_points, "images": result.images, "reason": result.reason}
 
 
 def model_info(detector: Detector) -> ModelInfo:
@@ -679,6 +648,7 @@ class Pipeline:
             "model": None if self._model_info is None else {
                 **self._model_info.__dict__, "input_size": list(self._model_info.input_size),
                 "engine_reason": getattr(self._active[0], "engine_reason", None),
+                "int8_gate": _gate_status(getattr(self._active[0], "int8_gate", None)),
                 "inference_workers": self._workers},
             "frames": t.frames,
             "detections": t.detections,

@@ -77,6 +77,8 @@ class Detector:
         self.engine = engine
         #: which back end runs the model and why (set by :func:`load_detector`)
         self.engine_reason = f"engine {engine.type_name or engine.info().backend} given directly"
+        #: the INT8 accuracy gate's verdict (an edge.int8gate.GateResult) when one was run
+        self.int8_gate: Any = None
         self._infer_lock = threading.Lock() if int(getattr(engine, "max_concurrency", 1)) <= 1 else None
         self.conf = float(conf)
         self.iou = float(iou)
@@ -86,7 +88,8 @@ class Detector:
         self.input_size: tuple[int, int] = input_size(engine.inputs, metadata)
         static_hw = self.input_size if _static_input(engine) else None
         try:
-            self.family = detect_family(out_shapes, metadata, family, input_hw=static_hw)
+            self.family = detect_family(out_shapes, metadata, family, input_hw=static_hw,
+                                        output_names=[o.name for o in engine.outputs])
         except UnsupportedModelError as exc:
             raise UnsupportedModelError(f"{path}: {exc}") from None
         in_dtype = engine.inputs[0].dtype if engine.inputs else "float32"
@@ -97,6 +100,9 @@ class Detector:
         self.input_dtype = _TENSOR_DTYPES[in_dtype]
         names = resolve_names(metadata, labels_file, _num_classes(self.family, out_shapes[0]))
         self.decoder: Decoder = DECODERS[self.family](names, self.input_size)
+        set_names = getattr(self.decoder, "set_output_names", None)
+        if set_names is not None:  # decoders of multi-output models find their tensors by name
+            set_names([o.name for o in engine.outputs])
         self._check_decoder(out_shapes[0])
         log.info(
             "%s: family %s, input %dx%d, %d class names",
@@ -178,7 +184,7 @@ class Detector:
 #: options each back end takes (``cache_dir`` and ``device_id`` are shared)
 ORT_OPTIONS = frozenset({"providers", "threads", "device_id", "fp16", "cache_dir"})
 TRT_OPTIONS = frozenset({"precision", "workspace_mb", "cache_dir", "device_id", "calib_images", "calib_cache",
-                         "input_size"})
+                         "input_size", "family"})
 
 
 def _make_engine(backend: str, model_path: str | Path, options: dict[str, Any]) -> Engine:
@@ -198,6 +204,7 @@ def load_detector(
     labels: str | Path | None = None,
     conf: float = 0.25,
     iou: float = 0.45,
+    fallback: bool = True,
     **engine_options: Any,
 ) -> Detector:
     """Choose and create the engine, then the detector; every failure is one line naming the file.
@@ -205,7 +212,8 @@ def load_detector(
     ``engine`` is ``auto``, ``tensorrt`` or ``onnxruntime`` (see
     :mod:`engines.select`).  When native TensorRT cannot build or load an ONNX
     model, ONNX Runtime takes over with a warning: an appliance that labels on
-    a slower path beats one that is down.  The choice and its reason end up in
+    a slower path beats one that is down (``fallback=False`` raises instead,
+    for callers with a better plan B).  The choice and its reason end up in
     :attr:`Detector.engine_reason`.
 
     Errors are :class:`EngineError` (file missing, not a model, back end
@@ -220,12 +228,15 @@ def load_detector(
     except ValueError as exc:
         raise EngineError(str(exc)) from None
     reason = choice.reason
+    if choice.engine == "tensorrt":
+        engine_options = {**engine_options, "family": family}  # INT8 calibration prepares images like the decoder
     try:
         backend = _make_engine(choice.engine, model_path, engine_options)
     except UnsupportedModelError:
         raise
     except EngineError as exc:
-        if choice.engine != "tensorrt" or is_serialized_engine(model_path) or not Path(model_path).is_file():
+        if (not fallback or choice.engine != "tensorrt" or is_serialized_engine(model_path)
+                or not Path(model_path).is_file()):
             raise
         log.warning("%s; falling back to ONNX Runtime", exc)
         reason = f"{reason}, but TensorRT failed ({exc}); fell back to ONNX Runtime"

@@ -233,7 +233,7 @@ def test_input_size_sources() -> None:
     assert input_size(dynamic, {"imgsz": "[480, 640]"}) == (480, 640)
     assert input_size(dynamic, {"imgsz": "320"}) == (320, 320)
     assert input_size(dynamic, {}) == (640, 640)
-    assert set(DECODERS) == {"yolov8", "yolov5", "yolox", "end2end"}
+    assert set(DECODERS) == {"yolov8", "yolov5", "yolox", "end2end", "efficientnms"}
 
 
 # -- decoders on synthetic outputs -----------------------------------------------
@@ -287,3 +287,17 @@ def test_yolov5_decoder_matches_yolov8_on_real_outputs(assets: Path) -> None:
     halved = YoloV5Decoder(COCO80, (640, 640)).decode([v5_out], info, 0.25, 0.45)
     assert all(d.score > 0.25 for d in halved)
     assert halved[0].score == pytest.approx(v8[0].score * 0.5, abs=1e-6)
+
+
+def test_letterbox_divides_by_255_like_the_reference():
+    """x / 255, not x * (1/255): they differ by one ulp on many values, which dynamic-INT8 models amplify."""
+    from engines.models.base import PreprocessSpec
+    from engines.models.preprocess import letterbox
+
+    img = np.arange(256 * 3, dtype=np.int64).reshape(16, 16, 3).astype(np.uint8)
+    tensor, _ = letterbox(img, (16, 16), PreprocessSpec())
+    expected = img[:, :, ::-1].transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+    assert np.array_equal(tensor[0], expected)
+    assert not np.array_equal(tensor[0], img[:, :, ::-1].transpose(2, 0, 1) * np.float32(1 / 255))
+    padded, _ = letterbox(img[:8], (16, 16), PreprocessSpec())
+    assert padded[0, 0, 0, 0] == np.float32(114) / np.float32(255)

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from edge.config import config_from_dict
-from edge.pipeline import Pipeline, cpu_plan, load_model, worker_count
+from edge.loader import cpu_plan, load_model, worker_count
+from edge.pipeline import Pipeline
 from edge.sinks.base import Sink
 from engines.base import EngineError
+from engines.detector import load_detector
 from engines.select import choose_engine, is_serialized_engine, tensorrt_importable
 
 
@@ -145,3 +147,22 @@ def test_choose_engine_rules(tmp_path):
         assert auto.engine == "onnxruntime" and "not installed" in auto.reason
     with pytest.raises(ValueError, match="unknown engine type 'tflite'"):
         choose_engine("tflite", onnx)
+@pytest.mark.skipif(tensorrt_importable(), reason="checks the fallback taken where TensorRT is not installed")
+def test_tensorrt_unavailable_falls_back_to_onnxruntime(assets, caplog):
+    det = load_detector(assets / "models" / "yolox_nano.onnx", engine="tensorrt", family="yolox",
+                        providers=["cpu"], precision="fp16")
+    try:
+        assert det.engine.type_name == "onnxruntime"
+        assert "fell back to ONNX Runtime" in det.engine_reason
+        assert "falling back to ONNX Runtime" in caplog.text
+    finally:
+        det.close()
+
+
+def test_serialized_engine_without_tensorrt_is_a_clear_error(tmp_path):
+    plan = tmp_path / "model.engine"
+    plan.write_bytes(b"\x00" * 64)
+    if tensorrt_importable():
+        pytest.skip("TensorRT is installed here; this checks the message where it is not")
+    with pytest.raises(EngineError, match="model.engine"):
+        load_detector(plan)

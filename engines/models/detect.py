@@ -16,6 +16,7 @@ from typing import Optional
 
 from engines.base import EngineError, TensorSpec
 from engines.models.base import Decoder
+from engines.models.efficientnms import EfficientNMSDecoder, order_from_names, shapes_fit
 from engines.models.end2end import EndToEndDecoder
 from engines.models.names import names_from_metadata
 from engines.models.yolov5 import YoloV5Decoder
@@ -32,7 +33,9 @@ class UnsupportedModelError(EngineError):
 
 
 #: family key (config ``model.family``) -> decoder class
-DECODERS: dict[str, type[Decoder]] = {cls.family: cls for cls in (YoloV8Decoder, YoloV5Decoder, YoloxDecoder, EndToEndDecoder)}
+DECODERS: dict[str, type[Decoder]] = {
+    cls.family: cls for cls in (YoloV8Decoder, YoloV5Decoder, YoloxDecoder, EndToEndDecoder, EfficientNMSDecoder)
+}
 
 #: end2end heads emit a fixed top-K (300 by default); larger K means a dense head
 END2END_MAX_K = 1000
@@ -40,6 +43,7 @@ DEFAULT_IMGSZ = 640
 _NON_DETECT_TASKS = {"classify", "segment", "pose", "obb"}
 
 SUPPORTED_LAYOUTS = "[1,4+nc,N] (yolov8: YOLOv8/YOLO11), [1,N,5+nc] (yolov5 or yolox), [1,K,6] (end2end: YOLOv10/YOLO26)"
+EFFICIENTNMS_LAYOUT = "num_detections [B,1], detection_boxes [B,K,4], detection_scores [B,K], detection_classes [B,K]"
 
 
 def _fmt(shapes: Sequence[Shape]) -> str:
@@ -119,11 +123,35 @@ def _grid_family(num_rows: int, input_hw: tuple[int, int] | None) -> str | None:
     return None
 
 
+def _efficientnms(shapes: list[tuple], hint: str, output_names: Sequence[str] | None) -> str | None:
+    """``"efficientnms"`` for four EfficientNMS_TRT outputs, None when the outputs are something else.
+
+    Auto-detection needs the output names (four unnamed 2-3D outputs could be
+    anything); an explicit ``model.family: efficientnms`` is checked against
+    the names when given, else against the shapes in the plugin's order.
+    """
+    order = order_from_names(output_names) if output_names is not None else None
+    if hint == "efficientnms":
+        if output_names is not None and order is None:
+            raise UnsupportedModelError(
+                f"model.family is 'efficientnms' but the output names {list(output_names)} are not the four EfficientNMS "
+                f"outputs ({EFFICIENTNMS_LAYOUT})"
+            )
+        reason = shapes_fit(shapes, order or (0, 1, 2, 3))
+        if reason is not None:
+            raise UnsupportedModelError(f"model.family is 'efficientnms' but the outputs are {_fmt(shapes)}: {reason}")
+        return "efficientnms"
+    if hint == "auto" and order is not None and shapes_fit(shapes, order) is None:
+        return "efficientnms"
+    return None
+
+
 def detect_family(
     output_shapes: list[tuple],
     metadata: dict[str, str],
     hint: str = "auto",
     input_hw: tuple[int, int] | None = None,
+    output_names: Sequence[str] | None = None,
 ) -> str:
     """Return the decoder family for a model, or raise :class:`UnsupportedModelError`.
 
@@ -131,6 +159,8 @@ def detect_family(
     ``model.family`` fails at load time instead of producing nonsense boxes.
     ``input_hw`` (the static model input size, optional) lets ``auto`` tell a
     metadata-less YOLOX from a YOLOv5 by the row count of ``[1, N, 5+nc]``.
+    ``output_names`` (optional, in the same order as ``output_shapes``) lets
+    ``auto`` recognise the four outputs of TensorRT's EfficientNMS plugin.
     """
     shapes = [tuple(s) for s in output_shapes]
     hint = (hint or "auto").strip().lower()
@@ -139,10 +169,14 @@ def detect_family(
     if not shapes:
         raise UnsupportedModelError("model has no outputs")
     _check_task(metadata, shapes)
+    nms_family = _efficientnms(shapes, hint, output_names)
+    if nms_family is not None:
+        return nms_family
     if len(shapes) != 1:
+        extra = f"; four outputs named like {EFFICIENTNMS_LAYOUT} are the efficientnms family" if len(shapes) == 4 else ""
         raise UnsupportedModelError(
             f"model has {len(shapes)} outputs {_fmt(shapes)}; detectors with one output are supported: "
-            f"{SUPPORTED_LAYOUTS} (two outputs usually mean a segmentation model)"
+            f"{SUPPORTED_LAYOUTS} (two outputs usually mean a segmentation model){extra}"
         )
     shape = shapes[0]
 

@@ -88,16 +88,25 @@ def letterbox(
 
     out_dtype = np.dtype(dtype)
     tensor = np.empty((1, 3, out_h, out_w), dtype=out_dtype)
+    # x / 255 and x * (1/255) differ by one ulp for about a fifth of the pixel values; models that
+    # quantize their input on the fly (dynamic INT8) amplify that into score differences of several
+    # hundredths, so scale like the reference implementations: divide by 255 when that is what 1/scale is
+    divisor = round(1.0 / spec.scale) if spec.scale not in (0.0, 1.0) else 0
+    exact_divisor = divisor > 0 and abs(1.0 / divisor - spec.scale) < 1e-12
     if new_w != out_w or new_h != out_h:
-        tensor.fill(spec.pad_value * spec.scale)
-    scale = out_dtype.type(spec.scale)
+        if exact_divisor:
+            tensor.fill(out_dtype.type(spec.pad_value) / out_dtype.type(divisor))
+        else:
+            tensor.fill(spec.pad_value * spec.scale)
     order = _RGB_ORDER if spec.rgb else _BGR_ORDER
     for dst, src in enumerate(order):
         region = tensor[0, dst, top : top + new_h, left : left + new_w]
         if spec.scale == 1.0:
             np.copyto(region, resized[:, :, src], casting="unsafe")
+        elif exact_divisor:
+            np.divide(resized[:, :, src], out_dtype.type(divisor), out=region, casting="unsafe")
         else:
-            np.multiply(resized[:, :, src], scale, out=region, casting="unsafe")
+            np.multiply(resized[:, :, src], out_dtype.type(spec.scale), out=region, casting="unsafe")
 
     info = LetterboxInfo(ratio=ratio, pad_x=float(left), pad_y=float(top), width=src_w, height=src_h)
     return tensor, info
