@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +39,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.run import MIRROR, _iou  # noqa: E402  (same mirror and IoU as the main benchmark)
-from engines.detector import Detector, load_detector  # noqa: E402
-from engines.models.base import LetterboxInfo  # noqa: E402
-from engines.models.preprocess import letterbox  # noqa: E402
+from engines.detector import load_detector  # noqa: E402
 
 MODELS = ("yolo11n_int8", "yolov8n_int8", "yolo26n_int8")
 
@@ -99,31 +97,10 @@ def extract_frames(work: Path, every: int) -> list[tuple[str, Path]]:
     return frames
 
 
-def _divide_by_255(det: Detector) -> None:
-    """Diagnostic (``--scale-by-division``): make this detector scale pixels as Ultralytics does.
-
-    edgelabel's letterbox multiplies by ``float32(1/255)``; Ultralytics divides by 255
-    (``im.float().div_(255)``).  The two differ by one ulp on many pixels, and the models'
-    dynamic input quantization (DynamicQuantizeLinear) can round such a pixel to the next int8 step.
-    """
-    spec = replace(det.decoder.preprocess, scale=1.0)
-
-    def preprocess(image_bgr: np.ndarray) -> tuple[np.ndarray, LetterboxInfo]:
-        tensor, info = letterbox(image_bgr, det.input_size, spec, dtype=det.input_dtype)
-        np.divide(tensor, tensor.dtype.type(255.0), out=tensor)
-        return tensor, info
-
-    det.preprocess = preprocess  # type: ignore[method-assign]
-
-
-def run_ours(model: Path, frames: list[tuple[str, Path]], conf: float, iou: float,
-             divide: bool = False) -> tuple[list[list[Det]], list[str], float, int]:
+def run_ours(model: Path, frames: list[tuple[str, Path]], conf: float,
+             iou: float) -> tuple[list[list[Det]], list[str], float, int]:
     """edgelabel on the frames: (detections per frame, pixel hashes, seconds, input size)."""
     det = load_detector(model, engine="onnxruntime", providers=["cpu"], conf=conf, iou=iou)
-    if divide:
-        if det.decoder.preprocess.scale != 1.0 / 255.0:
-            raise SystemExit(f"{model}: --scale-by-division applies to /255 models only")
-        _divide_by_255(det)
     out: list[list[Det]] = []
     hashes: list[str] = []
     t0 = time.perf_counter()
@@ -221,8 +198,6 @@ def main() -> int:
     ap.add_argument("--score-tol", type=float, default=0.01, help="target: max |score difference|")
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--out", help="also write the markdown report to this file")
-    ap.add_argument("--scale-by-division", action="store_true",
-                    help="diagnostic: scale pixels by x / 255 as Ultralytics does instead of edgelabel's x * (1/255)")
     args = ap.parse_args()
     if args.every < 1:
         ap.error("--every must be >= 1")
@@ -234,7 +209,7 @@ def main() -> int:
               file=sys.stderr)
         ours: dict[str, tuple[list[list[Det]], list[str], float, int]] = {}
         for name in args.models:
-            ours[name] = run_ours(MIRROR / "models" / f"{name}.onnx", frames, args.conf, args.iou, args.scale_by_division)
+            ours[name] = run_ours(MIRROR / "models" / f"{name}.onnx", frames, args.conf, args.iou)
             print(f"edgelabel {name}: {ours[name][2]:.1f} s", file=sys.stderr)
         specs = [(n, MIRROR / "models" / f"{n}.onnx", ours[n][3]) for n in args.models]
         t0 = time.perf_counter()
