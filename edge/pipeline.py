@@ -20,6 +20,7 @@ gets one worker.  The sink worker is the only thread that calls sinks.
 from __future__ import annotations
 
 import csv
+import gc
 import logging
 import os
 import queue
@@ -225,6 +226,10 @@ class Pipeline:
               for i in range(self._workers)),
             threading.Thread(target=self._sink_loop, name="sinks", daemon=True),
         ]
+        # everything loaded so far (model, config, sinks) lives for the whole run: take it out of the
+        # collector's generations so a full collection does not walk it again and stall a frame
+        gc.collect()
+        gc.freeze()
         for t in self._threads:
             t.start()
         for runner in self._runners.values():
@@ -361,6 +366,10 @@ class Pipeline:
         """Run the engine and the decoder on prepared frames; results carry their sequence number."""
         beat = f"inference-{worker}"
         try:
+            try:
+                self._active[0].warmup()
+            except Exception as exc:  # a model that fails here fails on frames too, and is reported there
+                log.debug("inference worker %d: warm-up failed: %s", worker, exc)
             while True:
                 self.heartbeats[beat] = time.monotonic()
                 try:

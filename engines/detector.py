@@ -140,6 +140,19 @@ class Detector:
         with self._infer_lock:
             return self.engine.infer(tensor)
 
+    def warmup(self) -> float:
+        """One inference on a blank frame, so the first real frame does not pay for lazy allocations.
+
+        ONNX Runtime sizes its memory arena and TensorRT its execution context on
+        the first run; without this the first label of each worker arrives tens
+        of milliseconds late.  Returns the seconds it took.
+        """
+        t0 = time.perf_counter()
+        blank = np.full((self.input_size[0], self.input_size[1], 3), 114, np.uint8)
+        tensor, _ = self.preprocess(blank)
+        self.infer(tensor)
+        return time.perf_counter() - t0
+
     def decode(self, outputs: list[np.ndarray], info: LetterboxInfo) -> list[Detection]:
         """Raw outputs -> detections in frame pixels, with this detector's thresholds."""
         return self.decoder.decode(outputs, info, self.conf, self.iou)

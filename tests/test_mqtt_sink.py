@@ -246,6 +246,27 @@ def test_records_published_once_on_labels_topic_with_qos1_and_valid_schema(broke
     assert sample == records[2].to_dict()
 
 
+def test_capture_to_puback_latency_is_measured_per_label(broker: Broker, caplog) -> None:
+    """Each acknowledged label adds capture -> PUBACK to the percentiles in status() and the closing log line."""
+    sink = MqttSink(mqtt_cfg(broker.port), DEVICE)
+    sink.open()
+    try:
+        assert wait_until(lambda: sink.status()["connected"], 5)
+        assert sink.status()["puback_latency_n"] == 0 and sink.status()["puback_p99_ms"] is None
+        for i in range(20):
+            base = make_record("cam1", i)
+            rec = LabelRecord(**{**base.__dict__, "captured_ts": time.time() - 0.05})  # captured 50 ms ago
+            sink.write(rec, frame_for(rec))
+        sink.flush()
+        st = sink.status()
+    finally:
+        with caplog.at_level(logging.INFO, logger="edge.sinks.mqtt"):
+            sink.close()
+    assert st["puback_latency_n"] == 20
+    assert 50.0 <= st["puback_p50_ms"] <= st["puback_p95_ms"] <= st["puback_p99_ms"] < 5000.0
+    assert "capture->PUBACK latency over the last 20 labels" in caplog.text
+
+
 def test_device_and_source_status_are_retained_online_then_stopped(broker: Broker) -> None:
     status_topic = f"{PREFIX}/{DEVICE}/status"
     sink = MqttSink(mqtt_cfg(broker.port), DEVICE)

@@ -67,7 +67,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,8 @@ IDLE_TICK = 0.25
 EXPIRE_INTERVAL = 1.0
 #: acknowledged rows are deleted in one transaction once this many are waiting or the oldest is ACK_DELAY old
 ACK_BATCH = 256
+#: label messages whose capture -> PUBACK latency is kept for the percentiles in status()
+LATENCY_WINDOW = 4096
 ACK_DELAY = 0.05
 #: CONNACK reason codes that mean "who you are is not accepted" (3.1.1: 4, 5; MQTT 5: 0x86, 0x87)
 AUTH_FAILURES = {4, 5, 0x86, 0x87}
@@ -136,9 +138,14 @@ class MqttSink(Sink):
 
         self._lock = threading.Lock()
         self._wake = threading.Event()  # set by callbacks and writers: the publisher has work
-        self._acks: queue.SimpleQueue[tuple[int, bool, str]] = queue.SimpleQueue()  # filled by on_publish
+        self._acks: queue.SimpleQueue[tuple[int, bool, str, float]] = queue.SimpleQueue()  # filled by on_publish
         self._inflight: dict[int, tuple[int, int]] = {}  # mid -> (outbox seq, connection generation)
         self._direct: dict[int, str] = {}  # mid -> topic of direct QoS>0 messages not yet acknowledged
+        # capture -> PUBACK latency of label messages: record id -> capture time until published, then
+        # mid -> capture time until acknowledged (both bounded), and the last LATENCY_WINDOW latencies
+        self._capture_ts: dict[str, float] = {}
+        self._mid_capture: dict[int, float] = {}
+        self._puback_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._cursor = 0  # highest outbox seq handed to paho
         self._to_delete: list[int] = []  # acknowledged outbox rows not deleted yet (see _process_acks)
         self._to_delete_since = 0.0
@@ -293,6 +300,10 @@ class MqttSink(Sink):
             return
         sync = not frame.live
         self._last_write_sync = sync
+        with self._lock:
+            if len(self._capture_ts) >= LATENCY_WINDOW:  # never acknowledged (outage): forget the oldest
+                self._capture_ts.pop(next(iter(self._capture_ts)))
+            self._capture_ts[record.id] = record.captured_ts
         self._store([Message(record.source, topic, payload, self.cfg.qos, False, record.id)], sync=sync)
         with self._lock:
             self._frames_out[record.source] += 1
@@ -414,7 +425,12 @@ class MqttSink(Sink):
             self._connected = False
             self._closed = True
             counts = (self._published, self._acked, self._dropped_locked())
+            latency = self._latency_locked()
         log.info("MQTT: closed (%d published, %d acknowledged, %d dropped)", *counts)
+        if latency["puback_latency_n"]:
+            log.info("MQTT: capture->PUBACK latency over the last %d labels: p50 %s / p95 %s / p99 %s ms",
+                     latency["puback_latency_n"], latency["puback_p50_ms"], latency["puback_p95_ms"],
+                     latency["puback_p99_ms"])
 
     def status(self) -> dict[str, Any]:
         """Connection state and counters.
@@ -449,7 +465,24 @@ class MqttSink(Sink):
                 "outbox": ob,
                 "last_publish_at": self._last_publish_at,
                 "last_error": self._last_error,
+                **self._latency_locked(),
             }
+
+    def _latency_locked(self) -> dict[str, float | int | None]:
+        """Capture -> PUBACK percentiles (ms) over the last LATENCY_WINDOW acknowledged label messages.
+
+        Measured from the frame's capture time to the broker's acknowledgement
+        arriving here: what a backend waits for a label, including inference,
+        the outbox commit and the broker round trip.  Replays after a restart
+        are left out (their capture time is not known to this process).
+        """
+        values = sorted(self._puback_ms)
+        if not values:
+            return {"puback_latency_n": 0, "puback_p50_ms": None, "puback_p95_ms": None, "puback_p99_ms": None}
+        def pick(q: float) -> float:
+            return round(values[min(len(values) - 1, int(q * len(values)))], 1)
+        return {"puback_latency_n": len(values), "puback_p50_ms": pick(0.50), "puback_p95_ms": pick(0.95),
+                "puback_p99_ms": pick(0.99)}
 
     def _dropped_locked(self) -> int:
         return self._outbox.dropped + self._rejected + self._unserialisable + self._store_failed
@@ -692,15 +725,20 @@ class MqttSink(Sink):
         if row.qos == 0 and rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
             # QoS 0 has no acknowledgement and paho does not keep it across a reconnect, so it must not hold
             # the in-flight window: handed over is as delivered as it gets
-            self._acks.put((-row.seq, False, "qos0"))
+            self._acks.put((-row.seq, False, "qos0", 0.0))
             return True
         if mid is None or rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             # paho refused it for good (invalid topic, payload too large): it will never be sent
             self._rejected += 1
             self._last_error = f"message {row.msg_id or row.seq} on {row.topic} refused by the MQTT client: {rc}"
-            self._acks.put((-row.seq, True, "refused by the client"))  # deleted by _process_acks
+            self._acks.put((-row.seq, True, "refused by the client", 0.0))  # deleted by _process_acks
             return True
         self._inflight[mid] = (row.seq, self._generation)
+        captured = self._capture_ts.pop(row.msg_id, None) if row.msg_id else None
+        if captured is not None:
+            if len(self._mid_capture) >= LATENCY_WINDOW:
+                self._mid_capture.pop(next(iter(self._mid_capture)))
+            self._mid_capture[mid] = captured
         return True
 
     def _publish(self, topic: str, payload: bytes, qos: int, retain: bool, properties: Properties | None = None) -> bool:
@@ -740,7 +778,7 @@ class MqttSink(Sink):
             done = self._to_delete
             while True:
                 try:
-                    mid, failed, reason = self._acks.get_nowait()
+                    mid, failed, reason, acked_at = self._acks.get_nowait()
                 except queue.Empty:
                     break
                 if mid < 0:  # a row paho refused outright or a QoS 0 row handed over (see _publish_row_locked)
@@ -757,6 +795,9 @@ class MqttSink(Sink):
                     rejected.append(reason)
                 else:
                     self._acked += 1
+                    captured = self._mid_capture.pop(mid, None)
+                    if captured is not None:
+                        self._puback_ms.append((acked_at - captured) * 1e3)
             now = time.monotonic()
             if done and not self._to_delete_since:
                 self._to_delete_since = now
@@ -907,7 +948,7 @@ class MqttSink(Sink):
         properties: Properties | None,
     ) -> None:
         # runs under paho's message mutex: must not take self._lock (see module doc)
-        self._acks.put((mid, bool(reason_code.is_failure), str(reason_code)))
+        self._acks.put((mid, bool(reason_code.is_failure), str(reason_code), time.time()))
         self._wake.set()
 
 
