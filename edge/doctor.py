@@ -43,6 +43,7 @@ import contextlib
 import dataclasses
 import grp
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -568,7 +569,24 @@ class Doctor:
             else:
                 self.add("tensorrt", INFO, detail + ": fine without an NVIDIA GPU (ONNX Runtime runs the model)")
             return
-        self.add("tensorrt", OK, f"{getattr(trt, '__version__', '?')}")
+        version = getattr(trt, "__version__", "?")
+        binding = next((name for name in ("pycuda.driver", "cuda.bindings.driver", "cuda.cuda")
+                        if importlib.util.find_spec(name.split(".")[0]) is not None), None)
+        if binding is None:
+            self.add("tensorrt", WARN, f"{version}; no CUDA binding for the native TensorRT engine (pycuda or "
+                     "cuda-python): ONNX Runtime runs the model instead",
+                     "pip install pycuda (Jetson: PATH=/usr/local/cuda/bin:$PATH first) or pip install cuda-python")
+            return
+        detail = f"{version}, CUDA binding {binding.split('.')[0]}"
+        if self.cfg is not None:
+            from engines.select import choose_engine
+
+            try:
+                choice = choose_engine(self.cfg.model.engine, self.cfg.resolve(self.cfg.model.path))
+                detail += f"; the model runs on {choice.engine} ({choice.reason})"
+            except ValueError:
+                pass
+        self.add("tensorrt", OK, detail)
 
     # ------------------------------------------------------------------ cameras
 
