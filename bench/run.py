@@ -45,6 +45,8 @@ from tests.conftest import Broker  # noqa: E402  (the same private-broker helper
 MIRROR = Path(os.environ.get("EDGELABEL_MIRROR", ROOT.parent / "shared")).resolve()
 VIDEO = MIRROR / "videos" / "people-walking.mp4"
 FAMILIES = {"yolox_nano": "yolox", "yolo11n_int8": "auto", "yolov8n_int8": "auto"}
+STATS = 10.0  # mqtt.stats_interval of the benchmarked daemon (the default)
+WARMUP = 5  # labels left out of the latency percentiles (see run_pipeline)
 MODELS = ("yolox_nano", "yolo11n_int8")  # the full set of measurements; yolov8n only against the peer
 #: the MQTT sink's closing log line (edge/sinks/mqtt.py)
 PUBACK_LINE = re.compile(r"capture->PUBACK latency over the last (\d+) labels: p50 ([\d.]+) / p95 ([\d.]+) / p99 ([\d.]+) ms")
@@ -134,7 +136,7 @@ def run_pipeline(work: Path, port: int, model: str, sources: dict[str, Any], tim
         "device_id": "bench", "state_dir": str(state), "log_level": "info",
         "model": {"path": str(MIRROR / "models" / f"{model}.onnx"), "family": FAMILIES[model], "conf": 0.25},
         "sources": sources,
-        "mqtt": {"host": "127.0.0.1", "port": port, "prefix": "bench", "qos": 1},
+        "mqtt": {"host": "127.0.0.1", "port": port, "prefix": "bench", "qos": 1, "stats_interval": STATS},
         "dataset": {"enabled": False},
     }
     path = work / "bench.yaml"
@@ -164,9 +166,12 @@ def run_pipeline(work: Path, port: int, model: str, sources: dict[str, Any], tim
     if len(got) < 2:
         raise RuntimeError("fewer than two labels received")
     t_first, t_last = got[0][0], got[-1][0]
-    lat = sorted((t - rec["captured_ts"]) * 1e3 for t, rec in got)
+    # latency in steady state: the first WARMUP labels carry the cold start (first decode, first commit,
+    # first publish), which "cold start to first label" measures on its own
+    steady = got[WARMUP:] if len(got) > 4 * WARMUP else got
+    lat = sorted((t - rec["captured_ts"]) * 1e3 for t, rec in steady)
     # what the pipeline adds to each frame's own inference time (decode, letterbox, decode boxes, publish)
-    overhead = sorted((t - rec["captured_ts"]) * 1e3 - rec["inference_ms"] for t, rec in got)
+    overhead = sorted((t - rec["captured_ts"]) * 1e3 - rec["inference_ms"] for t, rec in steady)
     ids = {rec["id"] for _, rec in got}
     puback = PUBACK_LINE.search(log_path.read_text())
     inf = [rec["inference_ms"] for _, rec in got]
@@ -284,7 +289,7 @@ def main() -> int:
             rows.append((f"{model}: pipeline, video ({r['frames']} frames)",
                          f"{r['fps']:.1f} fps = {r['fps'] / raw:.2f} x raw (default threads), "
                          f"{r['fps'] / raw_par:.2f} x raw ({cores} callers), {r['fps'] / bound:.2f} x B"))
-            targets.append((f"pipeline >= 0.8 x B on the video ({model})", f"{r['fps'] / bound:.2f} x B",
+            targets.append((f"pipeline >= 0.8 x B on the video ({model})", f"{r['fps'] / bound:.3f} x B",
                             r["fps"] / bound >= 0.8))
             rows.append((f"{model}: peak RSS / cold start to first label",
                          f"{r['peak_rss_mb']:.0f} MB / {r['cold_start_s']:.2f} s"))
@@ -301,7 +306,7 @@ def main() -> int:
             rows.append((f"{model}: pipeline, folder ({rf['frames']} images)", f"{rf['fps']:.1f} fps"))
             paced = max(2.0, min(15.0, bound / 4))  # well below saturation: latency, not queueing
             rl = run_pipeline(work, broker.port, model, {"cam": {"uri": str(video), "fps": paced}}, 600)
-            rows.append((f"{model}: capture->subscriber latency at {paced:.0f} fps (p50/p95/p99)",
+            rows.append((f"{model}: capture->subscriber latency at {paced:.0f} fps, after {WARMUP} frames (p50/p95/p99)",
                          f"{rl['lat_p50']:.1f} / {rl['lat_p95']:.1f} / {rl['lat_p99']:.1f} ms "
                          f"(inference mean {rl['inference_ms_mean']:.1f}, p99 {rl['inference_ms_p99']:.1f} ms; "
                          f"added by the pipeline to each frame's own inference: p50 {rl['overhead_p50']:.1f}, "
@@ -309,9 +314,12 @@ def main() -> int:
             limit = rl["inference_ms_mean"] + 15.0
             if rl["puback"]:
                 p50, p95, p99 = rl["puback"]
-                rows.append((f"{model}: capture->PUBACK latency at {paced:.0f} fps (p50/p95/p99, the MQTT sink's own "
-                             "measure)", f"{p50:.1f} / {p95:.1f} / {p99:.1f} ms"))
-                targets.append((f"p99 capture->PUBACK <= mean inference + 15 ms ({model})",
+                rows.append((f"{model}: capture->PUBACK latency at {paced:.0f} fps, every frame (p50/p95/p99, the MQTT "
+                             "sink's own measure)", f"{p50:.1f} / {p95:.1f} / {p99:.1f} ms"))
+            targets.append((f"p99 capture->subscriber after {WARMUP} frames <= mean inference + 15 ms ({model})",
+                            f"{rl['lat_p99']:.1f} vs {limit:.1f} ms", rl["lat_p99"] <= limit))
+            if rl["puback"]:
+                targets.append((f"p99 capture->PUBACK, every frame, <= mean inference + 15 ms ({model})",
                                 f"{p99:.1f} vs {limit:.1f} ms", p99 <= limit))
             if args.ultralytics_python and model == "yolo11n_int8":
                 for peer_model, want in (("yolo11n_int8", 1.3), ("yolov8n_int8", 1.1)):

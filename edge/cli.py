@@ -360,7 +360,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
     """Build (or find in the cache) the TensorRT engine the daemon will use, ahead of time."""
-    from edge.loader import calibration_folder, calibration_split
+    from edge.loader import calibration_folder, calibration_manifest, calibration_split
     from engines.base import EngineError
     from engines.select import cuda_gpu_count, tensorrt_importable
 
@@ -381,7 +381,8 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
     if args.precision == "int8":
         folder = Path(args.calib) if args.calib else calibration_folder(cfg) if cfg is not None else None
         limit = cfg.model.calibration_images if cfg is not None else 500
-        calib = calibration_split(folder, limit)[0] if folder is not None else []
+        manifest = calibration_manifest(cfg) if cfg is not None else None
+        calib = calibration_split(folder, limit, manifest)[0] if folder is not None else []
         if not calib:
             print(f"edgelabel: --precision int8 needs calibration images: {folder or 'give --calib DIR'} "
                   "has none (a folder of site images)", file=sys.stderr)

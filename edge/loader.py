@@ -17,6 +17,7 @@ page and the records agree on one answer:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -73,16 +74,48 @@ def _even_sample(paths: list[Path], limit: int) -> list[Path]:
     return [paths[int(i * step)] for i in range(limit)]
 
 
-def calibration_split(folder: Path, max_images: int) -> tuple[list[Path], list[Path]]:
-    """(calibration images, held-back images) from ``folder``: the same split wherever it is made,
-    so an engine built ahead of time (``edgelabel build-engine``) is the one the daemon finds."""
+def calibration_split(folder: Path, max_images: int, manifest: Path | None = None) -> tuple[list[Path], list[Path]]:
+    """(calibration images, held-back images) from ``folder``.
+
+    The same split wherever it is made, so an engine built ahead of time
+    (``edgelabel build-engine``) is the one the daemon finds.  With a
+    ``manifest`` the first choice is kept there and reused while its files
+    exist: the default folder is the dataset, which grows all the time, and
+    a new selection at every start would mean a new calibration hash, so a
+    new INT8 build and gate at every start.  Delete the manifest to choose
+    again from what the folder holds now.
+    """
     from engines.calibration import list_images, split_calibration
 
+    if manifest is not None and manifest.is_file():
+        try:
+            doc = json.loads(manifest.read_text(encoding="utf-8"))
+            calib = [Path(p) for p in doc["calibration"]]
+            held = [Path(p) for p in doc["held_back"]]
+            if calib and all(p.is_file() for p in calib + held):
+                return calib, held
+            log.warning("INT8: images listed in %s are gone; choosing calibration images again", manifest)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("INT8: ignoring %s (%s); choosing calibration images again", manifest, exc)
     images = list_images(folder) if folder.is_dir() else []
     if not images:
         return [], []
-    calib, held = split_calibration(_even_sample(images, max_images))
-    return list(calib), list(held)
+    calib, held = (list(part) for part in split_calibration(_even_sample(images, max_images)))
+    if manifest is not None:
+        try:
+            manifest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = manifest.with_name(manifest.name + ".tmp")
+            tmp.write_text(json.dumps({"folder": str(folder), "calibration": [str(p) for p in calib],
+                                       "held_back": [str(p) for p in held]}, indent=1), encoding="utf-8")
+            os.replace(tmp, manifest)
+        except OSError as exc:
+            log.warning("INT8: cannot keep the calibration choice in %s (%s)", manifest, exc)
+    return calib, held
+
+
+def calibration_manifest(cfg: Config) -> Path:
+    """Where the INT8 calibration choice for the configured model is kept."""
+    return cfg.state_path("engines") / f"{cfg.resolve(cfg.model.path).stem}-calibration.json"
 
 
 def load_model(cfg: Config, progress: bool = False) -> Detector:
@@ -120,7 +153,7 @@ def load_model(cfg: Config, progress: bool = False) -> Detector:
 
     folder = calibration_folder(cfg)
     return load_int8_gated(make, folder, m.calibration_images, m.int8_max_drop, cfg.state_path("engines"),
-                           choice.reason, progress=progress)
+                           choice.reason, progress=progress, manifest=calibration_manifest(cfg))
 
 
 def load_int8_gated(
@@ -131,11 +164,12 @@ def load_int8_gated(
     cache_dir: Path,
     reason: str,
     progress: bool = False,
+    manifest: Path | None = None,
 ) -> Detector:
     """The INT8 detector when it passes the gate, else the FP16 one; the reason says which and why."""
     from edge.int8gate import GateResult, run_gate
 
-    calib, held = calibration_split(folder, max_images)
+    calib, held = calibration_split(folder, max_images, manifest)
     if not calib:
         detector = make("fp16", None)
         detector.engine_reason = (f"{reason}; INT8 not used: no calibration images in {folder} "
@@ -164,11 +198,19 @@ def load_int8_gated(
         except (OSError, ValueError) as exc:
             log.warning("INT8 gate: ignoring %s (%s); checking again", verdict_file, exc)
     reference: Detector | None = None
-    if result is None or not result.accepted:
-        reference = make("fp16", None)
-    if result is None:
-        assert reference is not None
-        result = run_gate(candidate, reference, held, margin_points=max_drop, progress=progress)
+    fresh = result is None
+    try:
+        if result is None or not result.accepted:
+            reference = make("fp16", None)
+        if result is None:
+            assert reference is not None
+            result = run_gate(candidate, reference, held, margin_points=max_drop, progress=progress)
+    except BaseException:  # release GPU memory now, not at some later garbage collection
+        candidate.close()
+        if reference is not None:
+            reference.close()
+        raise
+    if fresh:
         try:
             verdict_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = verdict_file.with_name(verdict_file.name + ".tmp")

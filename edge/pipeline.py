@@ -47,6 +47,8 @@ from engines.detector import Detector
 log = logging.getLogger("edgelabel.pipeline")
 
 _STOP = object()
+#: this many frames in a row failing in the engine means the engine, not the frames, is broken
+ENGINE_FAILURE_LIMIT = 100
 
 
 @dataclass
@@ -151,6 +153,7 @@ class Pipeline:
         self._prepared: queue.Queue[Any] = queue.Queue(maxsize=2)  # letterboxed tensors waiting for the engine
         self._records: queue.Queue[Any] = queue.Queue(maxsize=16)
         self._workers = 1  # inference workers, set at start
+        self._engine_failures = 0  # frames in a row that failed in the engine (any worker)
         self._hub = FrameHub()
         self._runners: dict[str, SourceRunner] = {}
         self._threads: list[threading.Thread] = []
@@ -390,7 +393,12 @@ class Pipeline:
                     self._last_error = f"{frame.source} frame {frame.index}: {exc}"
                     log.exception("inference failed on %s frame %d", frame.source, frame.index)
                     self._put(self._records, _Failed(seq), beat)
+                    self._engine_failures += 1
+                    if self._engine_failures == ENGINE_FAILURE_LIMIT:
+                        log.critical("the last %d frames all failed in the engine (a GPU in an error state?); the "
+                                     "watchdog is no longer fed, so systemd restarts the service", ENGINE_FAILURE_LIMIT)
                     continue
+                self._engine_failures = 0
                 self._put(self._records,
                           (seq, Inferred(frame, detections, pre_ms, (t2 - t1) * 1e3, (t3 - t2) * 1e3, info_record)),
                           beat)
@@ -556,9 +564,12 @@ class Pipeline:
         """True while every worker has turned its loop within ``max_age`` seconds.
 
         An idle or back-pressured worker still turns (it waits in short timeouts),
-        so this is false only when one is stuck, e.g. an engine call that never returns.
+        so this is false only when one is stuck, e.g. an engine call that never returns,
+        or when ENGINE_FAILURE_LIMIT frames in a row failed in the engine.
         """
         now = time.monotonic()
+        if self._engine_failures >= ENGINE_FAILURE_LIMIT:
+            return False  # workers turn, but every frame fails: a restart is the only way out
         workers = [f"inference-{i}" for i in range(self._workers)]
         stale = [k for k in ("prepare", *workers, "sinks")
                  if self.heartbeats.get(k) is None or now - self.heartbeats[k] > max_age]

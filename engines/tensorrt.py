@@ -472,6 +472,12 @@ def normalize_input_size(value: Any) -> tuple[int, int] | None:
     return nums[0], nums[1]
 
 
+def _dynamic_hw(summary: OnnxSummary) -> bool:
+    """True when the ONNX input's height or width is not fixed."""
+    dims = tuple(summary.inputs[0].shape) if summary.inputs else ()
+    return len(dims) == 4 and (dims[2] is None or dims[3] is None)
+
+
 def resolve_input_shape(spec: TensorSpec, input_size: tuple[int, int] | None, source: str = "model") -> tuple[int, int, int, int]:
     """The NCHW shape to build and run: static dims as given, dynamic ones filled in.
 
@@ -808,6 +814,13 @@ class TensorRTEngine(Engine):
                 else:
                     self._load_plan_file()
                 self._setup_io()
+        except EngineError:
+            self.close()
+            raise
+        except Exception as exc:  # CUDA binding errors (pycuda/cuda-python: out of memory, ...) must not
+            # escape as their own types: load_detector falls back to ONNX Runtime only on EngineError
+            self.close()
+            raise EngineError(f"{self.model_path}: TensorRT/CUDA failed: {type(exc).__name__}: {exc}") from exc
         except BaseException:
             self.close()
             raise
@@ -829,7 +842,13 @@ class TensorRTEngine(Engine):
         summary = read_onnx_summary(self.model_path)
         _refuse_unbuildable(self.model_path, summary)
         self._metadata = dict(summary.metadata)
-        shape = resolve_input_shape(summary.inputs[0], self.input_size, str(self.model_path))
+        wanted = self.input_size
+        if wanted is None:  # a dynamic-size export runs at its training size (metadata imgsz), as on ONNX Runtime
+            from engines.models.detect import input_size as model_input_size
+
+            wanted = model_input_size(summary.inputs, summary.metadata)
+        shape = resolve_input_shape(summary.inputs[0], wanted if self.input_size or _dynamic_hw(summary) else None,
+                                    str(self.model_path))
 
         calib_paths: list[Path] = []
         calib_digest: str | None = None
@@ -983,18 +1002,28 @@ class TensorRTEngine(Engine):
                 f"{self.model_path}: the engine does not accept input shape {list(input_shape)}{_recent_errors(self._logger)}"
             )
         self._free_buffers()
-        for entry in self._io:
-            name = entry["name"]
-            shape = tuple(int(d) for d in ctx.get_tensor_shape(name))
-            if any(d < 0 for d in shape):
-                raise EngineError(f"{self.model_path}: output {name!r} has a data-dependent shape {list(shape)}, which is not supported")
-            dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
-            host = cuda.pinned(shape, dtype)
-            device = cuda.alloc(host.nbytes)
-            self._buffers[name] = (host, device)
-            if not ctx.set_tensor_address(name, int(device)):
-                raise EngineError(f"{self.model_path}: TensorRT refused the buffer for tensor {name!r}")
-            entry["bound"] = list(shape)
+        self._in_shape = None  # until every tensor has its new buffer: a half-bound engine must not run
+        try:
+            for entry in self._io:
+                name = entry["name"]
+                shape = tuple(int(d) for d in ctx.get_tensor_shape(name))
+                if any(d < 0 for d in shape):
+                    raise EngineError(
+                        f"{self.model_path}: output {name!r} has a data-dependent shape {list(shape)}, which is not supported"
+                    )
+                try:
+                    dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
+                except TypeError as exc:  # BF16, FP8, INT4 have no numpy type
+                    raise EngineError(f"{self.model_path}: tensor {name!r} has a type numpy cannot hold ({exc})") from None
+                host = cuda.pinned(shape, dtype)
+                device = cuda.alloc(host.nbytes)
+                self._buffers[name] = (host, device)
+                if not ctx.set_tensor_address(name, int(device)):
+                    raise EngineError(f"{self.model_path}: TensorRT refused the buffer for tensor {name!r}")
+                entry["bound"] = list(shape)
+        except BaseException:
+            self._free_buffers()
+            raise
         self._in_name = in_entry["name"]
         self._in_shape = tuple(int(d) for d in input_shape)
         self._out_names = [e["name"] for e in self._io if e["mode"] == "output"]
@@ -1028,32 +1057,40 @@ class TensorRTEngine(Engine):
 
     def infer(self, tensor: np.ndarray) -> list[np.ndarray]:
         """Copy in, run, copy out, synchronize; one array per output in engine order (copies, safe to keep)."""
-        if self._closed:
-            raise EngineError(f"{self.model_path}: engine is closed")
-        with self._lock, self._cuda.activate():
-            if tuple(tensor.shape) != self._in_shape:
-                self._rebind_for(tensor)
-            host_in, dev_in = self._buffers[self._in_name]
-            try:
-                np.copyto(host_in, tensor, casting="same_kind")
-            except TypeError as exc:
-                raise EngineError(f"{self.model_path}: input is {tensor.dtype}, the engine expects {host_in.dtype} ({exc})") from None
-            cuda, stream = self._cuda, self._stream
-            cuda.htod_async(dev_in, host_in, stream)
-            if not self._context.execute_async_v3(cuda.stream_handle(stream)):
-                raise EngineError(f"{self.model_path}: TensorRT inference failed{_recent_errors(self._logger)}")
-            for name in self._out_names:
-                host, dev = self._buffers[name]
-                cuda.dtoh_async(host, dev, stream)
-            cuda.synchronize(stream)
-            return [self._buffers[name][0].copy() for name in self._out_names]
+        with self._lock:
+            if self._closed:  # checked under the lock: close() may have run while this call waited
+                raise EngineError(f"{self.model_path}: engine is closed")
+            with self._cuda.activate():
+                if self._in_shape is None or tuple(tensor.shape) != self._in_shape:
+                    self._rebind_for(tensor)
+                host_in, dev_in = self._buffers[self._in_name]
+                try:
+                    np.copyto(host_in, tensor, casting="same_kind")
+                except TypeError as exc:
+                    raise EngineError(f"{self.model_path}: input is {tensor.dtype}, the engine expects {host_in.dtype} ({exc})") from None
+                cuda, stream = self._cuda, self._stream
+                try:
+                    cuda.htod_async(dev_in, host_in, stream)
+                    if not self._context.execute_async_v3(cuda.stream_handle(stream)):
+                        raise EngineError(f"{self.model_path}: TensorRT inference failed{_recent_errors(self._logger)}")
+                    for name in self._out_names:
+                        host, dev = self._buffers[name]
+                        cuda.dtoh_async(host, dev, stream)
+                finally:
+                    cuda.synchronize(stream)  # also on failure: no copy may still target the pinned buffers
+                return [self._buffers[name][0].copy() for name in self._out_names]
 
     def _rebind_for(self, tensor: np.ndarray) -> None:
         entry = next(e for e in self._io if e["mode"] == "input")
         declared = entry["shape"]
+        if self._in_shape is None and all(d >= 0 for d in declared):
+            self._bind(tuple(int(d) for d in declared))  # a failed bind is retried with the static shape
+            if tuple(tensor.shape) == self._in_shape:
+                return
         fits = len(declared) == tensor.ndim and all(d < 0 or d == s for d, s in zip(declared, tensor.shape, strict=True))
         if not fits or all(d >= 0 for d in declared):
-            raise EngineError(f"{self.model_path}: input shape {list(tensor.shape)} does not match the engine's {list(self._in_shape)}")
+            expected = list(self._in_shape or declared)
+            raise EngineError(f"{self.model_path}: input shape {list(tensor.shape)} does not match the engine's {expected}")
         self._bind(tuple(int(s) for s in tensor.shape))
 
     def info(self) -> EngineInfo:
@@ -1073,9 +1110,17 @@ class TensorRTEngine(Engine):
                 "build_seconds": round(self.build_seconds, 3),
                 "load_seconds": round(getattr(self, "load_seconds", 0.0), 3),
                 "precision_requested": self.precision_requested,
-                "input_shape": list(getattr(self, "_in_shape", ())),
+                "input_shape": list(getattr(self, "_in_shape", None) or ()),
             },
         )
+
+    def __del__(self) -> None:
+        # a model reload drops the old engine without closing it (a worker may still be inside infer());
+        # free its GPU and pinned memory when the last reference goes, from whichever thread that is
+        try:
+            self.close()
+        except Exception:  # noqa: S110 - nothing useful can be done in a finalizer
+            pass
 
     def close(self) -> None:
         """Free buffers, stream, context, engine and runtime inside the CUDA context, then release it."""

@@ -153,6 +153,11 @@ def atomic_write(path: str | Path, data: bytes | bytearray | memoryview | Callab
                 fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        # mkstemp makes the file 0600: give it the usual mode, so an engine built ahead of time by another
+        # user (edgelabel build-engine as root) is readable by the service instead of being rebuilt
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -288,21 +293,41 @@ def load_or_build(
             path,
         )
 
+    # a build that never finished (killed by the kernel's OOM killer, a crash, a power cut) leaves this
+    # marker; building again at every service restart would loop, so refuse and let the caller fall back
+    marker = path.with_name(path.name + ".building")
+    if marker.exists():
+        raise EngineError(
+            f"{path}: a previous build of this engine did not finish (out of memory or a crash?), see {marker}; "
+            f"lower model.workspace_mb or free memory, then delete {marker} to build again"
+        )
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"pid {os.getpid()} started {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
+    except OSError:
+        marker = None  # read-only cache: nothing is kept either way, so nothing can loop
     started = time.perf_counter()
-    plan = build()
+    try:
+        plan = build()
+    except BaseException:
+        if marker is not None:  # a clean failure (parser error, exception) is not a crash: allow a retry
+            marker.unlink(missing_ok=True)
+        raise
     seconds = time.perf_counter() - started
+    if marker is not None:
+        marker.unlink(missing_ok=True)
     if not plan:
         raise EngineError(f"{path}: TensorRT returned an empty engine (see the TensorRT errors logged above)")
-    try:
-        atomic_write(path, plan)
-    except OSError as exc:
-        log.warning("%s: cannot write the engine cache (%s); the next start will build again", path, exc)
-    engine = deserialize(plan)
+    engine = deserialize(plan)  # before caching it: a plan that does not load must not be found next time
     if engine is None:
         raise EngineError(
             f"{path}: TensorRT built an engine but cannot deserialize it on this device "
             "(see the TensorRT errors logged above; check that the TensorRT runtime and builder libraries match)"
         )
+    try:
+        atomic_write(path, plan)
+    except OSError as exc:
+        log.warning("%s: cannot write the engine cache (%s); the next start will build again", path, exc)
     log.info("%s: built TensorRT engine in %.1f s (%d bytes)", path.name, seconds, len(plan))
     return LoadResult(engine=engine, built=True, build_seconds=seconds, plan_bytes=len(plan), rebuilt_stale=stale)
 

@@ -123,3 +123,17 @@ def test_int8_on_onnxruntime_says_it_applies_to_tensorrt_only(tmp_path, assets):
     assert det.engine_reason == "model.engine is onnxruntime; model.precision int8 applies to native TensorRT only"
     det.close()
     assert calibration_folder(cfg) == cfg.resolve(cfg.dataset.path) / "images"
+
+
+def test_the_calibration_choice_is_kept_while_the_folder_grows(tmp_path, site_images):
+    from edge.loader import calibration_split
+
+    manifest = tmp_path / "engines" / "m-calibration.json"
+    first = calibration_split(site_images, 500, manifest)
+    assert len(first[0]) == 8 and len(first[1]) == 2 and manifest.is_file()
+    shutil.copy(site_images / "img_00.jpg", site_images / "img_99.jpg")  # the dataset grew
+    assert calibration_split(site_images, 500, manifest) == first  # same images: same engine, no new gate
+    assert calibration_split(site_images, 500) != first  # without the manifest the new image is taken
+    first[0][0].unlink()  # an image of the choice is gone: choose again
+    again = calibration_split(site_images, 500, manifest)
+    assert again != first and all(p.is_file() for p in again[0] + again[1])

@@ -220,6 +220,44 @@ def test_unloadable_fresh_build_raises_instead_of_looping(tmp_path: Path) -> Non
     assert build.calls == 1
 
 
+def test_unloadable_fresh_build_is_not_cached(tmp_path: Path) -> None:
+    path = tmp_path / "m.engine"
+    with pytest.raises(EngineError, match="cannot deserialize"):
+        load_or_build(path, _deserialize, _Builds(b"BAD-EVEN-WHEN-FRESH"))
+    assert not path.exists()  # the next start builds again instead of finding a useless file
+
+
+def test_a_build_that_never_finished_is_not_started_again(tmp_path: Path) -> None:
+    """A build killed mid-way (OOM killer, power cut) leaves a marker; the restarted service must not loop."""
+    path = tmp_path / "m.engine"
+
+    class Killed(_Builds):
+        def __call__(self) -> bytes:
+            assert (tmp_path / "m.engine.building").is_file()  # the marker exists while building
+            raise SystemExit("simulated kill")  # nothing after this runs in a killed process
+
+    marker = tmp_path / "m.engine.building"
+    with pytest.raises(SystemExit):
+        load_or_build(path, _deserialize, Killed())
+    marker.write_text("pid 1 started earlier\n")  # what a SIGKILL leaves behind (a clean exit removes it)
+    build = _Builds()
+    with pytest.raises(EngineError, match=r"did not finish.*delete .*m\.engine\.building to build again"):
+        load_or_build(path, _deserialize, build)
+    assert build.calls == 0
+    marker.unlink()
+    assert load_or_build(path, _deserialize, build).built and not marker.exists()
+
+
+def test_a_build_error_leaves_no_marker(tmp_path: Path) -> None:
+    class Fails(_Builds):
+        def __call__(self) -> bytes:
+            raise EngineError("parser: unsupported operator")
+
+    with pytest.raises(EngineError, match="unsupported operator"):
+        load_or_build(tmp_path / "m.engine", _deserialize, Fails())
+    assert not (tmp_path / "m.engine.building").exists()
+
+
 def test_missing_engine_is_built_and_unwritable_cache_still_runs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     build = _Builds()
     result = load_or_build(tmp_path / "new.engine", _deserialize, build)

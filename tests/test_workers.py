@@ -166,3 +166,20 @@ def test_serialized_engine_without_tensorrt_is_a_clear_error(tmp_path):
         pytest.skip("TensorRT is installed here; this checks the message where it is not")
     with pytest.raises(EngineError, match="model.engine"):
         load_detector(plan)
+
+
+def test_an_engine_that_fails_every_frame_stops_feeding_the_watchdog(tmp_path, assets, caplog):
+    class Broken(JitterDetector):
+        def infer(self, tensor):
+            raise EngineError("CUDA error: an illegal memory access was encountered")
+
+    video = {"cars": {"uri": str(assets / "videos" / "cars.mp4")}}
+    cfg = config_from_dict(_cfg(tmp_path, assets, video, workers=2, threads=1))
+    pipe = Pipeline(cfg, detector=Broken(load_model(cfg)), sinks=[RecordingSink()], show_progress=False)
+    pipe.run()
+    assert not pipe.alive(max_age=3600)
+    assert "the last 100 frames all failed in the engine" in caplog.text
+
+    healthy = Pipeline(cfg, detector=JitterDetector(load_model(cfg)), sinks=[RecordingSink()], show_progress=False)
+    healthy.run()
+    assert healthy.alive(max_age=3600)
