@@ -52,6 +52,28 @@ MODELS = ("yolox_nano", "yolo11n_int8")  # the full set of measurements; yolov8n
 PUBACK_LINE = re.compile(r"capture->PUBACK latency over the last (\d+) labels: p50 ([\d.]+) / p95 ([\d.]+) / p99 ([\d.]+) ms")
 
 
+NOTES = [
+    "## How to read this", "",
+    "- The pipeline runs one ONNX Runtime session with one intra-op thread, called by one inference worker per",
+    "  core (`model.threads`/`model.workers` 0/0). `raw engine, 1 thread, N callers` is that plan without",
+    "  decoding, letterboxing or publishing; B adds the decoder's CPU time to it. ONNX Runtime's default",
+    "  (2 intra-op threads, one caller) is slower than two 1-thread callers on 2 cores, and much slower when",
+    "  the decoder competes for the same cores.",
+    "- Latency: `capture->subscriber` is taken from the label's `captured_ts` to its arrival at a subscriber",
+    "  in the bench process; the first 5 labels are left out (the cold start is its own row). `capture->PUBACK`",
+    "  is measured by the daemon's MQTT sink for every label (first ones included) and logged at exit; it",
+    "  is also in `/api/status` (`puback_p50_ms` ...). `added by the pipeline` subtracts each frame's own",
+    "  inference time, which separates the pipeline's cost from the CPU's noise.",
+    "- A QoS 0 stats message every 10 s used to hold the next label for a delayed TCP ACK (Nagle); the",
+    "  MQTT connection now sets TCP_NODELAY.",
+    "- yolov8n_int8 (640x640, dynamic INT8) is inference-bound: decoding is a small share of a frame, so the",
+    "  peer's 2-thread session comes closer to two 1-thread workers than on the smaller models.",
+    "- Detection parity box by box, all three Ultralytics models, IoU >= 0.95: `python bench/parity.py",
+    "  --ultralytics-python <venv>/bin/python` (docs/evaluation.md).",
+    "",
+]
+
+
 def raw_engine(model: str, seconds: float, threads: int = 0, callers: int = 1) -> float:
     """session.run only, batch 1, ``callers`` threads calling one session at once: inferences per second."""
     so = ort.SessionOptions()
@@ -368,6 +390,7 @@ def main() -> int:
         "## Against the targets (this run)", "",
         "| target | measured | met |", "|---|---|---|",
         *[f"| {k} | {v} | {'yes' if ok else 'no'} |" for k, v, ok in targets], "",
+        *NOTES,
     ]
     Path(args.out).write_text("\n".join(md))
     print(f"written to {args.out}")
