@@ -17,7 +17,6 @@ import ctypes
 import importlib.util
 import logging
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -45,13 +44,13 @@ def tensorrt_importable() -> bool:
     return importlib.util.find_spec("tensorrt") is not None
 
 
-@lru_cache(maxsize=1)
 def cuda_gpu_count() -> int:
     """Number of CUDA devices the driver reports; 0 without a driver or a GPU.
 
     Uses the driver API (``cuInit`` + ``cuDeviceGetCount``) through ctypes, the
     same library every CUDA program loads, so it works on a Jetson (no
-    ``nvidia-smi`` there) and on a desktop alike.
+    ``nvidia-smi`` there) and on a desktop alike.  Not cached: a GPU that was
+    not ready at boot is found by the next model load (SIGHUP).
     """
     for name in ("libcuda.so.1", "libcuda.so"):
         try:
