@@ -350,7 +350,10 @@ def load_cuda(device_id: int = 0) -> CudaApi:
     except ImportError as exc:
         errors.append(f"pycuda: {exc}")
     else:
-        return PyCudaApi(device_id)
+        try:
+            return PyCudaApi(device_id)
+        except Exception as exc:  # pycuda built against another CUDA, no driver: cuda-python may still work
+            errors.append(f"pycuda: {type(exc).__name__}: {exc}")
     try:
         try:
             from cuda.bindings import runtime  # noqa: F401
@@ -359,7 +362,12 @@ def load_cuda(device_id: int = 0) -> CudaApi:
     except ImportError as exc:
         errors.append(f"cuda-python: {exc}")
     else:
-        return CudaPythonApi(device_id)
+        try:
+            return CudaPythonApi(device_id)
+        except EngineError:
+            raise
+        except Exception as exc:
+            errors.append(f"cuda-python: {type(exc).__name__}: {exc}")
     raise EngineError(f"the tensorrt engine found no CUDA binding ({'; '.join(errors)}); {INSTALL_CUDA}")
 
 
@@ -803,6 +811,7 @@ class TensorRTEngine(Engine):
             raise EngineError(f"{self.model_path}: the tensorrt engine takes an .onnx model or a serialized .engine/.plan file")
         self._trt = import_tensorrt()
         self._logger = trt_logger(self._trt)
+        self._logger.errors.clear()  # errors of an earlier model must not be reported as this one's
         self._cuda = load_cuda(self.device_id)
         started = time.perf_counter()
         try:
@@ -886,7 +895,8 @@ class TensorRTEngine(Engine):
             calibrator = None
             if needs_calibration:
                 spec = _calibration_spec(summary, self.family, (shape[2], shape[3]))
-                batcher = CalibrationBatcher(calib_paths, (shape[2], shape[3]), spec, batch_size=shape[0])
+                in_dtype = summary.inputs[0].dtype if summary.inputs[0].dtype in ("float16", "float32") else "float32"
+                batcher = CalibrationBatcher(calib_paths, (shape[2], shape[3]), spec, batch_size=shape[0], dtype=in_dtype)
                 calibrator = make_entropy_calibrator(batcher, calib_cache_path, trt=trt, cuda=cuda)
             try:
                 out = build_plan(
