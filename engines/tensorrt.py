@@ -58,6 +58,7 @@ from engines.trtcache import (
     read_engine_file,
     read_onnx_summary,
     read_sidecar,
+    remove_stale_temps,
     save_timing_cache,
     sha256_file,
     timing_cache_path,
@@ -886,6 +887,7 @@ class TensorRTEngine(Engine):
             calib_hash=calib_digest,
         )
         self.engine_file = self.cache_dir / engine_filename(self.model_path.stem, key)
+        remove_stale_temps(self.cache_dir)
         if calib_cache_path is None:
             calib_cache_path = self.engine_file.with_suffix(".calib")
         timing_path = timing_cache_path(self.cache_dir, key.trt_version, key.gpu_name, key.compute_capability)

@@ -166,6 +166,33 @@ def atomic_write(path: str | Path, data: bytes | bytearray | memoryview | Callab
     return target
 
 
+def remove_stale_temps(folder: str | Path, older_than: float = 3600.0) -> int:
+    """Delete temporary files that :func:`atomic_write` left behind when its process was killed.
+
+    An engine is hundreds of MB and a Jetson's eMMC is small, so a SIGKILL during
+    a cache write (watchdog, OOM killer) must not leave its half-file there for
+    good.  Only files older than ``older_than`` seconds go: a younger one may
+    belong to a build that is running now (``edgelabel build-engine`` beside
+    the service).  Returns how many were removed.
+    """
+    removed = 0
+    cutoff = time.time() - older_than
+    try:
+        candidates = list(Path(folder).glob(".*.tmp"))
+    except OSError:
+        return 0
+    for tmp in candidates:
+        try:
+            if tmp.is_file() and tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                removed += 1
+        except OSError:
+            continue
+    if removed:
+        log.info("%s: removed %d unfinished temporary file(s) of an interrupted cache write", folder, removed)
+    return removed
+
+
 def _fsync_dir(folder: Path) -> None:
     """Make the rename itself durable (best effort: not every file system allows opening a folder)."""
     try:

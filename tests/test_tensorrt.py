@@ -1191,3 +1191,21 @@ def test_real_tensorrt_build_and_infer(assets: Path, tmp_path: Path) -> None:
         assert engine.info().provider.startswith("TensorRT ")
     finally:
         engine.close()
+
+
+def test_unfinished_temporary_files_are_removed_when_old(tmp_path: Path) -> None:
+    """A SIGKILL during a cache write leaves `.name.XXXX.tmp`; an old one goes, a young one may be a live build."""
+    import os
+    import time
+
+    from engines.trtcache import remove_stale_temps
+
+    old = tmp_path / ".m.engine.abc123.tmp"
+    young = tmp_path / ".m.engine.def456.tmp"
+    keep = tmp_path / "m.engine"
+    for f in (old, young, keep):
+        f.write_bytes(b"x")
+    past = time.time() - 7200
+    os.utime(old, (past, past))
+    assert remove_stale_temps(tmp_path) == 1
+    assert not old.exists() and young.exists() and keep.exists()
