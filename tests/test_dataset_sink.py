@@ -312,3 +312,26 @@ def test_disk_full_and_read_only_are_reported_and_recovered(small_fs: Path, asse
     st = ro.status()
     assert st["ok"] is True and st["images"] == 4 and st["annotations"] == 4
     assert len(COCO(str(root / "annotations.coco.json")).getImgIds()) == 4
+
+
+def test_unfinished_writes_of_a_killed_run_are_removed_at_open(tmp_path):
+    """A kill between write and rename leaves `.name.xxxxxxxx.tmp`; the next open removes old ones only."""
+    import os
+    import time
+
+    from edge.sinks.dataset import DatasetIndex, remove_unfinished_writes
+
+    root = tmp_path / "ds"
+    (root / "images" / "cam").mkdir(parents=True)
+    old = root / "images" / "cam" / ".00000007_abcd1234.jpg.0123abcd.tmp"
+    young = root / "images" / "cam" / ".00000008_abcd1234.jpg.4567cdef.tmp"
+    mine = root / "images" / "cam" / "notes.tmp"  # not ours: never touched
+    for f in (old, young, mine):
+        f.write_bytes(b"half an image")
+    past = time.time() - 7200
+    os.utime(old, (past, past))
+    index = DatasetIndex(root)
+    index.open()
+    index.close()
+    assert not old.exists() and young.exists() and mine.exists()
+    assert remove_unfinished_writes(root, older_than=0.0) == 1 and not young.exists()

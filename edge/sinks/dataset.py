@@ -67,6 +67,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import threading
@@ -262,6 +263,7 @@ class DatasetIndex:
                 self._recount()
                 if self._repair:
                     self._repair_unsynced()
+                    remove_unfinished_writes(self.root)
             except BaseException:
                 self._db = None
                 db.close()
@@ -1055,6 +1057,34 @@ class DatasetSink(Sink):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+_TMP_NAME = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
+
+
+def remove_unfinished_writes(root: Path, older_than: float = 3600.0) -> int:
+    """Delete the temporary files of :func:`write_atomic` calls a kill interrupted (hidden ``.name.xxxxxxxx.tmp``).
+
+    They are invisible to the index and to every export, but an image-sized
+    one per kill adds up on a small disk.  Only files older than ``older_than``
+    seconds go, so a write in progress elsewhere is never touched.
+    """
+    cutoff = time.time() - older_than
+    removed = 0
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            if not _TMP_NAME.match(name):
+                continue
+            path = Path(folder) / name
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except OSError:
+                continue
+    if removed:
+        log.info("dataset: removed %d unfinished temporary file(s) left by an interrupted run", removed)
+    return removed
 
 
 def write_atomic(path: Path, data: bytes, fsync: bool = False) -> None:
