@@ -397,6 +397,27 @@ def test_watch_defers_a_file_still_being_written(tmp_path: Path, assets: Path) -
     assert frame is not None and frame.image.shape == IMAGE_SHAPES["bus.jpg"]
 
 
+def test_watch_rejects_a_file_that_stays_empty_past_the_grace(tmp_path: Path, assets: Path) -> None:
+    """An empty new file may be a copy that has not started; one that stays empty is reported, not kept forever."""
+    src = FolderSource("w", cfg(str(tmp_path), watch=True, watch_interval=0.05), str(tmp_path))
+    src.empty_grace = 0.3
+    rejects: list[tuple[str, str]] = []
+    src.on_reject = lambda p, r: rejects.append((p, r))
+    src.open()
+    late = tmp_path / "late.jpg"
+    late.write_bytes(b"")
+    stuck = tmp_path / "stuck.jpg"
+    stuck.write_bytes(b"")
+    assert src._poll() == 0 and src._poll() == 0  # empty: deferred
+    late.write_bytes((assets / "images" / "bus.jpg").read_bytes())  # the copy arrives within the grace
+    time.sleep(0.35)
+    assert src._poll() == 1  # stuck.jpg: empty past the grace, its signature unchanged -> read (late.jpg: changed)
+    assert src._poll() == 1  # late.jpg: unchanged across two polls
+    frame = src.read()
+    assert frame is not None and frame.path.endswith("late.jpg")
+    assert rejects == [(str(stuck), "zero-byte file")]
+
+
 # --------------------------------------------------------------------------- single image
 
 

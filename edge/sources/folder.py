@@ -23,7 +23,8 @@ File policy (so a drop folder full of odd files never stops the daemon):
 ``watch`` mode keeps polling every ``watch_interval`` seconds after the first
 listing and never finishes.  A new file is only read once its size and mtime
 were the same on two polls in a row (it is probably still being copied
-otherwise); a new zero-byte file waits until it has content.  A file is read at
+otherwise); a new zero-byte file waits until it has content, for at most
+``EMPTY_GRACE`` seconds: then it is read, and rejected as a zero-byte file.  A file is read at
 most once per run, by path: rewriting an already-read file does not re-read it.
 """
 
@@ -54,10 +55,15 @@ def natural_key(rel_path: str) -> tuple[tuple[tuple[object, ...], ...], str]:
     return tuple(tuple(int(t) if i % 2 else t for i, t in enumerate(_DIGITS.split(p))) for p in parts), rel_path
 
 
+#: seconds a new zero-byte file in a watched folder may stay empty (a copy that has not started writing)
+EMPTY_GRACE = 60.0
+
+
 class FolderSource(Source):
     """Every image file under a folder, once, in natural-sort order (see the module docstring)."""
 
     live = False
+    empty_grace = EMPTY_GRACE
 
     def __init__(self, name: str, cfg: SourceConfig, target: str) -> None:
         super().__init__(name, cfg, target)
@@ -68,6 +74,7 @@ class FolderSource(Source):
         self._files: list[str] = []
         self._seen: set[str] = set()
         self._pending: dict[str, object] = {}
+        self._empty_since: dict[str, float] = {}  # monotonic time a pending file was first seen empty
         self._ignored: set[str] = set()
         self._walk_errors: set[str] = set()
         self._pos = 0
@@ -139,13 +146,20 @@ class FolderSource(Source):
             except OSError:
                 sig, empty = None, False  # broken symlink: rejected once it stays broken for a poll
             prev = self._pending.get(path, _MISSING)
+            if empty:
+                since = self._empty_since.setdefault(path, time.monotonic())
+                empty = time.monotonic() - since < self.empty_grace  # still empty after the grace: a bad file
+            else:
+                self._empty_since.pop(path, None)
             if prev == sig and not empty:
                 ready.append(path)
                 self._pending.pop(path, None)
+                self._empty_since.pop(path, None)
             else:
                 self._pending[path] = sig
         for gone in [p for p in self._pending if p not in present]:
             del self._pending[gone]
+            self._empty_since.pop(gone, None)
         ready.sort(key=lambda p: natural_key(os.path.relpath(p, self.root)))
         self._files.extend(ready)
         self._seen.update(ready)
