@@ -20,6 +20,7 @@ gets one worker.  The sink worker is the only thread that calls sinks.
 from __future__ import annotations
 
 import csv
+import fcntl
 import gc
 import logging
 import os
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge.config import Config, SourceConfig
+from edge.config import Config, ConfigError, SourceConfig
 from edge.frame import Frame
 from edge.ledger import Ledger
 from edge.loader import load_model, worker_count
@@ -86,6 +87,28 @@ class Totals:
     by_source: Counter[str] = field(default_factory=Counter)
     rejected: int = 0
     inference_ms_sum: float = 0.0
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold ``<state_dir>/edgelabel.lock`` for this process; ConfigError when another process holds it.
+
+    Two daemons on one state_dir would both publish the same outbox rows and
+    mark frames in one ledger: duplicates for every consumer.  ``flock`` is
+    released by the kernel when the process dies, so a kill -9 leaves no
+    stale lock behind.
+    """
+    path = state_dir / "edgelabel.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError([f"state_dir: {state_dir} is in use by another edgelabel process ({holder}); "
+                           "give each daemon its own state_dir"]) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()}\n".encode())
+    return fd
 
 
 def _gate_status(result: Any) -> dict[str, Any] | None:
@@ -168,6 +191,7 @@ class Pipeline:
         #: monotonic time of each worker's last loop turn (liveness for the watchdog)
         self.heartbeats: dict[str, float] = {}
         self.ledger: Ledger | None = None
+        self._state_lock: int | None = None  # fd holding the state_dir lock while running
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -179,6 +203,7 @@ class Pipeline:
         cfg = self.cfg
         state_dir = cfg.resolve(cfg.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
+        self._state_lock = lock_state_dir(state_dir)
         if self.detector is None:
             self.detector = load_model(cfg)
         self._model_info = model_info(self.detector)
@@ -273,8 +298,8 @@ class Pipeline:
 
     def run(self) -> int:
         """Start, block until done or stopped, shut down; 0 on success, 1 if a source failed."""
-        self.start()
         try:
+            self.start()
             while not self._finished.wait(0.5):
                 pass
         finally:
@@ -302,6 +327,9 @@ class Pipeline:
             self.ledger = None
         if self.detector is not None:
             self.detector.engine.close()
+        if self._state_lock is not None:
+            os.close(self._state_lock)  # releases the lock
+            self._state_lock = None
 
     # ------------------------------------------------------------------ callbacks from source runners
 

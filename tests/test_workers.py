@@ -183,3 +183,21 @@ def test_an_engine_that_fails_every_frame_stops_feeding_the_watchdog(tmp_path, a
     healthy = Pipeline(cfg, detector=JitterDetector(load_model(cfg)), sinks=[RecordingSink()], show_progress=False)
     healthy.run()
     assert healthy.alive(max_age=3600)
+
+
+def test_a_second_daemon_on_the_same_state_dir_is_refused(tmp_path, assets):
+    from edge.config import ConfigError
+
+    video = {"cars": {"uri": str(assets / "videos" / "cars.mp4"), "loop": True, "fps": 10}}
+    cfg = config_from_dict(_cfg(tmp_path, assets, video, workers=1, threads=1))
+    first = Pipeline(cfg, sinks=[RecordingSink()], show_progress=False)
+    first.start()
+    try:
+        second = Pipeline(config_from_dict(_cfg(tmp_path, assets, video)), sinks=[RecordingSink()], show_progress=False)
+        with pytest.raises(ConfigError, match=r"is in use by another edgelabel process \(pid \d+\)"):
+            second.run()
+    finally:
+        first.shutdown()
+    third = Pipeline(config_from_dict(_cfg(tmp_path, assets, {"i": {"uri": str(assets / "images")}})),
+                     sinks=[RecordingSink()], show_progress=False)
+    assert third.run() == 0  # released at shutdown
