@@ -46,7 +46,7 @@ def _api(url: str) -> Any:
 class Daemon:
     """``edgelabel run`` with the web page on a free loopback port, its log in a file."""
 
-    def __init__(self, workdir: Path, assets: Path, log_path: Path) -> None:
+    def __init__(self, workdir: Path, assets: Path, log_path: Path, mqtt_port: int) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.state = workdir / "state"
@@ -55,7 +55,7 @@ class Daemon:
             "state_dir": str(self.state),
             "model": {"path": str(assets / "models" / "yolox_nano.onnx"), "family": "yolox", "conf": 0.3},
             "sources": {"cars": {"uri": str(assets / "videos" / "cars.mp4"), "loop": True, "fps": 10}},
-            "mqtt": {"enabled": False},
+            "mqtt": {"host": "127.0.0.1", "port": mqtt_port, "prefix": "browser"},
             "dataset": {"enabled": False},
             "web": {"enabled": True, "host": "127.0.0.1", "port": self.port, "stream_fps": 5},
         }
@@ -107,8 +107,8 @@ def artifacts(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def daemon(tmp_path: Path, assets: Path, artifacts: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path, assets, artifacts / "daemon.log")
+def daemon(tmp_path: Path, assets: Path, artifacts: Path, broker: Any) -> Iterator[Daemon]:
+    d = Daemon(tmp_path, assets, artifacts / "daemon.log", broker.port)
     try:
         d.wait_ready()
         yield d
@@ -146,7 +146,11 @@ def test_dashboard_in_chromium(daemon: Daemon, artifacts: Path, capsys: pytest.C
             page.wait_for_function(
                 "() => document.querySelector('#card-engine [data-f=\"provider\"]').textContent.includes('CPU')")
             assert page.locator('#card-engine [data-f="model"]').inner_text().startswith("yolox_nano")
-            assert page.locator('#card-mqtt [data-f="mqtt_state"]').inner_text() == "disabled"
+            assert page.locator('#card-engine [data-f="engine_reason"]').inner_text().startswith("auto: ")
+            assert page.locator('#card-mqtt [data-f="mqtt_state"]').inner_text() == "connected"
+            page.wait_for_function(  # labels are acknowledged: capture -> ack latency is shown
+                "() => / ms median · \\d+ ms p99 \\(last \\d+ labels\\)/.test("
+                "document.querySelector('#card-mqtt [data-f=\"mqtt_latency\"]').textContent)", timeout=30_000)
             assert page.locator(f'{card} [data-f="status"]').inner_text() == "online"
             page.screenshot(path=str(artifacts / "dashboard-1280.png"), full_page=True)
 

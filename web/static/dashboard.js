@@ -69,7 +69,7 @@
     const state = $('[data-f="mqtt_state"]', card);
     if (!m || !m.enabled) {
       EL.badge(state, "disabled", "muted");
-      ["broker", "outbox", "last_publish", "mqtt_dropped", "mqtt_error"].forEach((f) => EL.setF(card, f, "–"));
+      ["broker", "outbox", "last_publish", "mqtt_latency", "mqtt_dropped", "mqtt_error"].forEach((f) => EL.setF(card, f, "–"));
       return;
     }
     if (m.connected === true) EL.badge(state, "connected", "ok");
@@ -78,6 +78,11 @@
     EL.setF(card, "broker", m.broker || "–");
     EL.setF(card, "outbox", m.outbox_depth === null || m.outbox_depth === undefined ? "–" : `${EL.fmtNum(m.outbox_depth)} waiting`);
     EL.setF(card, "last_publish", EL.fmtAgo(m.last_publish_at, now));
+    const d = m.details || {};
+    const p50 = EL.num(d.puback_p50_ms), p99 = EL.num(d.puback_p99_ms);
+    EL.setF(card, "mqtt_latency", p50 === null ? "no label acknowledged yet"
+      : `${p50.toFixed(0)} ms median · ${p99.toFixed(0)} ms p99 (last ${EL.fmtNum(d.puback_latency_n)} labels)`,
+      "from the frame's capture to the broker's acknowledgement of its label");
     const drops = m.drops ? Object.entries(m.drops).map(([k, v]) => `${k.replace(/_/g, " ")}: ${v}`).join(", ") : "";
     EL.setF(card, "mqtt_dropped", EL.fmtNum(m.dropped), drops);
     EL.setF(card, "mqtt_error", m.last_error || "–");
