@@ -190,7 +190,7 @@ def _validated_run_config(args: argparse.Namespace) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from edge.daemon import run_daemon
-    from engines.base import EngineError
+    from engines.base import DeviceError, EngineError
 
     try:
         cfg = _validated_run_config(args)
@@ -202,6 +202,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     reload_config = (lambda: _validated_run_config(args)) if args.config else None
     try:
         code, pipeline = run_daemon(cfg, fresh=args.fresh, reload_config=reload_config)
+    except DeviceError as exc:  # the GPU failed, not the model: worth a restart
+        print(f"edgelabel: {exc} (a device error: retrying may help)", file=sys.stderr)
+        return EXIT_FAILED
     except EngineError as exc:
         print(f"edgelabel: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -21,6 +21,14 @@ class EngineError(RuntimeError):
     """A model cannot be loaded or run; the message names the file and the cause."""
 
 
+class DeviceError(EngineError):
+    """The accelerator failed (CUDA error, out of GPU memory, driver not ready), not the model or the config.
+
+    Worth a retry: the command line exits 1 for it (systemd restarts the
+    service), where a bad model or config exits 2 (no restart).
+    """
+
+
 @dataclass(frozen=True)
 class Detection:
     """One object found in one frame, in the frame's own pixel coordinates."""

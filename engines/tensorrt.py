@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.base import Engine, EngineError, EngineInfo, TensorSpec
+from engines.base import DeviceError, Engine, EngineError, EngineInfo, TensorSpec
 from engines.calibration import CalibrationBatcher, calibration_hash, make_entropy_calibrator, resolve_images
 from engines.models.base import PreprocessSpec
 from engines.trtcache import (
@@ -830,7 +830,7 @@ class TensorRTEngine(Engine):
         except Exception as exc:  # CUDA binding errors (pycuda/cuda-python: out of memory, ...) must not
             # escape as their own types: load_detector falls back to ONNX Runtime only on EngineError
             self.close()
-            raise EngineError(f"{self.model_path}: TensorRT/CUDA failed: {type(exc).__name__}: {exc}") from exc
+            raise DeviceError(f"{self.model_path}: TensorRT/CUDA failed: {type(exc).__name__}: {exc}") from exc
         except BaseException:
             self.close()
             raise

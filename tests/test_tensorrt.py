@@ -1209,3 +1209,28 @@ def test_unfinished_temporary_files_are_removed_when_old(tmp_path: Path) -> None
     os.utime(old, (past, past))
     assert remove_stale_temps(tmp_path) == 1
     assert not old.exists() and young.exists() and keep.exists()
+
+
+def test_a_cuda_failure_is_a_device_error_and_onnx_models_fall_back(
+        tmp_path: Path, fake_env: tuple[Any, FakeCuda], monkeypatch: pytest.MonkeyPatch) -> None:
+    """pycuda raises its own types (out of memory); they must become DeviceError, never escape as themselves."""
+    from engines.base import DeviceError
+    from engines.detector import load_detector
+
+    _, cuda = fake_env
+
+    class CudaOutOfMemory(Exception):  # what pycuda.driver.MemoryError looks like from here
+        pass
+
+    def no_memory(nbytes: int) -> Any:
+        raise CudaOutOfMemory("cuMemAlloc failed: out of memory")
+
+    monkeypatch.setattr(cuda, "alloc", no_memory)
+    model = MODELS / "yolox_nano.onnx"
+    with pytest.raises(DeviceError, match="TensorRT/CUDA failed: CudaOutOfMemory: cuMemAlloc failed"):
+        trt_engine.TensorRTEngine(model, cache_dir=tmp_path / "engines")
+    det = load_detector(model, engine="tensorrt", family="yolox", providers=["cpu"], cache_dir=str(tmp_path / "e2"))
+    try:
+        assert det.engine.type_name == "onnxruntime" and "CudaOutOfMemory" in det.engine_reason
+    finally:
+        det.close()
