@@ -203,7 +203,6 @@ class Pipeline:
         cfg = self.cfg
         state_dir = cfg.resolve(cfg.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
-        self._state_lock = lock_state_dir(state_dir)
         if self.detector is None:
             self.detector = load_model(cfg)
         self._model_info = model_info(self.detector)
@@ -211,6 +210,9 @@ class Pipeline:
         if self.sinks is None:  # before the ledger: a sink's config error leaves no job state behind
             self.sinks = build_sinks(cfg, self.detector)
         self.sinks = self.sinks + self.extra_sinks
+        # before the first file of job state (ledger, outbox); after the model, so a model that cannot be
+        # used leaves the state_dir as it was
+        self._state_lock = lock_state_dir(state_dir)
         ledger_path = state_dir / "ledger.sqlite"
         if self.fresh:
             for suffix in ("", "-wal", "-shm"):
