@@ -39,8 +39,9 @@ def cpu_plan(m: ModelConfig, cores: int | None = None) -> tuple[int, int]:
     """(intra-op threads, inference workers) for ONNX Runtime on the CPU.
 
     Explicit settings win.  Otherwise one single-threaded session is called by
-    one worker per core (at most 4): on small detectors this measured about
-    twice the throughput of one 2-thread call on 2 cores (bench/run.py).
+    one worker per core (at most 4): on small detectors this measured 1.4x
+    the raw rate of one 2-thread call on 2 cores, more while the decoder
+    competes for the cores (bench/run.py, BENCHMARKS.md).
     """
     cores = max(1, cores if cores is not None else (os.cpu_count() or 1))
     workers = m.workers or min(cores, 4)
