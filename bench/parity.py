@@ -38,8 +38,9 @@ import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.run import MIRROR, _iou  # noqa: E402  (same mirror and IoU as the main benchmark)
+from bench.run import MIRROR  # noqa: E402  (the same mirror as the main benchmark)
 from engines.detector import load_detector  # noqa: E402
+from engines.models.nms import box_iou  # noqa: E402
 
 MODELS = ("yolo11n_int8", "yolov8n_int8", "yolo26n_int8")
 
@@ -152,7 +153,7 @@ class Compare:
 
 def _describe(side: str, d: Det, others: list[Det]) -> str:
     """An unmatched box and its closest counterpart of the same class on the other side."""
-    same = [(o, _iou(d[2:], o[2:])) for o in others if int(o[0]) == int(d[0])]
+    same = [(o, box_iou(d[2:], o[2:])) for o in others if int(o[0]) == int(d[0])]
     best = max(same, key=lambda t: t[1], default=None)
     box = "[" + ", ".join(f"{v:.1f}" for v in d[2:]) + "]"
     near = "no box of that class on the other side"
@@ -168,7 +169,7 @@ def compare(peer: list[list[Det]], ours: list[list[Det]], names: list[str], matc
         res.ref += len(theirs)
         res.ours += len(mine)
         pairs = sorted(
-            ((_iou(a[2:], b[2:]), i, j) for i, a in enumerate(theirs) for j, b in enumerate(mine) if int(a[0]) == int(b[0])),
+            ((box_iou(a[2:], b[2:]), i, j) for i, a in enumerate(theirs) for j, b in enumerate(mine) if int(a[0]) == int(b[0])),
             reverse=True,
         )
         used_t: set[int] = set()

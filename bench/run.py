@@ -40,6 +40,7 @@ import paho.mqtt.client as mqtt
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from engines.models.nms import box_iou  # noqa: E402
 from tests.conftest import Broker  # noqa: E402  (the same private-broker helper the tests use)
 
 MIRROR = Path(os.environ.get("EDGELABEL_MIRROR", ROOT.parent / "shared")).resolve()
@@ -236,14 +237,6 @@ def ultralytics_run(python: str, model: str, video: Path, frames: int) -> tuple[
     return fps, dets
 
 
-def _iou(a: list[float], b: list[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def parity(peer: list[list[list[float]]], ours: dict[int, list[dict[str, Any]]]) -> tuple[float, float, int]:
     """Share of the peer's detections we match (same class, IoU >= 0.9, score within 0.02), and of ours it
     matches, over the frames both processed; and the number of detections compared."""
@@ -257,7 +250,7 @@ def parity(peer: list[list[list[float]]], ours: dict[int, list[dict[str, Any]]])
         used: set[int] = set()
         for c, sc, *box in pdets:
             for j, d in enumerate(odets):
-                if j not in used and d["class_id"] == c and abs(d["score"] - sc) <= 0.02 and _iou(d["box"], box) >= 0.9:
+                if j not in used and d["class_id"] == c and abs(d["score"] - sc) <= 0.02 and box_iou(d["box"], box) >= 0.9:
                     used.add(j)
                     matched_peer += 1
                     break

@@ -28,6 +28,7 @@ from edge.config import Config, ModelConfig
 from engines.base import EngineError
 from engines.detector import Detector, load_detector
 from engines.select import choose_engine, is_serialized_engine
+from engines.trtcache import atomic_write  # the verdict and the calibration choice live in the engine cache
 
 log = logging.getLogger("edgelabel.loader")
 
@@ -103,12 +104,9 @@ def calibration_split(folder: Path, max_images: int, manifest: Path | None = Non
         return [], []
     calib, held = (list(part) for part in split_calibration(_even_sample(images, max_images)))
     if manifest is not None:
+        doc = {"folder": str(folder), "calibration": [str(p) for p in calib], "held_back": [str(p) for p in held]}
         try:
-            manifest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = manifest.with_name(manifest.name + ".tmp")
-            tmp.write_text(json.dumps({"folder": str(folder), "calibration": [str(p) for p in calib],
-                                       "held_back": [str(p) for p in held]}, indent=1), encoding="utf-8")
-            os.replace(tmp, manifest)
+            atomic_write(manifest, json.dumps(doc, indent=1).encode("utf-8"))
         except OSError as exc:
             log.warning("INT8: cannot keep the calibration choice in %s (%s)", manifest, exc)
     return calib, held
@@ -213,10 +211,7 @@ def load_int8_gated(
         raise
     if fresh:
         try:
-            verdict_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = verdict_file.with_name(verdict_file.name + ".tmp")
-            tmp.write_text(result.to_json(), encoding="utf-8")
-            os.replace(tmp, verdict_file)
+            atomic_write(verdict_file, result.to_json().encode("utf-8"))
         except OSError as exc:
             log.warning("INT8 gate: cannot keep the verdict in %s (%s); it is checked again at the next start",
                         verdict_file, exc)

@@ -41,6 +41,7 @@ from typing import Any
 
 from edge.records import iso_utc
 from edge.sinks.dataset import REVIEWED, STATES, DatasetIndex, VersionConflict
+from engines.models.nms import box_iou
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +305,7 @@ def diff_boxes(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> dict[str
     for d in new:
         best, best_iou = None, 0.0
         for o in unmatched:
-            iou = _iou(o["box"], d["box"])
+            iou = box_iou(o["box"], d["box"])
             if iou > best_iou:
                 best, best_iou = o, iou
         if best is None or best_iou < 0.3:
@@ -319,11 +320,3 @@ def diff_boxes(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> dict[str
     matched = kept + reclassed + moved
     return {"kept": kept, "reclassed": reclassed, "moved": moved, "removed": len(old) - matched,
             "added": len(new) - matched}
-
-
-def _iou(a: list[float], b: list[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0

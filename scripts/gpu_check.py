@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from engines.base import Detection, EngineError  # noqa: E402
 from engines.detector import Detector, load_detector  # noqa: E402
+from engines.models.nms import box_iou  # noqa: E402
 from engines.tensorrt import TensorRTEngine, import_tensorrt, load_cuda  # noqa: E402
 
 MIRROR = Path(os.environ.get("EDGELABEL_MIRROR", ROOT.parent / "shared"))
@@ -35,14 +36,6 @@ MIRROR = Path(os.environ.get("EDGELABEL_MIRROR", ROOT.parent / "shared"))
 def say(text: str = "") -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
-
-
-def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def match(ref: list[Detection], got: list[Detection], min_iou: float, score_tol: float) -> tuple[int, list[float], list[float]]:
@@ -55,7 +48,7 @@ def match(ref: list[Detection], got: list[Detection], min_iou: float, score_tol:
         for j, g in enumerate(got):
             if j in used or g.class_id != r.class_id:
                 continue
-            value = iou(r.box, g.box)
+            value = box_iou(r.box, g.box)
             if value > best_iou:
                 best, best_iou = j, value
         if best >= 0 and best_iou >= min_iou and abs(got[best].score - r.score) <= score_tol:

@@ -74,3 +74,11 @@ def broker(tmp_path: Path):
     b = Broker(tmp_path).start()
     yield b
     b.stop()
+
+
+@pytest.fixture
+def artifacts(tmp_path: Path) -> Path:
+    """Where screenshots and daemon logs of a test go: $EDGELABEL_ARTIFACTS, else the test's tmp folder."""
+    path = Path(os.environ.get("EDGELABEL_ARTIFACTS") or tmp_path / "artifacts").resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path

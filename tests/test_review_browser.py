@@ -15,12 +15,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
 import urllib.request
 import zipfile
@@ -33,24 +29,18 @@ import pytest
 from pycocotools.coco import COCO
 
 from edge.review import load_schema
-from tests.conftest import ROOT, free_port
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, DaemonProcess, requires_chromium
+from tests.conftest import free_port
 from tests.helpers import Collector, run_edgelabel
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
-                                reason="/usr/bin/chromium is not installed (apt-get install -y chromium)")
+pytestmark = requires_chromium
 
 
-class Daemon:
+class Daemon(DaemonProcess):
     """``edgelabel run`` on a watched folder, MQTT to the test broker, the web page on a free port."""
 
     def __init__(self, workdir: Path, assets: Path, broker_port: int, log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.state = workdir / "state"
+        port = free_port()
         self.dataset = workdir / "dataset"
         images = workdir / "in"
         images.mkdir()
@@ -58,24 +48,15 @@ class Daemon:
             shutil.copy(p, images / p.name)
         cfg = {
             "device_id": "review-browser",
-            "state_dir": str(self.state),
+            "state_dir": str(workdir / "state"),
             "model": {"path": str(assets / "models" / "yolo11n_int8.onnx"), "conf": 0.3},
             "sources": {"shots": {"uri": f"{images}/", "watch": True}},
             "mqtt": {"host": "127.0.0.1", "port": broker_port, "prefix": "el"},
             "dataset": {"path": str(self.dataset), "save_images": "always",
                         "capture": {"storage": {"review": "all"}}},
-            "web": {"enabled": True, "host": "127.0.0.1", "port": self.port},
+            "web": {"enabled": True, "host": "127.0.0.1", "port": port},
         }
-        self.config = workdir / "edgelabel.yaml"
-        self.config.write_text(json.dumps(cfg))  # JSON is YAML
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "-c", str(self.config)], cwd=ROOT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
+        super().__init__(workdir, log_path, cfg, port)
 
     def queue_total(self, token: str) -> int:
         req = urllib.request.Request(f"{self.url}/api/review/queue?limit=1", headers={"Authorization": f"Bearer {token}"})
@@ -97,24 +78,6 @@ class Daemon:
                 pass
             time.sleep(0.3)
         raise AssertionError(f"{n} frames were not ready for review within {timeout:.0f} s:\n{self.log_tail()}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-
-@pytest.fixture
-def artifacts(tmp_path: Path) -> Path:
-    path = Path(os.environ.get("EDGELABEL_ARTIFACTS") or tmp_path / "artifacts").resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 @pytest.fixture

@@ -14,11 +14,7 @@ a browser downloaded by Playwright.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import stat
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -28,14 +24,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, DaemonProcess, requires_chromium
+from tests.conftest import free_port
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
-                                reason="/usr/bin/chromium is not installed (apt-get install -y chromium)")
+pytestmark = requires_chromium
 
 
 def _api(url: str) -> Any:
@@ -43,32 +35,21 @@ def _api(url: str) -> Any:
         return json.loads(r.read())
 
 
-class Daemon:
-    """``edgelabel run`` with the web page on a free loopback port, its log in a file."""
+class Daemon(DaemonProcess):
+    """``edgelabel run`` on a looping video, MQTT to the test broker, the web page on a free loopback port."""
 
     def __init__(self, workdir: Path, assets: Path, log_path: Path, mqtt_port: int) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.state = workdir / "state"
+        port = free_port()
         cfg = {
             "device_id": "browser-test",
-            "state_dir": str(self.state),
+            "state_dir": str(workdir / "state"),
             "model": {"path": str(assets / "models" / "yolox_nano.onnx"), "family": "yolox", "conf": 0.3},
             "sources": {"cars": {"uri": str(assets / "videos" / "cars.mp4"), "loop": True, "fps": 10}},
             "mqtt": {"host": "127.0.0.1", "port": mqtt_port, "prefix": "browser"},
             "dataset": {"enabled": False},
-            "web": {"enabled": True, "host": "127.0.0.1", "port": self.port, "stream_fps": 5},
+            "web": {"enabled": True, "host": "127.0.0.1", "port": port, "stream_fps": 5},
         }
-        self.config = workdir / "edgelabel.yaml"
-        self.config.write_text(json.dumps(cfg))  # JSON is YAML
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "-c", str(self.config)], cwd=ROOT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
+        super().__init__(workdir, log_path, cfg, port)
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
@@ -86,24 +67,6 @@ class Daemon:
 
     def source(self, name: str = "cars") -> dict[str, Any]:
         return _api(f"{self.url}/api/sources/{name}")  # type: ignore[no-any-return]
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-
-@pytest.fixture
-def artifacts(tmp_path: Path) -> Path:
-    path = Path(os.environ.get("EDGELABEL_ARTIFACTS") or tmp_path / "artifacts").resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 @pytest.fixture

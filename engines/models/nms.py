@@ -7,6 +7,7 @@ loop is fast enough and keeps the package free of torch/torchvision.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Callable
 
 import numpy as np
@@ -15,6 +16,15 @@ from engines.base import Detection
 
 #: default cap on the detections kept per image (Ultralytics uses the same)
 MAX_DET = 300
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two xyxy boxes (continuous coordinates, as in :func:`nms`); 0 when the union is empty."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
 
 
 def nms(boxes_xyxy: np.ndarray, scores: np.ndarray, iou: float, max_det: int = MAX_DET) -> np.ndarray:
