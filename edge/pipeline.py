@@ -53,13 +53,6 @@ ENGINE_FAILURE_LIMIT = 100
 
 
 @dataclass
-class _Failed:
-    """A sequence number whose frame failed in the engine: the reorder buffer must not wait for it."""
-
-    seq: int
-
-
-@dataclass
 class Inferred:
     """A frame and what the model found in it, on its way to the sinks."""
 
@@ -422,7 +415,7 @@ class Pipeline:
                 except Exception as exc:  # one bad frame must not stop the daemon
                     self._last_error = f"{frame.source} frame {frame.index}: {exc}"
                     log.exception("inference failed on %s frame %d", frame.source, frame.index)
-                    self._put(self._records, _Failed(seq), beat)
+                    self._put(self._records, (seq, None), beat)  # the reorder buffer must not wait for it
                     self._engine_failures += 1
                     if self._engine_failures == ENGINE_FAILURE_LIMIT:
                         log.critical("the last %d frames all failed in the engine (a GPU in an error state?); the "
@@ -485,11 +478,8 @@ class Pipeline:
                 if stops < self._workers:
                     continue
                 break
-            if isinstance(item, _Failed):
-                pending[item.seq] = None
-            elif isinstance(item, tuple):
+            if isinstance(item, tuple):  # (sequence number, Inferred or None for a frame the engine failed on)
                 pending[item[0]] = item[1]
-            if isinstance(item, (_Failed, tuple)):
                 while next_seq in pending:
                     ready = pending.pop(next_seq)
                     next_seq += 1
