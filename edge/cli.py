@@ -160,6 +160,13 @@ def _install_signal_handlers(pipeline: Any) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+def _config_errors(exc: ConfigError) -> int:
+    """Print one ``config error`` line per problem; the usage exit code."""
+    for line in exc.problems:
+        print(f"edgelabel: config error: {line}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def _run_pipeline(cfg: Config, fresh: bool, show_progress: bool = True) -> tuple[int, Any]:
     from edge.pipeline import Pipeline
     from engines.base import EngineError
@@ -173,9 +180,7 @@ def _run_pipeline(cfg: Config, fresh: bool, show_progress: bool = True) -> tuple
         print(f"edgelabel: {exc}", file=sys.stderr)
         return EXIT_USAGE, pipeline
     except ConfigError as exc:
-        for line in exc.problems:
-            print(f"edgelabel: config error: {line}", file=sys.stderr)
-        return EXIT_USAGE, pipeline
+        return _config_errors(exc), pipeline
     return code, pipeline
 
 
@@ -195,9 +200,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg = _validated_run_config(args)
     except ConfigError as exc:
-        for line in exc.problems:
-            print(f"edgelabel: config error: {line}", file=sys.stderr)
-        return EXIT_USAGE
+        return _config_errors(exc)
     setup_logging(cfg.log_level)
     reload_config = (lambda: _validated_run_config(args)) if args.config else None
     try:
@@ -209,9 +212,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"edgelabel: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ConfigError as exc:
-        for line in exc.problems:
-            print(f"edgelabel: config error: {line}", file=sys.stderr)
-        return EXIT_USAGE
+        return _config_errors(exc)
     t = pipeline.totals
     log.info("done: %d frames, %d detections, %d rejected", t.frames, t.detections, t.rejected)
     return code
@@ -301,12 +302,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         root = Path(args.dataset)
     else:
         try:
-            cfg = config_from_dict(read_config_file(args.config), base_dir=Path(args.config).resolve().parent) \
-                if args.config else None
+            cfg = _read_config(args.config)
         except ConfigError as exc:
-            for line in exc.problems:
-                print(f"edgelabel: config error: {line}", file=sys.stderr)
-            return EXIT_USAGE
+            return _config_errors(exc)
         root = cfg.resolve(cfg.dataset.path) if cfg is not None else Path("dataset")
     try:
         res = export_dataset(root, args.format, Path(args.out), states=args.state, val_fraction=args.val,
@@ -323,16 +321,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _config_or_exit(path: str | None) -> Config | None:
-    """The config file's settings (None without -c); raises SystemExit(2) listing its problems."""
+def _read_config(path: str | None) -> Config | None:
+    """The settings of the config file given with -c (None without one); ConfigError when invalid."""
     if not path:
         return None
-    try:
-        return config_from_dict(read_config_file(path), base_dir=Path(path).resolve().parent)
-    except ConfigError as exc:
-        for line in exc.problems:
-            print(f"edgelabel: {path}: {line}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE) from None
+    return config_from_dict(read_config_file(path), base_dir=Path(path).resolve().parent)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -368,7 +361,10 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
     from engines.select import cuda_gpu_count, tensorrt_importable
 
     setup_logging(args.log_level or "info")
-    cfg = _config_or_exit(args.config)
+    try:
+        cfg = _read_config(args.config)
+    except ConfigError as exc:
+        return _config_errors(exc)
     if not tensorrt_importable():
         print("edgelabel: TensorRT's Python bindings are not installed (JetPack: sudo apt install python3-libnvinfer; "
               "desktop: pip install tensorrt); the daemon runs ONNX Runtime instead", file=sys.stderr)
