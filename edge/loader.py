@@ -145,10 +145,12 @@ def load_model(cfg: Config, progress: bool = False) -> Detector:
         detector.engine_reason += "; model.precision int8 applies to native TensorRT only"
         return detector
 
+    chosen = {**options, "engine": choice.engine}  # decided once; load_int8_gated sets the reason it reports
+
     def make(precision: str, calib: list[Path] | None) -> Detector:
         if calib is None:
-            return load_detector(path, **{**options, "precision": precision})
-        return load_detector(path, **{**options, "precision": precision, "calib_images": calib}, fallback=False)
+            return load_detector(path, **{**chosen, "precision": precision})
+        return load_detector(path, **{**chosen, "precision": precision, "calib_images": calib}, fallback=False)
 
     folder = calibration_folder(cfg)
     return load_int8_gated(make, folder, m.calibration_images, m.int8_max_drop, cfg.state_path("engines"),
