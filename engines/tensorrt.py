@@ -48,6 +48,8 @@ import numpy as np
 from engines.base import DeviceError, Engine, EngineError, EngineInfo, TensorSpec
 from engines.calibration import CalibrationBatcher, calibration_hash, make_entropy_calibrator, resolve_images
 from engines.models.base import PreprocessSpec
+from engines.models.detect import DEFAULT_IMGSZ
+from engines.select import ENGINE_SUFFIXES
 from engines.trtcache import (
     CacheKey,
     OnnxSummary,
@@ -68,8 +70,6 @@ from engines.trtcache import (
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
-ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
-DEFAULT_IMGSZ = 640
 
 INSTALL_TENSORRT = (
     "install the TensorRT Python bindings: on a Jetson `sudo apt install python3-libnvinfer` (JetPack) and use a venv "
