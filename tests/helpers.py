@@ -13,7 +13,24 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from edge.frame import Frame
+from edge.records import DetectionRecord, LabelRecord, ModelInfo, iso_utc, record_id
+
 ROOT = Path(__file__).resolve().parent.parent
+#: the classes and model of the hand-made label records below (the first 8 COCO classes, yolo11n_int8)
+NAMES = ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck"]
+MODEL = ModelInfo("yolo11n_int8", "0" * 64, "yolov8", "onnxruntime", "CPUExecutionProvider", "int8", (640, 640))
+
+
+def label_record(frame: Frame, dets: list[tuple[int, float, tuple[float, float, float, float]]],
+                 device: str) -> LabelRecord:
+    """The record the pipeline would build for ``frame`` with ``dets`` as (class id, score, xyxy box)."""
+    w, h = frame.width, frame.height
+    return LabelRecord(
+        id=record_id(device, frame.source, frame.key), device_id=device, source=frame.source, frame_index=frame.index,
+        frame_key=frame.key, captured_at=iso_utc(frame.captured_at), captured_ts=frame.captured_at, width=w, height=h,
+        model=MODEL, inference_ms=5.0,
+        detections=[DetectionRecord(c, NAMES[c], s, list(b), [b[0] / w, b[1] / h, b[2] / w, b[3] / h]) for c, s, b in dets])
 
 
 class Collector:

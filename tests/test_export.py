@@ -29,14 +29,11 @@ from pycocotools.coco import COCO
 from edge.config import CaptureConfig, CaptureSection, DatasetConfig
 from edge.export import DEFAULT_STATES, EXPORT_FORMATS, MANIFEST, ExportError, collect, export_dataset, parse_states
 from edge.frame import Frame
-from edge.records import DetectionRecord, LabelRecord, ModelInfo, iso_utc, record_id
 from edge.review import ReviewStore
 from edge.sinks.dataset import DatasetIndex, DatasetSink
 from tests.conftest import ASSETS
-from tests.helpers import run_edgelabel
+from tests.helpers import NAMES, label_record, run_edgelabel
 
-NAMES = ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck"]
-MODEL = ModelInfo("yolo11n_int8", "0" * 64, "yolov8", "onnxruntime", "CPUExecutionProvider", "int8", (640, 640))
 DEVICE = "export-dev"
 
 
@@ -47,15 +44,6 @@ def _frame(name: str, index: int, camera: bool) -> Frame:
     if camera:  # a camera frame: no file behind it, the dataset stores a copy
         return Frame("cam", index, image, 1_800_000_000.0 + index, f"rtsp://10.0.0.9/s@{index}", live=True)
     return Frame("shots", index, image, 1_800_000_000.0 + index, str(path), path=str(path))
-
-
-def _record(frame: Frame, dets: list[tuple[int, float, tuple[float, float, float, float]]]) -> LabelRecord:
-    w, h = frame.width, frame.height
-    return LabelRecord(
-        id=record_id(DEVICE, frame.source, frame.key), device_id=DEVICE, source=frame.source, frame_index=frame.index,
-        frame_key=frame.key, captured_at=iso_utc(frame.captured_at), captured_ts=frame.captured_at, width=w, height=h,
-        model=MODEL, inference_ms=5.0,
-        detections=[DetectionRecord(c, NAMES[c], s, list(b), [b[0] / w, b[1] / h, b[2] / w, b[3] / h]) for c, s, b in dets])
 
 
 @dataclass
@@ -92,7 +80,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dataset]:
     }
     ids = {}
     for role, frame in plan.items():
-        rec = _record(frame, dets[role])
+        rec = label_record(frame, dets[role], DEVICE)
         sink.prepare(rec, frame)
         sink.write(rec, frame)
         ids[role] = rec.id
@@ -302,7 +290,7 @@ def test_the_dataset_folder_itself_is_an_ultralytics_dataset(tmp_path: Path) -> 
     recs = []
     for i, name in enumerate(("bus.jpg", "zidane.jpg", "dog.jpg")):
         frame = _frame(name, i, camera=False)
-        rec = _record(frame, [(i, 0.8, (10.0, 20.0, 300.0, 400.0))])
+        rec = label_record(frame, [(i, 0.8, (10.0, 20.0, 300.0, 400.0))], DEVICE)
         sink.prepare(rec, frame)
         sink.write(rec, frame)
         recs.append(rec)

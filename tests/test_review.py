@@ -29,16 +29,14 @@ from pycocotools.coco import COCO
 
 from edge.config import CaptureConfig, CaptureSection, Config, DatasetConfig, MqttConfig, config_from_dict
 from edge.frame import Frame
-from edge.records import DetectionRecord, LabelRecord, ModelInfo, iso_utc, record_id
+from edge.records import LabelRecord
 from edge.review import ReviewError, ReviewStore, clean_reviewer, diff_boxes, load_schema, same_boxes
 from edge.sinks.dataset import INDEX_FILE, DatasetSink, VersionConflict, yolo_text
 from edge.sinks.mqtt import MqttSink
-from tests.helpers import Collector
+from tests.helpers import NAMES, Collector, label_record
 from web.app import create_app
 from web.sink import WebSink
 
-NAMES = ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck"]
-MODEL = ModelInfo("yolo11n_int8", "0" * 64, "yolov8", "onnxruntime", "CPUExecutionProvider", "int8", (640, 640))
 DEVICE = "review-dev"
 TOKEN = "review-test-token-0123456789abcdef"
 SECRET_KEY = "review-secret-key-" + "x" * 32
@@ -53,21 +51,12 @@ def camera_frame(index: int, shape: tuple[int, int] = (96, 128), source: str = "
     return Frame(source, index, image, ts, f"rtsp://10.0.0.9/s@{int(ts * 1e9)}", live=True)
 
 
-def make_record(frame: Frame, dets: list[tuple[int, float, tuple[float, float, float, float]]]) -> LabelRecord:
-    w, h = frame.width, frame.height
-    return LabelRecord(
-        id=record_id(DEVICE, frame.source, frame.key), device_id=DEVICE, source=frame.source, frame_index=frame.index,
-        frame_key=frame.key, captured_at=iso_utc(frame.captured_at), captured_ts=frame.captured_at, width=w, height=h,
-        model=MODEL, inference_ms=5.0,
-        detections=[DetectionRecord(c, NAMES[c], s, list(b), [b[0] / w, b[1] / h, b[2] / w, b[3] / h]) for c, s, b in dets])
-
-
 def frame_dets(i: int) -> list[tuple[int, float, tuple[float, float, float, float]]]:
     return [(0, SCORES[i % len(SCORES)], (10.0, 12.0, 50.0, 80.0)), (2, 0.95, (60.0, 20.0, 120.0, 70.0))]
 
 
 def put(sink: DatasetSink, frame: Frame, dets: Any) -> LabelRecord:
-    rec = make_record(frame, dets)
+    rec = label_record(frame, dets, DEVICE)
     sink.prepare(rec, frame)
     sink.write(rec, frame)
     return rec
