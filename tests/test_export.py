@@ -15,7 +15,7 @@ import logging
 import math
 import shutil
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,6 +156,24 @@ def datumaro() -> Any:
     return pytest.importorskip("datumaro", reason="Datumaro is not installed (pip install datumaro; see the test extra)")
 
 
+def assert_loaded_like_dataset(dm: Any, loaded: Any, ds: Dataset, tol: Callable[[dict[str, Any]], float]) -> tuple[
+        dict[str, tuple[Any, list[tuple[str, list[float]]]]], dict[str, str], dict[str, dict[str, Any]]]:
+    """Datumaro read back every exported frame with its class list, size and boxes (``tol(frame)`` pixels).
+
+    Returns (items by stem, stem -> record id, exported frames by record id) for format-specific checks.
+    """
+    assert [c.name for c in loaded.categories()[dm.AnnotationType.label]] == NAMES
+    stems = names_to_ids(ds)
+    want = exported(ds)
+    items = datumaro_boxes(loaded)
+    assert {stems[k] for k in items} == set(want)
+    for stem, (item, boxes) in items.items():
+        e = want[stems[stem]]
+        assert item.media.size == (e["height"], e["width"])
+        assert_boxes(boxes, e["detections"], tol=tol(e))
+    return items, stems, want
+
+
 def datumaro_boxes(ds_obj: Any) -> dict[str, tuple[Any, list[tuple[str, list[float]]]]]:
     from datumaro.components.annotation import AnnotationType
 
@@ -207,16 +225,10 @@ def test_voc_export_loads_in_datumaro(dataset: Dataset, tmp_path: Path, as_zip: 
     dm = datumaro()
     out = export(dataset, "voc", tmp_path, as_zip=as_zip)
     loaded = dm.Dataset.import_from(str(out), "voc", coordinate_mode="voc-one-based")
-    assert [c.name for c in loaded.categories()[dm.AnnotationType.label]] == NAMES
-    stems = names_to_ids(dataset)
-    want = exported(dataset)
-    items = datumaro_boxes(loaded)
-    assert {stems[k] for k in items} == set(want)
-    for stem, (item, boxes) in items.items():
+    # 1-based inclusive integer pixels: floor(x1) + 1 .. ceil(x2), read back as floor(x1) .. ceil(x2)
+    items, stems, want = assert_loaded_like_dataset(dm, loaded, dataset, tol=lambda e: 1.0)
+    for stem, (_item, boxes) in items.items():
         e = want[stems[stem]]
-        assert item.media.size == (e["height"], e["width"])
-        # 1-based inclusive integer pixels: floor(x1) + 1 .. ceil(x2), read back as floor(x1) .. ceil(x2)
-        assert_boxes(boxes, e["detections"], tol=1.0)
         for _, (x1, y1, x2, y2) in boxes:
             assert all(float(v).is_integer() for v in (x1, y1, x2, y2))
             assert 0 <= x1 < x2 <= e["width"] and 0 <= y1 < y2 <= e["height"]
@@ -232,15 +244,7 @@ def test_cvat_export_loads_in_datumaro(dataset: Dataset, tmp_path: Path, as_zip:
     dm = datumaro()
     out = export(dataset, "cvat", tmp_path, as_zip=as_zip)
     loaded = dm.Dataset.import_from(str(out), "cvat")
-    assert [c.name for c in loaded.categories()[dm.AnnotationType.label]] == NAMES
-    stems = names_to_ids(dataset)
-    want = exported(dataset)
-    items = datumaro_boxes(loaded)
-    assert {stems[k] for k in items} == set(want)
-    for stem, (item, boxes) in items.items():
-        e = want[stems[stem]]
-        assert item.media.size == (e["height"], e["width"])
-        assert_boxes(boxes, e["detections"], tol=0.006)
+    _, _, want = assert_loaded_like_dataset(dm, loaded, dataset, tol=lambda e: 0.006)
     text = (out / "annotations.xml").read_text()
     # a person's boxes (the re-classed, the moved, the drawn one) are manual; the detector's auto
     assert "<version>1.1</version>" in text and text.count('source="manual"') == 3
@@ -255,15 +259,8 @@ def test_yolo_export_loads_in_datumaro(dataset: Dataset, tmp_path: Path, as_zip:
     assert data == {"train": "images/train", "val": "images/train", "names": dict(enumerate(NAMES))}
     assert (out / "classes.txt").read_text().splitlines() == NAMES
     loaded = dm.Dataset.import_from(str(out), "yolo")
-    assert [c.name for c in loaded.categories()[dm.AnnotationType.label]] == NAMES
-    stems = names_to_ids(dataset)
-    want = exported(dataset)
-    items = datumaro_boxes(loaded)
-    assert {stems[k] for k in items} == set(want)
-    for stem, (item, boxes) in items.items():
-        e = want[stems[stem]]
-        assert item.media.size == (e["height"], e["width"])
-        assert_boxes(boxes, e["detections"], tol=1e-6 * max(e["width"], e["height"]) * 2)
+    items, _, _ = assert_loaded_like_dataset(dm, loaded, dataset, tol=lambda e: 1e-6 * max(e["width"], e["height"]) * 2)
+    for stem in items:
         assert (out / "images" / "train" / f"{stem}.jpg").is_file()
 
 
