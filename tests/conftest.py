@@ -42,7 +42,10 @@ class Broker:
     def start(self) -> Broker:
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         conf = self.workdir / f"mosquitto-{self.port}.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        # max_queued_messages 0: mosquitto's default (1000) drops messages to a subscriber that falls behind
+        # ("Outgoing messages are being dropped"), and the tests' subscribers must see everything the daemon sent
+        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                        "max_queued_messages 0\n")
         log = open(self.workdir / f"mosquitto-{self.port}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen([exe, "-c", str(conf)], stdout=log, stderr=log)
         deadline = time.time() + 10
