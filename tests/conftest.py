@@ -11,11 +11,18 @@ from pathlib import Path
 
 import pytest
 
+from tests import fuzzing
+
+FUZZ_PROFILE = fuzzing.load()
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = Path(os.environ.get("EDGELABEL_MIRROR", ROOT.parent / "shared")).resolve()
 MODELS = ASSETS / "models"
 IMAGES = ASSETS / "images"
 VIDEOS = ASSETS / "videos"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"hypothesis profile: {FUZZ_PROFILE} (tests/fuzzing.py)"
 
 
 @pytest.fixture(scope="session")

@@ -34,12 +34,13 @@ from hypothesis import strategies as st
 from edge.cli import main
 from edge.config import Config, ConfigError, config_from_dict
 from tests.conftest import ASSETS
+from tests.fuzzing import examples
 from tests.helpers import ROOT
 
 MODEL = str(ASSETS / "models" / "yolox_nano.onnx")
 VIDEO = str(ASSETS / "videos" / "cars.mp4")
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-FUZZ_CLI = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+FUZZ = settings(max_examples=examples(300), deadline=None, suppress_health_check=list(HealthCheck), database=None)
+FUZZ_CLI = settings(max_examples=examples(60), deadline=None, suppress_health_check=list(HealthCheck), database=None)
 
 #: one problem: a field path (dotted, with [i] for list items) or "(top level)", then ": ", then the message
 _QUOTED = r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\""  # an odd key, quoted by the validator

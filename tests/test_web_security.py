@@ -31,6 +31,7 @@ from edge.config import Config, config_from_dict
 from edge.pipeline import Pipeline
 from edge.records import record_id
 from tests.conftest import ASSETS
+from tests.fuzzing import examples
 from web.app import create_app
 from web.sink import WebSink
 
@@ -137,7 +138,7 @@ def test_schemathesis_finds_no_5xx_and_every_answer_matches_the_document(
     calls = [0]
 
     def fuzz(op: Any, mode: Any, headers: dict[str, str]) -> None:
-        @settings(max_examples=20, deadline=None, database=None, suppress_health_check=list(HealthCheck),
+        @settings(max_examples=examples(20), deadline=None, database=None, suppress_health_check=list(HealthCheck),
                   phases=[Phase.explicit, Phase.generate])
         @given(case=op.as_strategy(generation_mode=mode))
         def run(case: Any) -> None:

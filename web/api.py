@@ -29,6 +29,7 @@ from flask import Blueprint, Response, abort, jsonify, request, send_file
 from edge.annotate import draw_detections, encode_jpeg
 from web.auth import auth_method, require_operator
 from web.context import WebContext, build_status, get_ctx, source_entry
+from web.params import choice_arg, int_arg, str_arg
 from web.sink import KeptRecord, scale_detections
 
 log = logging.getLogger("edgelabel.web")
@@ -43,22 +44,11 @@ BOUNDARY = "frame"
 OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
 #: how long a frame request waits for the web sink to finish the copy of a brand-new record's frame
 FRAME_WAIT = 2.0
+#: ``?raw=`` values that ask for the frame without boxes (the OpenAPI enum)
+RAW_VALUES = ("1", "true", "yes")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.args.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        abort(400, description=f"{name}: {raw!r} is not an integer")
-    if not lo <= value <= hi:
-        abort(400, description=f"{name}: {value} is outside {lo}..{hi}")
-    return value
 
 
 def _source_or_404(ctx: WebContext, name: str) -> dict[str, Any]:
@@ -246,19 +236,25 @@ def stream(name: str) -> Any:
 # --------------------------------------------------------------------------- labels and frames
 
 
+def _present_cursor() -> str | None:
+    """The ``cursor`` parameter as a record id; absent: None (from the newest); empty or malformed: 400."""
+    raw = str_arg("cursor")
+    if raw is None and "cursor" in request.args:
+        abort(400, description="cursor: empty; leave it out to start from the newest, or pass a next_cursor")
+    return None if raw is None else parse_record_id(raw)
+
+
 def recent_page(ctx: WebContext) -> tuple[list[KeptRecord], int, int, int, str | None]:
     """(page, total, limit, offset, cursor) for the labels API and page: filters, limit/offset or a cursor.
 
     Records arrive all the time, so an offset shifts between two requests; ``cursor`` (the id of the last
     record of the previous page) does not.
     """
-    limit = _int_arg("limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-    offset = _int_arg("offset", 0, 0, 10**9)
-    cursor = request.args.get("cursor") or None
-    if cursor is not None:
-        cursor = parse_record_id(cursor)
+    limit = int_arg("limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+    offset = int_arg("offset", 0, 0, 10**9)
+    cursor = _present_cursor()
     try:
-        items = ctx.sink.recent(request.args.get("source") or None, request.args.get("class") or None, before=cursor)
+        items = ctx.sink.recent(str_arg("source"), str_arg("class"), before=cursor)
     except KeyError:
         abort(410, description="the cursor's record is no longer kept; start again from the newest")
     return items[offset:offset + limit], len(items), limit, offset, cursor
@@ -292,7 +288,7 @@ def frame(record_id: str) -> Any:
     kept = ctx.sink.get(parse_record_id(record_id), wait=FRAME_WAIT)
     if kept is None:
         abort(404, description="no such record among the recent ones")
-    data = frame_jpeg(ctx, kept, boxes=request.args.get("raw") not in ("1", "true", "yes"))
+    data = frame_jpeg(ctx, kept, boxes=choice_arg("raw", RAW_VALUES) is None)
     if data is None:
         abort(404, description="the frame of this record was not kept")
     return _jpeg_response(data)
@@ -308,8 +304,8 @@ def classes() -> Any:
 def logs() -> Any:
     """Recent warnings and errors (``since``: only entries after that sequence number)."""
     ctx = get_ctx()
-    since = _int_arg("since", 0, 0, 2**62)
-    limit = _int_arg("limit", 100, 1, 1000)
+    since = int_arg("since", 0, 0, 2**62)
+    limit = int_arg("limit", 100, 1, 1000)
     return jsonify(entries=ctx.logs.entries(since, limit), **ctx.logs.summary())
 
 

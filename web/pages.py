@@ -19,6 +19,7 @@ from flask import Blueprint, abort, redirect, render_template, request, url_for
 from web.api import parse_record_id, recent_page, record_json
 from web.auth import require_operator
 from web.context import build_status, get_ctx
+from web.params import str_arg
 
 bp = Blueprint("pages", __name__)
 
@@ -79,8 +80,8 @@ def resume(name: str) -> Any:
 def labels() -> Any:
     """Recent records with filters by source and class, newest first; "older" pages by cursor (stable)."""
     ctx = get_ctx()
-    src = request.args.get("source") or ""
-    cls = request.args.get("class") or ""
+    src = str_arg("source") or ""
+    cls = str_arg("class") or ""
     page, total, limit, offset, cursor = recent_page(ctx)
 
     def page_url(**extra: Any) -> str:

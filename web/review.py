@@ -33,6 +33,7 @@ from edge.review import ACTIONS, STATES, ReviewError, ReviewStore, VersionConfli
 from web.api import parse_record_id
 from web.auth import auth_method, require_operator
 from web.context import get_ctx
+from web.params import choice_arg, float_arg, int_arg, str_arg
 
 log = logging.getLogger("edgelabel.web")
 
@@ -83,14 +84,7 @@ def _item_json(item: dict[str, Any]) -> dict[str, Any]:
 
 
 def _limit_offset() -> tuple[int, int]:
-    try:
-        limit = int(request.args.get("limit") or 50)
-        offset = int(request.args.get("offset") or 0)
-    except ValueError:
-        abort(400, description="limit and offset must be integers")
-    if not (1 <= limit <= QUEUE_LIMIT and 0 <= offset <= MAX_OFFSET):
-        abort(400, description=f"limit must be 1..{QUEUE_LIMIT}, offset 0..{MAX_OFFSET}")
-    return limit, offset
+    return int_arg("limit", 50, 1, QUEUE_LIMIT), int_arg("offset", 0, 0, MAX_OFFSET)
 
 
 # --------------------------------------------------------------------------- the page
@@ -119,7 +113,7 @@ def queue() -> Any:
     store = get_store()
     limit, offset = _limit_offset()
     try:
-        page = store.queue(state=request.args.get("state", "needs_review"), source=request.args.get("source") or None,
+        page = store.queue(state=choice_arg("state", STATES, "needs_review"), source=str_arg("source"),
                            limit=limit, offset=offset)
     except ReviewError as exc:
         abort(400, description=str(exc))
@@ -195,17 +189,17 @@ def export() -> Any:
     """The dataset as a zip: ``format`` (yolo, coco, voc, cvat, labelstudio), ``state`` (repeat or comma list)."""
     ctx = get_ctx()
     store = get_store()
-    fmt = request.args.get("format") or ""
+    fmt = choice_arg("format", EXPORT_FORMATS)
     raw_states = [part.strip() for v in request.args.getlist("state") for part in v.split(",")]
     try:
         if "" in raw_states:
             raise ExportError("an empty review state (use state=accepted&state=corrected, or a comma list)")
         states = parse_states(raw_states or None)
-        val = float(request.args.get("val") or 0.0)
-    except (ExportError, ValueError) as exc:
+    except ExportError as exc:
         abort(400, description=str(exc))
-    if fmt not in EXPORT_FORMATS:
-        abort(400, description=f"format must be one of {', '.join(EXPORT_FORMATS)}")
+    if fmt is None:
+        abort(400, description=f"format: missing; give one of {', '.join(EXPORT_FORMATS)}")
+    val = float_arg("val", 0.0, 0.0, 1.0, hi_inclusive=False)
     folder = ctx.cfg.state_path("exports")
     folder.mkdir(parents=True, exist_ok=True)
     _sweep(folder)
