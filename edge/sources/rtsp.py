@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 
 import cv2
 
 from edge.config import SourceConfig
+from edge.redact import redact
 from edge.sources.base import SourceError
 from edge.sources.imageio import CaptureSource, build_info_has
 
@@ -31,31 +31,12 @@ logger = logging.getLogger(__name__)
 
 OPTIONS_ENV = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
 _env_lock = threading.Lock()
-_URL_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<authority>[^/\s?#]*)")
 
 
 def mask_credentials(text: str, replacement: str | None = "***") -> str:
-    """Hide ``user:password@`` in every URL inside ``text``.
-
-    With the default the user stays visible (``rtsp://admin:***@host/``, useful
-    to spot the wrong account); ``replacement=None`` drops the user info
-    entirely.  The last ``@`` of the authority ends the user info, so a raw
-    ``@`` inside a password is masked too.
-    """
-
-    def sub(m: re.Match[str]) -> str:
-        authority = m.group("authority")
-        at = authority.rfind("@")
-        if at < 0:
-            return m.group(0)
-        userinfo, host = authority[:at], authority[at + 1 :]
-        if replacement is None:
-            return f"{m.group('scheme')}{host}"
-        user = userinfo.split(":", 1)[0]
-        masked = f"{user}:{replacement}" if ":" in userinfo else replacement
-        return f"{m.group('scheme')}{masked}@{host}"
-
-    return _URL_RE.sub(sub, text)
+    """Every credential in ``text`` masked (``edge.redact.redact``: user info, credential parameters,
+    GStreamer properties, percent-encoded forms); ``replacement=None`` drops URL user info entirely."""
+    return redact(text, replacement)
 
 
 def capture_options(existing: str | None) -> str:
