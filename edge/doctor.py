@@ -782,12 +782,11 @@ class Doctor:
             self.add(label, OK, f"{path}: image, {_human_bytes(path.stat().st_size)}")
 
     def _check_rtsp(self, label: str, name: str, uri: str) -> None:
-        from urllib.parse import urlparse
+        from edge.sources.rtsp import host_port
 
         shown = self._display_uri(uri)
-        u = urlparse(uri)
-        host = u.hostname or ""
-        port = u.port or (322 if u.scheme.lower() == "rtsps" else 554)
+        host, given_port = host_port(uri)
+        port = given_port or (322 if uri.lower().startswith("rtsps") else 554)
         try:
             with socket.create_connection((host, port), timeout=RTSP_TIMEOUT):
                 pass

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from edge.logsetup import setup_logging
 from edge.redact import redact
-from edge.sources.rtsp import mask_credentials
+from edge.sources import parse_uri
+from edge.sources.rtsp import host_port, mask_credentials
 from tests.fuzzing import examples
 from web.redact import Redactor
 
@@ -152,3 +153,20 @@ def test_the_web_redactor_masks_credential_fields_and_values(secret: str) -> Non
            "mqtt": {"password": secret}}
     assert secret not in repr(Redactor().data(doc))
 
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("rtsp://admin:Zq9raw#hash@127.0.0.1:8554/live", ("127.0.0.1", 8554)),  # urllib read 'Zq9raw' as the port
+    ("rtsp://admin:p@ss@cam/x", ("cam", None)),
+    ("rtsp://cam/live@main", ("cam", None)),
+    ("rtsp://[fe80::1]:8554/x", ("fe80::1", 8554)),
+    ("rtsps://cam:554?x=1", ("cam", 554)),
+])
+def test_host_and_port_of_a_camera_url(url: str, expected: tuple[str, int | None]) -> None:
+    assert host_port(url) == expected
+
+
+def test_a_bad_source_uri_is_refused_without_its_secret() -> None:
+    with pytest.raises(ValueError) as info:
+        parse_uri("gst://rtspsrc location=rtsp://cam/x user-pw=Zq9gst ! fakesink")
+    assert "Zq9" not in str(info.value) and "user-pw=***" in str(info.value)

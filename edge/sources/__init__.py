@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from edge.config import SOURCE_SCHEMES, SourceConfig
+from edge.redact import redact
 from edge.sources.base import Source, SourceError
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm", ".ts", ".mpg", ".mpeg", ".wmv", ".flv", ".h264", ".h265"})
@@ -45,8 +46,10 @@ def parse_uri(uri: str) -> tuple[str, str]:
             raise ValueError(f"{text!r} names no device (write v4l2:///dev/video0 or a camera index)")
         return "v4l2", target
     if scheme in ("rtsp", "rtsps"):
-        if not urlparse(text).hostname:
-            raise ValueError(f"{text!r} has no host (write rtsp://[user:pass@]host[:port]/path)")
+        from edge.sources.rtsp import host_port
+
+        if not host_port(text)[0]:
+            raise ValueError(f"{redact(text)!r} has no host (write rtsp://[user:pass@]host[:port]/path)")
         return "rtsp", text
     if scheme == "csi":
         sensor = rest.strip("/") or "0"
@@ -55,9 +58,9 @@ def parse_uri(uri: str) -> tuple[str, str]:
         return "csi", sensor
     if scheme == "gst":
         if "appsink" not in rest:
-            raise ValueError(f"{text!r}: a GStreamer pipeline must end in an appsink (... ! video/x-raw,format=BGR ! appsink)")
+            raise ValueError(f"{redact(text)!r}: a GStreamer pipeline must end in an appsink (... ! video/x-raw,format=BGR ! appsink)")
         return "gst", rest
-    raise ValueError(f"unsupported scheme {scheme!r} (use {', '.join(SOURCE_SCHEMES)})")
+    raise ValueError(f"unsupported scheme {redact(scheme)!r} (use {', '.join(SOURCE_SCHEMES)})")
 
 
 # kind -> "module:Class"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 
 import cv2
@@ -37,6 +38,26 @@ def mask_credentials(text: str, replacement: str | None = "***") -> str:
     """Every credential in ``text`` masked (``edge.redact.redact``: user info, credential parameters,
     GStreamer properties, percent-encoded forms); ``replacement=None`` drops URL user info entirely."""
     return redact(text, replacement)
+
+
+def host_port(url: str) -> tuple[str, int | None]:
+    """(host, port or None) of a URL, with user info taken up to its last ``@`` as ``redact`` does.
+
+    ``urllib`` ends the authority at the first ``#``, ``?`` or ``/``, so a raw ``#`` in a camera password
+    (``rtsp://admin:ab#c@cam/``) made it read a piece of the password as the port, and put it in an error.
+    """
+    rest = url.split("://", 1)[1] if "://" in url else url
+    at = rest.rfind("@")
+    if at >= 0 and not ("/" in rest[:at] and ":" not in rest[:at].split("/", 1)[0]):
+        rest = rest[at + 1:]
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if authority.startswith("["):  # [IPv6]:port
+        host, _, tail = authority[1:].partition("]")
+        port_text = tail[1:] if tail.startswith(":") else ""
+    else:
+        host, _, port_text = authority.partition(":")
+    port = int(port_text) if port_text.isdigit() and 0 < int(port_text) < 65536 else None
+    return host, port
 
 
 def capture_options(existing: str | None) -> str:
