@@ -270,6 +270,8 @@ class WebConfig:
     secret_key_file: str = "web-secret-key"  # signs session cookies; generated when absent; inside state_dir
     stream_width: int = field(default=960, metadata={"min": 160, "max": 3840})  # live views and kept frames
     recent_records: int = field(default=200, metadata={"min": 10, "max": 10000})  # records (and frames) kept
+    # DNS names the page answers to besides IP addresses and this machine's names (web/hosts.py); "*": any
+    allowed_hosts: list[str] = field(default_factory=list)
 
 
 @dataclass

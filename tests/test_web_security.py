@@ -350,3 +350,52 @@ def test_security_headers_on_every_route_anonymous_authenticated_and_in_errors(
         assert resp.status_code in (400, 401, 404, 405), f"{method} {url}: {resp.status_code}"
         check_headers(resp, f"{method} {url} ({resp.status_code})")
         assert "no-store" in resp.headers.get("Cache-Control", "")
+
+
+# ----------------------------------------------------------------------------- DNS rebinding
+
+
+REBIND_PATHS = ["/", "/api/status", "/api/sources", "/api/labels", "/healthz", "/metrics", "/login"]
+
+
+def test_a_foreign_host_name_is_refused_everywhere(app: Flask) -> None:
+    """A page on evil.example that re-points its DNS name at the appliance sends ``Host: evil.example``: 421,
+    for every route, with and without a token, and the answer says what to do."""
+    client = app.test_client()
+    for path in REBIND_PATHS:
+        for headers in ({}, {"Authorization": f"Bearer {TOKEN}"}):
+            resp = client.get(path, headers={"Host": "evil.example:8080", **headers})
+            assert resp.status_code == 421, (path, resp.status_code)
+            assert "web.allowed_hosts" in resp.text and "sec-test" not in resp.text
+    resp = client.post("/api/sources/cars/pause", headers={"Host": "attacker.test", "Authorization": f"Bearer {TOKEN}"})
+    assert resp.status_code == 421
+
+
+def test_own_names_and_ip_addresses_are_served(app: Flask) -> None:
+    import socket
+
+    client = app.test_client()
+    short = socket.gethostname().lower()
+    for host in ["127.0.0.1:8080", "10.1.2.3", "[::1]:8080", "[fe80::1%eth0]", "localhost:8080", short,
+                 f"{short.split('.')[0]}.local", "LOCALHOST."]:
+        assert client.get("/healthz", headers={"Host": host}).status_code == 200, host
+
+
+def test_allowed_hosts_adds_proxy_names_and_star_turns_the_check_off(running: tuple[Config, Pipeline, WebSink]) -> None:
+    cfg, pipeline, sink = running
+    for allowed, host, code in ((["edgelabel.plant.local"], "EdgeLabel.Plant.Local:443", 200),
+                                (["edgelabel.plant.local"], "other.plant.local", 421),
+                                (["*"], "anything.example", 200)):
+        cfg2 = config_from_dict({**_cfg_dict(cfg), "web": {**_cfg_dict(cfg)["web"], "allowed_hosts": allowed}},
+                                base_dir=Path(cfg.base_dir))
+        app = create_app(cfg2, pipeline, sink, test_config={"TESTING": True, "EDGELABEL_TOKEN": TOKEN,
+                                                            "SECRET_KEY": SECRET_KEY})
+        assert app.test_client().get("/healthz", headers={"Host": host}).status_code == code, (allowed, host)
+
+
+def _cfg_dict(cfg: Config) -> dict[str, Any]:
+    import dataclasses
+
+    data = dataclasses.asdict(cfg)
+    data.pop("base_dir", None)
+    return data

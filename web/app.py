@@ -26,6 +26,7 @@ from edge.config import Config
 from web import api, auth, ops, pages, review
 from web.auth import LoginThrottle, auth_method, csrf_token, is_authenticated, load_secrets, unauthorized, wants_json
 from web.context import PipelineLike, WebContext
+from web.hosts import HostCheck
 from web.logbuffer import RingLogHandler
 from web.metrics import make_registry
 from web.redact import Redactor
@@ -115,6 +116,23 @@ def create_app(
     app.register_blueprint(api.bp)
     app.register_blueprint(ops.bp)
     app.register_blueprint(review.bp)
+
+    hosts = HostCheck(cfg.web.allowed_hosts, cfg.web.host)
+    refused_logged: set[str] = set()  # one log line per refused name, not one per request
+
+    @app.before_request
+    def _host() -> Any:
+        """Only this appliance's names and IP addresses (DNS rebinding: web/hosts.py)."""
+        if hosts.allows(request.headers.get("Host")):
+            return None
+        shown = (request.headers.get("Host") or "(none)")[:100]
+        if shown not in refused_logged and len(refused_logged) < 100:
+            refused_logged.add(shown)
+            log.warning(
+                "web: refused a request for host %r from %s (not one of this appliance's names; "
+                "add it to web.allowed_hosts if it is a proxy or DNS alias)", shown, request.remote_addr)
+        return Response(f"421 Misdirected Request: this appliance does not answer to the host name {shown!r}. "
+                        "Use its IP address or add the name to web.allowed_hosts.\n", status=421, mimetype="text/plain")
 
     @app.before_request
     def _gate() -> Any:
