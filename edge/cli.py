@@ -236,7 +236,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         "sources": {_source_name(str(inp), set()): {"uri": str(inp.resolve()) + ("/" if inp.is_dir() else "")}},
         "mqtt": {"enabled": False},
         "dataset": {"enabled": True, "path": str(out), "formats": formats, "coco_interval": 30.0,
-                    "save_images": "auto"},
+                    "save_images": "always"},  # images/ + labels/: a training set as it is
     }
     if args.labels:
         data["model"]["labels"] = str(Path(args.labels).resolve())

@@ -19,7 +19,11 @@ a frame that is labeled again (after a crash or ``--fresh``).
 Naming, chosen so that a frame processed twice (after a crash) lands on the same files:
 
 * stored copy of a frame without a file: ``images/<source>/<index:08d>_<id[:8]>.<ext>``
-* stored copy of a file frame (save_images: always): ``images/<source>/<original stem>_<id[:8]>.<ext>``
+* stored copy of a file frame (save_images: always, what ``edgelabel label`` uses):
+  ``images/<source>/<original stem>_<id[:8]>.<ext>`` -- the original's bytes (a hard link on the same
+  disk, else a copy), encoded as ``image_format`` only for types a trainer may not read (jp2, pnm)
+* ``<source>`` is the source name, except that a source called ``images`` is stored as ``images_src``:
+  Ultralytics replaces the *last* ``/images/`` of an image path by ``/labels/`` to find its label
 * its YOLO label: ``labels/<source>/<stored stem>.txt`` (the Ultralytics images/ -> labels/ convention)
 * a referenced original (folder/image sources, save_images auto/never) is not copied; its label is
   ``labels/<source>/<original stem>_<id[:8]>.txt`` -- unique even when sub-folders repeat a stem.
@@ -106,6 +110,8 @@ COCO_BUDGET = 10.0
 ROTATION_LOG_INTERVAL = 600.0
 #: rows deleted per transaction while rotating
 ROTATE_BATCH = 64
+#: file types stored byte for byte (save_images: always): what Ultralytics, Datumaro and OpenCV all read
+TRAINABLE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 
 #: rotation order: lower tiers go first, oldest first within a tier (the expression must match the index's)
 _TIER = "(CASE state WHEN 'rejected' THEN 0 WHEN 'auto_accepted' THEN 1 WHEN 'needs_review' THEN 2 ELSE 3 END)"
@@ -881,24 +887,35 @@ class DatasetSink(Sink):
         return self._store_frame(record, frame, decision)
 
     def _store_frame(self, record: LabelRecord, frame: Frame, decision: CaptureDecision) -> _Plan:
-        """Apply save_images: write an encoded copy, or reference the original file, or keep nothing."""
-        source = _safe_component(record.source)
+        """Apply save_images: store a copy of the pixels, or reference the original file, or keep nothing.
+
+        A file frame stored with ``always`` keeps the original's bytes (a hard link on the same disk, else a
+        copy): no second JPEG generation, no extra space; formats a trainer may not read are encoded instead.
+        """
+        source = dataset_component(record.source)
         short = record.id[:8]
         mode = self.cfg.save_images
         original = os.path.abspath(frame.path) if frame.path else None
         if mode == "always" or (mode == "auto" and original is None):
             stem = f"{Path(original).stem}_{short}" if original else f"{frame.index:08d}_{short}"
-            rel = f"images/{source}/{stem}.{self.cfg.image_format}"
+            suffix = Path(original).suffix.lower() if original else ""
+            as_is = original is not None and suffix in TRAINABLE_SUFFIXES
+            rel = f"images/{source}/{stem}{suffix if as_is else '.' + self.cfg.image_format}"
             try:
-                data = self._encode(frame.image)
-                write_atomic(self.index._dir_ready(self.root / rel), data)
+                target = self.index._dir_ready(self.root / rel)
+                if as_is and original is not None:
+                    size, digest = _link_or_copy(Path(original), target)
+                else:
+                    data = self._encode(frame.image)
+                    write_atomic(target, data)
+                    size, digest = len(data), hashlib.sha256(data).hexdigest()
             except (OSError, ValueError) as exc:
                 self._report_error("store frame", self.root / rel, exc)
                 record.frame_path, record.frame_sha256 = original, None  # never point at pixels that are not there
                 return _Plan(None, f"labels/{source}/{stem}.txt", failed=True)
-            self._last_image_bytes = len(data)
-            record.frame_path, record.frame_sha256 = rel, hashlib.sha256(data).hexdigest()
-            return _Plan(rel, f"labels/{source}/{stem}.txt", len(data), decision)
+            self._last_image_bytes = size
+            record.frame_path, record.frame_sha256 = rel, digest
+            return _Plan(rel, f"labels/{source}/{stem}.txt", size, decision)
         if original is not None:
             record.frame_path, record.frame_sha256 = original, _file_sha256(original)
             return _Plan(original, f"labels/{source}/{Path(original).stem}_{short}.txt", 0, decision)
@@ -1148,6 +1165,37 @@ def _safe_component(name: str) -> str:
 
 
 safe_component = _safe_component
+
+
+def dataset_component(name: str) -> str:
+    """A source's folder under ``images/`` and ``labels/``.
+
+    Ultralytics finds a label by replacing the *last* ``/images/`` of the image path with ``/labels/``, so
+    a source folder called ``images`` (``edgelabel label photos/images``) would send it to
+    ``images/labels/...``; such a source gets the folder ``images_src``.
+    """
+    cleaned = _safe_component(name)
+    return f"{cleaned}_src" if cleaned == "images" else cleaned
+
+
+def _link_or_copy(src: Path, dst: Path) -> tuple[int, str]:
+    """Put ``src``'s bytes at ``dst`` (a hard link when on the same disk, else a copy); (size, sha256)."""
+    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename == str(tmp):
+            exc.filename = str(dst)
+        raise
+    digest = _file_sha256(str(dst))
+    if digest is None:
+        raise OSError(errno.EIO, "cannot read the stored copy back", str(dst))
+    return dst.stat().st_size, digest
 
 
 def _clipped_boxes(record: LabelRecord) -> list[dict[str, Any]]:

@@ -1,0 +1,106 @@
+"""``edgelabel label``: the output folder is a training set as it is (Ultralytics, ``edgelabel eval``, Datumaro),
+labeling again follows the model, the dataset is locked, and the default review sends the uncertain frames to
+a person.  Real models and the shared images throughout."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ASSETS
+from tests.helpers import run_edgelabel
+from tests.test_export import assert_boxes, datumaro, datumaro_boxes
+
+FAST = ASSETS / "models" / "yolox_nano.onnx"
+OTHER = ASSETS / "models" / "yolo11n_int8.onnx"
+#: what Ultralytics (ultralytics/data/utils.py IMG_FORMATS) takes as an image when it scans a train folder
+ULTRALYTICS_IMG_FORMATS = {"bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp", "pfm", "heic"}
+
+
+def ultralytics_label_path(image: str) -> str:
+    """ultralytics.data.utils.img2label_paths: the last ``/images/`` becomes ``/labels/``, the suffix ``.txt``."""
+    sa, sb = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
+    return sb.join(image.rsplit(sa, 1)).rsplit(".", 1)[0] + ".txt"
+
+
+def ultralytics_images(data_yaml: Path, split: str) -> list[str]:
+    """The images Ultralytics trains on for ``split``: ``path`` + the split's folder, scanned recursively."""
+    data = yaml.safe_load(data_yaml.read_text())
+    root = Path(data.get("path") or data_yaml.parent)
+    assert root.is_absolute(), "a relative path is taken from Ultralytics' datasets folder, not from data.yaml"
+    folder = root / data[split]
+    assert folder.is_dir(), f"{split}: {folder} does not exist"
+    files = glob.glob(str(folder / "**" / "*.*"), recursive=True)
+    return sorted(f for f in files if f.rsplit(".", 1)[-1].lower() in ULTRALYTICS_IMG_FORMATS)
+
+
+def coco_boxes(out: Path) -> dict[str, list[dict[str, object]]]:
+    """The dataset's own COCO file: image file stem -> its boxes as {label, box xyxy}."""
+    coco = json.loads((out / "annotations.coco.json").read_text())
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    boxes: dict[str, list[dict[str, object]]] = {Path(i["file_name"]).stem: [] for i in coco["images"]}
+    by_id = {i["id"]: Path(i["file_name"]).stem for i in coco["images"]}
+    for a in coco["annotations"]:
+        x, y, w, h = a["bbox"]
+        boxes[by_id[a["image_id"]]].append({"label": names[a["category_id"]], "box": [x, y, x + w, y + h]})
+    return boxes
+
+
+@pytest.fixture(scope="module")
+def labeled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared images (a folder called ``images``) labeled by YOLOX-nano with the defaults."""
+    if not FAST.is_file():
+        pytest.fail(f"asset mirror not found at {ASSETS} (set EDGELABEL_MIRROR to the shared folder)")
+    out = tmp_path_factory.mktemp("label") / "out"
+    res = run_edgelabel("label", str(ASSETS / "images"), "--model", str(FAST), "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "labeled 6 frame(s)" in res.stdout, res.stdout
+    return out
+
+
+def test_label_output_is_an_ultralytics_dataset(labeled: Path) -> None:
+    data = yaml.safe_load((labeled / "data.yaml").read_text())
+    assert Path(data["path"]) == labeled.resolve()
+    assert isinstance(data["names"], dict) and data["names"][0] == "person" and len(data["names"]) == 80
+    want = coco_boxes(labeled)
+    for split in ("train", "val"):
+        images = ultralytics_images(labeled / "data.yaml", split)
+        assert len(images) == 6
+        for image in images:
+            label = Path(ultralytics_label_path(image))
+            assert label.is_file(), f"{image}: Ultralytics looks for its label at {label}, which does not exist"
+            lines = [ln for ln in label.read_text().splitlines() if ln.strip()]
+            assert len(lines) == len(want[Path(image).stem])
+
+
+def test_label_output_is_accepted_by_eval(labeled: Path) -> None:
+    res = run_edgelabel("eval", "--data", str(labeled / "data.yaml"), "--model", str(FAST))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "6 images" in res.stdout
+    overall = next(ln for ln in res.stdout.splitlines() if ln.startswith("all"))
+    assert float(overall.split()[2]) > 0.9  # the model against its own labels
+
+
+def test_label_output_reads_back_in_datumaro(labeled: Path) -> None:
+    dm = datumaro()
+    loaded = dm.Dataset.import_from(str(labeled), "yolo")
+    items = datumaro_boxes(loaded)
+    want = coco_boxes(labeled)
+    assert sorted(items) == sorted(want)
+    for stem, (_item, boxes) in items.items():
+        assert_boxes(boxes, want[stem], tol=0.01 * 1330)
+
+
+def test_stored_copies_are_the_original_bytes(labeled: Path) -> None:
+    with sqlite3.connect(labeled / "index.sqlite") as db:
+        paths = [r[0] for r in db.execute("SELECT image_path FROM records")]
+    assert len(paths) == 6 and all(p.startswith("images/images_src/") for p in paths)
+    for p in paths:
+        original = ASSETS / "images" / (Path(p).stem.rsplit("_", 1)[0] + Path(p).suffix)
+        assert (labeled / p).read_bytes() == original.read_bytes()
