@@ -262,11 +262,32 @@ def cmd_label(args: argparse.Namespace) -> int:
     ]
     if t.by_class:
         lines.append("classes: " + ", ".join(f"{k} {v}" for k, v in t.by_class.most_common()))
+    already = _done_before(cfg, t.frames)
+    if already:
+        lines.append(f"skipped {already} frame(s) labeled in an earlier run with the same model and thresholds "
+                     "(--fresh labels them again)")
     lines.append(f"dataset: {out}")
     if t.rejected:
         lines.append(f"rejected inputs: {pipeline.rejected_report}")
     print("\n".join(lines))
     return code
+
+
+def _done_before(cfg: Config, labeled_now: int) -> int:
+    """Frames of this job's ledger that an earlier run labeled (the ones this run skipped)."""
+    from edge.ledger import Ledger
+
+    path = cfg.resolve(cfg.state_dir) / "ledger.sqlite"
+    if not path.is_file():
+        return 0
+    try:
+        ledger = Ledger(path)
+    except sqlite3.Error:
+        return 0
+    try:
+        return max(ledger.done_count() - labeled_now, 0)
+    finally:
+        ledger.close()
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

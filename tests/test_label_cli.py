@@ -104,3 +104,48 @@ def test_stored_copies_are_the_original_bytes(labeled: Path) -> None:
     for p in paths:
         original = ASSETS / "images" / (Path(p).stem.rsplit("_", 1)[0] + Path(p).suffix)
         assert (labeled / p).read_bytes() == original.read_bytes()
+
+
+def label(inp: Path, out: Path, model: Path, *extra: str) -> str:
+    res = run_edgelabel("label", str(inp), "--model", str(model), "--out", str(out), *extra)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout + res.stderr
+
+
+def index_boxes(out: Path) -> dict[str, list[tuple[int, float, list[float]]]]:
+    """record id -> its boxes (class, score, xyxy), from the index."""
+    with sqlite3.connect(out / "index.sqlite") as db:
+        rows = db.execute("SELECT id, detections FROM records").fetchall()
+    return {rid: sorted((d["class_id"], d["score"], d["box"]) for d in json.loads(dets)) for rid, dets in rows}
+
+
+def test_labeling_again_with_another_model_labels_again(tmp_path: Path) -> None:
+    """The second model's run labels every frame again, and the dataset names only the model that made its
+    boxes; the same model with the same thresholds skips the frames and says so, naming --fresh."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for name in ("bus.jpg", "zidane.jpg", "dog.jpg"):
+        (inp / name).write_bytes((ASSETS / "images" / name).read_bytes())
+    out, reference = tmp_path / "out", tmp_path / "reference"
+    label(inp, out, FAST)
+    first = index_boxes(out)
+
+    again = label(inp, out, FAST)
+    assert "labeled 0 frame(s)" in again and "skipped 3 frame(s)" in again and "--fresh" in again
+
+    text = label(inp, out, OTHER)
+    assert "labeled 3 frame(s)" in text, text
+    assert "labeled again" in text  # the log says why
+    label(inp, reference, OTHER)  # what the second model alone writes
+    second = index_boxes(out)
+    assert second == index_boxes(reference) and second != first
+    coco = json.loads((out / "annotations.coco.json").read_text())
+    assert coco["info"]["edgelabel_model"] == "yolo11n_int8" and "yolox_nano" not in coco["info"]["description"]
+    assert {img["edgelabel_model"] for img in coco["images"]} == {"yolo11n_int8"}
+    header = (out / "data.yaml").read_text().splitlines()[0]
+    assert "yolo11n_int8" in header and "yolox_nano" not in header
+
+    # another threshold is another job too
+    text = label(inp, out, OTHER, "--conf", "0.5")
+    assert "labeled 3 frame(s)" in text
+    assert all(d[1] >= 0.5 for boxes in index_boxes(out).values() for d in boxes)

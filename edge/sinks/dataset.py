@@ -143,6 +143,7 @@ _COLUMNS = (
     ("version", "INTEGER NOT NULL DEFAULT 1"),  # bumped by every change; review requests may name the one they saw
     ("synced", "INTEGER NOT NULL DEFAULT 1"),  # 0 while a decision's files are being rewritten
     ("captured_ts", "REAL"),
+    ("model", "TEXT"),  # the name of the model whose run made the row's boxes (NULL on older rows)
 )
 _SCHEMA_EXTRA = f"""
 CREATE INDEX IF NOT EXISTS records_queue ON records (state, uncertainty DESC, created);
@@ -164,15 +165,15 @@ CREATE INDEX IF NOT EXISTS review_log_record ON review_log (record_id, seq);
 _UPSERT = """
 INSERT INTO records (id, source, frame_key, frame_index, image_path, label_path, width, height,
                      captured_at, detections, n_detections, created, state, uncertainty, model_detections,
-                     bytes, captured_ts)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                     bytes, captured_ts, model)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT(id) DO UPDATE SET
     source = excluded.source, frame_key = excluded.frame_key, frame_index = excluded.frame_index,
     image_path = excluded.image_path, label_path = excluded.label_path, width = excluded.width,
     height = excluded.height, captured_at = excluded.captured_at, detections = excluded.detections,
     n_detections = excluded.n_detections, state = excluded.state, uncertainty = excluded.uncertainty,
     model_detections = excluded.model_detections, bytes = excluded.bytes, captured_ts = excluded.captured_ts,
-    version = records.version + 1, synced = 1
+    model = excluded.model, version = records.version + 1, synced = 1
 """
 
 
@@ -212,6 +213,8 @@ class DatasetIndex:
         self._given_names = list(names) if names is not None else None
         self._names: list[str] = list(names or [])
         self._model_name = model_name or ""
+        self._legacy_model = ""  # the model the index named before this open: rows without a model column value
+        self._yaml_models: str | None = None  # the model list data.yaml was last written with
         self._repair = repair
         self.lock = threading.RLock()
         self._counts_lock = threading.Lock()
@@ -264,6 +267,9 @@ class DatasetIndex:
                         db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [
                             ("names", json.dumps(self._names)), ("model", self._model_name),
                             ("formats", json.dumps(sorted(self.formats)))])
+                        if self._legacy_model and db.execute("SELECT 1 FROM records WHERE model IS NULL").fetchone():
+                            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('legacy_model', ?)",
+                                       (self._legacy_model,))
                     if "yolo" in self.formats:
                         self._write_class_files()
                 self._recount()
@@ -287,6 +293,7 @@ class DatasetIndex:
     def _load_meta(self) -> None:
         """Class names and model: given, else stored in the index, else classes.txt, else what the rows say."""
         meta = {r["key"]: r["value"] for r in self.db.execute("SELECT key, value FROM meta")}
+        self._legacy_model = meta.get("legacy_model") or meta.get("model") or ""
         if not self._model_name:
             self._model_name = meta.get("model") or "unknown"
         if self._given_names is not None:
@@ -307,6 +314,20 @@ class DatasetIndex:
     def _write_class_files(self) -> None:
         names = "".join(f"{n}\n" for n in self._names)
         write_atomic(self.root / "classes.txt", names.encode())
+        self._write_data_yaml(self.model_name)
+
+    def refresh_data_yaml(self) -> bool:
+        """Rewrite data.yaml when the models that made the boxes changed since it was written; True if written."""
+        if "yolo" not in self.formats or self._given_names is None:
+            return False
+        with self.lock:
+            models = self.model_name
+            if models == self._yaml_models:
+                return False
+            self._write_data_yaml(models)
+            return True
+
+    def _write_data_yaml(self, models: str) -> None:
         data = {
             "path": str(self.root.resolve()),
             "train": "images",
@@ -314,10 +335,11 @@ class DatasetIndex:
             "names": dict(enumerate(self._names)),
         }
         header = (
-            f"# edgelabel auto-labels by {self._model_name}. YOLO labels of stored frames sit under labels/;\n"
+            f"# edgelabel auto-labels by {models}. YOLO labels of stored frames sit under labels/;\n"
             f"# referenced original files are listed with their label file in {COCO_FILE}.\n"
         )
         write_atomic(self.root / "data.yaml", (header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)).encode())
+        self._yaml_models = models
 
     def _recount(self) -> None:
         rows = self.db.execute(
@@ -351,7 +373,17 @@ class DatasetIndex:
 
     @property
     def model_name(self) -> str:
-        return self._model_name
+        """The models whose runs made the boxes in the dataset (most frames first), e.g. ``yolo11n_int8``, or
+        ``yolo11n_int8, yolox_nano`` while both are present; the configured model while there are no frames."""
+        return ", ".join(self.models()) or self._model_name
+
+    def models(self) -> list[str]:
+        """Names of the models that made the boxes of the frames kept (rejected frames left out), most first."""
+        with self.lock:
+            rows = self.db.execute(
+                "SELECT COALESCE(model, ?) AS m, COUNT(*) AS n FROM records WHERE state != 'rejected'"
+                " GROUP BY m ORDER BY n DESC, m", (self._legacy_model or "unknown",)).fetchall()
+        return [r["m"] for r in rows]
 
     def counts(self) -> dict[str, Any]:
         """images, annotations, bytes (owned files + COCO) and rows per state, without waiting for a write."""
@@ -426,7 +458,8 @@ class DatasetIndex:
             with db:
                 db.execute(_UPSERT, (record.id, record.source, record.frame_key, record.frame_index, image, label,
                                      record.width, record.height, record.captured_at, dets, len(boxes), time.time(),
-                                     decision.state, decision.uncertainty, dets, size, record.captured_ts))
+                                     decision.state, decision.uncertainty, dets, size, record.captured_ts,
+                                     record.model.name))
             self._count(old, (decision.state, len(boxes), size))
             self.coco_dirty = True
             return old is None
@@ -518,7 +551,7 @@ class DatasetIndex:
                 chunk = stale[i:i + 500]
                 for r in db.execute(
                         "SELECT rowid, id, source, frame_key, image_path, label_path, width, height, captured_at,"
-                        " detections, state, reviewed_by, reviewed_at, version FROM records"
+                        " detections, state, reviewed_by, reviewed_at, version, model FROM records"
                         f" WHERE rowid IN ({','.join('?' * len(chunk))})", chunk):
                     cache[r["rowid"]] = _coco_fragments(r)
             if len(cache) > len(heads):
@@ -532,7 +565,7 @@ class DatasetIndex:
             categories += [{"id": c + 1, "name": extra[c], "supercategory": "object", "edgelabel_class_id": c}
                            for c in sorted(extra) if c >= len(self._names)]
             data = b"".join((
-                b'{"info":', _json(_coco_info(self._model_name)), b',"licenses":[],"images":[',
+                b'{"info":', _json(_coco_info(self.model_name)), b',"licenses":[],"images":[',
                 b",".join(e[2] for e in entries), b'],"annotations":[',
                 b",".join(e[3] for e in entries if e[3]), b'],"categories":', _json(categories), b"}",
             ))
@@ -701,6 +734,7 @@ def _coco_fragments(r: Any) -> tuple[str, int, bytes, bytes, tuple[tuple[int, st
         "edgelabel_review_state": r["state"],
         "edgelabel_reviewed_by": r["reviewed_by"],
         "edgelabel_reviewed_at": r["reviewed_at"],
+        "edgelabel_model": r["model"],
     }
     anns: list[bytes] = []
     classes: dict[int, str] = {}
@@ -815,8 +849,17 @@ class DatasetSink(Sink):
             self._write_coco()
 
     def flush(self) -> None:
-        """Regenerate the COCO file now if anything changed since the last one."""
+        """Regenerate the COCO file now if anything changed since the last one; data.yaml names the models."""
+        with self._lock:
+            errors = self._errors
         self._write_coco()
+        with self._lock:
+            failed = self._errors != errors
+        if self.index.is_open and not failed:  # one report per flush on a failing disk
+            try:
+                self.index.refresh_data_yaml()
+            except (OSError, sqlite3.Error) as exc:
+                self._report_error("write", self.root / "data.yaml", exc)
 
     def close(self) -> None:
         """Write the final COCO file and close the index."""
