@@ -93,6 +93,11 @@ def build_run_config(args: argparse.Namespace) -> Config:
         data["device_id"] = args.device
     if args.state_dir:
         data["state_dir"] = str(Path(args.state_dir).resolve())
+        dataset = dict(data.get("dataset") or {})
+        if not args.config or "path" not in dataset:  # the bundled default's ./dataset is no one's choice
+            # the dataset goes with the job state: two quick-start daemons never write one dataset
+            dataset["path"] = str(Path(data["state_dir"]) / "dataset")
+            data["dataset"] = dataset
     if args.web:
         host, _, port = args.web.rpartition(":")
         if not host or not port.isdigit():
@@ -443,7 +448,8 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--mqtt", metavar="URL", help="mqtt[s]://[user@]host:port, or 'off'")
     r.add_argument("--device", metavar="ID", help="device id used in topics and records")
     r.add_argument("--web", metavar="HOST:PORT", help="serve the web page on HOST:PORT")
-    r.add_argument("--state-dir", metavar="DIR", help="where the ledger and reports live")
+    r.add_argument("--state-dir", metavar="DIR", help="where the ledger and reports live (and the dataset, "
+                   "as DIR/dataset, unless the config sets dataset.path)")
     r.add_argument("--fresh", action="store_true", help="forget which frames were already labeled")
     r.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     r.set_defaults(func=cmd_run)

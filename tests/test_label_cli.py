@@ -7,14 +7,16 @@ from __future__ import annotations
 import glob
 import json
 import os
+import signal
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import ASSETS
-from tests.helpers import run_edgelabel
+from tests.helpers import edgelabel, run_edgelabel
 from tests.test_export import assert_boxes, datumaro, datumaro_boxes
 
 FAST = ASSETS / "models" / "yolox_nano.onnx"
@@ -149,3 +151,59 @@ def test_labeling_again_with_another_model_labels_again(tmp_path: Path) -> None:
     text = label(inp, out, OTHER, "--conf", "0.5")
     assert "labeled 3 frame(s)" in text
     assert all(d[1] >= 0.5 for boxes in index_boxes(out).values() for d in boxes)
+
+
+# --------------------------------------------------------------------------- one writer per dataset
+
+
+def _wait_for(predicate, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def test_a_second_writer_of_a_dataset_is_refused_with_the_holders_pid(tmp_path: Path) -> None:
+    dataset = tmp_path / "shared-dataset"
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": {"path": str(FAST), "family": "yolox"},
+        "sources": {"clip": {"uri": str(ASSETS / "videos" / "cars.mp4"), "loop": True}},
+        "mqtt": {"enabled": False},
+        "dataset": {"path": str(dataset)},
+    }))
+    first = edgelabel("run", "-c", str(cfg), "--state-dir", str(tmp_path / "a"), cwd=tmp_path)
+    try:
+        lock = dataset / "edgelabel.lock"
+        assert _wait_for(lambda: lock.is_file() and lock.read_text().strip() == f"pid {first.pid}"), \
+            first.stderr.read() if first.poll() is not None else "the first daemon never locked the dataset"
+        second = run_edgelabel("run", "-c", str(cfg), "--state-dir", str(tmp_path / "b"), cwd=tmp_path)
+        assert second.returncode == 2, second.stderr[-3000:]
+        errors = [ln for ln in second.stderr.splitlines() if ln.startswith("edgelabel:")]
+        assert len(errors) == 1 and str(dataset) in errors[0] and f"pid {first.pid}" in errors[0], second.stderr
+        assert "dataset.path" in errors[0]
+        assert first.poll() is None  # the holder is untouched
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=60)
+    assert first.returncode == 0
+    # the lock went with its holder: the dataset can be written again
+    res = run_edgelabel("label", str(ASSETS / "images" / "bus.jpg"), "--model", str(FAST), "--out", str(dataset))
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_quick_start_daemons_keep_their_dataset_in_their_state_dir(tmp_path: Path) -> None:
+    """Two `run --state-dir` daemons with the bundled config (which says dataset: ./dataset) at once: each writes
+    the dataset in its own state dir, and nothing lands in the shared ./dataset."""
+    procs = {name: edgelabel("run", "--source", str(ASSETS / "images" / "bus.jpg"), "--model", str(FAST),
+                             "--mqtt", "off", "--state-dir", str(tmp_path / name), cwd=tmp_path)
+             for name in ("a", "b")}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, f"{name}: {err[-3000:]}"
+    assert not (tmp_path / "dataset").exists()
+    for name in procs:
+        with sqlite3.connect(tmp_path / name / "dataset" / "index.sqlite") as db:
+            assert db.execute("SELECT COUNT(*) FROM records").fetchone()[0] == 1

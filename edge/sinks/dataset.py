@@ -8,6 +8,7 @@ Layout under the dataset root::
     classes.txt  data.yaml             class list, Ultralytics dataset file (train/val: images)
     annotations.coco.json              COCO detection JSON (rejected frames left out), regenerated from the index
     index.sqlite                       one row per record: the source of truth for everything above
+    edgelabel.lock                     flock held by the one process that writes the dataset (see lock_dataset)
 
 Which frames: :mod:`edge.capture` decides per frame (in ``prepare``, before any pixel is written)
 whether the frame enters the dataset and whether it is ``auto_accepted`` or ``needs_review``.  The
@@ -67,6 +68,7 @@ a time (the pipeline's sink worker); review decisions arrive on web threads.  Bo
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -88,7 +90,7 @@ import numpy as np
 import yaml
 
 from edge.capture import SKIP, CaptureDecision, CaptureSelector
-from edge.config import DatasetConfig
+from edge.config import ConfigError, DatasetConfig
 from edge.frame import Frame
 from edge.records import LabelRecord, iso_utc
 from edge.sinks.base import Sink
@@ -97,6 +99,7 @@ log = logging.getLogger(__name__)
 
 COCO_FILE = "annotations.coco.json"
 INDEX_FILE = "index.sqlite"
+LOCK_FILE = "edgelabel.lock"
 REJECTED_DIR = "rejected"
 #: every review state, in the order of the docs
 STATES = ("auto_accepted", "needs_review", "accepted", "corrected", "rejected")
@@ -812,12 +815,18 @@ class DatasetSink(Sink):
         self._skipped_disk = 0
         self._last_disk_log = float("-inf")
         self._rotations = _RotationLog()
+        self._lock_fd: int | None = None  # holds <root>/edgelabel.lock while this sink writes the dataset
+        self._refused = False  # another process holds the dataset: this sink writes nothing
 
     # ------------------------------------------------------------------ Sink API
 
     def open(self) -> None:
-        """Create the layout and the index; a failure is reported and retried on the next write."""
-        self._ensure_open()
+        """Lock the dataset, create the layout and the index.
+
+        Raises ConfigError when another process writes this dataset (one writer per dataset, like the
+        state_dir); any other failure is reported and retried on the next write.
+        """
+        self._ensure_open(strict=True)
 
     def prepare(self, record: LabelRecord, frame: Frame) -> None:
         """Ask the capture policy; store the pixels of a captured frame and point ``record.frame_path`` at them.
@@ -862,12 +871,17 @@ class DatasetSink(Sink):
                 self._report_error("write", self.root / "data.yaml", exc)
 
     def close(self) -> None:
-        """Write the final COCO file and close the index."""
+        """Write the final COCO file, close the index and release the dataset's lock."""
+        if self._refused:
+            return
         self.flush()
         try:
             self.index.close()
         except sqlite3.Error as exc:  # pragma: no cover - close only fails on a broken database
             self._report_error("close", self.index.path, exc)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
 
     def status(self) -> dict[str, Any]:
         counts = self.index.counts()
@@ -895,10 +909,27 @@ class DatasetSink(Sink):
 
     # ------------------------------------------------------------------ set-up
 
-    def _ensure_open(self) -> bool:
-        """Open the index and write the class files once; False (reported) while that is impossible."""
+    def _ensure_open(self, strict: bool = False) -> bool:
+        """Lock the dataset, open the index and write the class files once; False (reported) while impossible.
+
+        ``strict`` (at open) raises ConfigError when another process holds the dataset's lock.
+        """
         if self.index.is_open:
             return True
+        if self._refused:
+            return False
+        if self._lock_fd is None:
+            try:
+                self._lock_fd = lock_dataset(self.root)
+            except ConfigError:
+                if strict:
+                    self._refused = True
+                    raise
+                self._report_error("lock", self.root / LOCK_FILE, OSError(errno.EWOULDBLOCK, "held by another process"))
+                return False
+            except OSError as exc:
+                self._report_error("lock the dataset at", self.root, exc)
+                return False
         try:
             self.index.open()
         except (OSError, sqlite3.Error) as exc:
@@ -1117,6 +1148,29 @@ class DatasetSink(Sink):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def lock_dataset(root: Path) -> int:
+    """Hold ``<root>/edgelabel.lock`` for this process (the fd); ConfigError naming the holder when it is taken.
+
+    Two daemons writing one dataset would overwrite each other's COCO file and data.yaml and fight over
+    its index; the state_dir is locked the same way (``edge.pipeline.lock_state_dir``).  ``flock`` is
+    released by the kernel when the process dies, so a kill -9 leaves no stale lock.  Readers (exports,
+    the review page of the same process) do not lock.  Raises OSError when the folder cannot be created.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown pid"
+        os.close(fd)
+        raise ConfigError([f"dataset.path: {root} is in use by another edgelabel process ({holder}); give each "
+                           "daemon its own dataset.path (with --state-dir and no dataset.path configured, the "
+                           "dataset is <state_dir>/dataset), or stop that process"]) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()}\n".encode())
+    return fd
 
 
 _TMP_NAME = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
