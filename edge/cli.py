@@ -220,6 +220,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _config_errors(exc)
     t = pipeline.totals
     log.info("done: %d frames, %d detections, %d rejected", t.frames, t.detections, t.rejected)
+    review = _review_line(cfg, pipeline)
+    if review:
+        log.info("%s", review)
     return code
 
 
@@ -267,6 +270,9 @@ def cmd_label(args: argparse.Namespace) -> int:
     ]
     if t.by_class:
         lines.append("classes: " + ", ".join(f"{k} {v}" for k, v in t.by_class.most_common()))
+    review = _review_line(cfg, pipeline)
+    if review:
+        lines.append(review)
     already = _done_before(cfg, t.frames)
     if already:
         lines.append(f"skipped {already} frame(s) labeled in an earlier run with the same model and thresholds "
@@ -276,6 +282,20 @@ def cmd_label(args: argparse.Namespace) -> int:
         lines.append(f"rejected inputs: {pipeline.rejected_report}")
     print("\n".join(lines))
     return code
+
+
+def _review_line(cfg: Config, pipeline: Any) -> str | None:
+    """What the dataset sends to a person: this run's needs_review frames, and the dataset's total."""
+    dataset = next((s for s in pipeline.sinks or [] if s.name == "dataset"), None)
+    if dataset is None:
+        return None
+    st = dataset.status()
+    now = sum(c.get("needs_review", 0) for c in st["capture"].values())
+    total = st["states"]["needs_review"]
+    band = cfg.dataset.capture.storage.near_threshold
+    why = f"a detection scored in [{band.low:g}, {band.high:g})" if band is not None else "the capture policy"
+    return (f"review: {now} frame(s) of this run need a person's look ({why}), {total} in the dataset; "
+            "the web page's Review shows them, `edgelabel export --state needs_review` exports them")
 
 
 def _done_before(cfg: Config, labeled_now: int) -> int:

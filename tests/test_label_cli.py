@@ -56,13 +56,14 @@ def coco_boxes(out: Path) -> dict[str, list[dict[str, object]]]:
 
 @pytest.fixture(scope="module")
 def labeled(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shared images (a folder called ``images``) labeled by YOLOX-nano with the defaults."""
+    """The shared images (a folder called ``images``) labeled by YOLO11n (int8) with the defaults."""
     if not FAST.is_file():
         pytest.fail(f"asset mirror not found at {ASSETS} (set EDGELABEL_MIRROR to the shared folder)")
     out = tmp_path_factory.mktemp("label") / "out"
-    res = run_edgelabel("label", str(ASSETS / "images"), "--model", str(FAST), "--out", str(out))
+    res = run_edgelabel("label", str(ASSETS / "images"), "--model", str(OTHER), "--out", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "labeled 6 frame(s)" in res.stdout, res.stdout
+    (out.parent / "summary.txt").write_text(res.stdout)
     return out
 
 
@@ -82,7 +83,7 @@ def test_label_output_is_an_ultralytics_dataset(labeled: Path) -> None:
 
 
 def test_label_output_is_accepted_by_eval(labeled: Path) -> None:
-    res = run_edgelabel("eval", "--data", str(labeled / "data.yaml"), "--model", str(FAST))
+    res = run_edgelabel("eval", "--data", str(labeled / "data.yaml"), "--model", str(OTHER))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "6 images" in res.stdout
     overall = next(ln for ln in res.stdout.splitlines() if ln.startswith("all"))
@@ -106,6 +107,22 @@ def test_stored_copies_are_the_original_bytes(labeled: Path) -> None:
     for p in paths:
         original = ASSETS / "images" / (Path(p).stem.rsplit("_", 1)[0] + Path(p).suffix)
         assert (labeled / p).read_bytes() == original.read_bytes()
+
+
+def test_defaults_send_near_threshold_frames_to_review(labeled: Path) -> None:
+    """With the default storage policy every frame is kept; those with a detection scored in [0.25, 0.5) are
+    needs_review (the others auto_accepted), and the summary counts them."""
+    with sqlite3.connect(labeled / "index.sqlite") as db:
+        rows = db.execute("SELECT image_path, state, detections FROM records").fetchall()
+    assert len(rows) == 6
+    near = {p for p, _s, dets in rows if any(0.25 <= d["score"] < 0.5 for d in json.loads(dets))}
+    sure = {p for p, _s, _d in rows} - near
+    assert near and sure, "the shared images give both kinds of frame with YOLO11n at conf 0.25"
+    assert {p for p, state, _d in rows if state == "needs_review"} == near
+    assert {p for p, state, _d in rows if state == "auto_accepted"} == sure
+    summary = (labeled.parent / "summary.txt").read_text()
+    assert f"review: {len(near)} frame(s) of this run need a person's look" in summary, summary
+    assert "[0.25, 0.5)" in summary and "--state needs_review" in summary
 
 
 def label(inp: Path, out: Path, model: Path, *extra: str) -> str:

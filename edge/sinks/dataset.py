@@ -12,8 +12,9 @@ Layout under the dataset root::
 
 Which frames: :mod:`edge.capture` decides per frame (in ``prepare``, before any pixel is written)
 whether the frame enters the dataset and whether it is ``auto_accepted`` or ``needs_review``.  The
-bundled default keeps every frame of files, folders and videos (``edgelabel label`` behaves as
-before) and samples live cameras.  A person's decisions (:mod:`edge.review`) move a row to
+bundled default keeps every frame of files, folders and videos (``edgelabel label`` too), sending those
+with a detection scored near the threshold to ``needs_review``, and samples live cameras.  A person's
+decisions (:mod:`edge.review`) move a row to
 ``accepted``, ``corrected`` or ``rejected`` with who and when; those rows are never overwritten by
 a frame that is labeled again (after a crash or ``--fresh``).
 
