@@ -351,7 +351,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             cfg = _read_config(args.config)
         except ConfigError as exc:
             return _config_errors(exc)
-        root = cfg.resolve(cfg.dataset.path) if cfg is not None else Path("dataset")
+        root = cfg.resolve(cfg.dataset.path) if cfg is not None else Path("dataset")  # the default: ./dataset
     try:
         res = export_dataset(root, args.format, Path(args.out), states=args.state, val_fraction=args.val,
                              image_prefix=args.image_prefix, overwrite=args.overwrite)
