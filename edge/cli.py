@@ -220,7 +220,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _config_errors(exc)
     t = pipeline.totals
     log.info("done: %d frames, %d detections, %d rejected", t.frames, t.detections, t.rejected)
-    review = _review_line(cfg, pipeline)
+    review = _review_line(cfg, pipeline, storage_only=False)
     if review:
         log.info("%s", review)
     return code
@@ -284,8 +284,12 @@ def cmd_label(args: argparse.Namespace) -> int:
     return code
 
 
-def _review_line(cfg: Config, pipeline: Any) -> str | None:
-    """What the dataset sends to a person: this run's needs_review frames, and the dataset's total."""
+def _review_line(cfg: Config, pipeline: Any, storage_only: bool = True) -> str | None:
+    """What the dataset sends to a person: this run's needs_review frames, and the dataset's total.
+
+    ``storage_only``: every source follows ``dataset.capture.storage`` (``edgelabel label``), so its band
+    says why; otherwise the per-source policies do (docs/review.md).
+    """
     dataset = next((s for s in pipeline.sinks or [] if s.name == "dataset"), None)
     if dataset is None:
         return None
@@ -293,7 +297,9 @@ def _review_line(cfg: Config, pipeline: Any) -> str | None:
     now = sum(c.get("needs_review", 0) for c in st["capture"].values())
     total = st["states"]["needs_review"]
     band = cfg.dataset.capture.storage.near_threshold
-    why = f"a detection scored in [{band.low:g}, {band.high:g})" if band is not None else "the capture policy"
+    storage_only = storage_only and not cfg.dataset.capture.sources
+    why = (f"a detection scored in [{band.low:g}, {band.high:g})" if storage_only and band is not None
+           else "their capture policy")
     return (f"review: {now} frame(s) of this run need a person's look ({why}), {total} in the dataset; "
             "the web page's Review shows them, `edgelabel export --state needs_review` exports them")
 
