@@ -93,6 +93,11 @@ def build_run_config(args: argparse.Namespace) -> Config:
         data["device_id"] = args.device
     if args.state_dir:
         data["state_dir"] = str(Path(args.state_dir).resolve())
+        dataset = dict(data.get("dataset") or {})
+        if not args.config or "path" not in dataset:  # the bundled default's ./dataset is no one's choice
+            # the dataset goes with the job state: two quick-start daemons never write one dataset
+            dataset["path"] = str(Path(data["state_dir"]) / "dataset")
+            data["dataset"] = dataset
     if args.web:
         host, _, port = args.web.rpartition(":")
         if not host or not port.isdigit():
@@ -215,6 +220,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _config_errors(exc)
     t = pipeline.totals
     log.info("done: %d frames, %d detections, %d rejected", t.frames, t.detections, t.rejected)
+    review = _review_line(cfg, pipeline, storage_only=False)
+    if review:
+        log.info("%s", review)
     return code
 
 
@@ -236,7 +244,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         "sources": {_source_name(str(inp), set()): {"uri": str(inp.resolve()) + ("/" if inp.is_dir() else "")}},
         "mqtt": {"enabled": False},
         "dataset": {"enabled": True, "path": str(out), "formats": formats, "coco_interval": 30.0,
-                    "save_images": "auto"},
+                    "save_images": "always"},  # images/ + labels/: a training set as it is
     }
     if args.labels:
         data["model"]["labels"] = str(Path(args.labels).resolve())
@@ -262,11 +270,55 @@ def cmd_label(args: argparse.Namespace) -> int:
     ]
     if t.by_class:
         lines.append("classes: " + ", ".join(f"{k} {v}" for k, v in t.by_class.most_common()))
+    review = _review_line(cfg, pipeline)
+    if review:
+        lines.append(review)
+    already = _done_before(cfg, t.frames)
+    if already:
+        lines.append(f"skipped {already} frame(s) labeled in an earlier run with the same model and thresholds "
+                     "(--fresh labels them again)")
     lines.append(f"dataset: {out}")
     if t.rejected:
         lines.append(f"rejected inputs: {pipeline.rejected_report}")
     print("\n".join(lines))
     return code
+
+
+def _review_line(cfg: Config, pipeline: Any, storage_only: bool = True) -> str | None:
+    """What the dataset sends to a person: this run's needs_review frames, and the dataset's total.
+
+    ``storage_only``: every source follows ``dataset.capture.storage`` (``edgelabel label``), so its band
+    says why; otherwise the per-source policies do (docs/review.md).
+    """
+    dataset = next((s for s in pipeline.sinks or [] if s.name == "dataset"), None)
+    if dataset is None:
+        return None
+    st = dataset.status()
+    now = sum(c.get("needs_review", 0) for c in st["capture"].values())
+    total = st["states"]["needs_review"]
+    band = cfg.dataset.capture.storage.near_threshold
+    storage_only = storage_only and not cfg.dataset.capture.sources
+    why = (f"a detection scored in [{band.low:g}, {band.high:g})" if storage_only and band is not None
+           else "their capture policy")
+    return (f"review: {now} frame(s) of this run need a person's look ({why}), {total} in the dataset; "
+            "the web page's Review shows them, `edgelabel export --state needs_review` exports them")
+
+
+def _done_before(cfg: Config, labeled_now: int) -> int:
+    """Frames of this job's ledger that an earlier run labeled (the ones this run skipped)."""
+    from edge.ledger import Ledger
+
+    path = cfg.resolve(cfg.state_dir) / "ledger.sqlite"
+    if not path.is_file():
+        return 0
+    try:
+        ledger = Ledger(path)
+    except sqlite3.Error:
+        return 0
+    try:
+        return max(ledger.done_count() - labeled_now, 0)
+    finally:
+        ledger.close()
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -305,7 +357,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             cfg = _read_config(args.config)
         except ConfigError as exc:
             return _config_errors(exc)
-        root = cfg.resolve(cfg.dataset.path) if cfg is not None else Path("dataset")
+        root = cfg.resolve(cfg.dataset.path) if cfg is not None else Path("dataset")  # the default: ./dataset
     try:
         res = export_dataset(root, args.format, Path(args.out), states=args.state, val_fraction=args.val,
                              image_prefix=args.image_prefix, overwrite=args.overwrite)
@@ -422,7 +474,8 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--mqtt", metavar="URL", help="mqtt[s]://[user@]host:port, or 'off'")
     r.add_argument("--device", metavar="ID", help="device id used in topics and records")
     r.add_argument("--web", metavar="HOST:PORT", help="serve the web page on HOST:PORT")
-    r.add_argument("--state-dir", metavar="DIR", help="where the ledger and reports live")
+    r.add_argument("--state-dir", metavar="DIR", help="where the ledger and reports live (and the dataset, "
+                   "as DIR/dataset, unless the config sets dataset.path)")
     r.add_argument("--fresh", action="store_true", help="forget which frames were already labeled")
     r.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     r.set_defaults(func=cmd_run)

@@ -216,11 +216,17 @@ def _live_capture_default() -> CaptureConfig:
                          rate=RateConfig(per_minute=12, per_hour=240, per_day=2000))
 
 
+def _storage_capture_default() -> CaptureConfig:
+    """Files, folders, videos: keep every frame; the ones with a near-threshold score go to a person first."""
+    return CaptureConfig(every_n=1, near_threshold=BandConfig())
+
+
 @dataclass
 class CaptureSection:
     """Capture policies: one for file/folder/video sources, one for live sources, overrides by source name."""
 
-    storage: CaptureConfig = field(default_factory=CaptureConfig)  # every frame, auto_accepted (edgelabel label)
+    # every frame; needs_review when a detection scores in [0.25, 0.5), else auto_accepted (edgelabel label too)
+    storage: CaptureConfig = field(default_factory=_storage_capture_default)
     live: CaptureConfig = field(default_factory=_live_capture_default)
     sources: dict[str, CaptureConfig] = field(default_factory=dict)  # replaces storage/live for that source
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from edge.config import Config, ConfigError, SourceConfig
 from edge.frame import Frame
-from edge.ledger import Ledger
+from edge.ledger import Job, Ledger
 from edge.loader import load_model, worker_count
 from edge.progress import Progress
 from edge.records import DetectionRecord, LabelRecord, ModelInfo, iso_utc, record_id
@@ -210,7 +210,8 @@ class Pipeline:
         if self.fresh:
             for suffix in ("", "-wal", "-shm"):
                 Path(str(ledger_path) + suffix).unlink(missing_ok=True)
-        self.ledger = Ledger(ledger_path)
+        info = self._model_info
+        self.ledger = Ledger(ledger_path, Job(info.sha256, cfg.model.conf, cfg.model.iou, info.name))
         for sink in self.sinks:
             sink.open()
 
