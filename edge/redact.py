@@ -40,9 +40,13 @@ _COLON_RE = re.compile(rf"{_LEAD}{_COLON_NAME}\s*:\s+{_VALUE}", re.IGNORECASE)
 _URL_RE = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>[^\s\"'<>]*)")
 
 
+#: values that are not secrets but stand-ins for one (SQL and format placeholders in a traceback's source line)
+_PLACEHOLDERS = frozenset({"?", "%s", "{}", "***"})
+
+
 def _mask_param(m: re.Match[str]) -> str:
     value = m.group("value")
-    if not value:
+    if not value or value in _PLACEHOLDERS:
         return m.group(0)
     quote = value[0] if value[0] in "\"'" else ""
     masked = f"{quote}{MASK}{quote}" if quote and len(value) > 1 and value.endswith(quote) else f"{quote}{MASK}"
