@@ -58,6 +58,10 @@ class Source(abc.ABC):
     def close(self) -> None:
         """Release the device or file; safe to call twice."""
 
+    def pace(self) -> float:
+        """Frames per second a storage source is read at (0: as fast as the pipeline takes them); call after open."""
+        return self.cfg.fps
+
     def total(self) -> int | None:
         """Number of frames this source will deliver, when known (for progress bars)."""
         return None

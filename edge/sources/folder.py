@@ -20,6 +20,13 @@ File policy (so a drop folder full of odd files never stops the daemon):
   not change when a mount point moves); ``skip(key)`` is asked before the file
   is even read, which makes resuming a half-done folder cheap.
 
+Time: an image's ``captured_at`` is its file's modification time (what a
+camera, or a copy that keeps times, wrote), not the time we read it, so a
+record says when the picture was taken as far as the file tells and a
+relabeled file gets the same record; ``media_time`` is unset.  The images of a
+folder are usually unrelated stills, so tracking is off for folders unless
+``tracking.folders`` turns it on.
+
 ``watch`` mode keeps polling every ``watch_interval`` seconds after the first
 listing and never finishes.  A new file is only read once its size and mtime
 were the same on two polls in a row (it is probably still being copied
@@ -190,7 +197,7 @@ class FolderSource(Source):
                     source=self.name,
                     index=index,
                     image=decoded.image,
-                    captured_at=time.time(),
+                    captured_at=decoded.mtime,  # the file's time, not ours (module docstring)
                     key=path,
                     path=path,
                     live=False,
