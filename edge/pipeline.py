@@ -430,11 +430,14 @@ class Pipeline:
             self._put(self._records, _STOP, beat)
 
     def _tracker(self, source: str) -> Any:
-        """The source's tracker, created on first use (None when tracking is off)."""
+        """The source's tracker, created on first use (None when tracking is off, or for stills: tracking.folders)."""
         if not self.cfg.tracking.enabled:
             return None
         tracker = self._trackers.get(source)
         if tracker is None:
+            runner = self._runners.get(source)
+            if runner is not None and runner.source.stills and not self.cfg.tracking.folders:
+                return None  # unrelated pictures: nothing to follow from one to the next
             from edge.tracking import Tracker
 
             tracker = self._trackers[source] = Tracker(source, self.cfg.tracking)

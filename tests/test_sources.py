@@ -563,8 +563,8 @@ def test_v4l2_absent_backs_off_and_others_run(assets: Path, monkeypatch: pytest.
     assert wait_for(lambda: len(attempts) >= 6, timeout=5)
     stop.set()
     assert cam.join(3) and files.join(3)
-    assert statuses.of("cam")[:2] == ["offline", "reconnecting"]
-    assert "online" not in statuses.of("cam")
+    assert statuses.of("cam") == ["offline"]  # never opened: offline with the reason, not "reconnecting"
+    assert cam.stats().status == "offline"
     st = cam.stats()
     assert st.live and st.reconnects >= 5
     assert "camera /dev/video99 not found; check the cable and `ls /dev/video*`" in (st.last_error or "")
@@ -596,12 +596,12 @@ def test_rtsp_closed_port_reconnects_and_stops_promptly(caplog: pytest.LogCaptur
                           hub, statuses, stop)
     with caplog.at_level(logging.DEBUG):
         runner.start()
-        assert wait_for(lambda: "reconnecting" in statuses.of("ipcam"), timeout=15)
+        assert wait_for(lambda: runner.stats().reconnects >= 2, timeout=15)
         t0 = time.monotonic()
         stop.set()
         assert runner.join(3)
         assert time.monotonic() - t0 < 3
-    assert statuses.of("ipcam")[:2] == ["offline", "reconnecting"]
+    assert statuses.of("ipcam") == ["offline"]  # it never answered: offline until it first opens
     err = runner.stats().last_error or ""
     assert "admin:***@127.0.0.1" in err
     assert "s3cret" not in err and not any("s3cret" in r.getMessage() for r in caplog.records)

@@ -37,6 +37,8 @@ class Source(abc.ABC):
     """
 
     live: ClassVar[bool] = False
+    #: the frames are separate pictures rather than a sequence (folders, single images): not tracked by default
+    stills: ClassVar[bool] = False
 
     def __init__(self, name: str, cfg: SourceConfig, target: str) -> None:
         self.name = name

@@ -24,6 +24,7 @@ class ImageSource(Source):
     """One image file; key and ``frame.path`` are its absolute path."""
 
     live = False
+    stills = True
 
     def __init__(self, name: str, cfg: SourceConfig, target: str) -> None:
         super().__init__(name, cfg, target)

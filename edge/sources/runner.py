@@ -4,8 +4,8 @@ Sources are plain blocking readers (``edge.sources.base``); everything about
 time lives here:
 
 * **Live sources** (cameras, streams) are never given up.  A failed open or
-  read sets the status to ``reconnecting`` (``offline`` for the very first
-  open) and the runner retries after an exponential backoff (``reconnect.initial``
+  read sets the status to ``reconnecting``, or ``offline`` (with the reason in
+  ``last_error``) while the source has never opened, and the runner retries after an exponential backoff (``reconnect.initial``
   doubling up to ``reconnect.max``, back to ``initial`` after a good frame),
   waiting on the stop event so shutdown is immediate.
 * **Hangs**: OpenCV's ``read()`` can block forever when a camera vanishes
@@ -449,13 +449,15 @@ class SourceRunner:
         rc = self.cfg.reconnect
         delay = rc.initial
         first = True
+        opened = False  # until the first successful open the source is offline (never "reconnecting")
         caller: _Caller | None = None
         try:
             while not self._stop.is_set():
                 if not first:
                     with self._lock:
                         self._reconnects += 1
-                    self._set_status(RECONNECTING)
+                    if opened:
+                        self._set_status(RECONNECTING)
                 if caller is None or caller.abandoned:
                     if caller is not None:
                         self.source = self._replacement(self.source)
@@ -466,7 +468,7 @@ class SourceRunner:
                 except _Stopped:
                     return
                 except SourceError as exc:
-                    self._live_failed(exc, OFFLINE if first else RECONNECTING)
+                    self._live_failed(exc, RECONNECTING if opened else OFFLINE)
                     first = False
                     self._close_live(caller)
                     if self._stop.wait(delay):
@@ -474,6 +476,7 @@ class SourceRunner:
                     delay = min(delay * 2, rc.max)
                     continue
                 first = False
+                opened = True
                 self._set_status(ONLINE)
                 try:
                     while not self._stop.is_set():

@@ -63,6 +63,7 @@ class VideoSource(Source):
         self._pos = 0  # within the current pass
         self._pass = 0
         self._start = 0.0  # epoch seconds of media time 0 (see the module docstring)
+        self._announced = False  # the INFO line about the file was logged
         self._reported_corrupt = False  # the rejected-inputs report lists a corrupt file once, not once per loop
 
     def describe(self) -> str:
@@ -93,7 +94,11 @@ class VideoSource(Source):
         self._pos = 0
         self._pass = 0
         self._start = self.recording_start()
-        logger.info("%s: %s frames at %s fps", self.describe(), self._frame_count or "unknown", self.fps or "unknown")
+        # the pipeline opens a file once to count its frames, then the runner opens it: say it once
+        level = logging.DEBUG if self._announced else logging.INFO
+        self._announced = True
+        logger.log(level, "%s: %s frames at %s fps", self.describe(), self._frame_count or "unknown",
+                   self.fps or "unknown")
 
     def duration(self) -> float | None:
         """Seconds of media in the file, when the container declares its frame count and rate."""
