@@ -82,15 +82,21 @@ def test_a_silent_rtsp_server_is_offline_with_a_reason_and_the_runner_stops_at_o
     assert time.monotonic() - t0 < 2.0
 
 
-def test_sigterm_during_startup_with_a_hanging_open_exits_promptly(tmp_path: Path, silent: SilentServer) -> None:
+@pytest.mark.parametrize("with_broker", [False, True], ids=["no-mqtt", "mqtt"])
+def test_sigterm_during_startup_with_a_hanging_open_exits_promptly(
+    tmp_path: Path, silent: SilentServer, with_broker: bool, request: pytest.FixtureRequest
+) -> None:
     """Used to take ~28 s (the open's watchdog, then the wait for every source's first state)."""
+    mqtt: dict[str, object] = {"enabled": False}
+    if with_broker:
+        mqtt = {"host": "127.0.0.1", "port": request.getfixturevalue("broker").port, "prefix": "el"}
     cfg = {
         "device_id": "startup-test",
         "state_dir": str(tmp_path / "state"),
         "model": {"path": str(ASSETS / "models" / "yolox_nano.onnx"), "family": "yolox"},
         "sources": {"cam": {"uri": f"rtsp://127.0.0.1:{silent.port}/x"}},  # read_timeout 10 s: open watchdog 20 s
-        "mqtt": {"enabled": False},
-        "dataset": {"enabled": False},
+        "mqtt": mqtt,
+        "dataset": {"path": str(tmp_path / "dataset")},
     }
     path = tmp_path / "edgelabel.yaml"
     path.write_text(json.dumps(cfg))
