@@ -5,9 +5,10 @@ time lives here:
 
 * **Live sources** (cameras, streams) are never given up.  A failed open or
   read sets the status to ``reconnecting``, or ``offline`` (with the reason in
-  ``last_error``) while the source has never opened, and the runner retries after an exponential backoff (``reconnect.initial``
-  doubling up to ``reconnect.max``, back to ``initial`` after a good frame),
-  waiting on the stop event so shutdown is immediate.
+  ``last_error``) while the source has never opened, and the runner retries
+  after an exponential backoff (``reconnect.initial`` doubling up to
+  ``reconnect.max``, back to ``initial`` after a good frame), waiting on the
+  stop event so shutdown is immediate.
 * **Hangs**: OpenCV's ``read()`` can block forever when a camera vanishes
   (opencv#4506, #22677).  Live calls therefore run on a helper daemon thread;
   a call that takes longer than ``read_timeout`` (open: twice that) is
