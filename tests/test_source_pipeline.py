@@ -45,6 +45,22 @@ def test_a_source_is_named_after_what_it_reads(uri: str, name: str) -> None:
     assert "s3cret" not in name and "pw" not in name
 
 
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "rtsp://admin:ab#cSECRET@cam/live",  # a raw # in the password ends urllib's authority early
+        "rtsp://admin:a/SECRET@cam",  # a raw / in the password starts urllib's path early
+        "rtsp://admin:p@SECRET@cam/stream",
+        "rtsp://cam/user=admin&password=SECRET",
+        "gst://rtspsrc location=rtsp://admin:ab#SECRET@cam/x ! decodebin ! videoconvert ! appsink",
+        "gst://rtspsrc location=rtsp://cam/x user-id=admin user-pw=SECRET ! decodebin ! appsink",
+    ],
+)
+def test_a_name_never_carries_a_credential(uri: str) -> None:
+    name = suggest_name(uri)
+    assert name and "SECRET" not in name and "admin" not in name, name
+
+
 def test_names_stay_unique_and_valid() -> None:
     taken: set[str] = set()
     uri = "gst://videotestsrc ! video/x-raw,format=BGR ! appsink"

@@ -126,7 +126,7 @@ def suggest_name(uri: str) -> str:
     Files: the file or folder name; streams: the URL's last path part; GStreamer: see ``_gst_name``.
     Only letters, digits, ``_``, ``-`` and ``.`` remain (the config's rule for source names); "" when nothing does.
     """
-    text = uri.strip().rstrip("/")
+    text = redact(uri.strip(), replacement=None).rstrip("/")  # no user info, credential parameters masked
     try:
         scheme, target = parse_uri(text)
     except ValueError:
