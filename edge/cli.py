@@ -10,7 +10,6 @@ import argparse
 import faulthandler
 import logging
 import os
-import re
 import signal
 import sqlite3
 import sys
@@ -33,10 +32,9 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def _source_name(uri: str, taken: set[str]) -> str:
     """A readable, unique source name derived from a URI (``cars`` for ``/videos/cars.mp4``)."""
-    text = uri.rstrip("/")
-    stem = Path(urlparse(text).path or text).stem if "://" in text else Path(text).stem or text
-    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("_.") or "source"
-    base = base[:56]
+    from edge.sources import suggest_name
+
+    base = suggest_name(uri) or "source"
     name, i = base, 2
     while name in taken:
         name, i = f"{base}_{i}", i + 1

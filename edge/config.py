@@ -259,6 +259,9 @@ class TrackingConfig:
     max_age: float = field(default=2.0, metadata={"min": 0.0})  # seconds unseen before a track ends
     min_hits: int = field(default=2, metadata={"min": 1})  # detections before a track is announced
     update_interval: float = field(default=5.0, metadata={"min": 0.0})  # seconds between update events
+    # image folders and single images: their pictures are usually unrelated stills, so nothing is tracked
+    # across them unless this is true (videos and live sources are always tracked when enabled)
+    folders: bool = False
 
 
 @dataclass

@@ -64,10 +64,11 @@ class _Extender:
 
 
 def _wait_sources_reported(pipeline: Pipeline, timeout: float) -> None:
+    """Until every source reported a first state; a stop request (SIGTERM while an open hangs) ends the wait."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pending = [n for n, s in pipeline.source_states().items() if s is None]
-        if not pending:
+        if not pending or pipeline.stopped:
             return
         time.sleep(0.05)
     log.warning("sources still opening after %.0f s; reporting ready anyway", timeout)

@@ -430,11 +430,14 @@ class Pipeline:
             self._put(self._records, _STOP, beat)
 
     def _tracker(self, source: str) -> Any:
-        """The source's tracker, created on first use (None when tracking is off)."""
+        """The source's tracker, created on first use (None when tracking is off, or for stills: tracking.folders)."""
         if not self.cfg.tracking.enabled:
             return None
         tracker = self._trackers.get(source)
         if tracker is None:
+            runner = self._runners.get(source)
+            if runner is not None and runner.source.stills and not self.cfg.tracking.folders:
+                return None  # unrelated pictures: nothing to follow from one to the next
             from edge.tracking import Tracker
 
             tracker = self._trackers[source] = Tracker(source, self.cfg.tracking)
@@ -494,14 +497,14 @@ class Pipeline:
                     except Exception:
                         log.exception("sink %s failed on a status update", sink.name)
                 if item.status in ("finished", "offline", "reconnecting") and item.source in self._trackers:
-                    self._emit_events(self._trackers[item.source].finish(time.time()), sinks)
+                    self._emit_events(self._trackers[item.source].finish(), sinks)
                 continue
         for seq in sorted(pending):  # not reached normally: every sequence number arrives before the stops
             ready = pending.pop(seq)
             if ready is not None:
                 self._deliver(ready, sinks)
         for tracker in self._trackers.values():
-            self._emit_events(tracker.finish(time.time()), sinks)
+            self._emit_events(tracker.finish(), sinks)
         self._emit_stats(sinks)
         for sink in sinks:
             try:
@@ -529,6 +532,7 @@ class Pipeline:
             inference_ms=round(item.inference_ms, 3),
             detections=[DetectionRecord.from_detection(d, w, h, t) for d, t in zip(item.detections, ids, strict=True)],
             frame_path=frame.path,
+            media_time=None if frame.media_time is None else round(frame.media_time, 6),
         )
 
     def _deliver(self, item: Inferred, sinks: list[Sink]) -> None:

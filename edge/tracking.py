@@ -28,8 +28,10 @@ small boxes and a detector's boxes on consecutive frames overlap strongly:
   record id, frame index and box of its highest-scoring detection), so a
   consumer can fetch one good crop per object.
 
-Times are the frames' capture times (epoch seconds), so the tracker behaves the
-same for a video processed faster than real time and for a live camera.
+Times are the frames' ``captured_at`` (epoch seconds): a camera's capture time,
+a video file's media time (``edge.sources.video``), so the tracker, ``max_age``
+and event durations behave the same for a video processed faster or slower
+than real time and for a live camera.
 """
 
 from __future__ import annotations
@@ -207,8 +209,14 @@ class Tracker:
         self._tracks = alive
         return ids, events
 
-    def finish(self, ts: float) -> list[dict[str, Any]]:
-        """The source stopped (finished, offline, reconnecting, shutdown): end every confirmed track."""
+    def finish(self, ts: float | None = None) -> list[dict[str, Any]]:
+        """The source stopped (finished, offline, reconnecting, shutdown): end every confirmed track.
+
+        ``ts`` defaults to the last frame's time: the tracker runs on the frames' clock, which for a
+        file is its media time, so "now" would put the end hours or years after the last frame.
+        """
+        if ts is None:
+            ts = self._last_ts if self._last_ts is not None else max((t.last_ts for t in self._tracks), default=0.0)
         events = [self._event("end", t, ts, reason="finished") for t in self._tracks if t.track_id is not None]
         self._tracks = []
         self._last_ts = None

@@ -319,7 +319,8 @@ class MqttSink(Sink):
         with self._lock:
             if len(self._capture_ts) >= LATENCY_WINDOW:  # never acknowledged (outage): forget the oldest
                 self._capture_ts.pop(next(iter(self._capture_ts)))
-            self._capture_ts[record.id] = record.captured_ts
+            # a file frame's captured_ts is media time (edge/frame.py): its latency counts from the read
+            self._capture_ts[record.id] = record.captured_ts if frame.live else frame.read_at
         self._store([Message(record.source, topic, payload, self.cfg.qos, False, record.id)], sync=sync)
         with self._lock:
             self._frames_out[record.source] += 1

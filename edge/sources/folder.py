@@ -20,6 +20,13 @@ File policy (so a drop folder full of odd files never stops the daemon):
   not change when a mount point moves); ``skip(key)`` is asked before the file
   is even read, which makes resuming a half-done folder cheap.
 
+Time: an image's ``captured_at`` is its file's modification time (what a
+camera, or a copy that keeps times, wrote), not the time we read it, so a
+record says when the picture was taken as far as the file tells and a
+relabeled file gets the same record; ``media_time`` is unset.  The images of a
+folder are usually unrelated stills, so tracking is off for folders (and
+single images) unless ``tracking.folders`` turns it on.
+
 ``watch`` mode keeps polling every ``watch_interval`` seconds after the first
 listing and never finishes.  A new file is only read once its size and mtime
 were the same on two polls in a row (it is probably still being copied
@@ -63,6 +70,7 @@ class FolderSource(Source):
     """Every image file under a folder, once, in natural-sort order (see the module docstring)."""
 
     live = False
+    stills = True
     empty_grace = EMPTY_GRACE
 
     def __init__(self, name: str, cfg: SourceConfig, target: str) -> None:
@@ -79,6 +87,7 @@ class FolderSource(Source):
         self._walk_errors: set[str] = set()
         self._pos = 0
         self._total: int | None = None
+        self._announced = False
 
     def describe(self) -> str:
         return f"FolderSource({self.root}{', watch' if self.cfg.watch else ''})"
@@ -99,7 +108,10 @@ class FolderSource(Source):
         self._pending = {}
         self._pos = 0
         self._total = len(self._files)
-        logger.info("%s: %d image file(s) found", self.describe(), self._total)
+        # the pipeline opens a folder once to count its files, then the runner opens it: say it once
+        logger.log(logging.DEBUG if self._announced else logging.INFO, "%s: %d image file(s) found",
+                   self.describe(), self._total)
+        self._announced = True
 
     def total(self) -> int | None:
         return self._total
@@ -190,7 +202,7 @@ class FolderSource(Source):
                     source=self.name,
                     index=index,
                     image=decoded.image,
-                    captured_at=time.time(),
+                    captured_at=decoded.mtime,  # the file's time, not ours (module docstring)
                     key=path,
                     path=path,
                     live=False,
