@@ -399,3 +399,39 @@ def _cfg_dict(cfg: Config) -> dict[str, Any]:
     data = dataclasses.asdict(cfg)
     data.pop("base_dir", None)
     return data
+
+
+# ----------------------------------------------------------------------------- sockets
+
+
+def test_half_finished_requests_and_huge_bodies_do_not_knock_the_page_over(
+    running: tuple[Config, Pipeline, WebSink],
+) -> None:
+    """120 anonymous connections that never finish their request made /healthz time out (waitress accepted
+    100 connections, idle for 60 s); a 300 MiB POST was spooled to /tmp before Flask's 64 KiB limit applied."""
+    import socket
+
+    from web.server import start_web
+
+    cfg, pipeline, sink = running
+    server = start_web(pipeline, sink, cfg, host="127.0.0.1", port=0)
+    port = int(server.url.rsplit(":", 1)[1])
+    stuck: list[socket.socket] = []
+    try:
+        for _ in range(300):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")  # and never the rest
+            stuck.append(s)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            assert s.recv(64).startswith(b"HTTP/1.1 200"), "/healthz answers beside 300 stuck connections"
+
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                      b"Content-Length: 314572800\r\n\r\n" + b"x" * 65536)
+            answer = s.recv(64)  # refused from the Content-Length, without waiting for 300 MiB
+            assert answer.startswith(b"HTTP/1.1 413"), answer
+    finally:
+        for s in stuck:
+            s.close()
+        server.stop()

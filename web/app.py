@@ -35,6 +35,9 @@ from web.system import DeviceMonitor
 
 log = logging.getLogger("edgelabel.web")
 
+#: the largest request body anything here accepts (a review decision of 1000 boxes is ~60 KB)
+MAX_BODY_BYTES = 64 * 1024
+
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 #: routes open even when web.public_read is false (to log in, style the login page, probe health)
@@ -75,7 +78,7 @@ def create_app(
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Strict",
         PERMANENT_SESSION_LIFETIME=timedelta(hours=12),
-        MAX_CONTENT_LENGTH=64 * 1024,
+        MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
         SEND_FILE_MAX_AGE_DEFAULT=timedelta(minutes=10),
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the documented field order
