@@ -1,0 +1,90 @@
+"""Delivery promises of the daemon as a real process: real Mosquitto, real model, real footage.
+
+What a consumer relies on and these tests check on the wire: a source's ``finished`` comes after its
+last label; a clean stop leaves no source looking ``online``; the closing line's counters add up; a
+finite job does not exit with labels still in the outbox while the broker may come back; a TLS
+failure is named as such.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import cv2
+import pytest
+
+from tests.conftest import Broker
+from tests.helpers import Collector, run_edgelabel
+
+DEVICE = "deliv-dev"
+PREFIX = "el"
+HAVE_MOSQUITTO = bool(shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists())
+pytestmark = pytest.mark.skipif(not HAVE_MOSQUITTO, reason="mosquitto binary not installed")
+
+
+def short_video(src: Path, dst: Path, frames: int) -> Path:
+    """The first ``frames`` frames of a real clip, re-encoded (a shorter job, same footage)."""
+    cap = cv2.VideoCapture(str(src))
+    ok, img = cap.read()
+    assert ok, f"cannot read {src}"
+    h, w = img.shape[:2]
+    out = cv2.VideoWriter(str(dst), cv2.VideoWriter_fourcc(*"mp4v"), 30.0, (w, h))
+    n = 0
+    while ok and n < frames:
+        out.write(img)
+        n += 1
+        ok, img = cap.read()
+    out.release()
+    cap.release()
+    return dst
+
+
+def write_config(tmp_path: Path, assets: Path, port: int, sources: dict[str, Any], **mqtt_extra: Any) -> Path:
+    cfg = {
+        "device_id": DEVICE,
+        "state_dir": str(tmp_path / "state"),
+        "model": {"path": str(assets / "models" / "yolox_nano.onnx"), "family": "yolox", "conf": 0.3},
+        "sources": sources,
+        "mqtt": {"host": "127.0.0.1", "port": port, "prefix": PREFIX, "qos": 1,
+                 "reconnect": {"initial": 0.2, "max": 0.5}, **mqtt_extra},
+        "dataset": {"enabled": False},
+    }
+    path = tmp_path / "edgelabel.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return path
+
+
+def image_folder(tmp_path: Path, assets: Path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for img in sorted((assets / "images").glob("*.jpg")):
+        shutil.copy(img, folder / img.name)
+    return folder
+
+
+def test_finished_follows_the_last_label_of_its_source(tmp_path: Path, assets: Path, broker: Broker) -> None:
+    """Every label of a video and of a folder reaches the broker before that source's ``finished``."""
+    clip = short_video(assets / "videos" / "cars.mp4", tmp_path / "cars-40.mp4", 40)
+    folder = image_folder(tmp_path, assets)
+    n_images = len(list(folder.iterdir()))
+    col = Collector(broker.port, f"{PREFIX}/#")
+    cfg = write_config(tmp_path, assets, broker.port, {"clip": {"uri": str(clip)}, "photos": {"uri": str(folder)}})
+    try:
+        res = run_edgelabel("run", "-c", str(cfg), timeout=120)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert col.wait_for(lambda: col.last(f"{PREFIX}/{DEVICE}/status") == b"stopped", 10)
+        with col._lock:
+            wire = [(t, p) for t, p, _ in col.messages]
+    finally:
+        col.close()
+    for source, expected in (("clip", 40), ("photos", n_images)):
+        labels = [i for i, (t, _) in enumerate(wire) if t == f"{PREFIX}/{DEVICE}/{source}/labels"]
+        finished = [i for i, (t, p) in enumerate(wire) if t == f"{PREFIX}/{DEVICE}/{source}/status" and p == b"finished"]
+        assert len(labels) == expected, f"{source}: {len(labels)}/{expected} labels"
+        assert len(finished) == 1, f"{source}: {len(finished)} 'finished' messages"
+        late = [i for i in labels if i > finished[0]]
+        assert not late, f"{source}: {len(late)} label(s) arrived after its 'finished'"
