@@ -88,3 +88,28 @@ def test_finished_follows_the_last_label_of_its_source(tmp_path: Path, assets: P
         assert len(finished) == 1, f"{source}: {len(finished)} 'finished' messages"
         late = [i for i in labels if i > finished[0]]
         assert not late, f"{source}: {len(late)} label(s) arrived after its 'finished'"
+
+
+CLOSED = re.compile(r"MQTT: closed \((\d+) published = (\d+) acknowledged \+ (\d+) QoS 0 .*?\+ (\d+) refused by the broker "
+                    r"\+ (\d+) unacknowledged; (\d+) dropped, (\d+) left in the outbox\)")
+
+
+def test_closing_counters_reconcile_after_a_clean_run(tmp_path: Path, assets: Path, broker: Broker) -> None:
+    """published = acknowledged + QoS 0 + refused + unacknowledged, and a clean run leaves nothing unaccounted."""
+    folder = image_folder(tmp_path, assets)
+    col = Collector(broker.port, f"{PREFIX}/#")
+    cfg = write_config(tmp_path, assets, broker.port, {"photos": {"uri": str(folder)}})
+    try:
+        res = run_edgelabel("run", "-c", str(cfg), timeout=120)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert col.wait_for(lambda: col.last(f"{PREFIX}/{DEVICE}/status") == b"stopped", 10)
+        with col._lock:
+            qos0_topics = [t for t, _, _ in col.messages if t.endswith(("/stats", "/snapshot"))]
+    finally:
+        col.close()
+    found = CLOSED.search(res.stderr)
+    assert found, "no closing line with the reconciled counters:\n" + res.stderr[-2000:]
+    published, acked, qos0, refused, unacked, dropped, left = map(int, found.groups())
+    assert published == acked + qos0 + refused + unacked
+    assert (refused, unacked, dropped, left) == (0, 0, 0, 0)
+    assert qos0 == len(qos0_topics) >= 1  # the final stats message: QoS 0 has no acknowledgement

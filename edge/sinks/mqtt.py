@@ -172,8 +172,11 @@ class MqttSink(Sink):
         self._interrupted = False  # the pipeline is stopping: do not wait for room in a full outbox
         self._in_put = False  # a write is inside Outbox.put (which may wait under stop_capture)
         self._closed = False
+        # published == acked + qos0 + broker_refused + messages still awaiting their acknowledgement
         self._published = 0
         self._acked = 0
+        self._qos0 = 0  # published with QoS 0 (stats, snapshots, mqtt.qos 0): no acknowledgement exists
+        self._broker_refused = 0  # published, then refused by the broker (a failing reason code)
         self._rejected = 0  # refused by the broker (failure reason code) or invalid for paho
         self._unserialisable = 0
         self._store_failed = 0  # the outbox could not store them (disk full, I/O error)
@@ -440,9 +443,12 @@ class MqttSink(Sink):
         with self._lock:
             self._connected = False
             self._closed = True
-            counts = (self._published, self._acked, self._dropped_locked())
+            counts = self._delivery_counts_locked()
             latency = self._latency_locked()
-        log.info("MQTT: closed (%d published, %d acknowledged, %d dropped)", *counts)
+        log.info("MQTT: closed (%d published = %d acknowledged + %d QoS 0 (never acknowledged: stats, snapshots) + "
+                 "%d refused by the broker + %d unacknowledged; %d dropped, %d left in the outbox)",
+                 counts["published"], counts["acked"], counts["qos0"], counts["broker_refused"], counts["unacked"],
+                 counts["dropped"], left)
         if latency["puback_latency_n"]:
             log.info("MQTT: capture->PUBACK latency over the last %d labels: p50 %s / p95 %s / p99 %s ms",
                      latency["puback_latency_n"], latency["puback_p50_ms"], latency["puback_p95_ms"],
@@ -451,8 +457,11 @@ class MqttSink(Sink):
     def status(self) -> dict[str, Any]:
         """Connection state and counters.
 
-        ``published``: messages handed to the MQTT client (replays included);
-        ``acked``: messages the broker acknowledged; ``pending``: messages in
+        ``published``: messages handed to the MQTT client (replays from the outbox included);
+        ``acked``: messages the broker acknowledged; ``qos0``: messages published with QoS 0 (stats,
+        snapshots), which get no acknowledgement; ``broker_refused``: published and refused by the broker;
+        ``unacked``: published with QoS 1/2 and not acknowledged yet; these add up:
+        ``published == acked + qos0 + broker_refused + unacked``.  ``pending``: messages in
         the outbox, not yet acknowledged; ``dropped``: messages that will never
         be sent (outbox full or expired, refused by the broker, unserialisable,
         not storable), broken down in ``drops``.
@@ -467,6 +476,9 @@ class MqttSink(Sink):
                 "protocol": self.cfg.protocol,
                 "published": self._published,
                 "acked": self._acked,
+                "qos0": self._qos0,
+                "broker_refused": self._broker_refused,
+                "unacked": len(self._inflight) + len(self._direct),
                 "pending": ob["depth"],
                 "inflight": len(self._inflight),
                 "dropped": self._dropped_locked(),
@@ -499,6 +511,12 @@ class MqttSink(Sink):
             return round(values[min(len(values) - 1, int(q * len(values)))], 1)
         return {"puback_latency_n": len(values), "puback_p50_ms": pick(0.50), "puback_p95_ms": pick(0.95),
                 "puback_p99_ms": pick(0.99)}
+
+    def _delivery_counts_locked(self) -> dict[str, int]:
+        """The publish counters and how they add up: published = acked + qos0 + broker_refused + unacked."""
+        return {"published": self._published, "acked": self._acked, "qos0": self._qos0,
+                "broker_refused": self._broker_refused, "unacked": len(self._inflight) + len(self._direct),
+                "dropped": self._dropped_locked()}
 
     def _dropped_locked(self) -> int:
         return self._outbox.dropped + self._rejected + self._unserialisable + self._store_failed
@@ -778,6 +796,8 @@ class MqttSink(Sink):
             return None, None
         if info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             self._published += 1
+            if qos == 0:
+                self._qos0 += 1
             self._last_publish_at = time.time()
         return info.mid, info.rc
 
@@ -808,6 +828,7 @@ class MqttSink(Sink):
                     continue  # a QoS0 direct message (stats, snapshot): nothing to account
                 if failed:
                     self._rejected += 1
+                    self._broker_refused += 1
                     self._last_error = f"broker refused a message: {reason}"
                     rejected.append(reason)
                 else:
