@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import cv2
 import pytest
 
 from tests.conftest import Broker
-from tests.helpers import Collector, run_edgelabel
+from tests.helpers import Collector, edgelabel, run_edgelabel
 
 DEVICE = "deliv-dev"
 PREFIX = "el"
@@ -113,3 +114,71 @@ def test_closing_counters_reconcile_after_a_clean_run(tmp_path: Path, assets: Pa
     assert published == acked + qos0 + refused + unacked
     assert (refused, unacked, dropped, left) == (0, 0, 0, 0)
     assert qos0 == len(qos0_topics) >= 1  # the final stats message: QoS 0 has no acknowledgement
+
+
+def retained_statuses(port: int, sources: list[str]) -> dict[str, bytes | None]:
+    """What a subscriber arriving now reads on the device and source status topics (retained values)."""
+    late = Collector(port, f"{PREFIX}/{DEVICE}/#")
+    try:
+        topics = {"device": f"{PREFIX}/{DEVICE}/status", **{s: f"{PREFIX}/{DEVICE}/{s}/status" for s in sources}}
+        late.wait_for(lambda: all(late.last(t) is not None for t in topics.values()), 3)
+        return {name: late.last(t) for name, t in topics.items()}
+    finally:
+        late.close()
+
+
+def test_clean_stop_leaves_no_source_online(tmp_path: Path, assets: Path, broker: Broker) -> None:
+    """SIGTERM: every running source's retained status becomes ``stopped``; a finished one keeps ``finished``."""
+    folder = image_folder(tmp_path, assets)
+    sources = {"cam": {"uri": str(assets / "videos" / "cars.mp4"), "loop": True, "fps": 5},
+               "photos": {"uri": str(folder)}}
+    col = Collector(broker.port, f"{PREFIX}/#")
+    proc = edgelabel("run", "-c", str(write_config(tmp_path, assets, broker.port, sources)))
+    try:
+        assert col.wait_for(lambda: col.last(f"{PREFIX}/{DEVICE}/photos/status") == b"finished"
+                            and len(col.on("/cam/labels")) >= 3, 60), "no labels from the looping video"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        col.close()
+    assert proc.returncode == 0, err[-3000:]
+    assert retained_statuses(broker.port, ["cam", "photos"]) == {
+        "device": b"stopped", "cam": b"stopped", "photos": b"finished"}
+
+
+def test_after_kill_9_the_device_last_will_marks_source_statuses_stale(tmp_path: Path, assets: Path,
+                                                                       broker: Broker) -> None:
+    """kill -9 cannot update the sources: they keep ``online`` and the device's ``offline`` (Last Will) wins.
+
+    docs/mqtt.md tells consumers to read a source's status only while the device is ``online``; the next
+    start publishes every source's state again.
+    """
+    sources = {"cam": {"uri": str(assets / "videos" / "cars.mp4"), "loop": True, "fps": 5}}
+    cfg = write_config(tmp_path, assets, broker.port, sources, keepalive=5)
+    col = Collector(broker.port, f"{PREFIX}/#")
+    proc = edgelabel("run", "-c", str(cfg))
+    try:
+        assert col.wait_for(lambda: len(col.on("/cam/labels")) >= 3, 60), "no labels from the looping video"
+        proc.kill()
+        proc.wait(10)
+        assert col.wait_for(lambda: col.last(f"{PREFIX}/{DEVICE}/status") == b"offline", 15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        col.close()
+    assert retained_statuses(broker.port, ["cam"]) == {"device": b"offline", "cam": b"online"}
+    # the next start and a clean stop put things right
+    col = Collector(broker.port, f"{PREFIX}/#")
+    proc = edgelabel("run", "-c", str(cfg))
+    try:
+        assert col.wait_for(lambda: len(col.on("/cam/labels")) >= 1 and col.last(f"{PREFIX}/{DEVICE}/status") == b"online", 60)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        col.close()
+    assert proc.returncode == 0, err[-3000:]
+    assert retained_statuses(broker.port, ["cam"]) == {"device": b"stopped", "cam": b"stopped"}

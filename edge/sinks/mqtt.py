@@ -3,7 +3,7 @@
 Topics (``prefix`` and the device id come from the config; docs/mqtt.md has every payload)::
 
     <prefix>/<device>/status             retained: online | stopped | offline (Last Will)
-    <prefix>/<device>/<source>/status    retained: online | reconnecting | offline | finished | disabled
+    <prefix>/<device>/<source>/status    retained: online | reconnecting | offline | finished | disabled | stopped
     <prefix>/<device>/<source>/labels    one LabelRecord JSON per processed frame      (outbox, mqtt.qos)
     <prefix>/<device>/events             track events new / update / end             (outbox, mqtt.qos)
     <prefix>/<device>/review             review decisions from the web page           (outbox, mqtt.qos)
@@ -102,6 +102,8 @@ ACK_DELAY = 0.05
 #: CONNACK reason codes that mean "who you are is not accepted" (3.1.1: 4, 5; MQTT 5: 0x86, 0x87)
 AUTH_FAILURES = {4, 5, 0x86, 0x87}
 STATS_SCHEMA_VERSION = 1
+#: source states that stay true after the daemon stops; every other one becomes ``stopped`` on a clean close
+FINAL_SOURCE_STATES = ("finished", "disabled")
 _STATS_NAMESPACE = uuid.UUID("9b8e4f2a-1c7d-5f3e-b6a0-4d2e8c1f7a95")
 _PAHO_LOG = logging.getLogger(f"{__name__}.paho")
 
@@ -415,6 +417,14 @@ class MqttSink(Sink):
                 return
             self._closing = True  # releases a write blocked by stop_capture
             opened = self._opened
+            running = [src for src, st in self._source_status.items() if st not in FINAL_SOURCE_STATES]
+        for source in running if opened else []:
+            # a retained "online" would outlive the daemon: say every running source stopped, in order
+            # behind its labels (through the outbox, so a broker that is down gets it on the next start)
+            try:
+                self.source_status(source, "stopped")
+            except SinkRefused as exc:
+                log.warning("MQTT: %s/status stopped not stored: %s", source, exc)
         self._outbox.commit()
         self._wake.set()
         if opened:
