@@ -12,14 +12,20 @@ import json
 import re
 import shutil
 import signal
+import sqlite3
+import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import cv2
 import pytest
 
-from tests.conftest import Broker
+from edge.daemon import EXIT_UNDELIVERED
+from tests.conftest import ROOT, Broker, free_port
 from tests.helpers import Collector, edgelabel, run_edgelabel
+from tests.test_mqtt_sink import Relay
 
 DEVICE = "deliv-dev"
 PREFIX = "el"
@@ -182,3 +188,135 @@ def test_after_kill_9_the_device_last_will_marks_source_statuses_stale(tmp_path:
         col.close()
     assert proc.returncode == 0, err[-3000:]
     assert retained_statuses(broker.port, ["cam"]) == {"device": b"stopped", "cam": b"stopped"}
+
+
+class Daemon:
+    """``edgelabel run`` as a process whose log lines can be waited for while it runs."""
+
+    def __init__(self, cfg: Path) -> None:
+        self.proc = edgelabel("run", "-c", str(cfg))
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait_log(self, text: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return True
+            if self.proc.poll() is not None:
+                self._reader.join(2)
+                return text in self.log()
+            time.sleep(0.05)
+        return False
+
+    def wait(self, timeout: float) -> int:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"edgelabel did not exit within {timeout} s\n{self.log()[-3000:]}") from None
+        self._reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def outbox_rows(state_dir: Path) -> int:
+    with sqlite3.connect(f"file:{state_dir / 'outbox.sqlite'}?mode=ro", uri=True, timeout=2) as db:
+        return int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+
+WAITING = "message(s) left in the outbox, broker unreachable since"
+
+
+def test_a_finished_job_waits_for_the_broker_and_delivers_before_exiting(tmp_path: Path, assets: Path,
+                                                                         broker: Broker) -> None:
+    """Broker unreachable while a folder job runs; it comes back while the daemon waits: all delivered, exit 0."""
+    folder = image_folder(tmp_path, assets)
+    n_images = len(list(folder.iterdir()))
+    relay_port = free_port()  # the daemon's way to the broker: closed until the relay starts
+    col = Collector(broker.port, f"{PREFIX}/#")
+    cfg = write_config(tmp_path, assets, relay_port, {"photos": {"uri": str(folder)}}, drain_timeout=60)
+    daemon = Daemon(cfg)
+    relay = Relay(broker.port, port=relay_port)
+    try:
+        assert daemon.wait_log(WAITING, 60), "the daemon did not wait for the broker:\n" + daemon.log()[-3000:]
+        assert daemon.proc.poll() is None
+        time.sleep(1.0)  # still waiting, not just slow to exit
+        assert daemon.proc.poll() is None, daemon.log()[-3000:]
+        relay.start()  # the broker is reachable again
+        code = daemon.wait(30)
+        assert col.wait_for(lambda: len(col.on("/photos/labels")) >= n_images, 5)
+    finally:
+        daemon.kill()
+        relay.close()
+        col.close()
+    assert code == 0, daemon.log()[-3000:]
+    assert len({json.loads(p)["id"] for p in col.on("/photos/labels")}) == n_images
+    assert "outbox empty: every message delivered" in daemon.log()
+    assert outbox_rows(tmp_path / "state") == 0
+
+
+def test_an_unreachable_broker_ends_the_wait_with_the_undelivered_exit_status(tmp_path: Path, assets: Path,
+                                                                              broker: Broker) -> None:
+    """mqtt.drain_timeout bounds the wait; exit 75 keeps the labels in the outbox; the next start sends them."""
+    folder = image_folder(tmp_path, assets)
+    n_images = len(list(folder.iterdir()))
+    relay_port = free_port()
+    cfg = write_config(tmp_path, assets, relay_port, {"photos": {"uri": str(folder)}}, drain_timeout=1.5)
+    daemon = Daemon(cfg)
+    try:
+        code = daemon.wait(60)
+    finally:
+        daemon.kill()
+    assert code == EXIT_UNDELIVERED == 75, daemon.log()[-3000:]
+    assert WAITING in daemon.log() and "mqtt.drain_timeout (1.5 s) reached" in daemon.log()
+    assert outbox_rows(tmp_path / "state") >= n_images  # labels, kept
+    # someone starts it again with the broker back: the job is done, the outbox is delivered
+    col = Collector(broker.port, f"{PREFIX}/#")
+    relay = Relay(broker.port, port=relay_port).start()
+    try:
+        res = run_edgelabel("run", "-c", str(cfg), timeout=60)
+        assert col.wait_for(lambda: len(col.on("/photos/labels")) >= n_images, 5)
+    finally:
+        relay.close()
+        col.close()
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "from a previous run will be sent first" in res.stderr
+    assert outbox_rows(tmp_path / "state") == 0
+
+
+def test_sigterm_ends_the_wait_for_the_broker(tmp_path: Path, assets: Path) -> None:
+    folder = image_folder(tmp_path, assets)
+    cfg = write_config(tmp_path, assets, free_port(), {"photos": {"uri": str(folder)}}, drain_timeout=300)
+    daemon = Daemon(cfg)
+    try:
+        assert daemon.wait_log(WAITING, 60), daemon.log()[-3000:]
+        daemon.proc.send_signal(signal.SIGTERM)
+        code = daemon.wait(20)  # not drain_timeout
+    finally:
+        daemon.kill()
+    assert code == EXIT_UNDELIVERED, daemon.log()[-3000:]
+    assert "stop requested while" in daemon.log()
+    assert outbox_rows(tmp_path / "state") > 0
+
+
+def test_systemd_restarts_an_exit_with_undelivered_labels_but_does_not_call_it_a_failure() -> None:
+    unit = (ROOT / "systemd" / "edgelabel.service").read_text()
+    values = {k: v for k, _, v in (ln.partition("=") for ln in unit.splitlines() if "=" in ln and ln[0] not in "#;")}
+    assert "75" in values["RestartForceExitStatus"].split()
+    assert "75" in values["SuccessExitStatus"].split()
+    assert "75" not in values["RestartPreventExitStatus"].split()

@@ -69,6 +69,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,17 @@ def _paho_noise(record: logging.LogRecord) -> bool:
 
 _PAHO_LOG.addFilter(_paho_noise)
 
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """What is still to deliver, for the daemon's wait at the end of a finite job (``mqtt.drain_timeout``)."""
+
+    pending: int  # messages in the outbox, not acknowledged yet
+    connected: bool
+    unreachable_since: float | None  # wall-clock time the current outage began (None while connected)
+    last_error: str | None
+    oldest_age_s: float | None  # how long the oldest waiting message has waited
 
 
 def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -174,6 +186,7 @@ class MqttSink(Sink):
         self._interrupted = False  # the pipeline is stopping: do not wait for room in a full outbox
         self._in_put = False  # a write is inside Outbox.put (which may wait under stop_capture)
         self._closed = False
+        self.left_at_close = 0  # messages still in the outbox when close() returned
         # published == acked + qos0 + broker_refused + messages still awaiting their acknowledgement
         self._published = 0
         self._acked = 0
@@ -187,6 +200,7 @@ class MqttSink(Sink):
         self._refused = False  # the last connection attempt got a failing CONNACK
         # outage reporting: ERROR once per outage (and when its cause changes), then WARNING every WARN_INTERVAL
         self._outage_since: float | None = None
+        self._outage_since_wall: float | None = None  # the same moment on the wall clock, for people
         self._outage_kind: str | None = None
         self._last_outage_warning = 0.0
         self._last_reject_log = float("-inf")
@@ -450,6 +464,7 @@ class MqttSink(Sink):
         if opened:
             self._client.loop_stop()
         self._outbox.close()
+        self.left_at_close = left
         with self._lock:
             self._connected = False
             self._closed = True
@@ -503,8 +518,17 @@ class MqttSink(Sink):
                 "outbox": ob,
                 "last_publish_at": self._last_publish_at,
                 "last_error": self._last_error,
+                "unreachable_since": None if self._outage_since_wall is None else iso_utc(self._outage_since_wall),
                 **self._latency_locked(),
             }
+
+    def backlog(self) -> Backlog:
+        """What is left to deliver and whether the broker is reachable (any thread)."""
+        self._process_acks(force=True)
+        age = self._outbox.oldest_age()
+        with self._lock:
+            return Backlog(self._outbox.depth, self._connected, self._outage_since_wall, self._last_error,
+                           None if age is None else round(age, 1))
 
     def _latency_locked(self) -> dict[str, float | int | None]:
         """Capture -> PUBACK percentiles (ms) over the last LATENCY_WINDOW acknowledged label messages.
@@ -889,6 +913,7 @@ class MqttSink(Sink):
             changed = kind != self._outage_kind
             if first:
                 self._outage_since = now
+                self._outage_since_wall = time.time()
             if first or changed:
                 self._outage_kind = kind
                 self._last_outage_warning = now
@@ -947,6 +972,7 @@ class MqttSink(Sink):
             self._refused = False
             self._generation += 1
             since, self._outage_since, self._outage_kind = self._outage_since, None, None
+            self._outage_since_wall = None
             sources = dict(self._source_status)
             alarm = self._alarm_payload
         waiting = self._outbox.depth
