@@ -8,7 +8,9 @@ failure is named as such.
 
 from __future__ import annotations
 
+import datetime
 import json
+import logging
 import re
 import shutil
 import signal
@@ -22,10 +24,13 @@ from typing import Any
 import cv2
 import pytest
 
+from edge.config import MqttConfig, TlsConfig
 from edge.daemon import EXIT_UNDELIVERED
+from edge.sinks.mqtt import MqttSink
 from tests.conftest import ROOT, Broker, free_port
 from tests.helpers import Collector, edgelabel, run_edgelabel
-from tests.test_mqtt_sink import Relay
+from tests.test_mqtt_faults import ConfBroker
+from tests.test_mqtt_sink import Relay, make_record, storage_frame
 
 DEVICE = "deliv-dev"
 PREFIX = "el"
@@ -320,3 +325,106 @@ def test_systemd_restarts_an_exit_with_undelivered_labels_but_does_not_call_it_a
     assert "75" in values["RestartForceExitStatus"].split()
     assert "75" in values["SuccessExitStatus"].split()
     assert "75" not in values["RestartPreventExitStatus"].split()
+
+
+def make_tls_files(d: Path, server_names: list[str]) -> dict[str, Path]:
+    """A CA, a server certificate for ``server_names`` (DNS names) signed by it, and an unrelated CA."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def build(subject: str, key: Any, issuer: str, signer: Any, ca: bool) -> x509.CertificateBuilder:
+        return (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+
+    def pem(path: Path, cert: x509.Certificate) -> Path:
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return path
+
+    ca_key, other_key, srv_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    ca = build("test CA", ca_key, "test CA", ca_key, True).sign(ca_key, hashes.SHA256())
+    other = build("other CA", other_key, "other CA", other_key, True).sign(other_key, hashes.SHA256())
+    srv = (build(server_names[0], srv_key, "test CA", ca_key, False)
+           .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in server_names]), critical=False)
+           .sign(ca_key, hashes.SHA256()))
+    key_path = d / "server.key"
+    key_path.write_bytes(srv_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                               serialization.NoEncryption()))
+    return {"ca": pem(d / "ca.pem", ca), "other_ca": pem(d / "other-ca.pem", other),
+            "server": pem(d / "server.pem", srv), "server_key": key_path}
+
+
+def first_mqtt_error(caplog: pytest.LogCaptureFixture, sink: MqttSink) -> str:
+    def found() -> str | None:
+        return next((r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.name == "edge.sinks.mqtt"),
+                    None)
+    deadline = time.monotonic() + 10
+    while found() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found() or ""
+
+
+def test_a_tls_failure_is_named_not_reported_as_an_unreachable_broker(tmp_path: Path, caplog) -> None:
+    """Wrong CA: "certificate verify failed", naming mqtt.tls.ca; wrong host: "hostname mismatch", naming mqtt.host."""
+    caplog.set_level(logging.INFO, logger="edge.sinks.mqtt")
+    files = make_tls_files(tmp_path, ["broker.plant.example"])
+    broker = ConfBroker(tmp_path, f"allow_anonymous true\npersistence false\ncafile {files['ca']}\n"
+                                  f"certfile {files['server']}\nkeyfile {files['server_key']}\n").start()
+
+    def sink(ca: Path, host: str, insecure: bool = False) -> MqttSink:
+        cfg = MqttConfig(host=host, port=broker.port, prefix=PREFIX, tls=TlsConfig(ca=str(ca), insecure=insecure))
+        cfg.reconnect.initial = cfg.reconnect.max = 0.3
+        return MqttSink(cfg, DEVICE)
+
+    try:
+        wrong_ca = sink(files["other_ca"], "127.0.0.1")
+        wrong_ca.open()
+        rec = make_record("cam1", 0)
+        wrong_ca.write(rec, storage_frame(rec))
+        try:
+            error = first_mqtt_error(caplog, wrong_ca)
+            status = wrong_ca.status()
+        finally:
+            wrong_ca.close()
+        assert "certificate verify failed" in error and "mqtt.tls.ca" in error and str(files["other_ca"]) in error, error
+        assert "is the broker running" not in error
+        assert "certificate verify failed" in (status["last_error"] or "") and status["pending"] == 1
+
+        caplog.clear()
+        wrong_host = sink(files["ca"], "127.0.0.1")  # the certificate names broker.plant.example only
+        wrong_host.open()
+        try:
+            error = first_mqtt_error(caplog, wrong_host)
+        finally:
+            wrong_host.close()
+        assert "hostname mismatch" in error and "mqtt.host '127.0.0.1'" in error, error
+        assert "is the broker running" not in error
+
+        caplog.clear()
+        insecure = sink(files["ca"], "127.0.0.1", insecure=True)  # the right CA, the host name not checked
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        insecure.open()
+        try:
+            assert wait_connected(insecure, 10), insecure.status()["last_error"]
+        finally:
+            insecure.close()
+        assert any("mqtt.tls.insecure is true" in w for w in warnings), warnings
+    finally:
+        broker.stop()
+
+
+def wait_connected(sink: MqttSink, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sink.status()["connected"]:
+            return True
+        time.sleep(0.05)
+    return False

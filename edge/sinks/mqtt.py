@@ -65,6 +65,7 @@ import queue
 import socket
 import sqlite3
 import ssl
+import sys
 import threading
 import time
 import uuid
@@ -79,7 +80,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge.config import ConfigError, MqttConfig
+from edge.config import ConfigError, MqttConfig, TlsConfig
 from edge.frame import Frame
 from edge.records import LabelRecord, iso_utc
 from edge.sinks.base import Sink, SinkRefused
@@ -121,6 +122,29 @@ def _paho_noise(record: logging.LogRecord) -> bool:
 
 _PAHO_LOG.addFilter(_paho_noise)
 
+
+
+def describe_tls_error(exc: BaseException, tls: TlsConfig | None, host: str, port: int) -> str | None:
+    """A failed TLS connection in words an operator can act on, naming the mqtt.tls setting to check.
+
+    None when ``exc`` is not a TLS failure (refused, timed out, no route: the broker is unreachable).
+    ``edgelabel doctor`` says the same ("TLS handshake failed ... check mqtt.tls"); here the cause is
+    split further because the daemon retries forever and the log line is all an operator sees.
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError) or isinstance(exc, ssl.CertificateError):
+        msg = getattr(exc, "verify_message", None) or str(exc)
+        if "mismatch" in msg.lower() or "doesn't match" in msg.lower():
+            return (f"TLS: hostname mismatch, the broker's certificate is not valid for mqtt.host {host!r} ({msg}); "
+                    "set mqtt.host to a name the certificate lists, or reissue the broker's certificate "
+                    "(mqtt.tls.insecure: true skips this check, which lets anyone with a certificate from that CA "
+                    "pose as the broker)")
+        ca = tls.ca if tls is not None and tls.ca else "the system's CA store (mqtt.tls.ca not set)"
+        return (f"TLS: certificate verify failed, the broker's certificate is not trusted ({msg}); check that "
+                f"mqtt.tls.ca ({ca}) is the CA that signed the broker's certificate")
+    if isinstance(exc, ssl.SSLError):
+        return (f"TLS handshake failed ({getattr(exc, 'reason', None) or exc}); check mqtt.tls (ca, cert, key) "
+                f"and that {host}:{port} speaks TLS")
+    return None
 
 
 @dataclass(frozen=True)
@@ -285,6 +309,10 @@ class MqttSink(Sink):
                 # a bad certificate path is a configuration mistake: fail start-up with the field named
                 raise ConfigError([f"mqtt.tls: cannot load CA/certificate/key ({exc})"]) from exc
             client.tls_insecure_set(tls.insecure)
+            if tls.insecure:
+                log.warning("MQTT: mqtt.tls.insecure is true: the broker's host name is not checked against its "
+                            "certificate, so anyone holding a certificate from that CA can pose as %s; set it to "
+                            "false once the certificate names mqtt.host", self.broker)
         client.max_inflight_messages_set(cfg.max_inflight)
         client.max_queued_messages_set(cfg.max_queued)
         client.reconnect_delay_set(cfg.reconnect.initial, max(cfg.reconnect.max, cfg.reconnect.initial))  # type: ignore[arg-type]
@@ -918,7 +946,7 @@ class MqttSink(Sink):
                 self._outage_kind = kind
                 self._last_outage_warning = now
         if first or changed:
-            if kind == "auth":
+            if kind in ("auth", "tls"):
                 log.error("MQTT: broker %s: %s. Retrying; labels are kept in the outbox until it accepts us.",
                           self.broker, reason)
             else:
@@ -938,9 +966,10 @@ class MqttSink(Sink):
                 return
             self._last_outage_warning = now
             reason = self._last_error
+            state = "unreachable" if self._outage_kind in (None, "connect") else "not connected"
         log.warning(
-            "MQTT: broker %s still unreachable after %.0f s (%s); %d message(s) waiting in the outbox, %d dropped so far",
-            self.broker, now - since, reason, self._outbox.depth, self._outbox.dropped,
+            "MQTT: broker %s still %s after %.0f s (%s); %d message(s) waiting in the outbox, %d dropped so far",
+            self.broker, state, now - since, reason, self._outbox.depth, self._outbox.dropped,
         )
 
     # ------------------------------------------------------------------ paho callbacks (network thread)
@@ -991,9 +1020,16 @@ class MqttSink(Sink):
         self._wake.set()
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        # paho calls this inside its ``except OSError`` around the connect: the exception is the one handled
+        exc = sys.exc_info()[1]
         with self._lock:
             self._refused = False
-        self._report_outage("connection failed", "connect")
+        tls_problem = None if exc is None else describe_tls_error(exc, self.cfg.tls, self.cfg.host, self.cfg.port)
+        if tls_problem is not None:
+            self._report_outage(tls_problem, "tls")
+            return
+        detail = (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) if exc is not None else ""
+        self._report_outage(f"connection failed: {detail}" if detail else "connection failed", "connect")
 
     def _on_disconnect(
         self,
