@@ -421,6 +421,34 @@ def test_a_tls_failure_is_named_not_reported_as_an_unreachable_broker(tmp_path: 
         broker.stop()
 
 
+def test_a_refused_client_certificate_and_a_plain_port_are_named_as_tls_problems(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="edge.sinks.mqtt")
+    files = make_tls_files(tmp_path, ["localhost"])
+    needs_cert = ConfBroker(tmp_path, f"allow_anonymous true\npersistence false\ncafile {files['ca']}\n"
+                                      f"certfile {files['server']}\nkeyfile {files['server_key']}\n"
+                                      "require_certificate true\n").start()
+    plain = ConfBroker(tmp_path, "allow_anonymous true\npersistence false\n").start()
+    try:
+        for port, expected in ((needs_cert.port, ["rejected the client certificate", "mqtt.tls.cert"]),
+                               (plain.port, ["TLS handshake failed", "is a TLS listener"])):
+            caplog.clear()
+            cfg = MqttConfig(host="localhost", port=port, prefix=PREFIX, tls=TlsConfig(ca=str(files["ca"])))
+            cfg.reconnect.initial = cfg.reconnect.max = 0.3
+            sink = MqttSink(cfg, DEVICE)
+            sink.open()
+            try:
+                error = first_mqtt_error(caplog, sink)
+                time.sleep(1.0)  # a few retries: still one ERROR, and no raw socket errors from the client library
+                errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+            finally:
+                sink.close()
+            assert all(e in error for e in expected) and "is the broker running" not in error, error
+            assert len(errors) == 1, [r.getMessage() for r in errors]
+    finally:
+        needs_cert.stop()
+        plain.stop()
+
+
 def wait_connected(sink: MqttSink, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

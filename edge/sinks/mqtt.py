@@ -114,7 +114,10 @@ def _paho_noise(record: logging.LogRecord) -> bool:
     """paho 2.2 logs "Client is not connected" at ERROR on every loop turn without a socket (each retry
     while the broker is down, and after a disconnect); the sink reports the connection state itself, so
     this is demoted to DEBUG instead of flooding an operator's log with false errors."""
-    if record.levelno >= logging.ERROR and record.getMessage().startswith("Client is not connected"):
+    message = record.getMessage() if record.levelno >= logging.ERROR else ""
+    if message.startswith("Client is not connected") or (message.startswith("failed to receive on socket") and
+                                                          "[SSL" in message):
+        # the second: a TLS alert from the broker on every retry; the sink names it once (_on_log)
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return _PAHO_LOG.isEnabledFor(logging.DEBUG)
     return True
@@ -144,7 +147,19 @@ def describe_tls_error(exc: BaseException, tls: TlsConfig | None, host: str, por
     if isinstance(exc, ssl.SSLError):
         return (f"TLS handshake failed ({getattr(exc, 'reason', None) or exc}); check mqtt.tls (ca, cert, key) "
                 f"and that {host}:{port} speaks TLS")
+    if tls is not None and isinstance(exc, ConnectionResetError):
+        return (f"TLS handshake failed (connection reset by the broker); check that {host}:{port} is a TLS "
+                "listener (mqtt.port; 8883 by convention) and mqtt.tls (ca, cert, key)")
     return None
+
+
+def describe_tls_alert(alert: str) -> str:
+    """The broker ended a TLS connection with an alert after the handshake (TLS 1.3 checks the client
+    certificate there): most often a missing or untrusted client certificate."""
+    if "certificate" in alert.lower():
+        return (f"TLS: the broker rejected the client certificate ({alert}); check mqtt.tls.cert and mqtt.tls.key "
+                "(a certificate signed by a CA the broker trusts)")
+    return f"TLS error from the broker ({alert}); check mqtt.tls (ca, cert, key)"
 
 
 @dataclass(frozen=True)
@@ -225,6 +240,7 @@ class MqttSink(Sink):
         # outage reporting: ERROR once per outage (and when its cause changes), then WARNING every WARN_INTERVAL
         self._outage_since: float | None = None
         self._outage_since_wall: float | None = None  # the same moment on the wall clock, for people
+        self._tls_alert: str | None = None  # a TLS alert paho read before the connection dropped
         self._outage_kind: str | None = None
         self._last_outage_warning = 0.0
         self._last_reject_log = float("-inf")
@@ -323,6 +339,7 @@ class MqttSink(Sink):
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_log = self._on_log
         return client
 
     def open(self) -> None:
@@ -1047,7 +1064,19 @@ class MqttSink(Sink):
             return
         if refused and not was_connected:
             return  # the refused CONNACK was reported; keep that reason in last_error
+        with self._lock:
+            alert, self._tls_alert = self._tls_alert, None
+        if alert is not None:
+            self._report_outage(describe_tls_alert(alert), "tls")
+            return
         self._report_outage(f"connection lost: {reason_code}", "connect")
+
+    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
+        """Keep a TLS alert paho read from the socket: it is why the next disconnect happens (_on_disconnect)."""
+        if level == mqtt.MQTT_LOG_ERR and buf.startswith("failed to receive on socket") and "[SSL" in buf:
+            alert = buf.split("] ", 1)[-1].split(" (_ssl.c", 1)[0].strip()
+            with self._lock:
+                self._tls_alert = alert
 
     def _on_publish(
         self,
