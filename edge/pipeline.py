@@ -556,13 +556,14 @@ class Pipeline:
             self._deliver(ready, sinks)
 
     def _apply_status(self, item: _StatusEvent, sinks: list[Sink]) -> None:
+        """The source's tracks end first (their ``end`` events), then the sinks get the new status."""
+        if item.status in ("finished", "offline", "reconnecting") and item.source in self._trackers:
+            self._emit_events(self._trackers[item.source].finish(time.time()), sinks)
         for sink in sinks:
             try:
                 sink.source_status(item.source, item.status)
             except Exception:
                 log.exception("sink %s failed on a status update", sink.name)
-        if item.status in ("finished", "offline", "reconnecting") and item.source in self._trackers:
-            self._emit_events(self._trackers[item.source].finish(time.time()), sinks)
 
     def make_record(self, item: Inferred, rid: str, track_ids: list[int | None] | None = None) -> LabelRecord:
         """The label record ``rid`` for one inferred frame (with the tracker's ids when given)."""

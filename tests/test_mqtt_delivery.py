@@ -100,6 +100,10 @@ def test_finished_follows_the_last_label_of_its_source(tmp_path: Path, assets: P
         assert len(finished) == 1, f"{source}: {len(finished)} 'finished' messages"
         late = [i for i in labels if i > finished[0]]
         assert not late, f"{source}: {len(late)} label(s) arrived after its 'finished'"
+        events = [i for i, (t, p) in enumerate(wire) if t.endswith("/events") and json.loads(p)["source"] == source]
+        assert all(i < finished[0] for i in events), f"{source}: track events after its 'finished'"
+    clip_events = [json.loads(p) for t, p in wire if t.endswith("/events") and json.loads(p)["source"] == "clip"]
+    assert any(e["type"] == "end" and e["end_reason"] == "finished" for e in clip_events)  # the tracks ended first
 
 
 CLOSED = re.compile(r"MQTT: closed \((\d+) published = (\d+) acknowledged \+ (\d+) QoS 0 .*?\+ (\d+) refused by the broker "
