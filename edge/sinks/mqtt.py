@@ -339,7 +339,7 @@ class MqttSink(Sink):
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
-        client.on_log = self._on_log
+        client.on_log = self._on_log  # only while not connected: paho formats every log line for it
         return client
 
     def open(self) -> None:
@@ -1013,6 +1013,7 @@ class MqttSink(Sink):
             else:
                 self._report_outage(f"broker refused the connection: {reason_code}", "refused")
             return
+        client.on_log = None  # connected: no TLS alert to catch, and no formatting cost per message
         with self._lock:
             self._connected = True
             self._refused = False
@@ -1056,6 +1057,7 @@ class MqttSink(Sink):
         reason_code: ReasonCode,
         properties: Properties | None,
     ) -> None:
+        client.on_log = self._on_log
         with self._lock:
             was_connected, self._connected = self._connected, False
             closing, refused = self._closing, self._refused
@@ -1072,7 +1074,11 @@ class MqttSink(Sink):
         self._report_outage(f"connection lost: {reason_code}", "connect")
 
     def _on_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
-        """Keep a TLS alert paho read from the socket: it is why the next disconnect happens (_on_disconnect)."""
+        """Keep a TLS alert paho read from the socket: it is why the next disconnect happens (_on_disconnect).
+
+        Set only while not connected (a broker refusing the client certificate sends its alert right after
+        the handshake, before CONNACK), because paho formats every log line, debug included, for it.
+        """
         if level == mqtt.MQTT_LOG_ERR and buf.startswith("failed to receive on socket") and "[SSL" in buf:
             alert = buf.split("] ", 1)[-1].split(" (_ssl.c", 1)[0].strip()
             with self._lock:
