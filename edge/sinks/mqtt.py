@@ -170,7 +170,6 @@ class Backlog:
     connected: bool
     unreachable_since: float | None  # wall-clock time the current outage began (None while connected)
     last_error: str | None
-    oldest_age_s: float | None  # how long the oldest waiting message has waited
 
 
 def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -570,10 +569,8 @@ class MqttSink(Sink):
     def backlog(self) -> Backlog:
         """What is left to deliver and whether the broker is reachable (any thread)."""
         self._process_acks(force=True)
-        age = self._outbox.oldest_age()
         with self._lock:
-            return Backlog(self._outbox.depth, self._connected, self._outage_since_wall, self._last_error,
-                           None if age is None else round(age, 1))
+            return Backlog(self._outbox.depth, self._connected, self._outage_since_wall, self._last_error)
 
     def _latency_locked(self) -> dict[str, float | int | None]:
         """Capture -> PUBACK percentiles (ms) over the last LATENCY_WINDOW acknowledged label messages.
