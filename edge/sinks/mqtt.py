@@ -38,10 +38,17 @@ Why it is built this way:
   easy to miss on a headless box: the first failure (and every change of its
   cause) is an ERROR naming host:port and, for a refused login, the user
   (never the password); then a WARNING at most every 30 s with the backlog.
-* Device and source status, stats and snapshots are state, not data: they are
-  published directly (not through the outbox).  On every (re)connect the
+* Device status, stats and snapshots are state, not data: they are published
+  directly (not through the outbox).  A source's status goes through the
+  outbox, so it keeps its place behind the source's labels (``finished`` after
+  the last one; ``stopped`` on a clean close).  On every (re)connect the
   device's ``online`` and each source's last state are published again,
   retained, because a broker restarted without persistence forgot them.
+* The closing log line's counters add up: published = acknowledged + QoS 0
+  (no acknowledgement exists) + refused by the broker + unacknowledged.
+* A TLS failure (untrusted certificate, host name mismatch, refused client
+  certificate, plain port) is reported as such, naming the mqtt.tls setting to
+  check, not as an unreachable broker.
 * Every call into paho's ``publish`` goes through :meth:`MqttSink._publish_locked`.
 
 Threading: ``write``/``events``/``source_status``/``stats``/``flush``/``close``
