@@ -167,6 +167,8 @@ class MqttConfig:
     protocol: str = field(default="3.1.1", metadata=_choice("3.1.1", "5"))
     password_file: str | None = None  # read the password from this file instead
     stats_interval: float = field(default=10.0, metadata={"min": 0.5})  # seconds between stats messages
+    # once every source is done: seconds to keep delivering what is left in the outbox; 0 = do not wait
+    drain_timeout: float = field(default=300.0, metadata={"min": 0.0})
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
 

@@ -177,6 +177,10 @@ class Pipeline:
         self._model_info: ModelInfo | None = None
         self._active: tuple[Detector, ModelInfo]
         self._source_status: dict[str, str] = {}
+        # status changes waiting for the prepare thread to number them behind their source's frames
+        self._status_lock = threading.Lock()
+        self._status_queue: list[tuple[int, _StatusEvent]] = []  # (frames of the source taken before it, event)
+        self._status_direct = False  # True once the prepare thread has ended: straight to the sink worker
         self._last_error: str | None = None
         self._trackers: dict[str, Any] = {}
         self._source_stops: dict[str, threading.Event] = {}
@@ -330,13 +334,51 @@ class Pipeline:
     # ------------------------------------------------------------------ callbacks from source runners
 
     def _on_status(self, source: str, status: str) -> None:
+        """Forward a source's state change to the sinks behind every frame the source emitted before it.
+
+        A runner reports ``finished`` right after handing its last frame to the hub, while frames are
+        still in the hub, the prepare queue or an inference worker; sent straight to the sink worker the
+        status would overtake them (consumers read ``finished`` as "no more labels").  So this waits (on
+        the runner's thread) until the prepare thread has taken the source's frames from the hub, notes how
+        many it took, and the prepare thread numbers the status like a frame right after that many
+        (:meth:`_sequence_statuses`): the sink worker's reorder buffer delivers it in that place.  Once the
+        prepare thread has ended it goes straight on.
+        """
         previous = self._source_status.get(source)
         self._source_status[source] = status
-        if previous != status:  # the runner has logged the change
-            try:
-                self._records.put(_StatusEvent(source, status), timeout=5.0)
-            except queue.Full:
-                log.warning("source %s: status %s not forwarded (sink worker busy)", source, status)
+        if previous == status:
+            return  # the runner has logged the change
+        while self._hub.pending(source) and not self._stop.is_set() and not self._hub.closed:
+            time.sleep(0.01)
+        event = _StatusEvent(source, status)
+        with self._status_lock:
+            if not self._status_direct:
+                self._status_queue.append((self._hub.delivered(source), event))
+                return
+        try:
+            self._records.put(event, timeout=5.0)
+        except queue.Full:
+            log.warning("source %s: status %s not forwarded (sink worker busy)", source, status)
+
+    def _sequence_statuses(self, seq: int, taken: Counter[str], *, final: bool = False) -> int:
+        """Number the queued status changes whose source's earlier frames are numbered; returns the next seq.
+
+        The prepare thread calls this between frames (``taken``: the frames it has numbered or skipped per
+        source), and after taking a frame from the hub but before numbering it (not yet counted in
+        ``taken``), so a status reported between two frames of a source gets a number between theirs.
+        ``final`` (the thread ends) numbers everything left and sends later changes straight to the sink worker.
+        """
+        with self._status_lock:
+            if not self._status_queue and not final:
+                return seq
+            ready = [ev for mark, ev in self._status_queue if final or mark <= taken[ev.source]]
+            self._status_queue = [(m, ev) for m, ev in self._status_queue if not (final or m <= taken[ev.source])]
+            if final:
+                self._status_direct = True
+        for ev in ready:
+            self._put(self._records, (seq, ev), "prepare")
+            seq += 1
+        return seq
 
     def _on_reject(self, source: str, path: str, reason: str) -> None:
         self.totals.rejected += 1  # the runner has logged it
@@ -365,10 +407,15 @@ class Pipeline:
         delivers in that order whatever order the inference workers finish in.
         """
         seq = 0
+        taken: Counter[str] = Counter()  # frames taken from the hub per source (for _sequence_statuses)
         try:
             while True:
                 self.heartbeats["prepare"] = time.monotonic()
+                seq = self._sequence_statuses(seq, taken)
                 frame = self._hub.get(timeout=0.2)
+                if frame is not None:
+                    seq = self._sequence_statuses(seq, taken)  # statuses reported before this frame first
+                    taken[frame.source] += 1
                 if frame is None:
                     if self._stop.is_set():
                         break
@@ -387,6 +434,7 @@ class Pipeline:
                 self._put(self._prepared, (seq, frame, active, tensor, info, pre_ms), "prepare")
                 seq += 1
         finally:
+            self._sequence_statuses(seq, taken, final=True)
             self._put(self._prepared, _STOP, "prepare")
 
     def _inference_loop(self, worker: int = 0) -> None:
@@ -482,27 +530,18 @@ class Pipeline:
                 if stops < self._workers:
                     continue
                 break
-            if isinstance(item, tuple):  # (sequence number, Inferred or None for a frame the engine failed on)
-                pending[item[0]] = item[1]
+            if isinstance(item, tuple):  # (sequence number, Inferred, None for a frame the engine failed on,
+                pending[item[0]] = item[1]  # or a _StatusEvent numbered behind its source's frames)
                 while next_seq in pending:
                     ready = pending.pop(next_seq)
                     next_seq += 1
-                    if ready is not None:
-                        self._deliver(ready, sinks)
+                    self._release(ready, sinks)
                 continue
             if isinstance(item, _StatusEvent):
-                for sink in sinks:
-                    try:
-                        sink.source_status(item.source, item.status)
-                    except Exception:
-                        log.exception("sink %s failed on a status update", sink.name)
-                if item.status in ("finished", "offline", "reconnecting") and item.source in self._trackers:
-                    self._emit_events(self._trackers[item.source].finish(), sinks)
+                self._apply_status(item, sinks)
                 continue
         for seq in sorted(pending):  # not reached normally: every sequence number arrives before the stops
-            ready = pending.pop(seq)
-            if ready is not None:
-                self._deliver(ready, sinks)
+            self._release(pending.pop(seq), sinks)
         for tracker in self._trackers.values():
             self._emit_events(tracker.finish(), sinks)
         self._emit_stats(sinks)
@@ -512,6 +551,23 @@ class Pipeline:
             except Exception:
                 log.exception("flushing sink %s failed", sink.name)
         self._finished.set()
+
+    def _release(self, ready: Inferred | _StatusEvent | None, sinks: list[Sink]) -> None:
+        """Hand the next item in sequence order to the sinks."""
+        if isinstance(ready, _StatusEvent):
+            self._apply_status(ready, sinks)
+        elif ready is not None:
+            self._deliver(ready, sinks)
+
+    def _apply_status(self, item: _StatusEvent, sinks: list[Sink]) -> None:
+        """The source's tracks end first (their ``end`` events), then the sinks get the new status."""
+        if item.status in ("finished", "offline", "reconnecting") and item.source in self._trackers:
+            self._emit_events(self._trackers[item.source].finish(), sinks)
+        for sink in sinks:
+            try:
+                sink.source_status(item.source, item.status)
+            except Exception:
+                log.exception("sink %s failed on a status update", sink.name)
 
     def make_record(self, item: Inferred, rid: str, track_ids: list[int | None] | None = None) -> LabelRecord:
         """The label record ``rid`` for one inferred frame (with the tracker's ids when given)."""
