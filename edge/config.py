@@ -478,17 +478,28 @@ def _check_capture(section: CaptureSection, problems: list[str]) -> None:
             problems.append(f"{where}.max_detections: {c.max_detections} is below min_detections {c.min_detections}")
 
 
-def config_from_dict(data: Any, base_dir: str | Path = ".") -> Config:
-    """Validate a mapping (as read from YAML) and return the config, or raise ConfigError."""
+def validate_config(data: Any, base_dir: str | Path = ".") -> tuple[Config | None, list[str]]:
+    """The config and every schema problem, without raising.
+
+    A field with a problem holds its default in the returned config, so a
+    caller can go on to check what the schema cannot (files on disk, the model)
+    and report everything in one pass; ``None`` when ``data`` is not a mapping.
+    """
     problems: list[str] = []
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError([f"(top level): expected a mapping of settings, got {type(data).__name__}"])
+        return None, [f"(top level): expected a mapping of settings, got {type(data).__name__}"]
     cfg = _build(Config, data, "", problems)
     cfg.base_dir = str(base_dir)
     _check(cfg, problems)
-    if problems:
+    return cfg, problems
+
+
+def config_from_dict(data: Any, base_dir: str | Path = ".") -> Config:
+    """Validate a mapping (as read from YAML) and return the config, or raise ConfigError."""
+    cfg, problems = validate_config(data, base_dir)
+    if problems or cfg is None:
         raise ConfigError(problems)
     return cfg
 

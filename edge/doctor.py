@@ -672,20 +672,22 @@ class Doctor:
             self.add("model", INFO, f"{path}: present ({_human_bytes(path.stat().st_size)}); "
                      f"engine {m.engine} files are not loaded by the doctor")
             return
-        # TensorRT is left out on purpose: building an engine can take minutes on a Jetson
-        providers = [p for p in m.providers if p != "tensorrt"] or ["cpu"]
-        from engines.detector import load_detector
+        # the loader check-config uses too: run's checks and message; TensorRT is left out on purpose
+        # (building an engine can take minutes on a Jetson)
+        from edge.loader import probe_model
 
         t0 = time.monotonic()
         with _captured_warnings("engines") as warnings:
             try:
-                detector = load_detector(path, engine="onnxruntime", family=m.family, labels=labels,
-                                         conf=m.conf, iou=m.iou, providers=providers, threads=m.threads)
+                detector = probe_model(self.cfg)
             except Exception as exc:
                 self.add("model", FAIL, _one_line(exc),
                          "use an ONNX detector of a supported family (yolov8/yolo11, yolov5, yolox, end2end) "
                          "or set model.family")
                 return
+        if detector is None:  # a TensorRT engine file: only TensorRT opens it
+            self.add("model", INFO, f"{path}: present; TensorRT engine files are not loaded by the doctor")
+            return
         try:
             d = detector.describe()
         finally:

@@ -117,6 +117,28 @@ def calibration_manifest(cfg: Config) -> Path:
     return cfg.state_path("engines") / f"{cfg.resolve(cfg.model.path).stem}-calibration.json"
 
 
+def probe_model(cfg: Config) -> Detector | None:
+    """Open the configured model the way :func:`load_model` does, minus any TensorRT engine build.
+
+    ``check-config`` and the doctor call this, so a file that is not a detector
+    is refused there with the message ``edgelabel run`` gives (the same
+    :class:`engines.detector.Detector` checks raise it).  ONNX files load on
+    ONNX Runtime with the configured providers except TensorRT (a build takes
+    minutes on a Jetson); a serialized TensorRT engine is not opened (None)
+    unless ``model.engine`` is ``onnxruntime``, where it fails as in ``run``.
+    The caller closes the detector.
+    """
+    m = cfg.model
+    path = cfg.resolve(m.path)
+    if is_serialized_engine(path) and m.engine != "onnxruntime":
+        return None
+    providers = [p for p in m.providers if p != "tensorrt"] or ["cpu"]
+    threads, _ = cpu_plan(m)
+    return load_detector(path, engine="onnxruntime", family=m.family,
+                         labels=str(cfg.resolve(m.labels)) if m.labels else None, conf=m.conf, iou=m.iou,
+                         providers=providers, threads=threads)
+
+
 def load_model(cfg: Config, progress: bool = False) -> Detector:
     """Load the configured detector (EngineError with one clear line when it cannot be used)."""
     m = cfg.model
