@@ -139,6 +139,16 @@ def probe_model(cfg: Config) -> Detector | None:
                          providers=providers, threads=threads)
 
 
+def running(detector: Detector) -> str:
+    """What runs, for a reason line: ``FP32 on onnxruntime (CPUExecutionProvider)``.
+
+    Asked of the engine, not assumed: an FP16 TensorRT build that fails falls back to ONNX Runtime,
+    which runs the model at its own precision (FP32 for an FP32 graph).
+    """
+    info = detector.engine.info()
+    return f"{info.precision.upper()} on {info.backend} ({info.provider})"
+
+
 def load_model(cfg: Config, progress: bool = False) -> Detector:
     """Load the configured detector (EngineError with one clear line when it cannot be used)."""
     m = cfg.model
@@ -164,7 +174,7 @@ def load_model(cfg: Config, progress: bool = False) -> Detector:
         raise EngineError(str(exc)) from None
     if choice.engine != "tensorrt":
         detector = load_detector(path, **options)
-        detector.engine_reason += "; model.precision int8 applies to native TensorRT only"
+        detector.engine_reason += f"; model.precision int8 applies to native TensorRT only; using {running(detector)}"
         return detector
 
     chosen = {**options, "engine": choice.engine}  # decided once; load_int8_gated sets the reason it reports
@@ -189,14 +199,14 @@ def load_int8_gated(
     progress: bool = False,
     manifest: Path | None = None,
 ) -> Detector:
-    """The INT8 detector when it passes the gate, else the FP16 one; the reason says which and why."""
+    """The INT8 detector when it passes the gate, else the FP16 one; the reason says why and what runs."""
     from edge.int8gate import GateResult, run_gate
 
     calib, held = calibration_split(folder, max_images, manifest)
     if not calib:
         detector = make("fp16", None)
         detector.engine_reason = (f"{reason}; INT8 not used: no calibration images in {folder} "
-                                  "(set model.calibration to a folder of site images); using FP16")
+                                  f"(set model.calibration to a folder of site images); using {running(detector)}")
         log.warning("%s", detector.engine_reason)
         return detector
     log.info("INT8: calibrating on %d image(s) from %s, %d held back for the accuracy gate", len(calib), folder,
@@ -205,7 +215,7 @@ def load_int8_gated(
         candidate = make("int8", calib)
     except EngineError as exc:
         detector = make("fp16", None)
-        detector.engine_reason = f"{reason}; INT8 build failed ({exc}); using FP16"
+        detector.engine_reason = f"{reason}; INT8 build failed ({exc}); using {running(detector)}"
         log.warning("%s", detector.engine_reason)
         return detector
     engine_file = getattr(candidate.engine, "engine_file", None)
@@ -243,6 +253,7 @@ def load_int8_gated(
     assert chosen is not None
     if other is not None:
         other.close()
-    chosen.engine_reason = f"{reason}; {result.reason}"
+    verdict = result.reason.removesuffix("; using FP16")  # verdicts cached by earlier versions said so
+    chosen.engine_reason = f"{reason}; {verdict}" + ("" if result.accepted else f"; using {running(chosen)}")
     chosen.int8_gate = result
     return chosen
