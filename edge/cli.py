@@ -380,6 +380,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     path = Path(args.file)
     try:
         data = read_config_file(path)
+    except ConfigError as exc:  # the file itself: its lines start with the file name already
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         cfg, problems = validate_config(data, base_dir=path.resolve().parent)
         if cfg is not None:
             problems += _check_paths(cfg, problems)

@@ -369,8 +369,14 @@ class Doctor:
         self.config_path = path
         secrets, note = self._secrets(path)
         try:
+            data = read_config_file(path)
+        except ConfigError as exc:  # the file itself (missing, not YAML): the lines name it already
+            self.add("config", FAIL, "; ".join(exc.problems), f"fix {path} at the place named above "
+                     f"(edgelabel check-config {path})")
+            return
+        try:
             with _env_overlay(secrets):
-                self.cfg = config_from_dict(read_config_file(path), base_dir=base_dir)
+                self.cfg = config_from_dict(data, base_dir=base_dir)
         except ConfigError as exc:
             self.add("config", FAIL, f"{path}: " + "; ".join(exc.problems),
                      f"fix the fields named above (edgelabel check-config {path})")

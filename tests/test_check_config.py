@@ -101,3 +101,20 @@ def test_check_config_accepts_a_real_detector(tmp_path: Path, assets: Path, caps
                                       "sources": {"a": {"uri": str(assets / "images") + "/"}}})
     assert main(["check-config", str(cfg)]) == 0, capsys.readouterr().err
     assert "OK" in capsys.readouterr().out
+
+
+def test_a_yaml_syntax_error_names_the_file_once(tmp_path: Path, capsys):
+    cfg = tmp_path / "broken.yaml"
+    cfg.write_text("model:\n  path: m.onnx\nsources: [unclosed\n")
+    assert main(["check-config", str(cfg)]) == 2
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith(f"{cfg}: line ") and "invalid YAML" in first
+    assert first.count(cfg.name) == 1, first
+    assert main(["run", "-c", str(cfg)]) == 2
+    assert capsys.readouterr().err.count(cfg.name) == 1
+
+    out = io.StringIO()
+    assert run_doctor(str(cfg), as_json=True, out=out) == 1
+    config = {c["name"]: c for c in json.loads(out.getvalue())["checks"]}["config"]
+    assert config["status"] == FAIL and config["detail"].count(cfg.name) == 1, config["detail"]
+    assert config["detail"].startswith(f"{cfg}: line ")
