@@ -22,7 +22,16 @@ from urllib.parse import unquote, urlparse
 
 import edge.sources.imageio  # noqa: F401  (sets OpenCV's image size limit before cv2 is loaded)
 from edge import __version__
-from edge.config import FAMILIES, Config, ConfigError, config_from_dict, read_config_file, validate_config
+from edge.config import (
+    FAMILIES,
+    Config,
+    ConfigError,
+    config_from_dict,
+    mirror_folder,
+    mirror_hint,
+    read_config_file,
+    validate_config,
+)
 from edge.logsetup import setup_logging
 
 log = logging.getLogger("edgelabel")
@@ -105,7 +114,14 @@ def build_run_config(args: argparse.Namespace) -> Config:
         data["web"] = {**(data.get("web") or {}), "enabled": True, "host": host, "port": int(port)}
     if args.log_level:
         data["log_level"] = args.log_level
-    return _checked_config(data, base_dir)
+    try:
+        return _checked_config(data, base_dir)
+    except ConfigError as exc:
+        if not args.config:  # the demo config's files live in the asset mirror: say where it looked
+            mirror = str(mirror_folder(base_dir)) + os.sep
+            if any(mirror in p for p in exc.problems):
+                raise ConfigError([*exc.problems, mirror_hint(base_dir)]) from None
+        raise
 
 
 def _field_of(problem: str) -> str:
@@ -152,7 +168,7 @@ def _path_problems(cfg: Config) -> list[str]:
                 problems.append(f"{field_path}: {cfg.resolve(value)}: file not found or not readable")
         if (mqtt.password or mqtt.password_file) and not mqtt.username:
             problems.append("mqtt.password: a password needs mqtt.username too")
-    model = cfg.resolve(cfg.model.path)
+    model = Path(os.path.normpath(cfg.resolve(cfg.model.path)))
     if cfg.model.path and not model.is_file():
         problems.append(f"model.path: {model}: file not found (an ONNX detector is expected)")
     if cfg.model.labels and not cfg.resolve(cfg.model.labels).is_file():
@@ -163,7 +179,7 @@ def _path_problems(cfg: Config) -> list[str]:
         except ValueError:  # a bad URI is a schema problem, reported already
             continue
         if kind in ("folder", "image", "video"):
-            p = cfg.resolve(target)
+            p = Path(os.path.normpath(cfg.resolve(target)))
             if not p.exists() and not src.watch:
                 problems.append(f"sources.{name}.uri: {p}: no such file or folder")
     return problems

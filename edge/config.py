@@ -504,6 +504,26 @@ def config_from_dict(data: Any, base_dir: str | Path = ".") -> Config:
     return cfg
 
 
+#: the variable the bundled demo config takes its model and video from, and its default (edge/configs/default.yaml)
+MIRROR_ENV, MIRROR_DEFAULT = "EDGELABEL_MIRROR", "../shared"
+
+
+def mirror_folder(base_dir: str | Path) -> Path:
+    """Where the bundled demo config looks for the asset mirror, as ``${EDGELABEL_MIRROR:-../shared}`` expands."""
+    value = os.environ.get(MIRROR_ENV, MIRROR_DEFAULT)
+    return Path(os.path.normpath(Path(base_dir) / os.path.expanduser(value)))
+
+
+def mirror_hint(base_dir: str | Path) -> str:
+    """What to do when the bundled demo config's model or video is missing: say where it looked."""
+    folder = mirror_folder(base_dir)
+    how = (f"{MIRROR_ENV}={os.environ[MIRROR_ENV]}" if MIRROR_ENV in os.environ
+           else f"{MIRROR_ENV} is not set: {MIRROR_DEFAULT} from the current directory {os.path.normpath(base_dir)}")
+    return (f"{MIRROR_ENV}: the bundled demo config looked for the asset mirror (models/, videos/) in {folder} "
+            f"({how}); set {MIRROR_ENV} to the folder that holds it, or give your own config with -c "
+            "(or --model and --source)")
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Parse a YAML file into a mapping; errors name the file and line."""
     p = Path(path)

@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from edge.config import Config, ConfigError, config_from_dict, read_config_file
+from edge.config import MIRROR_ENV, Config, ConfigError, config_from_dict, mirror_folder, mirror_hint, read_config_file
 
 log = logging.getLogger(__name__)
 
@@ -390,6 +390,15 @@ class Doctor:
 
     # ------------------------------------------------------------------ platform
 
+    def _mirror_fix(self, missing: Path) -> str | None:
+        """For the bundled demo config, whose files live in the asset mirror: where it looked, what to set."""
+        if self.config_path != BUNDLED_CONFIG or self.cfg is None:
+            return None
+        base = Path(self.cfg.base_dir)
+        if not str(os.path.normpath(missing)).startswith(str(mirror_folder(base)) + os.sep):
+            return None
+        return mirror_hint(base).removeprefix(f"{MIRROR_ENV}: ")
+
     def check_python(self) -> None:
         from edge import __version__
 
@@ -663,7 +672,7 @@ class Doctor:
         assert self.cfg is not None
         m = self.cfg.model
         path = Path(os.path.normpath(self.cfg.resolve(m.path)))
-        fix_missing = "copy the model there (scripts/install.sh --models DIR) or set model.path"
+        fix_missing = self._mirror_fix(path) or "copy the model there (scripts/install.sh --models DIR) or set model.path"
         if not path.is_file():
             self.add("model", FAIL, f"{path}: file not found (an ONNX detector is expected)", fix_missing)
             return
@@ -764,7 +773,7 @@ class Doctor:
                          f"mkdir -p {path}")
             else:
                 self.add(label, FAIL, f"{path}: no such {'folder' if kind == 'folder' else 'file'}",
-                         f"fix sources.{name}.uri or put the {kind} there")
+                         self._mirror_fix(path) or f"fix sources.{name}.uri or put the {kind} there")
             return
         mode = os.R_OK | (os.X_OK if kind == "folder" else 0)
         if not self.job_user.can(path, mode):

@@ -118,3 +118,28 @@ def test_a_yaml_syntax_error_names_the_file_once(tmp_path: Path, capsys):
     config = {c["name"]: c for c in json.loads(out.getvalue())["checks"]}["config"]
     assert config["status"] == FAIL and config["detail"].count(cfg.name) == 1, config["detail"]
     assert config["detail"].startswith(f"{cfg}: line ")
+
+
+def test_the_demo_config_outside_the_repository_says_where_it_looked_for_the_mirror(tmp_path: Path):
+    """No -c, run from a folder without ../shared: the model and video are missing, and the reason is named."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "EDGELABEL_MIRROR"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    for mirror in (None, str(tmp_path / "no-mirror")):
+        run_env = env if mirror is None else {**env, "EDGELABEL_MIRROR": mirror}
+        res = subprocess.run([sys.executable, "-m", "edge.cli", "run"], cwd=cwd, env=run_env, capture_output=True,
+                             text=True, timeout=120)
+        assert res.returncode == 2, res.stderr[-3000:]
+        looked = tmp_path / "no-mirror" if mirror else tmp_path / "shared"  # ../shared from cwd
+        assert f"model.path: {looked}/models/yolox_nano.onnx: file not found" in res.stderr, res.stderr
+        hint = [ln for ln in res.stderr.splitlines() if "EDGELABEL_MIRROR: " in ln]
+        assert len(hint) == 1 and f"looked for the asset mirror (models/, videos/) in {looked} " in hint[0], res.stderr
+        assert ("EDGELABEL_MIRROR is not set" if mirror is None else f"EDGELABEL_MIRROR={mirror}") in hint[0]
+        assert not (cwd / "state").exists()
