@@ -309,3 +309,26 @@ def test_uninstall_keeps_what_the_admin_changed(tmp_path: Path, mirror: Path, mo
 
     run_script("uninstall", "--root", str(root), "--prefix", "/opt/el", "--purge")
     assert list(root.iterdir()) == []
+
+
+def readme_blocks() -> list[str]:
+    """The ```sh blocks of the README's quick start, in order."""
+    import re
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    quick = text[text.index("## Quick start"):text.index("\n## ", text.index("## Quick start") + 1)]
+    return re.findall(r"```sh\n(.*?)```", quick, re.S)
+
+
+def test_the_readme_quick_start_installs_the_runtime_and_ci_runs_the_readme_test_commands() -> None:
+    setup, tests = readme_blocks()[:2]
+    assert 'pip install -e .' in setup and "[test]" not in setup and "edgelabel run" in setup
+    assert "mosquitto" in setup  # the broker the main job publishes to
+    assert 'pip install -e ".[test]"' in tests
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert 'pip install -q -e ".[test]"' in ci
+    test_command = tests.strip().splitlines()[-1]
+    assert test_command in ci.splitlines(), f"{test_command!r} is not what .ci/run runs"
+    # the system packages .ci/run installs for the full suite are the README's
+    for package in ("mosquitto", "chromium", "gir1.2-gst-rtsp-server-1.0", "python3-gi", "gstreamer1.0-libav"):
+        assert package in ci and package in tests, package
