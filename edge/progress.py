@@ -75,4 +75,4 @@ class Progress:
         if self._enabled and self.count != self._logged_count:
             self._logged_count = self.count
             elapsed = time.monotonic() - self.started
-            log.info("%s, done in %.1f s", self.line().split(", ETA")[0], elapsed)
+            log.info("%s, after %.1f s", self.line().split(", ETA")[0], elapsed)  # also when stopped early

@@ -22,7 +22,7 @@ def test_a_job_shorter_than_the_interval_logs_a_first_and_a_final_line(caplog: p
     lines = [r.getMessage() for r in caplog.records if r.name == "edgelabel.progress"]
     assert len(lines) == 2, lines
     assert lines[0].startswith("labeling: 1/3 frames")
-    assert lines[1].startswith("labeling: 3/3 frames") and "done in" in lines[1]
+    assert lines[1].startswith("labeling: 3/3 frames") and "after" in lines[1]
 
 
 def test_no_final_line_repeats_the_last_one_and_disabled_is_silent(caplog: pytest.LogCaptureFixture):
@@ -46,4 +46,4 @@ def test_edgelabel_label_in_a_pipe_prints_progress(tmp_path: Path, assets: Path)
     assert res.returncode == 0, res.stderr[-3000:]
     progress = [ln for ln in res.stderr.splitlines() if "edgelabel.progress" in ln]
     assert any("labeling: 1/2 frames" in ln for ln in progress), res.stderr[-3000:]
-    assert any("labeling: 2/2 frames" in ln and "done in" in ln for ln in progress), res.stderr[-3000:]
+    assert any("labeling: 2/2 frames" in ln and "after" in ln for ln in progress), res.stderr[-3000:]
