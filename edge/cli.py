@@ -27,6 +27,7 @@ from edge.config import (
     Config,
     ConfigError,
     config_from_dict,
+    field_key,
     mirror_folder,
     mirror_hint,
     read_config_file,
@@ -181,7 +182,7 @@ def _path_problems(cfg: Config) -> list[str]:
         if kind in ("folder", "image", "video"):
             p = Path(os.path.normpath(cfg.resolve(target)))
             if not p.exists() and not src.watch:
-                problems.append(f"sources.{name}.uri: {p}: no such file or folder")
+                problems.append(f"sources.{field_key(name)}.uri: {p}: no such file or folder")
     return problems
 
 

@@ -52,6 +52,10 @@ def _key(key: Any) -> str:
     return key if isinstance(key, str) and _PLAIN_KEY.match(key) else _show(key)
 
 
+#: for other modules' messages about a named entry (``sources.<name>``), quoted as the validator quotes it
+field_key = _key
+
+
 class ConfigError(ValueError):
     """The configuration is invalid; ``problems`` lists one line per field."""
 
@@ -442,16 +446,16 @@ def _check(cfg: Config, problems: list[str]) -> None:
     for name, src in cfg.sources.items():
         src.name = name
         if not _NAME_RE.match(name):
-            problems.append(f"sources.{name}: source names must be 1-64 characters of letters, digits, '_', '-', '.'")
+            problems.append(f"sources.{_key(name)}: source names must be 1-64 characters of letters, digits, '_', '-', '.'")
         if not src.uri:
-            problems.append(f"sources.{name}.uri: required")
+            problems.append(f"sources.{_key(name)}.uri: required")
             continue
         try:
             parse_uri(src.uri)
         except ValueError as exc:
-            problems.append(f"sources.{name}.uri: {exc}")
+            problems.append(f"sources.{_key(name)}.uri: {exc}")
         if src.reconnect.max < src.reconnect.initial:
-            problems.append(f"sources.{name}.reconnect.max: {src.reconnect.max} is below reconnect.initial {src.reconnect.initial}")
+            problems.append(f"sources.{_key(name)}.reconnect.max: {src.reconnect.max} is below reconnect.initial {src.reconnect.initial}")
     if not _TOPIC_RE.match(cfg.mqtt.prefix):
         problems.append(f"mqtt.prefix: {_show(cfg.mqtt.prefix)} must not be empty or contain '#', '+' or spaces")
     mqtt = cfg.mqtt
@@ -469,7 +473,7 @@ def _check(cfg: Config, problems: list[str]) -> None:
 def _check_capture(section: CaptureSection, problems: list[str]) -> None:
     """Capture rules that span fields: a band must be a real interval, min <= max detections."""
     policies = {"dataset.capture.storage": section.storage, "dataset.capture.live": section.live}
-    policies.update({f"dataset.capture.sources.{name}": c for name, c in section.sources.items()})
+    policies.update({f"dataset.capture.sources.{_key(name)}": c for name, c in section.sources.items()})
     for where, c in policies.items():
         band = c.near_threshold
         if band is not None and not band.low < band.high:
