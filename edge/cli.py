@@ -21,7 +21,17 @@ from urllib.parse import unquote, urlparse
 
 import edge.sources.imageio  # noqa: F401  (sets OpenCV's image size limit before cv2 is loaded)
 from edge import __version__
-from edge.config import FAMILIES, Config, ConfigError, config_from_dict, read_config_file
+from edge.config import (
+    FAMILIES,
+    Config,
+    ConfigError,
+    config_from_dict,
+    field_key,
+    mirror_folder,
+    mirror_hint,
+    read_config_file,
+    validate_config,
+)
 from edge.logsetup import setup_logging
 
 log = logging.getLogger("edgelabel")
@@ -103,11 +113,47 @@ def build_run_config(args: argparse.Namespace) -> Config:
         data["web"] = {**(data.get("web") or {}), "enabled": True, "host": host, "port": int(port)}
     if args.log_level:
         data["log_level"] = args.log_level
-    return config_from_dict(data, base_dir=base_dir)
+    try:
+        return _checked_config(data, base_dir)
+    except ConfigError as exc:
+        if not args.config:  # the demo config's files live in the asset mirror: say where it looked
+            mirror = str(mirror_folder(base_dir)) + os.sep
+            if any(mirror in p for p in exc.problems):
+                raise ConfigError([*exc.problems, mirror_hint(base_dir)]) from None
+        raise
 
 
-def _check_paths(cfg: Config) -> list[str]:
-    """File checks that need the disk, beyond the schema (model and file sources exist)."""
+def _field_of(problem: str) -> str:
+    """The field path a problem line starts with (``sources.a.uri`` of ``sources.a.uri: ...``)."""
+    return problem.split(": ", 1)[0]
+
+
+def _related(a: str, b: str) -> bool:
+    """One field path is the other or lies inside it (``mqtt.tls`` and ``mqtt.tls.cert``)."""
+    return a == b or a.startswith((b + ".", b + "[")) or b.startswith((a + ".", a + "["))
+
+
+def _checked_config(data: Any, base_dir: str | Path) -> Config:
+    """Schema and file problems in one pass: ConfigError with all of them, so one edit round fixes all."""
+    cfg, problems = validate_config(data, base_dir)
+    if cfg is not None:
+        problems += _check_paths(cfg, problems)
+    if problems or cfg is None:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _check_paths(cfg: Config, known: Sequence[str] = ()) -> list[str]:
+    """File checks that need the disk, beyond the schema (model and file sources exist).
+
+    Fields that already have a problem in ``known`` (schema problems) are not
+    checked again: a field with a schema problem holds its default.
+    """
+    problems = [p for p in _path_problems(cfg) if not any(_related(_field_of(p), _field_of(k)) for k in known)]
+    return problems
+
+
+def _path_problems(cfg: Config) -> list[str]:
     from edge.sources import source_kind
 
     problems = []
@@ -121,17 +167,20 @@ def _check_paths(cfg: Config) -> list[str]:
                 problems.append(f"{field_path}: {cfg.resolve(value)}: file not found or not readable")
         if (mqtt.password or mqtt.password_file) and not mqtt.username:
             problems.append("mqtt.password: a password needs mqtt.username too")
-    model = cfg.resolve(cfg.model.path)
-    if not model.is_file():
+    model = Path(os.path.normpath(cfg.resolve(cfg.model.path)))
+    if cfg.model.path and not model.is_file():
         problems.append(f"model.path: {model}: file not found (an ONNX detector is expected)")
     if cfg.model.labels and not cfg.resolve(cfg.model.labels).is_file():
         problems.append(f"model.labels: {cfg.resolve(cfg.model.labels)}: file not found")
     for name, src in cfg.sources.items():
-        kind, target = source_kind(src.uri)
+        try:
+            kind, target = source_kind(src.uri)
+        except ValueError:  # a bad URI is a schema problem, reported already
+            continue
         if kind in ("folder", "image", "video"):
-            p = cfg.resolve(target)
+            p = Path(os.path.normpath(cfg.resolve(target)))
             if not p.exists() and not src.watch:
-                problems.append(f"sources.{name}.uri: {p}: no such file or folder")
+                problems.append(f"sources.{field_key(name)}.uri: {p}: no such file or folder")
     return problems
 
 
@@ -188,10 +237,7 @@ def _run_pipeline(cfg: Config, fresh: bool, show_progress: bool = True) -> tuple
 
 
 def _validated_run_config(args: argparse.Namespace) -> Config:
-    cfg = build_run_config(args)
-    problems = _check_paths(cfg)
-    if problems:
-        raise ConfigError(problems)
+    cfg = build_run_config(args)  # schema and file problems, all at once
     _resolve_file_sources(cfg)
     return cfg
 
@@ -325,13 +371,43 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return int(run_doctor(args.config, args.json))
 
 
+def _model_problem(cfg: Config, known: Sequence[str]) -> str | None:
+    """Open the model as ``run`` would (edge.loader.probe_model): run's message when it is not usable.
+
+    Skipped while a ``model.*`` field has a problem (the model cannot be judged with a wrong setting).
+    """
+    from edge.loader import probe_model
+    from engines.base import EngineError
+
+    if any(_field_of(k) == "(top level)" or _related(_field_of(k), "model") for k in known):
+        return None
+    try:
+        detector = probe_model(cfg)
+    except EngineError as exc:
+        return f"model.path: {exc}"
+    if detector is not None:
+        detector.close()
+    return None
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Every problem at once: schema, files on disk, and whether the model is a detector ``run`` can use."""
     path = Path(args.file)
     try:
         data = read_config_file(path)
-        cfg = config_from_dict(data, base_dir=path.resolve().parent)
-        problems = _check_paths(cfg)
-        if problems:
+    except ConfigError as exc:  # the file itself: its lines start with the file name already
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        cfg, problems = validate_config(data, base_dir=path.resolve().parent)
+        if cfg is not None:
+            problems += _check_paths(cfg, problems)
+            model_problem = _model_problem(cfg, problems)
+            if model_problem:
+                problems.append(model_problem)
+        if problems or cfg is None:
             raise ConfigError(problems)
     except ConfigError as exc:
         for line in exc.problems:

@@ -52,6 +52,10 @@ def _key(key: Any) -> str:
     return key if isinstance(key, str) and _PLAIN_KEY.match(key) else _show(key)
 
 
+#: for other modules' messages about a named entry (``sources.<name>``), quoted as the validator quotes it
+field_key = _key
+
+
 class ConfigError(ValueError):
     """The configuration is invalid; ``problems`` lists one line per field."""
 
@@ -447,16 +451,16 @@ def _check(cfg: Config, problems: list[str]) -> None:
     for name, src in cfg.sources.items():
         src.name = name
         if not _NAME_RE.match(name):
-            problems.append(f"sources.{name}: source names must be 1-64 characters of letters, digits, '_', '-', '.'")
+            problems.append(f"sources.{_key(name)}: source names must be 1-64 characters of letters, digits, '_', '-', '.'")
         if not src.uri:
-            problems.append(f"sources.{name}.uri: required")
+            problems.append(f"sources.{_key(name)}.uri: required")
             continue
         try:
             parse_uri(src.uri)
         except ValueError as exc:
-            problems.append(f"sources.{name}.uri: {exc}")
+            problems.append(f"sources.{_key(name)}.uri: {exc}")
         if src.reconnect.max < src.reconnect.initial:
-            problems.append(f"sources.{name}.reconnect.max: {src.reconnect.max} is below reconnect.initial {src.reconnect.initial}")
+            problems.append(f"sources.{_key(name)}.reconnect.max: {src.reconnect.max} is below reconnect.initial {src.reconnect.initial}")
     if not _TOPIC_RE.match(cfg.mqtt.prefix):
         problems.append(f"mqtt.prefix: {_show(cfg.mqtt.prefix)} must not be empty or contain '#', '+' or spaces")
     mqtt = cfg.mqtt
@@ -474,7 +478,7 @@ def _check(cfg: Config, problems: list[str]) -> None:
 def _check_capture(section: CaptureSection, problems: list[str]) -> None:
     """Capture rules that span fields: a band must be a real interval, min <= max detections."""
     policies = {"dataset.capture.storage": section.storage, "dataset.capture.live": section.live}
-    policies.update({f"dataset.capture.sources.{name}": c for name, c in section.sources.items()})
+    policies.update({f"dataset.capture.sources.{_key(name)}": c for name, c in section.sources.items()})
     for where, c in policies.items():
         band = c.near_threshold
         if band is not None and not band.low < band.high:
@@ -483,19 +487,50 @@ def _check_capture(section: CaptureSection, problems: list[str]) -> None:
             problems.append(f"{where}.max_detections: {c.max_detections} is below min_detections {c.min_detections}")
 
 
-def config_from_dict(data: Any, base_dir: str | Path = ".") -> Config:
-    """Validate a mapping (as read from YAML) and return the config, or raise ConfigError."""
+def validate_config(data: Any, base_dir: str | Path = ".") -> tuple[Config | None, list[str]]:
+    """The config and every schema problem, without raising.
+
+    A field with a problem holds its default in the returned config, so a
+    caller can go on to check what the schema cannot (files on disk, the model)
+    and report everything in one pass; ``None`` when ``data`` is not a mapping.
+    """
     problems: list[str] = []
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError([f"(top level): expected a mapping of settings, got {type(data).__name__}"])
+        return None, [f"(top level): expected a mapping of settings, got {type(data).__name__}"]
     cfg = _build(Config, data, "", problems)
     cfg.base_dir = str(base_dir)
     _check(cfg, problems)
-    if problems:
+    return cfg, problems
+
+
+def config_from_dict(data: Any, base_dir: str | Path = ".") -> Config:
+    """Validate a mapping (as read from YAML) and return the config, or raise ConfigError."""
+    cfg, problems = validate_config(data, base_dir)
+    if problems or cfg is None:
         raise ConfigError(problems)
     return cfg
+
+
+#: the variable the bundled demo config takes its model and video from, and its default (edge/configs/default.yaml)
+MIRROR_ENV, MIRROR_DEFAULT = "EDGELABEL_MIRROR", "../shared"
+
+
+def mirror_folder(base_dir: str | Path) -> Path:
+    """Where the bundled demo config looks for the asset mirror, as ``${EDGELABEL_MIRROR:-../shared}`` expands."""
+    value = os.environ.get(MIRROR_ENV, MIRROR_DEFAULT)
+    return Path(os.path.normpath(Path(base_dir) / os.path.expanduser(value)))
+
+
+def mirror_hint(base_dir: str | Path) -> str:
+    """What to do when the bundled demo config's model or video is missing: say where it looked."""
+    folder = mirror_folder(base_dir)
+    how = (f"{MIRROR_ENV}={os.environ[MIRROR_ENV]}" if MIRROR_ENV in os.environ
+           else f"{MIRROR_ENV} is not set: {MIRROR_DEFAULT} from the current directory {os.path.normpath(base_dir)}")
+    return (f"{MIRROR_ENV}: the bundled demo config looked for the asset mirror (models/, videos/) in {folder} "
+            f"({how}); set {MIRROR_ENV} to the folder that holds it, or give your own config with -c "
+            "(or --model and --source)")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
