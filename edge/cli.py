@@ -33,6 +33,7 @@ from edge.config import (
     validate_config,
 )
 from edge.logsetup import setup_logging
+from edge.redact import redact
 
 log = logging.getLogger("edgelabel")
 
@@ -53,16 +54,22 @@ def _source_name(uri: str, taken: set[str]) -> str:
 
 
 def parse_mqtt_url(url: str) -> dict[str, Any]:
-    """``mqtt[s]://[user[:pass]@]host[:port]`` -> mqtt config fields (password also from EDGELABEL_MQTT_PASSWORD)."""
+    """``mqtt[s]://[user@]host[:port]`` -> mqtt config fields; the password comes from EDGELABEL_MQTT_PASSWORD.
+
+    A password in the URL is refused: a command line is readable by every local user (``ps``,
+    ``/proc/<pid>/cmdline``) for as long as the daemon runs.
+    """
     u = urlparse(url)
     if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
-        raise ConfigError([f"--mqtt: {url!r} is not mqtt[s]://[user@]host[:port]"])
+        raise ConfigError([f"--mqtt: {redact(url)!r} is not mqtt[s]://[user@]host[:port]"])
+    if u.password is not None:
+        raise ConfigError(["--mqtt: a password on the command line is readable by every local user (ps, "
+                           "/proc/<pid>/cmdline); give mqtt[s]://user@host:port and put the password in the "
+                           "EDGELABEL_MQTT_PASSWORD environment variable (or mqtt.password_file in a config file)"])
     out: dict[str, Any] = {"enabled": True, "host": u.hostname, "port": u.port or (8883 if u.scheme == "mqtts" else 1883)}
     if u.username:
         out["username"] = unquote(u.username)
-    if u.password:
-        out["password"] = unquote(u.password)
-    elif os.environ.get("EDGELABEL_MQTT_PASSWORD"):
+    if os.environ.get("EDGELABEL_MQTT_PASSWORD"):
         out["password"] = os.environ["EDGELABEL_MQTT_PASSWORD"]
     if u.scheme == "mqtts":
         out["tls"] = {}
@@ -545,7 +552,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="replace the config's sources (repeatable): a path, file://, v4l2://, rtsp://, csi://, gst://")
     r.add_argument("--model", metavar="PATH", help="ONNX detector (replaces model.path)")
     r.add_argument("--family", choices=list(FAMILIES), help="model family")
-    r.add_argument("--mqtt", metavar="URL", help="mqtt[s]://[user@]host:port, or 'off'")
+    r.add_argument("--mqtt", metavar="URL",
+                   help="mqtt[s]://[user@]host:port (the password from EDGELABEL_MQTT_PASSWORD, never in the URL), or 'off'")
     r.add_argument("--device", metavar="ID", help="device id used in topics and records")
     r.add_argument("--web", metavar="HOST:PORT", help="serve the web page on HOST:PORT")
     r.add_argument("--state-dir", metavar="DIR", help="where the ledger and reports live (and the dataset, "

@@ -44,12 +44,13 @@ def _show(value: Any) -> str:
     return _REPR.repr(value)
 
 
-_PLAIN_KEY = re.compile(r"^(?=.*[A-Za-z0-9])[A-Za-z0-9_.-]{1,64}$")
+# fullmatch: "$" alone also matches before a final newline, and a key "0\n" went out unquoted
+_PLAIN_KEY = re.compile(r"(?=.*[A-Za-z0-9])[A-Za-z0-9_.-]{1,64}")
 
 
 def _key(key: Any) -> str:
     """A mapping key as it appears in a field path: as written, or quoted when empty, odd or long."""
-    return key if isinstance(key, str) and _PLAIN_KEY.match(key) else _show(key)
+    return key if isinstance(key, str) and _PLAIN_KEY.fullmatch(key) else _show(key)
 
 
 #: for other modules' messages about a named entry (``sources.<name>``), quoted as the validator quotes it

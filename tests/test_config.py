@@ -135,3 +135,11 @@ def test_an_odd_source_name_is_quoted_in_every_problem_about_it():
     assert "sources.'a b': source names must be 1-64 characters of letters, digits, '_', '-', '.'" in probs
     assert "sources.'a b'.uri: required" in probs
     assert any(p.startswith("sources.\"'\".reconnect.max: 1.0 is below") for p in probs), probs
+
+
+def test_a_key_ending_in_a_newline_is_quoted() -> None:
+    """``$`` matches before a final newline: the key ``"0\\n"`` went out unquoted and split the problem line."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"0\n": None})
+    assert "'0\\n': unknown field" in info.value.problems[0]
+    assert all("\n" not in line for line in info.value.problems)

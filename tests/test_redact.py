@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -171,3 +172,21 @@ def test_a_bad_source_uri_is_refused_without_its_secret() -> None:
     with pytest.raises(ValueError) as info:
         parse_uri("gst://rtspsrc location=rtsp://cam/x user-pw=Zq9gst ! fakesink")
     assert "Zq9" not in str(info.value) and "user-pw=***" in str(info.value)
+
+
+def test_a_broker_password_on_the_command_line_is_refused_and_the_env_var_named(tmp_path: Path) -> None:
+    """``--mqtt mqtt://user:pw@host`` put the password in /proc/<pid>/cmdline for every local user to read."""
+    from tests.helpers import run_edgelabel
+
+    proc = run_edgelabel("run", "--mqtt", "mqtt://op:Zq9cmdline@127.0.0.1:1", "--state-dir", str(tmp_path / "s"),
+                         timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "EDGELABEL_MQTT_PASSWORD" in proc.stderr and "Zq9" not in proc.stderr + proc.stdout
+
+
+def test_the_broker_password_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge.cli import parse_mqtt_url
+
+    monkeypatch.setenv("EDGELABEL_MQTT_PASSWORD", "Zq9env")
+    assert parse_mqtt_url("mqtts://op@broker:8883") == {"enabled": True, "host": "broker", "port": 8883,
+                                                         "username": "op", "password": "Zq9env", "tls": {}}

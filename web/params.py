@@ -74,8 +74,9 @@ def str_arg(name: str) -> str | None:
     return raw or None
 
 
-#: deepest nesting a request body may have: a review decision is an object of a list of boxes (depth 3)
-MAX_JSON_DEPTH = 8
+#: deepest nesting a request body may have: a review decision is an object of a list of boxes (depth 3),
+#: with room for what clients add; Python's parser gave up with RecursionError near 1000
+MAX_JSON_DEPTH = 32
 
 
 def _finite(text: str) -> float:
@@ -86,7 +87,7 @@ def _finite(text: str) -> float:
 
 
 def _bounded_int(text: str) -> int:
-    if len(text.lstrip("-")) > 15:  # beyond any count, version or pixel, and float() of it may overflow
+    if len(text.lstrip("-")) > 300:  # float() of it would overflow (a double ends near 1.8e308)
         raise ValueError(f"{text[:40]}... is out of range")
     return int(text)
 

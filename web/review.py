@@ -153,6 +153,12 @@ def decide(record_id: str) -> Any:
     """A decision: ``{"action": accept|update|reject|reopen, "detections"?: [...], "version"?: n, "by"?: name}``."""
     store = get_store()
     rid = parse_record_id(record_id)
+    try:
+        store.item(rid)  # an unknown frame is 404 whatever the body says
+    except KeyError:
+        abort(404, description="no such frame in the dataset")
+    except (OSError, sqlite3.Error) as exc:
+        abort(503, description=f"the dataset could not be read ({exc}); try again when it can")
     body = json_object()
     action = body.get("action")
     if action not in ACTIONS:
