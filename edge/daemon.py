@@ -97,11 +97,19 @@ def run_daemon(
     """Run until every finite source is done or a stop signal; returns (exit code, pipeline)."""
     notifier = notifier or Notifier()
     web_sink: Any = None
+    early_logs: Any = None
     if cfg.web.enabled:
+        from web.server import early_log_handler
         from web.sink import WebSink
 
+        early_logs = early_log_handler()  # start-up errors reach the page's log panel too
         web_sink = WebSink(cfg)
-    pipeline = pipeline_factory(cfg, fresh=fresh, extra_sinks=[web_sink] if web_sink is not None else None)
+    try:
+        pipeline = pipeline_factory(cfg, fresh=fresh, extra_sinks=[web_sink] if web_sink is not None else None)
+    except BaseException:
+        if early_logs is not None:
+            early_logs.uninstall()
+        raise
     reload_requested = threading.Event()
 
     if install_signals:
@@ -129,7 +137,7 @@ def run_daemon(
         if web_sink is not None:
             from web.server import start_web
 
-            web_server = start_web(pipeline, web_sink, cfg)
+            web_server = start_web(pipeline, web_sink, cfg, log_handler=early_logs)
         notifier.ready()
         notifier.status("labeling")
         log.info("ready")
@@ -154,6 +162,8 @@ def run_daemon(
         notifier.stopping()
         if web_server is not None:
             web_server.stop()
+        elif early_logs is not None:
+            early_logs.uninstall()
         pipeline.shutdown()
     failed = [n for n, s in pipeline.source_states().items() if s == "offline"]
     code = 1 if failed and not pipeline.stopped else 0

@@ -95,7 +95,7 @@ def create_app(
                          _mqtt_password_file(cfg)])
     if log_handler is None:
         log_handler = RingLogHandler()
-    log_handler.redact = redactor.text
+    log_handler.set_redact(redactor.text)
     if device is None:
         disks = {"state": cfg.resolve(cfg.state_dir)}
         if cfg.dataset.enabled:

@@ -98,17 +98,28 @@ class WebServer:
         log.info("web page stopped")
 
 
+def early_log_handler() -> RingLogHandler:
+    """The log panel's handler, installed now: what goes wrong while the pipeline starts reaches the page.
+
+    Pass it to ``start_web``; the web server removes it when it stops (the caller does, if it never starts).
+    """
+    handler = RingLogHandler()
+    handler.install()
+    return handler
+
+
 def start_web(pipeline: PipelineLike, web_sink: WebSink, cfg: Config, *, host: str | None = None,
-              port: int | None = None) -> WebServer:
+              port: int | None = None, log_handler: RingLogHandler | None = None) -> WebServer:
     """Serve the web page for ``pipeline`` on ``cfg.web.host:port`` (or the overrides; port 0 picks a free one).
 
     Raises OSError (with the address in the message) when the address cannot be bound; nothing is left running then.
     """
     bind_host = cfg.web.host if host is None else host
     bind_port = cfg.web.port if port is None else port
-    handler = RingLogHandler()
+    handler = log_handler or RingLogHandler()  # one given is already installed (early_log_handler)
     app = create_app(cfg, pipeline, web_sink, log_handler=handler)
-    handler.install()
+    if log_handler is None:
+        handler.install()
     try:
         server = create_server(
             app,
