@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -44,3 +45,18 @@ class Frame:
     @property
     def height(self) -> int:
         return int(self.image.shape[0])
+
+
+def text_path(path: str) -> str:
+    """A file path as text every sink can store: UTF-8 names unchanged, other bytes as ``\\xNN``.
+
+    Names from SMB shares and USB sticks are often Latin-1; Python hands them over with surrogate escapes,
+    which SQLite, JSON over MQTT and UTF-8 files all refuse.  The escaped form is stable (the same bytes give
+    the same text, so frame keys and record ids do not change between runs) and cannot collide with a real
+    UTF-8 name.  The file itself is still opened by its real path.
+    """
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    return path

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.config import Config, ConfigError, SourceConfig
-from edge.frame import Frame
+from edge.frame import Frame, text_path
 from edge.ledger import Job, Ledger
 from edge.loader import load_model, worker_count
 from edge.progress import Progress
@@ -587,7 +587,7 @@ class Pipeline:
             model=item.model,
             inference_ms=round(item.inference_ms, 3),
             detections=[DetectionRecord.from_detection(d, w, h, t) for d, t in zip(item.detections, ids, strict=True)],
-            frame_path=frame.path,
+            frame_path=text_path(frame.path) if frame.path else None,
             media_time=None if frame.media_time is None else round(frame.media_time, 6),
         )
 

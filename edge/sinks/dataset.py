@@ -92,7 +92,7 @@ import yaml
 
 from edge.capture import SKIP, CaptureDecision, CaptureSelector
 from edge.config import ConfigError, DatasetConfig
-from edge.frame import Frame
+from edge.frame import Frame, text_path
 from edge.records import LabelRecord, iso_utc
 from edge.sinks.base import Sink
 
@@ -971,8 +971,10 @@ class DatasetSink(Sink):
         short = record.id[:8]
         mode = self.cfg.save_images
         original = os.path.abspath(frame.path) if frame.path else None
-        if mode == "always" or (mode == "auto" and original is None):
-            stem = f"{Path(original).stem}_{short}" if original else f"{frame.index:08d}_{short}"
+        named = text_path(original) if original else None  # for file names and the index (not UTF-8: escaped)
+        if mode == "always" or (mode == "auto" and (original is None or named != original)):
+            # auto: a file whose name is not UTF-8 cannot be referenced from the index, so it is copied
+            stem = f"{Path(named).stem}_{short}" if named else f"{frame.index:08d}_{short}"
             suffix = Path(original).suffix.lower() if original else ""
             as_is = original is not None and suffix in TRAINABLE_SUFFIXES
             rel = f"images/{source}/{stem}{suffix if as_is else '.' + self.cfg.image_format}"
@@ -986,14 +988,14 @@ class DatasetSink(Sink):
                     size, digest = len(data), hashlib.sha256(data).hexdigest()
             except (OSError, ValueError) as exc:
                 self._report_error("store frame", self.root / rel, exc)
-                record.frame_path, record.frame_sha256 = original, None  # never point at pixels that are not there
+                record.frame_path, record.frame_sha256 = named, None  # never point at pixels that are not there
                 return _Plan(None, f"labels/{source}/{stem}.txt", failed=True)
             self._last_image_bytes = size
             record.frame_path, record.frame_sha256 = rel, digest
             return _Plan(rel, f"labels/{source}/{stem}.txt", size, decision)
-        if original is not None:
-            record.frame_path, record.frame_sha256 = original, _file_sha256(original)
-            return _Plan(original, f"labels/{source}/{Path(original).stem}_{short}.txt", 0, decision)
+        if original is not None and named is not None:
+            record.frame_path, record.frame_sha256 = named, _file_sha256(original)
+            return _Plan(named, f"labels/{source}/{Path(named).stem}_{short}.txt", 0, decision)
         record.frame_path, record.frame_sha256 = None, None
         return _Plan(None, f"labels/{source}/{frame.index:08d}_{short}.txt", 0, decision)
 

@@ -44,7 +44,7 @@ import threading
 import time
 
 from edge.config import SourceConfig
-from edge.frame import Frame
+from edge.frame import Frame, text_path
 from edge.sources import IMAGE_EXTENSIONS
 from edge.sources.base import Source, SourceError
 from edge.sources.imageio import ImageRejected, decode_image_file
@@ -189,21 +189,22 @@ class FolderSource(Source):
             while self._pos < len(self._files):
                 index = self._pos
                 path = self._files[index]
+                key = text_path(path)  # a Latin-1 name from a share: storable text, the same on every run
                 self._pos += 1
-                if self.skip(path):
+                if self.skip(key):
                     continue
                 try:
                     decoded = decode_image_file(path)
                 except ImageRejected as exc:
-                    logger.debug("%s: rejected %s: %s", self.name, path, exc.reason)
-                    self.on_reject(path, exc.reason)
+                    logger.debug("%s: rejected %s: %s", self.name, key, exc.reason)
+                    self.on_reject(key, exc.reason)
                     continue
                 return Frame(
                     source=self.name,
                     index=index,
                     image=decoded.image,
                     captured_at=decoded.mtime,  # the file's time, not ours (module docstring)
-                    key=path,
+                    key=key,
                     path=path,
                     live=False,
                     extra={"mtime": decoded.mtime, "format": decoded.format, "bytes": decoded.size_bytes},
