@@ -165,8 +165,7 @@ def run_daemon(
         elif early_logs is not None:
             early_logs.uninstall()
         pipeline.shutdown()
-    failed = [n for n, s in pipeline.source_states().items() if s == "offline"]
-    code = 1 if failed and not pipeline.stopped else 0
+    code = pipeline.exit_code()
     left = sum(int(getattr(sink, "left_at_close", 0) or 0) for sink in pipeline.sinks or [])
     if left and code == 0:
         log.warning("exit status %d: %d message(s) not delivered to the broker stay in the outbox; they are "

@@ -170,6 +170,8 @@ class Pipeline:
         self._records: queue.Queue[Any] = queue.Queue(maxsize=16)
         self._workers = 1  # inference workers, set at start
         self._engine_failures = 0  # frames in a row that failed in the engine (any worker)
+        self._frames_failed = 0  # frames that failed in preprocessing or the engine, in all
+        self._frames_delivered = 0  # frames whose record reached the sinks
         self._hub = FrameHub()
         self._runners: dict[str, SourceRunner] = {}
         self._threads: list[threading.Thread] = []
@@ -304,8 +306,19 @@ class Pipeline:
                 pass
         finally:
             self.shutdown()
+        return self.exit_code()
+
+    def exit_code(self) -> int:
+        """1 when a source failed (offline at the end of a run that was not stopped) or when frames were read
+        and every one failed (a job of zero labels is not a success), else 0."""
         failed = [n for n, s in self._source_status.items() if s == "offline"]
-        return 1 if failed and not self._stop.is_set() else 0
+        if failed and not self._stop.is_set():
+            return 1
+        if self._frames_failed and not self._frames_delivered:
+            log.error("every frame read (%d) failed in preprocessing or the engine and none was labeled; see the "
+                      "errors above (the model, or the device it runs on)", self._frames_failed)
+            return 1
+        return 0
 
     def shutdown(self) -> None:
         """Stop threads, flush and close sinks, write the rejected-files report."""
@@ -430,6 +443,7 @@ class Pipeline:
                 except Exception as exc:  # one bad frame must not stop the daemon
                     self._last_error = f"{frame.source} frame {frame.index}: {exc}"
                     log.exception("preprocessing failed on %s frame %d", frame.source, frame.index)
+                    self._frames_failed += 1
                     continue
                 self._put(self._prepared, (seq, frame, active, tensor, info, pre_ms), "prepare")
                 seq += 1
@@ -466,6 +480,7 @@ class Pipeline:
                     log.exception("inference failed on %s frame %d", frame.source, frame.index)
                     self._put(self._records, (seq, None), beat)  # the reorder buffer must not wait for it
                     self._engine_failures += 1
+                    self._frames_failed += 1
                     if self._engine_failures == ENGINE_FAILURE_LIMIT:
                         log.critical("the last %d frames all failed in the engine (a GPU in an error state?); the "
                                      "watchdog is no longer fed, so systemd restarts the service", ENGINE_FAILURE_LIMIT)
@@ -592,6 +607,7 @@ class Pipeline:
         )
 
     def _deliver(self, item: Inferred, sinks: list[Sink]) -> None:
+        self._frames_delivered += 1
         frame = item.frame
         events: list[dict[str, Any]] = []
         track_ids = None

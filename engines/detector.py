@@ -55,6 +55,23 @@ def _num_classes(family: str, shape: tuple[int | None, ...]) -> int | None:
     return None if dim is None else dim - offset
 
 
+def _check_image_input(engine: Engine) -> None:
+    """The first input must take an image batch [N, 3, H, W]: the preprocessing makes nothing else.
+
+    A model with a detector-shaped output but another input (an Identity of [1, 84, 8400]) passed every
+    output check; ``run`` then failed on every frame and ended a job of zero labels with exit 0.
+    """
+    if not engine.inputs:
+        raise UnsupportedModelError(f"{engine.model_path}: the model has no input; a detector takes an image [1, 3, H, W]")
+    first = engine.inputs[0]
+    shape = tuple(first.shape)
+    if len(shape) != 4 or shape[1] not in (3, None):
+        shown = "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+        raise UnsupportedModelError(
+            f"{engine.model_path}: input {first.name!r} has shape {shown}, not an image [N, 3, H, W]; "
+            "export the detector with an image input (e.g. yolo export format=onnx)")
+
+
 def _static_input(engine: Engine) -> bool:
     """True when the first input has a fixed H and W (then the grid size is known for sure)."""
     if not engine.inputs:
@@ -92,6 +109,7 @@ class Detector:
                                         output_names=[o.name for o in engine.outputs])
         except UnsupportedModelError as exc:
             raise UnsupportedModelError(f"{path}: {exc}") from None
+        _check_image_input(engine)  # after the outputs: "not a detector" says more than "not an image input"
         in_dtype = engine.inputs[0].dtype if engine.inputs else "float32"
         if in_dtype not in _TENSOR_DTYPES:
             raise UnsupportedModelError(

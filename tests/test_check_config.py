@@ -10,6 +10,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import yaml
@@ -143,3 +144,46 @@ def test_the_demo_config_outside_the_repository_says_where_it_looked_for_the_mir
         assert len(hint) == 1 and f"looked for the asset mirror (models/, videos/) in {looked} " in hint[0], res.stderr
         assert ("EDGELABEL_MIRROR is not set" if mirror is None else f"EDGELABEL_MIRROR={mirror}") in hint[0]
         assert not (cwd / "state").exists()
+
+
+def test_a_model_whose_input_is_not_an_image_is_refused_before_any_frame(tmp_path: Path, assets: Path) -> None:
+    """Its output has a YOLOv8 layout, so every output check passed: run logged an inference error on every
+    frame and exited 0 with nothing labeled."""
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 84, 8400])
+    y = helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 84, 8400])
+    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["output0"])], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "flat.onnx"))
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "bus.jpg").write_bytes((assets / "images" / "bus.jpg").read_bytes())
+    res = run_edgelabel("label", str(images), "--model", str(tmp_path / "flat.onnx"), "--out", str(tmp_path / "out"),
+                        timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr[-2000:]
+    assert "not an image [N, 3, H, W]" in res.stderr and "[1, 84, 8400]" in res.stderr, res.stderr[-2000:]
+
+
+def test_a_job_where_every_frame_fails_in_the_engine_is_not_a_success(tmp_path: Path, assets: Path) -> None:
+    """A model that loads but fails at run time (a Reshape that fits no real input) labeled nothing, logged a
+    traceback per frame and exited 0: now exit 1 with a line saying that every frame failed."""
+    from onnx import numpy_helper
+
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, "h", "w"])
+    y = helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 84, "n"])
+    shape = numpy_helper.from_array(np.array([1, 84, -1], dtype=np.int64), "shape")
+    graph = helper.make_graph([helper.make_node("Reshape", ["images", "shape"], ["output0"])], "g", [x], [y],
+                              initializer=[shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "fails.onnx"))
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("bus.jpg", "dog.jpg"):
+        (images / name).write_bytes((assets / "images" / name).read_bytes())
+    for args in (["label", str(images), "--model", str(tmp_path / "fails.onnx"), "--out", str(tmp_path / "out")],
+                 ["run", "--source", str(images), "--model", str(tmp_path / "fails.onnx"), "--mqtt", "off",
+                  "--state-dir", str(tmp_path / "state")]):
+        res = run_edgelabel(*args, timeout=120)
+        assert res.returncode == 1, (args[0], res.returncode, res.stderr[-2000:])
+        assert "every frame read (2) failed" in res.stderr, res.stderr[-2000:]
