@@ -124,7 +124,7 @@ def collect(index: DatasetIndex, states: Sequence[str]) -> tuple[list[ExportItem
     taken: set[str] = set()
     for r in rows:
         image = index.image_file(r)
-        if image is None or not image.is_file():
+        if image is None or not image.is_file() or index.original_changed(r, image):
             missing.append(r["id"])
             continue
         stem = f"{safe_component(r['source'])}_{Path(r['label_path']).stem}"

@@ -133,6 +133,16 @@ class ReviewStore:
         path = self.index.image_file(row)
         return path if path is not None and path.is_file() else None
 
+    def image_bytes(self, record_id: str) -> tuple[bytes, str] | None:
+        """(bytes, suffix) of the frame's pixels as they were labeled; None when gone or changed since
+        (KeyError if the frame is unknown).  Read once: what is checked is what is served."""
+        row = self.index.row(record_id)
+        if row is None:
+            raise KeyError(record_id)
+        path = self.index.image_file(row)
+        data = self.index.read_verified(row) if path is not None else None
+        return (data, path.suffix.lower()) if data is not None and path is not None else None
+
     def next_id(self, after: str | None = None) -> str | None:
         """The queue's first frame other than ``after`` (what "next" shows)."""
         rows = self.index.select("state = 'needs_review'" + (" AND id != ?" if after else ""), [after] if after else [],
@@ -279,7 +289,7 @@ class ReviewStore:
             "detections": current,
             "model_detections": model,
             "image": row["image_path"],
-            "image_available": image is not None and image.is_file(),
+            "image_available": image is not None and image.is_file() and not self.index.original_changed(row, image),
             "history": self.index.history(row["id"]),
         }
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, abort, current_app, jsonify, render_template, request, send_file
+from flask import Blueprint, Response, abort, current_app, jsonify, render_template, request, send_file
 
 from edge.export import DEFAULT_STATES, EXPORT_FORMATS, ExportError, export_dataset, parse_states
 from edge.review import ACTIONS, STATES, ReviewError, ReviewStore, VersionConflict, clean_reviewer
@@ -134,17 +134,22 @@ def item(record_id: str) -> Any:
 @bp.get("/api/review/items/<record_id>/image")
 @require_operator
 def image(record_id: str) -> Any:
-    """The frame's pixels as stored (a copy in the dataset, or the original file it references)."""
+    """The frame's pixels as labeled (a copy in the dataset, or the original file it references while its bytes
+    are still the labeled ones: a file replaced since, or swapped for a symlink, is not served)."""
     store = get_store()
     try:
-        path = store.image_path(parse_record_id(record_id))
+        found = store.image_bytes(parse_record_id(record_id))
     except KeyError:
         abort(404, description="no such frame in the dataset")
-    if path is None:
-        abort(404, description="the image of this frame is no longer there")
+    except (OSError, sqlite3.Error) as exc:
+        abort(503, description=f"the dataset could not be read ({exc}); try again when it can")
+    if found is None:
+        abort(404, description="the image of this frame is no longer there, or changed since it was labeled")
+    data, suffix = found
     # the whole file, always: no ranges or conditional answers for a small, never-cached image
-    return send_file(path, mimetype=_MIMETYPES.get(path.suffix.lower(), "application/octet-stream"), max_age=0,
-                     conditional=False, etag=False, last_modified=None)
+    resp = Response(data, mimetype=_MIMETYPES.get(suffix, "application/octet-stream"))
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
 
 
 @bp.post("/api/review/items/<record_id>")

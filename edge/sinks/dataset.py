@@ -148,6 +148,7 @@ _COLUMNS = (
     ("synced", "INTEGER NOT NULL DEFAULT 1"),  # 0 while a decision's files are being rewritten
     ("captured_ts", "REAL"),
     ("model", "TEXT"),  # the name of the model whose run made the row's boxes (NULL on older rows)
+    ("image_sha256", "TEXT"),  # the labeled pixels' file hash: an original is served only while it matches
 )
 _SCHEMA_EXTRA = f"""
 CREATE INDEX IF NOT EXISTS records_queue ON records (state, uncertainty DESC, created);
@@ -169,15 +170,15 @@ CREATE INDEX IF NOT EXISTS review_log_record ON review_log (record_id, seq);
 _UPSERT = """
 INSERT INTO records (id, source, frame_key, frame_index, image_path, label_path, width, height,
                      captured_at, detections, n_detections, created, state, uncertainty, model_detections,
-                     bytes, captured_ts, model)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                     bytes, captured_ts, model, image_sha256)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT(id) DO UPDATE SET
     source = excluded.source, frame_key = excluded.frame_key, frame_index = excluded.frame_index,
     image_path = excluded.image_path, label_path = excluded.label_path, width = excluded.width,
     height = excluded.height, captured_at = excluded.captured_at, detections = excluded.detections,
     n_detections = excluded.n_detections, state = excluded.state, uncertainty = excluded.uncertainty,
     model_detections = excluded.model_detections, bytes = excluded.bytes, captured_ts = excluded.captured_ts,
-    model = excluded.model, version = records.version + 1, synced = 1
+    model = excluded.model, image_sha256 = excluded.image_sha256, version = records.version + 1, synced = 1
 """
 
 
@@ -443,6 +444,37 @@ class DatasetIndex:
         first, second = (moved, normal) if row["state"] == "rejected" else (normal, moved)
         return first if first.exists() or not second.exists() else second
 
+    def original_changed(self, row: sqlite3.Row, path: Path, data: bytes | None = None) -> bool:
+        """True when ``row`` references an original file (not a copy the dataset stored) whose bytes are not
+        the ones labeled: replaced, rewritten, or swapped for a symlink to another file.
+
+        Originals live in folders others can write to; serving or exporting whatever is at the path now
+        would put other pixels under reviewed labels, or hand out any file the daemon can read.
+        """
+        expected = row["image_sha256"] if "image_sha256" in row.keys() else None
+        if not expected or not Path(row["image_path"] or "").is_absolute():
+            return False  # a stored copy, or a row from before hashes were kept
+        try:
+            digest = hashlib.sha256(data if data is not None else path.read_bytes()).hexdigest()
+        except OSError:
+            return True
+        if digest == expected:
+            return False
+        log.warning("dataset: %s changed since it was labeled (record %s); it is not served or exported",
+                    text_path(str(path)), row["id"])
+        return True
+
+    def read_verified(self, row: sqlite3.Row) -> bytes | None:
+        """The bytes of the row's image, or None when it is gone or an original changed since labeling."""
+        path = self.image_file(row)
+        if path is None:
+            return None
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        return None if self.original_changed(row, path, data) else data
+
     # ------------------------------------------------------------------ frames (the sink thread)
 
     def add_frame(self, record: LabelRecord, *, image: str | None, label: str, boxes: list[dict[str, Any]],
@@ -463,7 +495,7 @@ class DatasetIndex:
                 db.execute(_UPSERT, (record.id, record.source, record.frame_key, record.frame_index, image, label,
                                      record.width, record.height, record.captured_at, dets, len(boxes), time.time(),
                                      decision.state, decision.uncertainty, dets, size, record.captured_ts,
-                                     record.model.name))
+                                     record.model.name, record.frame_sha256))
             self._count(old, (decision.state, len(boxes), size))
             self.coco_dirty = True
             return old is None

@@ -1,0 +1,59 @@
+"""An original file replaced after labeling is neither served nor exported.
+
+A folder job's dataset references the original files (``save_images: auto``).  Replacing an already
+labeled input with a symlink to ``<state_dir>/web-token`` served the token's bytes on the review page and
+wrote them into an export, and any replacement put other pixels under labels a person already reviewed.
+The index keeps the labeled file's sha256; an original is used only while its bytes still match.
+"""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+from pathlib import Path
+
+from edge.export import export_dataset
+from edge.review import ReviewStore
+from tests.conftest import IMAGES
+from tests.helpers import run_edgelabel
+
+
+def test_a_swapped_original_is_not_served_or_exported(tmp_path: Path, assets: Path) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("bus.jpg", "zidane.jpg"):
+        shutil.copy(IMAGES / name, inputs / name)
+    state = tmp_path / "state"
+    proc = run_edgelabel("run", "--source", str(inputs), "--model", str(assets / "models" / "yolox_nano.onnx"),
+                         "--mqtt", "off", "--state-dir", str(state), timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    secret = state / "secret.txt"
+    secret.write_bytes(b"Zq9-the-operator-token")
+    dataset = state / "dataset"
+
+    store = ReviewStore.open(dataset)
+    try:
+        rows = {Path(r["image_path"]).name: r["id"] for r in store.index.select("1", [], order="rowid")}
+        assert set(rows) == {"bus.jpg", "zidane.jpg"}, rows  # the originals are referenced, not copied
+        bus = rows["bus.jpg"]
+        data, suffix = store.image_bytes(bus) or (b"", "")
+        assert data == (IMAGES / "bus.jpg").read_bytes() and suffix == ".jpg"
+
+        (inputs / "bus.jpg").unlink()
+        (inputs / "bus.jpg").symlink_to(secret)  # the swap
+        assert store.image_bytes(bus) is None
+        assert store.item(bus)["image_available"] is False
+        result = export_dataset(store.index, "yolo", tmp_path / "export.zip",
+                                states=("auto_accepted", "needs_review", "accepted", "corrected"))
+        assert result.missing == [bus] and result.images == 1
+        with zipfile.ZipFile(tmp_path / "export.zip") as z:
+            assert all(b"Zq9" not in z.read(n) for n in z.namelist())
+
+        (inputs / "bus.jpg").unlink()
+        (inputs / "bus.jpg").write_bytes(b"\xff\xd8\xff other pixels under the reviewed labels")  # a rewrite
+        assert store.image_bytes(bus) is None
+
+        shutil.copy(IMAGES / "bus.jpg", inputs / "bus.jpg")  # the labeled bytes again: served again
+        assert store.image_bytes(bus) is not None
+    finally:
+        store.close()
