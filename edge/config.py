@@ -248,11 +248,25 @@ class TrackingConfig:
     """Multi-object tracking per source: track ids in records and track events."""
 
     enabled: bool = True
-    iou: float = field(default=0.3, metadata={"min": 0.0, "max": 1.0})  # match threshold
+    iou: float = field(default=0.2, metadata={"min": 0.0, "max": 1.0})  # IoU to match a strong detection
+    low_iou: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})  # IoU to match a weak detection
     high_score: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})  # weaker detections only extend tracks
+    low_score: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})  # below: ignored by the tracker
+    new_track_score: float = field(default=0.6, metadata={"min": 0.0, "max": 1.0})  # to start a track
     max_age: float = field(default=2.0, metadata={"min": 0.0})  # seconds unseen before a track ends
     min_hits: int = field(default=2, metadata={"min": 1})  # detections before a track is announced
     update_interval: float = field(default=5.0, metadata={"min": 0.0})  # seconds between update events
+
+    def problems(self) -> list[str]:
+        """Settings that are each valid but contradict each other, as ``tracking.<field>`` messages."""
+        out = []
+        if self.low_score > self.high_score:
+            out.append(f"tracking.low_score: {self.low_score} is above tracking.high_score {self.high_score} "
+                       "(lower it, or raise high_score)")
+        if self.new_track_score < self.high_score:
+            out.append(f"tracking.new_track_score: {self.new_track_score} is below tracking.high_score "
+                       f"{self.high_score} (weak detections never start tracks; raise it to at least high_score)")
+        return out
 
 
 @dataclass
@@ -426,6 +440,7 @@ def _check(cfg: Config, problems: list[str]) -> None:
         problems.append(f"device_id: {_show(cfg.device_id)} must be 1-64 characters of letters, digits, '_', '-', '.'")
     if not cfg.model.path:
         problems.append("model.path: required (path to an ONNX detector)")
+    problems.extend(cfg.tracking.problems())
     for i, p in enumerate(cfg.model.providers):
         if p not in PROVIDERS:
             problems.append(f"model.providers[{i}]: {_show(p)} is not allowed (use {', '.join(PROVIDERS)})")
