@@ -179,6 +179,7 @@ class Pipeline:
         self._source_status: dict[str, str] = {}
         self._last_error: str | None = None
         self._trackers: dict[str, Any] = {}
+        self._track_ids: Any = None  # edge.tracking.TrackIdStore in state_dir, made with the first tracker
         self._source_stops: dict[str, threading.Event] = {}
         self._reload_lock = threading.Lock()
         #: monotonic time of each worker's last loop turn (liveness for the watchdog)
@@ -434,9 +435,11 @@ class Pipeline:
             return None
         tracker = self._trackers.get(source)
         if tracker is None:
-            from edge.tracking import Tracker
+            from edge.tracking import Tracker, TrackIdStore
 
-            tracker = self._trackers[source] = Tracker(source, self.cfg.tracking)
+            if self._track_ids is None:  # track ids stay unique per source across restarts
+                self._track_ids = TrackIdStore(self.cfg.resolve(self.cfg.state_dir) / "track-ids.json")
+            tracker = self._trackers[source] = Tracker(source, self.cfg.tracking, ids=self._track_ids)
         return tracker
 
     def _emit_events(self, events: list[dict[str, Any]], sinks: list[Sink]) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from edge.config import TrackingConfig
 from edge.records import record_id
-from edge.tracking import Tracker, iou_matrix, optimal_match
+from edge.tracking import Tracker, TrackIdStore, iou_matrix, optimal_match
 from engines.base import Detection
 
 EVENT_SCHEMA = json.loads((Path(__file__).parent.parent / "edge" / "schemas" / "event.v1.json").read_text())
@@ -304,3 +304,73 @@ def test_contradicting_tracking_settings_are_rejected_by_name() -> None:
     with pytest.raises(ConfigError) as exc:
         config_from_dict({**base, "tracking": {"low_iou": 1.5}})
     assert "tracking.low_iou" in str(exc.value)
+
+
+# --------------------------------------------------------------------------- ids across restarts
+
+
+def test_track_ids_continue_after_a_restart_and_are_per_source(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "track-ids.json"
+    store = TrackIdStore(path, block=3)
+    assert [store.next_id("cam1") for _ in range(4)] == [1, 2, 3, 4]
+    assert store.next_id("cam2") == 1
+    assert json.loads(path.read_text())["next"] == {"cam1": 7, "cam2": 4}  # reserved blocks, not every id
+    # a restart (or a crash) resumes at the reserved mark: ids 5 and 6 are skipped, never reused
+    again = TrackIdStore(path, block=3)
+    assert again.next_id("cam1") == 7 and again.next_id("cam2") == 4
+    # through the tracker: the first track after the restart gets a fresh id
+    tracker = Tracker("cam1", TrackingConfig(min_hits=1), ids=TrackIdStore(path, block=3))
+    ids, events = tracker.update([det((0, 0, 50, 50))], T0, rid(0), 0)
+    assert ids == [10] and events[0]["track_id"] == 10
+
+
+def test_an_unreadable_id_file_is_logged_and_counting_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "track-ids.json"
+    path.write_text("{not json")
+    store = TrackIdStore(path)
+    assert "track-ids.json" in caplog.text and "Delete the file" in caplog.text
+    assert store.next_id("cam1") == 1
+    assert json.loads(path.read_text())["next"] == {"cam1": 1001}  # rewritten whole
+
+
+def test_the_daemon_keeps_track_ids_unique_across_restarts(tmp_path: Path, assets: Path) -> None:
+    """Two runs of the real pipeline on one state dir: the second run's track ids are all new."""
+    import cv2
+
+    from edge.config import config_from_dict
+    from edge.pipeline import Pipeline
+    from edge.sinks.base import Sink
+
+    clip = tmp_path / "clip.mp4"
+    cap = cv2.VideoCapture(str(assets / "videos" / "people-walking.mp4"))
+    ok, frame = cap.read()
+    out = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 25, (frame.shape[1], frame.shape[0]))
+    for _ in range(8):
+        out.write(frame)
+        ok, frame = cap.read()
+    out.release()
+    cap.release()
+
+    class Ids(Sink):
+        name = "ids"
+
+        def __init__(self) -> None:
+            self.ids: set[int] = set()
+
+        def write(self, record, frame) -> None:  # noqa: ANN001
+            self.ids.update(d.track_id for d in record.detections if d.track_id is not None)
+
+    runs = []
+    for _ in range(2):
+        cfg = config_from_dict({
+            "state_dir": str(tmp_path / "state"),
+            "model": {"path": str(assets / "models" / "yolox_nano.onnx"), "family": "yolox", "conf": 0.3},
+            "sources": {"walk": {"uri": str(clip)}},
+            "mqtt": {"enabled": False}, "dataset": {"enabled": False},
+        }, base_dir=tmp_path)
+        sink = Ids()
+        assert Pipeline(cfg, extra_sinks=[sink], show_progress=False, fresh=True).run() == 0
+        runs.append(sink.ids)
+    assert runs[0] and runs[1]
+    assert min(runs[1]) > max(runs[0])
+    assert (tmp_path / "state" / "track-ids.json").is_file()
