@@ -248,12 +248,13 @@ class TrackingConfig:
     """Multi-object tracking per source: track ids in records and track events."""
 
     enabled: bool = True
-    iou: float = field(default=0.2, metadata={"min": 0.0, "max": 1.0})  # IoU to match a strong detection
+    iou: float = field(default=0.25, metadata={"min": 0.0, "max": 1.0})  # similarity to match a strong detection
+    fuse_score: bool = True  # strong detections: similarity = IoU x score (else IoU)
     low_iou: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})  # IoU to match a weak detection
-    high_score: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})  # weaker detections only extend tracks
+    high_score: float = field(default=0.3, metadata={"min": 0.0, "max": 1.0})  # weaker detections only extend tracks
     low_score: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})  # below: ignored by the tracker
-    new_track_score: float = field(default=0.6, metadata={"min": 0.0, "max": 1.0})  # to start a track
-    max_age: float = field(default=2.0, metadata={"min": 0.0})  # seconds unseen before a track ends
+    new_track_score: float = field(default=0.4, metadata={"min": 0.0, "max": 1.0})  # to start a track
+    max_age: float = field(default=3.0, metadata={"min": 0.0})  # seconds unseen before a track ends (track buffer)
     min_hits: int = field(default=2, metadata={"min": 1})  # detections before a track is announced
     update_interval: float = field(default=5.0, metadata={"min": 0.0})  # seconds between update events
 

@@ -17,8 +17,13 @@ embedded: the maintained ones pull in PyTorch, matplotlib or an older numpy, too
   seen in the last frame and are still unmatched: a partly hidden person keeps its id, and a weak false
   positive never starts a track.  Remaining strong detections are matched to tentative tracks, and those
   with ``score >= new_track_score`` start new tentative tracks.
-* **Optimal assignment**: each stage solves the assignment on ``1 - IoU`` with SciPy's
-  ``linear_sum_assignment`` (Hungarian); pairs below the stage's IoU threshold are never matched.
+* **Optimal assignment**: each stage solves the assignment on ``1 - similarity`` with SciPy's
+  ``linear_sum_assignment`` (Hungarian); pairs below the stage's threshold are never matched.  The
+  similarity is the IoU of the detection with the track's predicted box, times the detection's score for
+  strong detections (``fuse_score``, ByteTrack's setting for MOT17).
+* **Duplicates**: a lost track whose predicted box overlaps, by more than :data:`DUPLICATE_IOU`, a track
+  matched in the same frame that was started after the lost one was last seen ends: it is the same object
+  under a second id, and would otherwise take that object's detection back later (an id switch).
 * **Class-aware**: a detection is never matched to a track of another class, so a detection that switches
   class starts a new track (the old one ends after ``max_age``).
 * **Confirmation.**  A track gets its public id only after ``min_hits`` detections (the record shows
@@ -60,6 +65,8 @@ EVENT_SCHEMA_VERSION = 1
 _NAMESPACE = uuid.UUID("3d9c1a52-6f0b-5e4e-8a61-0c2f7b5d9e13")
 #: the longest single prediction step in seconds (a paused source must not fling boxes off screen)
 MAX_DT = 1.0
+#: a lost track overlapping a matched one by more than this is a duplicate and ends
+DUPLICATE_IOU = 0.6
 #: ByteTrack's noise weights are per frame at this rate; they are rescaled to per second
 _REF_FPS = 30.0
 _STD_POS = 1.0 / 20  # measurement / position noise, share of the box size
@@ -197,8 +204,6 @@ class _Track:
     class_id: int
     label: str
     box: np.ndarray  # last measured box (x1 y1 x2 y2)
-    mean: np.ndarray  # Kalman state: cx cy w h and their velocities per second
-    cov: np.ndarray  # 8 x 8
     first_ts: float
     last_ts: float
     best: _Best
@@ -222,6 +227,10 @@ class Tracker:
         self.cfg = cfg
         self._ids: TrackIdStore | _MemoryIds = ids if ids is not None else _MemoryIds()
         self._tracks: list[_Track] = []
+        # Kalman state of self._tracks, row by row (arrays, so predict and correct are batched):
+        # cx cy w h and their velocities per second, and the 8 x 8 covariances
+        self._mean = np.zeros((0, 8))
+        self._cov = np.zeros((0, 8, 8))
         self._next_key = 1
         self._run = uuid.uuid4().hex  # makes track uids unique across daemon restarts
         self._last_ts: float | None = None
@@ -233,7 +242,7 @@ class Tracker:
 
     def predicted_boxes(self) -> list[tuple[int | None, list[float]]]:
         """(track id, box the filter expects at the latest frame) of every live track; for tests and tools."""
-        return [(t.track_id, _round_box(_cxcywh_to_xyxy(t.mean[:4]))) for t in self._tracks]
+        return [(t.track_id, _round_box(_cxcywh_to_xyxy(m[:4]))) for t, m in zip(self._tracks, self._mean, strict=True)]
 
     def update(
         self, detections: Sequence[Detection], ts: float, record_id: str, frame_index: int
@@ -253,7 +262,7 @@ class Tracker:
 
         tracks = self._tracks
         self._predict(dt)
-        predicted = _cxcywh_to_xyxy(np.array([t.mean[:4] for t in tracks], dtype=np.float64).reshape(len(tracks), 4))
+        predicted = _cxcywh_to_xyxy(self._mean[:, :4])
         track_classes = np.array([t.class_id for t in tracks], dtype=np.int64)
         iou = iou_matrix(boxes, predicted)
         iou[classes[:, None] != track_classes[None, :]] = 0.0  # never match across classes
@@ -264,19 +273,23 @@ class Tracker:
         tentative = [i for i, t in enumerate(tracks) if t.track_id is None]
         matched: dict[int, int] = {}  # detection index -> track index
 
-        def stage(dets: list[int], pool: list[int], threshold: float) -> None:
+        # strong detections are matched on IoU x score (ByteTrack's score fusion): a confident detection may
+        # overlap its track less than a doubtful one must
+        fused = iou * scores[:, None] if cfg.fuse_score else iou
+
+        def stage(dets: list[int], pool: list[int], threshold: float, sim: np.ndarray = iou) -> None:
             if not dets or not pool:
                 return
-            for r, c in optimal_match(iou[np.ix_(dets, pool)], threshold):
+            for r, c in optimal_match(sim[np.ix_(dets, pool)], threshold):
                 matched[dets[r]] = pool[c]
 
         # 1: strong detections against confirmed tracks, lost ones (the track buffer) included
-        stage(high, confirmed, cfg.iou)
+        stage(high, confirmed, cfg.iou, fused)
         taken = set(matched.values())
         # 2: weak detections keep tracks alive that were seen in the last frame
         stage(low, [i for i in confirmed if i not in taken and not tracks[i].missed], cfg.low_iou)
         # 3: the remaining strong detections against tentative tracks
-        stage([d for d in high if d not in matched], tentative, cfg.iou)
+        stage([d for d in high if d not in matched], tentative, cfg.iou, fused)
 
         if matched:
             det_idx = list(matched)
@@ -293,33 +306,49 @@ class Tracker:
 
         # unmatched tracks: tentative ones vanish silently, confirmed ones end after max_age unseen
         matched_tracks = set(matched.values())
-        alive: list[_Track] = []
+        keep = np.ones(len(tracks), dtype=bool)
         for i, track in enumerate(tracks):
             if i not in matched_tracks:
                 track.missed = True
                 if track.track_id is None:
-                    continue
-                if ts - track.last_ts > cfg.max_age:
+                    keep[i] = False
+                elif ts - track.last_ts > cfg.max_age:
                     events.append(self._event("end", track, ts, reason="lost"))
-                    continue
-            alive.append(track)
-        self._tracks = alive
+                    keep[i] = False
+        # a lost track whose predicted box lies on a track that was started after it was lost is the same
+        # object under a second id (it reappeared where the filter did not expect it): it would take that
+        # object's detection back later, a second id switch, so it ends now.  (A person hidden behind
+        # another is not a duplicate: the one in front was tracked before the hidden one was lost.)
+        lost = [i for i in range(len(tracks)) if keep[i] and i not in matched_tracks]
+        if lost and matched_tracks:
+            now = _cxcywh_to_xyxy(self._mean[:, :4])
+            active = sorted(matched_tracks)
+            overlap = iou_matrix(now[lost], now[active])
+            born = np.array([tracks[j].first_ts for j in active])
+            for k, i in enumerate(lost):
+                if np.any((overlap[k] > DUPLICATE_IOU) & (born > tracks[i].last_ts)):
+                    events.append(self._event("end", tracks[i], ts, reason="lost"))
+                    keep[i] = False
+        if not keep.all():
+            self._tracks = [t for t, k in zip(tracks, keep, strict=True) if k]
+            self._mean, self._cov = self._mean[keep], self._cov[keep]
 
         # unmatched strong detections start tracks
-        for d in high:
-            if d in matched or scores[d] < cfg.new_track_score:
-                continue
-            track = self._start(detections[d], boxes[d], float(scores[d]), ts, record_id, frame_index)
-            if cfg.min_hits <= 1:
-                self._confirm(track)
-                events.append(self._event("new", track, ts))
-            ids[d] = track.track_id
+        new = [d for d in high if d not in matched and scores[d] >= cfg.new_track_score]
+        if new:
+            self._start([detections[d] for d in new], boxes[new], scores[new], ts, record_id, frame_index)
+            for d, track in zip(new, self._tracks[-len(new):], strict=True):
+                if cfg.min_hits <= 1:
+                    self._confirm(track)
+                    events.append(self._event("new", track, ts))
+                ids[d] = track.track_id
         return ids, events
 
     def finish(self, ts: float) -> list[dict[str, Any]]:
         """The source stopped (finished, offline, reconnecting, shutdown): end every confirmed track."""
         events = [self._event("end", t, ts, reason="finished") for t in self._tracks if t.track_id is not None]
         self._tracks = []
+        self._mean, self._cov = np.zeros((0, 8)), np.zeros((0, 8, 8))
         self._last_ts = None
         return events
 
@@ -329,29 +358,28 @@ class Tracker:
         """Move every track's state ``dt`` seconds ahead (all tracks share the frame clock)."""
         if not self._tracks or dt <= 0:
             return
-        tracks = self._tracks
-        mean = np.stack([t.mean for t in tracks])
-        cov = np.stack([t.cov for t in tracks])
-        missed = np.array([t.missed for t in tracks])
+        mean, cov = self._mean, self._cov
+        missed = np.fromiter((t.missed for t in self._tracks), dtype=bool, count=len(self._tracks))
         mean[missed, 6:8] = 0.0  # a lost box keeps moving but stops growing or shrinking (as ByteTrack)
-        f = np.eye(8)
-        f[:4, 4:] = np.eye(4) * dt
-        mean = mean @ f.T
-        cov = f @ cov @ f.T
+        mean[:, :4] += mean[:, 4:] * dt
+        # F P F^T for F = [[I, dt I], [0, I]], written out per 4 x 4 block
+        p11, p12, p21, p22 = cov[:, :4, :4], cov[:, :4, 4:], cov[:, 4:, :4], cov[:, 4:, 4:]
+        top_left = p11 + dt * (p12 + p21) + dt * dt * p22
+        top_right = p12 + dt * p22
+        cov[:, :4, :4] = top_left
+        cov[:, :4, 4:] = top_right
+        cov[:, 4:, :4] = top_right.transpose(0, 2, 1)
         wh = np.maximum(mean[:, 2:4], 1.0)
+        mean[:, 2:4] = wh
         q_pos = _size_std(wh, _STD_POS) ** 2 * _REF_FPS
         q_vel = _size_std(wh, _STD_VEL * _REF_FPS) ** 2 * _REF_FPS
         diag = np.arange(8)
         cov[:, diag, diag] += np.concatenate([q_pos, q_vel], axis=1) * dt
-        mean[:, 2:4] = wh
-        for t, m, c in zip(tracks, mean, cov, strict=True):
-            t.mean, t.cov = m, c
 
     def _correct(self, track_idx: list[int], boxes: np.ndarray) -> None:
         """Kalman update of the matched tracks with their detections (batched)."""
-        tracks = [self._tracks[i] for i in track_idx]
-        mean = np.stack([t.mean for t in tracks])
-        cov = np.stack([t.cov for t in tracks])
+        idx = np.asarray(track_idx, dtype=np.int64)
+        mean, cov = self._mean[idx], self._cov[idx]
         z = _xyxy_to_cxcywh(boxes)
         r = _size_std(np.maximum(mean[:, 2:4], 1.0), _STD_POS) ** 2
         s = cov[:, :4, :4] + np.eye(4)[None] * r[:, :, None]
@@ -359,31 +387,33 @@ class Tracker:
         mean = mean + np.einsum("kij,kj->ki", gain, z - mean[:, :4])
         cov = cov - gain @ cov[:, :4, :]
         mean[:, 2:4] = np.maximum(mean[:, 2:4], 1.0)
-        for t, m, c in zip(tracks, mean, cov, strict=True):
-            t.mean, t.cov = m, c
+        self._mean[idx], self._cov[idx] = mean, cov
 
-    def _start(self, det: Detection, box: np.ndarray, score: float, ts: float, record_id: str, frame_index: int) -> _Track:
-        z = _xyxy_to_cxcywh(box)
-        wh = z[None, 2:4]
-        std = np.concatenate([_size_std(wh, 2 * _STD_POS)[0], _size_std(wh, 10 * _STD_VEL * _REF_FPS)[0]])
-        track = _Track(
-            key=self._next_key,
-            class_id=int(det.class_id),
-            label=det.label,
-            box=box.copy(),
-            mean=np.concatenate([z, np.zeros(4)]),
-            cov=np.diag(std**2),
-            first_ts=ts,
-            last_ts=ts,
-            best=_Best(record_id, frame_index, _round_box(box), round(score, 5), ts),
-            last_record_id=record_id,
-            last_frame_index=frame_index,
-            score_sum=score,
-            score_max=score,
-        )
-        self._next_key += 1
-        self._tracks.append(track)
-        return track
+    def _start(self, dets: list[Detection], boxes: np.ndarray, scores: np.ndarray, ts: float, record_id: str,
+               frame_index: int) -> None:
+        """Tentative tracks for unmatched strong detections, appended to the tracks and their state."""
+        z = _xyxy_to_cxcywh(boxes)
+        std = np.concatenate([_size_std(z[:, 2:4], 2 * _STD_POS), _size_std(z[:, 2:4], 10 * _STD_VEL * _REF_FPS)], axis=1)
+        cov = np.zeros((len(dets), 8, 8))
+        cov[:, np.arange(8), np.arange(8)] = std**2
+        self._mean = np.concatenate([self._mean, np.concatenate([z, np.zeros_like(z)], axis=1)])
+        self._cov = np.concatenate([self._cov, cov])
+        for det, box, score in zip(dets, boxes, scores, strict=True):
+            score = float(score)
+            self._tracks.append(_Track(
+                key=self._next_key,
+                class_id=int(det.class_id),
+                label=det.label,
+                box=box.copy(),
+                first_ts=ts,
+                last_ts=ts,
+                best=_Best(record_id, frame_index, _round_box(box), round(score, 5), ts),
+                last_record_id=record_id,
+                last_frame_index=frame_index,
+                score_sum=score,
+                score_max=score,
+            ))
+            self._next_key += 1
 
     def _observe(self, track: _Track, box: np.ndarray, score: float, ts: float, record_id: str, frame_index: int) -> None:
         track.box = box.copy()

@@ -257,8 +257,7 @@ def test_irregular_timestamps_and_dt_zero() -> None:
     every gap.
     """
     rng = np.random.default_rng(7)
-    speed = 400.0
-    a = walker(0, 100, speed, 30)
+    a = walker(0, 100, 250, 30)  # a gap of 4 frames moves the 50 px wide box by 33 px
     ts, t = [], 0.0
     for _ in range(80):
         t += float(rng.choice([0.0, 1 / 30, 1 / 30, 2 / 30, 4 / 30])) + float(rng.uniform(-0.004, 0.004))
@@ -299,7 +298,7 @@ def test_contradicting_tracking_settings_are_rejected_by_name() -> None:
         config_from_dict({**base, "tracking": {"low_score": 0.6, "high_score": 0.5}})
     assert "tracking.low_score" in str(exc.value)
     with pytest.raises(ConfigError) as exc:
-        config_from_dict({**base, "tracking": {"new_track_score": 0.3}})
+        config_from_dict({**base, "tracking": {"new_track_score": 0.2}})
     assert "tracking.new_track_score" in str(exc.value)
     with pytest.raises(ConfigError) as exc:
         config_from_dict({**base, "tracking": {"low_iou": 1.5}})
