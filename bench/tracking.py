@@ -4,6 +4,7 @@ One command, every tracker side by side on identical detections::
 
     pip install -e .[bench]          # motmetrics, supervision (ByteTrack)
     python bench/tracking.py         # about a minute on 2 cores (the detector pass is cached)
+    python bench/tracking.py --write # and put the tables into BENCHMARKS.md's "Tracking" section
     python bench/tracking.py --quick # 150 frames, one noise level and seed, no videos (seconds)
 
 Trackers: ``edgelabel`` (``edge.tracking.Tracker``, default ``tracking:`` settings), ``greedy (before)``
@@ -372,6 +373,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="150 frames, the medium noise level, no videos")
     ap.add_argument("--no-cache", action="store_true", help="run the detector on the videos again")
+    ap.add_argument("--write", action="store_true", help="write the tables into BENCHMARKS.md (section 'Tracking')")
     args = ap.parse_args()
     trackers, notes = available_trackers()
     seq = load_mot(MOT, max_frames=150 if args.quick else None)
@@ -410,8 +412,41 @@ def main() -> int:
     out += ["Tracker time per frame, 30 detections (CPU time of the calling thread):", "",
             table(["tracker", "ms per frame"], rows), ""]
     out += [f"Note: {n}" for n in notes]
-    print("\n".join(out))
+    text = "\n".join(out)
+    print(text)
+    if args.write:
+        command = "python bench/tracking.py" + (" --quick" if args.quick else "")
+        write_section(ROOT / "BENCHMARKS.md", text, command)
     return 0
+
+
+def write_section(path: Path, tables: str, command: str) -> None:
+    """Replace (or append) the ``## Tracking`` section of ``path`` (bench/run.py keeps it when it rewrites the file)."""
+    import platform
+
+    import scipy
+
+    versions = f"Python {platform.python_version()}, numpy {np.__version__}, SciPy {scipy.__version__}"
+    try:
+        import motmetrics
+        import supervision
+
+        versions += f", motmetrics {motmetrics.__version__}, supervision {supervision.__version__}"
+    except ImportError:
+        pass
+    section = "\n".join([
+        "## Tracking", "",
+        f"Command: `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
+        f"{versions}). How the detections are simulated and what each column means: docs/tracking.md.", "",
+        tables.rstrip(), "",
+    ])
+    old = path.read_text() if path.is_file() else ""
+    if "## Tracking" in old:
+        start = old.index("## Tracking")
+        nxt = old.find("\n## ", start + 1)
+        old = old[:start] + (old[nxt + 1:] if nxt >= 0 else "")
+    path.write_text(old.rstrip("\n") + "\n\n" + section)
+    print(f"written to {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -71,3 +71,15 @@ def test_the_simulated_detector_is_seeded_and_noise_free_gives_the_truth() -> No
     # the tracker on perfect detections: every identity kept (the first frame of a track has no id yet)
     m = evaluate(seq.gt, run_tracker(Edgelabel, dets, seq.fps))
     assert m["switches"] == 0 and m["idf1"] > 0.97 and m["fp"] == 0
+
+
+def test_the_tracking_section_is_replaced_not_appended_twice(tmp_path) -> None:  # noqa: ANN001
+    from bench.tracking import write_section
+
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\n| a | b |\n\n## How to read this\n\n- note\n")
+    write_section(md, "| first |", "python bench/tracking.py")
+    write_section(md, "| second |", "python bench/tracking.py")
+    text = md.read_text()
+    assert text.count("## Tracking") == 1 and "| second |" in text and "| first |" not in text
+    assert text.index("## How to read this") < text.index("## Tracking") and "- note" in text
