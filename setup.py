@@ -54,7 +54,7 @@ setup(
                  "hypothesis>=6.100", "schemathesis>=4.0,<5",
                  "datumaro>=1.13,<2", "motmetrics>=1.4"],
         # bench/tracking.py: MOT metrics and a library tracker to compare with (never in the runtime install)
-        "bench": ["motmetrics>=1.4", "supervision>=0.25"],
+        "bench": ["motmetrics>=1.4", "supervision>=0.26,<0.31"],  # ByteTrack is gone from supervision 0.31
     },
     entry_points={"console_scripts": ["edgelabel=edge.cli:main"]},
 )

@@ -373,3 +373,21 @@ def test_the_daemon_keeps_track_ids_unique_across_restarts(tmp_path: Path, asset
     assert runs[0] and runs[1]
     assert min(runs[1]) > max(runs[0])
     assert (tmp_path / "state" / "track-ids.json").is_file()
+
+
+def test_a_lost_track_that_a_newer_track_took_over_ends_at_once() -> None:
+    """The same object under a second id: the lost first id ends instead of waiting to take the box back.
+
+    A detection that moved 20 px while its score fell is too weak to match the old track (IoU 0.67 x
+    score 0.35 < tracking.iou), so it starts a second track; once that one is confirmed on top of the
+    lost one, the lost one ends (it would otherwise be matched again later: an id switch).
+    """
+    cfg = TrackingConfig(min_hits=2, high_score=0.3, new_track_score=0.3, iou=0.25, max_age=3.0)
+    tracker = Tracker("cam1", cfg)
+    frames = [[det((100, 100, 200, 300), 0.9)]] * 5 + [[det((120, 100, 220, 300), 0.35)]] * 3
+    ids, events = run(tracker, frames)
+    assert [i[0] for i in ids] == [None, 1, 1, 1, 1, None, 2, 2]
+    assert [(e["type"], e["track_id"]) for e in events] == [("new", 1), ("new", 2), ("end", 1)]
+    assert events[2]["at"] == events[1]["at"]  # in the frame that confirmed the second track, not max_age later
+    assert events[2]["end_reason"] == "lost" and events[2]["frame_index"] == 4
+    assert tracker.confirmed == 1
