@@ -99,6 +99,54 @@ class ReconnectConfig:
 
 
 @dataclass
+class ZoneConfig:
+    """A polygon on a source's frames: zone_enter / zone_exit events with dwell time (docs/tracking.md)."""
+
+    points: list[list[float]] = field(default_factory=list)  # [[x, y], ...], at least 3
+    units: str = field(default="normalized", metadata=_choice("normalized", "pixels"))
+    classes: list[str] = field(default_factory=list)  # labels that count; empty: all
+    anchor: str = field(default="bottom", metadata=_choice("bottom", "center"))  # the box's point that counts
+    hysteresis: float = field(default=0.01, metadata={"min": 0.0, "max": 0.5})  # share of the frame diagonal
+
+    def problems(self, where: str) -> list[str]:
+        """Geometry errors, as ``<where>.<field>`` messages."""
+        return _point_problems(where, self.points, self.units, 3, None)
+
+
+@dataclass
+class LineConfig:
+    """A directed line (first point to second): line_cross events with the side crossed to."""
+
+    points: list[list[float]] = field(default_factory=list)  # [[x1, y1], [x2, y2]]
+    units: str = field(default="normalized", metadata=_choice("normalized", "pixels"))
+    classes: list[str] = field(default_factory=list)
+    anchor: str = field(default="bottom", metadata=_choice("bottom", "center"))
+    hysteresis: float = field(default=0.01, metadata={"min": 0.0, "max": 0.5})
+
+    def problems(self, where: str) -> list[str]:
+        out = _point_problems(where, self.points, self.units, 2, 2)
+        if not out and self.points[0] == self.points[1]:
+            out.append(f"{where}.points: the two points are the same; a line needs two different points")
+        return out
+
+
+def _point_problems(where: str, points: list[list[float]], units: str, least: int, most: int | None) -> list[str]:
+    count = f"exactly {least}" if most == least else f"at least {least}"
+    if len(points) < least or (most is not None and len(points) > most):
+        return [f"{where}.points: {count} [x, y] points needed, got {len(points)}"]
+    out = []
+    for i, p in enumerate(points):
+        if len(p) != 2:
+            out.append(f"{where}.points[{i}]: expected [x, y], got {_show(p)}")
+        elif units == "normalized" and not all(0.0 <= v <= 1.0 for v in p):
+            out.append(f"{where}.points[{i}]: {_show(p)} is outside 0..1 (normalized units; "
+                       "set units: pixels for pixel coordinates)")
+        elif units == "pixels" and not all(v >= 0 for v in p):
+            out.append(f"{where}.points[{i}]: {_show(p)} has a negative pixel coordinate")
+    return out
+
+
+@dataclass
 class SourceConfig:
     """One input: a folder, image, video file, camera or stream, chosen by URI."""
 
@@ -112,6 +160,8 @@ class SourceConfig:
     reconnect: ReconnectConfig = field(default_factory=ReconnectConfig)
     width: int = field(default=0, metadata={"min": 0})  # cameras: requested size, 0 = default
     height: int = field(default=0, metadata={"min": 0})
+    zones: dict[str, ZoneConfig] = field(default_factory=dict)  # polygons: enter / exit events
+    lines: dict[str, LineConfig] = field(default_factory=dict)  # directed lines: crossing events
     name: str = ""  # filled from the mapping key
 
 
@@ -460,6 +510,11 @@ def _check(cfg: Config, problems: list[str]) -> None:
             problems.append(f"sources.{name}.uri: {exc}")
         if src.reconnect.max < src.reconnect.initial:
             problems.append(f"sources.{name}.reconnect.max: {src.reconnect.max} is below reconnect.initial {src.reconnect.initial}")
+        for kind, shapes in (("zones", src.zones), ("lines", src.lines)):
+            for shape_name, shape in shapes.items():
+                problems.extend(shape.problems(f"sources.{name}.{kind}.{shape_name}"))
+            if shapes and not cfg.tracking.enabled:
+                problems.append(f"sources.{name}.{kind}: needs tracking (set tracking.enabled: true, or remove them)")
     if not _TOPIC_RE.match(cfg.mqtt.prefix):
         problems.append(f"mqtt.prefix: {_show(cfg.mqtt.prefix)} must not be empty or contain '#', '+' or spaces")
     mqtt = cfg.mqtt

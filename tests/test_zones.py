@@ -1,0 +1,108 @@
+"""Zones and lines on scripted trajectories: exact counts and directions, no double count on jitter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from edge.config import ConfigError, LineConfig, ZoneConfig, config_from_dict
+from edge.zones import TrackedBox, ZoneCounter
+
+SCHEMA = json.loads((Path(__file__).parent.parent / "edge" / "schemas" / "zone-event.v1.json").read_text())
+VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
+W = H = 1000  # frame size; 1 % of the diagonal (the default hysteresis) is 14 px
+T0 = 1_750_000_000.0
+UID = "00000000-0000-4000-8000-000000000001"
+
+
+def person(x: float, y: float, tid: int = 1, label: str = "person") -> TrackedBox:
+    """A 40 x 100 box whose bottom centre (the default anchor) is at (x, y)."""
+    return TrackedBox(tid, UID, 0 if label == "person" else 2, label, (x - 20, y - 100, x + 20, y))
+
+
+def feed(counter: ZoneCounter, path: list[list[TrackedBox]], ended: dict[int, list[int]] | None = None):
+    events = []
+    for i, boxes in enumerate(path):
+        events += counter.update(boxes, T0 + i * 0.1, W, H, f"rec-{i}", i, ended=(ended or {}).get(i, ()))
+    for e in events:
+        errors = sorted(VALIDATOR.iter_errors({**e, "device_id": "dev"}), key=str)
+        assert not errors, errors[0]
+    return events
+
+
+def belt(**kw) -> ZoneCounter:
+    return ZoneCounter("cam1", {}, {"belt": LineConfig(points=[[0.0, 0.5], [1.0, 0.5]], **kw)})
+
+
+def test_a_line_counts_each_crossing_once_with_its_direction() -> None:
+    down = [[person(500, y)] for y in range(300, 701, 50)]  # top to bottom: onto the right of the arrow
+    up = [[person(500, y)] for y in range(700, 299, -50)]
+    events = feed(counter := belt(), down + up)
+    assert [(e["type"], e["line"], e["direction"], e["count"]) for e in events] == [
+        ("line_cross", "belt", "right", 1), ("line_cross", "belt", "left", 1)]
+    assert events[0]["point"] == [500.0, 550.0] and events[0]["frame_index"] == 5
+    assert counter.counts()["lines"]["belt"]["by_class"] == {"person": {"right": 1, "left": 1}}
+
+
+def test_jitter_on_the_line_does_not_double_count() -> None:
+    wobble = [[person(500, 500 + (8 if i % 2 else -8))] for i in range(30)]  # +-8 px, inside the 14 px band
+    path = [[person(500, 400)]] + wobble + [[person(500, 600)]] + wobble + [[person(500, 620)]]
+    events = feed(belt(), path)
+    assert [e["direction"] for e in events] == ["right"]
+    # without hysteresis the same wobble counts every frame
+    assert len(feed(belt(hysteresis=0.0), path)) > 20
+
+
+def test_a_crossing_beside_the_segment_and_other_classes_do_not_count() -> None:
+    short = ZoneCounter("cam1", {}, {"gate": LineConfig(points=[[0.0, 0.5], [0.3, 0.5]], classes=["car"])})
+    beside = [[person(800, y, tid=1, label="car")] for y in range(300, 701, 100)]  # x = 0.8, gate ends at 0.3
+    person_through = [[person(100, y, tid=2)] for y in range(300, 701, 100)]  # through it, but a person
+    car_through = [[person(100, y, tid=3, label="car")] for y in range(300, 701, 100)]
+    events = feed(short, beside + person_through + car_through)
+    assert [(e["track_id"], e["label"], e["direction"]) for e in events] == [(3, "car", "right")]
+
+
+def test_a_zone_reports_enter_and_exit_with_dwell_time_once() -> None:
+    cell = ZoneCounter("cam1", {"cell": ZoneConfig(points=[[0.4, 0.4], [0.6, 0.4], [0.6, 0.6], [0.4, 0.6]])}, {})
+    walk = [[person(x, 500)] for x in range(300, 501, 50)]  # into the cell (its left edge is x = 400)
+    walk += [[person(400 + (6 if i % 2 else -6), 500)] for i in range(10)]  # back on the edge, jittering
+    walk += [[person(x, 500)] for x in range(450, 751, 50)]  # through and out at the right edge (x = 600)
+    events = feed(cell, walk)
+    assert [(e["type"], e["zone"], e["count"]) for e in events] == [("zone_enter", "cell", 1), ("zone_exit", "cell", 1)]
+    enter, leave = events
+    assert enter["frame_index"] == 3  # x = 450: 50 px inside; x = 400 is on the edge
+    assert leave["reason"] == "left" and leave["frame_index"] == 19  # x = 650
+    assert leave["dwell_s"] == pytest.approx((19 - 3) * 0.1)
+    assert cell.counts()["zones"]["cell"] == {"inside": 0, "by_class": {"person": {"enter": 1, "exit": 1}}}
+
+
+def test_a_track_that_ends_or_a_source_that_stops_exits_the_zone() -> None:
+    cell = ZoneCounter("cam1", {"cell": ZoneConfig(points=[[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])}, {})
+    path = [[person(500, 500, tid=1), person(300, 300, tid=2)]] * 3 + [[person(300, 300, tid=2)]] * 2
+    events = feed(cell, path, ended={4: [1]})
+    assert [(e["type"], e["track_id"]) for e in events] == [("zone_enter", 1), ("zone_enter", 2), ("zone_exit", 1)]
+    assert events[-1]["reason"] == "track_end" and events[-1]["frame_index"] == 2  # its last frame inside
+    assert cell.counts()["zones"]["cell"]["inside"] == 1
+    stop = cell.finish(T0 + 1)
+    assert [(e["type"], e["track_id"], e["reason"]) for e in stop] == [("zone_exit", 2, "source_stopped")]
+    assert cell.counts()["zones"]["cell"]["inside"] == 0
+
+
+def test_zone_and_line_settings_are_checked_by_name() -> None:
+    base = {"model": {"path": "m.onnx"}}
+    good = {"uri": "/tmp/x.mp4", "zones": {"cell": {"points": [[0.1, 0.1], [0.5, 0.1], [0.5, 0.5]]}},
+            "lines": {"belt": {"points": [[0, 600], [1920, 600]], "units": "pixels", "classes": ["car"]}}}
+    cfg = config_from_dict({**base, "sources": {"cam": good}})
+    assert cfg.sources["cam"].lines["belt"].units == "pixels"
+    bad = {"uri": "/tmp/x.mp4", "zones": {"cell": {"points": [[0.1, 0.1], [1.5, 0.1], [0.5, 0.5]]}},
+           "lines": {"belt": {"points": [[0, 0.5]]}}}
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict({**base, "sources": {"cam": bad}})
+    text = str(exc.value)
+    assert "sources.cam.zones.cell.points[1]" in text and "units: pixels" in text
+    assert "sources.cam.lines.belt.points: exactly 2" in text
+    with pytest.raises(ConfigError, match=r"sources.cam.zones: needs tracking"):
+        config_from_dict({**base, "tracking": {"enabled": False}, "sources": {"cam": good}})
