@@ -180,6 +180,7 @@ class Pipeline:
         self._last_error: str | None = None
         self._trackers: dict[str, Any] = {}
         self._track_ids: Any = None  # edge.tracking.TrackIdStore in state_dir, made with the first tracker
+        self._zones: dict[str, Any] = {}  # source -> edge.zones.ZoneCounter (sources with zones or lines)
         self._source_stops: dict[str, threading.Event] = {}
         self._reload_lock = threading.Lock()
         #: monotonic time of each worker's last loop turn (liveness for the watchdog)
@@ -442,6 +443,28 @@ class Pipeline:
             tracker = self._trackers[source] = Tracker(source, self.cfg.tracking, ids=self._track_ids)
         return tracker
 
+    def _zone_counter(self, source: str) -> Any:
+        """The source's zones and lines, created on first use (None when it has none)."""
+        if source not in self._zones:
+            src = self.cfg.sources.get(source)
+            counter = None
+            if src is not None and (src.zones or src.lines):
+                from edge.zones import ZoneCounter
+
+                counter = ZoneCounter(source, src.zones, src.lines)
+            self._zones[source] = counter
+        return self._zones[source]
+
+    def zone_counts(self) -> dict[str, Any]:
+        """Counters per source, zone / line, class and direction (see edge.zones.ZoneCounter.counts)."""
+        return {name: z.counts() for name, z in self._zones.items() if z is not None}
+
+    def _finish_source(self, source: str) -> list[dict[str, Any]]:
+        """End the source's tracks and zone stays (it stopped, went offline or reconnects)."""
+        events = self._trackers[source].finish(time.time()) if source in self._trackers else []
+        zones = self._zones.get(source)
+        return events + (zones.finish(time.time()) if zones is not None else [])
+
     def _emit_events(self, events: list[dict[str, Any]], sinks: list[Sink]) -> None:
         if not events:
             return
@@ -496,14 +519,14 @@ class Pipeline:
                     except Exception:
                         log.exception("sink %s failed on a status update", sink.name)
                 if item.status in ("finished", "offline", "reconnecting") and item.source in self._trackers:
-                    self._emit_events(self._trackers[item.source].finish(time.time()), sinks)
+                    self._emit_events(self._finish_source(item.source), sinks)
                 continue
         for seq in sorted(pending):  # not reached normally: every sequence number arrives before the stops
             ready = pending.pop(seq)
             if ready is not None:
                 self._deliver(ready, sinks)
-        for tracker in self._trackers.values():
-            self._emit_events(tracker.finish(time.time()), sinks)
+        for source in list(self._trackers):
+            self._emit_events(self._finish_source(source), sinks)
         self._emit_stats(sinks)
         for sink in sinks:
             try:
@@ -541,6 +564,10 @@ class Pipeline:
         tracker = self._tracker(frame.source)
         if tracker is not None:
             track_ids, events = tracker.update(item.detections, frame.captured_at, rid, frame.index)
+            zones = self._zone_counter(frame.source)
+            if zones is not None:
+                events += zones.observe(item.detections, track_ids, tracker.uids(), events, frame.captured_at,
+                                        frame.width, frame.height, rid, frame.index)
         record = self.make_record(item, rid, track_ids)
         for sink in sinks:
             try:

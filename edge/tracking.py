@@ -240,6 +240,10 @@ class Tracker:
         """Confirmed tracks currently alive."""
         return sum(1 for t in self._tracks if t.track_id is not None)
 
+    def uids(self) -> dict[int, str]:
+        """track id -> track uid of the confirmed tracks alive now (for the zone counter's events)."""
+        return {t.track_id: t.uid for t in self._tracks if t.track_id is not None}
+
     def predicted_boxes(self) -> list[tuple[int | None, list[float]]]:
         """(track id, box the filter expects at the latest frame) of every live track; for tests and tools."""
         return [(t.track_id, _round_box(_cxcywh_to_xyxy(m[:4]))) for t, m in zip(self._tracks, self._mean, strict=True)]

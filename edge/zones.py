@@ -155,6 +155,15 @@ class ZoneCounter:
                 self._forget(shape, tid, ts, events, "track_end")
         return events
 
+    def observe(self, detections: Sequence[Any], ids: Sequence[int | None], uids: dict[int, str],
+                track_events: Sequence[dict[str, Any]], ts: float, width: int, height: int, record_id: str,
+                frame_index: int) -> list[dict[str, Any]]:
+        """:meth:`update` from what the pipeline has: the frame's detections, the tracker's ids, uids and events."""
+        boxes = [TrackedBox(tid, uids.get(tid, ""), int(d.class_id), d.label, tuple(d.box))
+                 for d, tid in zip(detections, ids, strict=True) if tid is not None]
+        ended = [int(e["track_id"]) for e in track_events if e.get("type") == "end"]
+        return self.update(boxes, ts, width, height, record_id, frame_index, ended=ended)
+
     def finish(self, ts: float) -> list[dict[str, Any]]:
         """The source stopped: every track inside a zone exits (``source_stopped``)."""
         events: list[dict[str, Any]] = []

@@ -106,3 +106,55 @@ def test_zone_and_line_settings_are_checked_by_name() -> None:
     assert "sources.cam.lines.belt.points: exactly 2" in text
     with pytest.raises(ConfigError, match=r"sources.cam.zones: needs tracking"):
         config_from_dict({**base, "tracking": {"enabled": False}, "sources": {"cam": good}})
+
+
+def test_the_daemon_publishes_zone_events_for_its_tracks(tmp_path: Path, assets: Path) -> None:
+    """The real pipeline on a short clip with a zone over the whole frame: every track enters once and exits once."""
+    import cv2
+
+    from edge.pipeline import Pipeline
+    from edge.sinks.base import Sink
+
+    clip = tmp_path / "clip.mp4"
+    cap = cv2.VideoCapture(str(assets / "videos" / "people-walking.mp4"))
+    ok, frame = cap.read()
+    out = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 25, (frame.shape[1], frame.shape[0]))
+    for _ in range(8):
+        out.write(frame)
+        ok, frame = cap.read()
+    out.release()
+    cap.release()
+
+    class Recorder(Sink):
+        name = "recorder"
+
+        def __init__(self) -> None:
+            self.ids: set[int] = set()
+            self.seen: list[dict] = []
+
+        def write(self, record, frame) -> None:  # noqa: ANN001
+            self.ids.update(d.track_id for d in record.detections if d.track_id is not None)
+
+        def events(self, events) -> None:  # noqa: ANN001
+            self.seen.extend(events)
+
+    cfg = config_from_dict({
+        "state_dir": str(tmp_path / "state"),
+        "model": {"path": str(assets / "models" / "yolox_nano.onnx"), "family": "yolox", "conf": 0.3},
+        "sources": {"walk": {"uri": str(clip), "zones": {
+            "all": {"points": [[0, 0], [1, 0], [1, 1], [0, 1]], "classes": ["person"], "hysteresis": 0}}}},
+        "mqtt": {"enabled": False}, "dataset": {"enabled": False},
+    }, base_dir=tmp_path)
+    rec = Recorder()
+    pipeline = Pipeline(cfg, extra_sinks=[rec], show_progress=False)
+    assert pipeline.run() == 0
+    zone = [e for e in rec.seen if e["type"].startswith("zone_")]
+    enters = {e["track_id"] for e in zone if e["type"] == "zone_enter"}
+    exits = [e["track_id"] for e in zone if e["type"] == "zone_exit"]
+    person_tracks = {e["track_id"] for e in rec.seen if e["type"] == "new" and e["label"] == "person"}
+    assert person_tracks and enters == person_tracks and sorted(exits) == sorted(enters)
+    for e in zone:
+        errors = sorted(VALIDATOR.iter_errors({**e, "device_id": "dev"}), key=str)
+        assert not errors, errors[0]
+    counts = pipeline.zone_counts()["walk"]["zones"]["all"]
+    assert counts["inside"] == 0 and counts["by_class"]["person"]["enter"] == len(enters)
