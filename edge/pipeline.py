@@ -726,5 +726,6 @@ class Pipeline:
             "inference_ms_avg": round(t.inference_ms_sum / t.frames, 2) if t.frames else None,
             "sources": {n: r.stats().__dict__ for n, r in self._runners.items()},
             "sinks": {s.name: s.status() for s in self.sinks or []},
+            "zones": self.zone_counts(),
             "last_error": self._last_error,
         }

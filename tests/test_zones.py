@@ -158,3 +158,22 @@ def test_the_daemon_publishes_zone_events_for_its_tracks(tmp_path: Path, assets:
         assert not errors, errors[0]
     counts = pipeline.zone_counts()["walk"]["zones"]["all"]
     assert counts["inside"] == 0 and counts["by_class"]["person"]["enter"] == len(enters)
+    # the same counters in the status snapshot, which the stats topic, /api/status and /metrics read
+    zones = pipeline.status()["zones"]
+    assert zones == {"walk": {"zones": {"all": counts}, "lines": {}}}
+    stats_schema = json.loads((Path(__file__).parent.parent / "edge" / "schemas" / "stats.v1.json").read_text())
+    jsonschema.validate(zones, {"$defs": stats_schema["$defs"], **stats_schema["properties"]["zones"]})
+
+
+def test_zone_counters_become_prometheus_metrics() -> None:
+    from web.metrics import EdgelabelCollector
+
+    zones = {"cam1": {"zones": {"cell": {"inside": 2, "by_class": {"person": {"enter": 5, "exit": 3}}}},
+                      "lines": {"belt": {"by_class": {"car": {"left": 4, "right": 1}}}}}}
+    families = {m.name: m for m in EdgelabelCollector._zones(None, zones)}  # type: ignore[arg-type]
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for m in families.values() for s in m.samples}
+    assert samples[("edgelabel_zone_inside", (("source", "cam1"), ("zone", "cell")))] == 2
+    key = ("edgelabel_zone_events_total",
+           (("class", "car"), ("event", "left"), ("kind", "line"), ("name", "belt"), ("source", "cam1")))
+    assert samples[key] == 4
+    assert len(samples) == 1 + 4
