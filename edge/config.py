@@ -107,6 +107,7 @@ class ZoneConfig:
     classes: list[str] = field(default_factory=list)  # labels that count; empty: all
     anchor: str = field(default="bottom", metadata=_choice("bottom", "center"))  # the box's point that counts
     hysteresis: float = field(default=0.01, metadata={"min": 0.0, "max": 0.5})  # share of the frame diagonal
+    ignore: bool = False  # detections (of `classes`) with their point inside are dropped; no events
 
     def problems(self, where: str) -> list[str]:
         """Geometry errors, as ``<where>.<field>`` messages."""
@@ -513,7 +514,8 @@ def _check(cfg: Config, problems: list[str]) -> None:
         for kind, shapes in (("zones", src.zones), ("lines", src.lines)):
             for shape_name, shape in shapes.items():
                 problems.extend(shape.problems(f"sources.{name}.{kind}.{shape_name}"))
-            if shapes and not cfg.tracking.enabled:
+            counted = [s for s in shapes.values() if not getattr(s, "ignore", False)]
+            if counted and not cfg.tracking.enabled:
                 problems.append(f"sources.{name}.{kind}: needs tracking (set tracking.enabled: true, or remove them)")
     if not _TOPIC_RE.match(cfg.mqtt.prefix):
         problems.append(f"mqtt.prefix: {_show(cfg.mqtt.prefix)} must not be empty or contain '#', '+' or spaces")

@@ -561,10 +561,12 @@ class Pipeline:
         events: list[dict[str, Any]] = []
         track_ids = None
         rid = record_id(self.cfg.device_id, frame.source, frame.key)
+        zones = self._zone_counter(frame.source)
+        if zones is not None:  # ignore zones: a static false positive never reaches the record
+            item.detections = zones.drop_ignored(item.detections, frame.width, frame.height)
         tracker = self._tracker(frame.source)
         if tracker is not None:
             track_ids, events = tracker.update(item.detections, frame.captured_at, rid, frame.index)
-            zones = self._zone_counter(frame.source)
             if zones is not None:
                 events += zones.observe(item.detections, track_ids, tracker.uids(), events, frame.captured_at,
                                         frame.width, frame.height, rid, frame.index)

@@ -15,6 +15,9 @@ or a vehicle touches the ground, or the centre).
 * **Hysteresis**: a point must be more than ``hysteresis`` (a share of the frame diagonal) inside or
   outside a zone, or away from a line, before its state changes; a box jittering on the boundary
   therefore enters once and crosses once.
+* **Ignore zones** (``ignore: true``): detections whose point lies inside (of the zone's ``classes``, or
+  any) are dropped before tracking and recording, for a static false positive (a poster, a reflection);
+  they produce no events.
 * **Counters**: enters, exits and crossings per zone / line, class and direction, and who is inside each
   zone now (:meth:`ZoneCounter.counts`).
 
@@ -107,11 +110,31 @@ class ZoneCounter:
 
     def __init__(self, source: str, zones: dict[str, ZoneConfig], lines: dict[str, LineConfig]) -> None:
         self.source = source
-        self._shapes = [_Shape(n, "zone", z) for n, z in zones.items()] + [_Shape(n, "line", ln) for n, ln in lines.items()]
+        self._shapes = [_Shape(n, "zone", z) for n, z in zones.items() if not z.ignore]
+        self._shapes += [_Shape(n, "line", ln) for n, ln in lines.items()]
+        self._ignore = [z for z in zones.values() if z.ignore]
         self._seq = 0
 
-    def __bool__(self) -> bool:
-        return bool(self._shapes)
+    def drop_ignored(self, detections: list[Any], width: int, height: int) -> list[Any]:
+        """``detections`` without those whose point lies in an ``ignore`` zone (of the zone's classes).
+
+        Hysteresis does not apply: a detection is kept or dropped on its own point.
+        """
+        if not self._ignore or not detections:
+            return detections
+        kept = []
+        for d in detections:
+            drop = False
+            for z in self._ignore:
+                if z.classes and d.label not in z.classes:
+                    continue
+                pts = _points(z.points, z.units, width, height)
+                if signed_distance_to_polygon(_anchor(d.box, z.anchor), pts) > 0:
+                    drop = True
+                    break
+            if not drop:
+                kept.append(d)
+        return kept
 
     def update(self, boxes: Sequence[TrackedBox], ts: float, width: int, height: int, record_id: str,
                frame_index: int, ended: Sequence[int] = ()) -> list[dict[str, Any]]:

@@ -91,6 +91,24 @@ def test_a_track_that_ends_or_a_source_that_stops_exits_the_zone() -> None:
     assert cell.counts()["zones"]["cell"]["inside"] == 0
 
 
+def test_ignore_zones_drop_detections_of_their_classes_and_make_no_events() -> None:
+    from engines.base import Detection
+
+    poster = ZoneConfig(points=[[0.0, 0.0], [0.3, 0.0], [0.3, 0.3], [0.0, 0.3]], ignore=True, classes=["person"])
+    counter = ZoneCounter("cam1", {"poster": poster}, {})
+    dets = [Detection(0, "person", 0.9, (100, 100, 140, 200)),  # on the poster
+            Detection(2, "car", 0.9, (100, 100, 180, 200)),  # on the poster, another class
+            Detection(0, "person", 0.9, (600, 600, 640, 700))]  # elsewhere
+    assert [d.label for d in counter.drop_ignored(dets, W, H)] == ["car", "person"]
+    assert counter.drop_ignored(dets, W, H)[1].box[0] == 600
+    assert feed(counter, [[person(120, 200)], [person(620, 700)]]) == []
+    assert counter.counts() == {"zones": {}, "lines": {}}
+    # an ignore zone needs no tracker
+    cfg = config_from_dict({"model": {"path": "m.onnx"}, "tracking": {"enabled": False}, "sources": {"cam": {
+        "uri": "/tmp/x.mp4", "zones": {"poster": {"points": [[0, 0], [0.3, 0], [0.3, 0.3]], "ignore": True}}}}})
+    assert cfg.sources["cam"].zones["poster"].ignore
+
+
 def test_zone_and_line_settings_are_checked_by_name() -> None:
     base = {"model": {"path": "m.onnx"}}
     good = {"uri": "/tmp/x.mp4", "zones": {"cell": {"points": [[0.1, 0.1], [0.5, 0.1], [0.5, 0.5]]}},
@@ -131,23 +149,37 @@ def test_the_daemon_publishes_zone_events_for_its_tracks(tmp_path: Path, assets:
         def __init__(self) -> None:
             self.ids: set[int] = set()
             self.seen: list[dict] = []
+            self.persons = self.left_persons = 0
 
         def write(self, record, frame) -> None:  # noqa: ANN001
             self.ids.update(d.track_id for d in record.detections if d.track_id is not None)
+            people = [d for d in record.detections if d.label == "person"]
+            self.persons += len(people)
+            self.left_persons += sum(1 for d in people if (d.box[0] + d.box[2]) / 2 < record.width / 2)
 
         def events(self, events) -> None:  # noqa: ANN001
             self.seen.extend(events)
 
-    cfg = config_from_dict({
-        "state_dir": str(tmp_path / "state"),
-        "model": {"path": str(assets / "models" / "yolox_nano.onnx"), "family": "yolox", "conf": 0.3},
-        "sources": {"walk": {"uri": str(clip), "zones": {
-            "all": {"points": [[0, 0], [1, 0], [1, 1], [0, 1]], "classes": ["person"], "hysteresis": 0}}}},
-        "mqtt": {"enabled": False}, "dataset": {"enabled": False},
-    }, base_dir=tmp_path)
-    rec = Recorder()
-    pipeline = Pipeline(cfg, extra_sinks=[rec], show_progress=False)
-    assert pipeline.run() == 0
+    def run(zones: dict) -> tuple[Recorder, Pipeline]:
+        cfg = config_from_dict({
+            "state_dir": str(tmp_path / "state"),
+            "model": {"path": str(assets / "models" / "yolox_nano.onnx"), "family": "yolox", "conf": 0.3},
+            "sources": {"walk": {"uri": str(clip), "zones": zones}},
+            "mqtt": {"enabled": False}, "dataset": {"enabled": False},
+        }, base_dir=tmp_path)
+        rec = Recorder()
+        pipeline = Pipeline(cfg, extra_sinks=[rec], show_progress=False, fresh=True)
+        assert pipeline.run() == 0
+        return rec, pipeline
+
+    # an ignore zone over the left half: no person whose feet are there is recorded, tracked or counted
+    left = {"points": [[0, 0], [0.5, 0], [0.5, 1], [0, 1]], "classes": ["person"], "ignore": True}
+    everything = {"points": [[0, 0], [1, 0], [1, 1], [0, 1]], "classes": ["person"], "hysteresis": 0}
+    rec_all, _ = run({"all": everything})
+    rec_ign, _ = run({"left": left, "all": everything})
+    assert 0 < rec_ign.persons < rec_all.persons and rec_ign.left_persons == 0 < rec_all.left_persons
+
+    rec, pipeline = run({"all": everything})
     zone = [e for e in rec.seen if e["type"].startswith("zone_")]
     enters = {e["track_id"] for e in zone if e["type"] == "zone_enter"}
     exits = [e["track_id"] for e in zone if e["type"] == "zone_exit"]
