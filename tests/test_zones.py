@@ -209,3 +209,53 @@ def test_zone_counters_become_prometheus_metrics() -> None:
            (("class", "car"), ("event", "left"), ("kind", "line"), ("name", "belt"), ("source", "cam1")))
     assert samples[key] == 4
     assert len(samples) == 1 + 4
+
+
+def test_the_live_view_shows_zones_and_lines() -> None:
+    """The web page's live view (and dashboard thumbnail) of a source with zones and a line draws them."""
+    import time
+
+    import cv2
+    import numpy as np
+
+    from edge.annotate import IGNORE_COLOR, ZONE_COLOR
+    from edge.frame import Frame
+    from tests.helpers import label_record
+    from web.sink import WebSink
+
+    cfg = config_from_dict({"model": {"path": "m.onnx"}, "web": {"stream_width": 640}, "sources": {
+        "cam": {"uri": "/tmp/x.mp4",
+                "zones": {"cell": {"points": [[0.25, 0.25], [0.75, 0.25], [0.75, 0.75], [0.25, 0.75]]},
+                          "poster": {"points": [[10, 10], [200, 10], [200, 200]], "units": "pixels", "ignore": True}},
+                "lines": {"belt": {"points": [[0, 0.9], [1, 0.9]]}}},
+        "plain": {"uri": "/tmp/y.mp4"}}})
+    sink = WebSink(cfg)
+    sink.open()
+    try:
+        views = {}
+        for name in ("cam", "plain"):
+            frame = Frame(name, 0, np.zeros((720, 1280, 3), np.uint8), T0, f"{name}#0")
+            sink.write(label_record(frame, [], "dev"), frame)
+            deadline = time.monotonic() + 10
+            jpeg = None
+            while jpeg is None and time.monotonic() < deadline:
+                _, jpeg = sink.wait_jpeg(name, 0, 1.0)
+            assert jpeg is not None
+            views[name] = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR).astype(int)
+    finally:
+        sink.close()
+
+    def amber(img: np.ndarray) -> np.ndarray:  # ZONE_COLOR after JPEG: red and green high, blue well below
+        b, g, r = img[..., 0], img[..., 1], img[..., 2]
+        return (r > 120) & (g > 90) & (b < r - 60)
+
+    def grey(img: np.ndarray) -> np.ndarray:  # IGNORE_COLOR after JPEG
+        return (img.min(axis=-1) > 50) & (img.max(axis=-1) - img.min(axis=-1) < 40)
+
+    assert ZONE_COLOR[2] > ZONE_COLOR[0] and len(set(IGNORE_COLOR)) == 1
+    cam = views["cam"]  # 640 x 360: the cell's edges at x = 160 / 480 and y = 90 / 270, the belt at y = 324
+    assert cam.shape[:2] == (360, 640)
+    assert amber(cam[89:92, 200:440]).any(axis=0).mean() > 0.8 and amber(cam[200, 157:164]).any()
+    assert amber(cam[322:327, 50:600]).any(axis=0).mean() > 0.8
+    assert grey(cam[3:8, 10:100]).any(axis=0).mean() > 0.5  # the ignore zone (pixel units, halved) at y = 5
+    assert not amber(views["plain"]).any() and not grey(views["plain"]).any()
