@@ -254,6 +254,7 @@ class CaptureConfig:
     near_threshold: BandConfig | None = None  # a detection scored in the band selects the frame for review
     new_tracks: bool = False  # a tracked object seen for the first time selects the frame
     classes: list[str] = field(default_factory=list)  # only these classes count; empty = all
+    zones: list[str] = field(default_factory=list)  # per-source policies: only detections in these zones count
     min_detections: int = field(default=0, metadata={"min": 0})
     max_detections: int | None = field(default=None, metadata={"min": 0})
     rate: RateConfig = field(default_factory=RateConfig)
@@ -514,7 +515,7 @@ def _check(cfg: Config, problems: list[str]) -> None:
         for kind, shapes in (("zones", src.zones), ("lines", src.lines)):
             for shape_name, shape in shapes.items():
                 problems.extend(shape.problems(f"sources.{name}.{kind}.{shape_name}"))
-            counted = [s for s in shapes.values() if not getattr(s, "ignore", False)]
+            counted = [s for s in shapes.values() if not getattr(s, "ignore", False)]  # ignore zones need no tracker
             if counted and not cfg.tracking.enabled:
                 problems.append(f"sources.{name}.{kind}: needs tracking (set tracking.enabled: true, or remove them)")
     if not _TOPIC_RE.match(cfg.mqtt.prefix):
@@ -529,6 +530,23 @@ def _check(cfg: Config, problems: list[str]) -> None:
         if fmt not in DATASET_FORMATS:
             problems.append(f"dataset.formats[{i}]: {_show(fmt)} is not allowed (use {', '.join(DATASET_FORMATS)})")
     _check_capture(cfg.dataset.capture, problems)
+    _check_capture_zones(cfg, problems)
+
+
+def _check_capture_zones(cfg: Config, problems: list[str]) -> None:
+    """Capture policies may only name zones that their source has (and only per-source policies may)."""
+    section = cfg.dataset.capture
+    for which, policy in (("live", section.live), ("storage", section.storage)):
+        if policy.zones:
+            problems.append(f"dataset.capture.{which}.zones: zones are per source; "
+                            f"set them in dataset.capture.sources.<name>.zones")
+    for name, policy in section.sources.items():
+        src = cfg.sources.get(name)
+        known = {z for z, zc in src.zones.items() if not zc.ignore} if src is not None else set()
+        for z in policy.zones:
+            if z not in known:
+                problems.append(f"dataset.capture.sources.{name}.zones: {_show(z)} is not a zone of source {name} "
+                                f"(its zones: {', '.join(sorted(known)) or 'none'}; define it in sources.{name}.zones)")
 
 
 def _check_capture(section: CaptureSection, problems: list[str]) -> None:

@@ -135,7 +135,8 @@ def build_sinks(cfg: Config, detector: Detector) -> list[Sink]:
     if cfg.dataset.enabled:
         from edge.sinks.dataset import DatasetSink
 
-        sinks.append(DatasetSink(cfg.dataset, cfg.resolve(cfg.dataset.path), detector.names, detector.describe()["name"]))
+        sinks.append(DatasetSink(cfg.dataset, cfg.resolve(cfg.dataset.path), detector.names, detector.describe()["name"],
+                                 zones={n: s.zones for n, s in cfg.sources.items() if s.zones}))
     if cfg.mqtt.enabled:
         from edge.sinks.mqtt import MqttSink
 

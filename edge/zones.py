@@ -61,6 +61,14 @@ def _anchor(box: Sequence[float], anchor: str) -> np.ndarray:
     return np.array([(x1 + x2) / 2, y2 if anchor == "bottom" else (y1 + y2) / 2])
 
 
+def inside_zone(zone: ZoneConfig, label: str, box: Sequence[float], width: int, height: int) -> bool:
+    """A box's point lies in ``zone`` and the zone counts its class (no hysteresis: one frame on its own)."""
+    if zone.classes and label not in zone.classes:
+        return False
+    pts = _points(zone.points, zone.units, width, height)
+    return signed_distance_to_polygon(_anchor(box, zone.anchor), pts) > 0
+
+
 def signed_distance_to_polygon(p: np.ndarray, poly: np.ndarray) -> float:
     """Distance from ``p`` to the polygon's boundary, positive inside, negative outside (pixels)."""
     a, b = poly, np.roll(poly, -1, axis=0)
@@ -122,19 +130,7 @@ class ZoneCounter:
         """
         if not self._ignore or not detections:
             return detections
-        kept = []
-        for d in detections:
-            drop = False
-            for z in self._ignore:
-                if z.classes and d.label not in z.classes:
-                    continue
-                pts = _points(z.points, z.units, width, height)
-                if signed_distance_to_polygon(_anchor(d.box, z.anchor), pts) > 0:
-                    drop = True
-                    break
-            if not drop:
-                kept.append(d)
-        return kept
+        return [d for d in detections if not any(inside_zone(z, d.label, d.box, width, height) for z in self._ignore)]
 
     def update(self, boxes: Sequence[TrackedBox], ts: float, width: int, height: int, record_id: str,
                frame_index: int, ended: Sequence[int] = ()) -> list[dict[str, Any]]:

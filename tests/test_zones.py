@@ -259,3 +259,40 @@ def test_the_live_view_shows_zones_and_lines() -> None:
     assert amber(cam[322:327, 50:600]).any(axis=0).mean() > 0.8
     assert grey(cam[3:8, 10:100]).any(axis=0).mean() > 0.5  # the ignore zone (pixel units, halved) at y = 5
     assert not amber(views["plain"]).any() and not grey(views["plain"]).any()
+
+
+def test_capture_can_be_gated_by_zones() -> None:
+    """dataset.capture.sources.<name>.zones: only detections whose point is in those zones count."""
+    import numpy as np
+
+    from edge.capture import CaptureSelector
+    from edge.frame import Frame
+    from tests.helpers import label_record
+
+    cfg = config_from_dict({"model": {"path": "m.onnx"}, "sources": {"cam": {"uri": "/tmp/x.mp4", "zones": {
+        "cell": {"points": [[0.0, 0.0], [0.5, 0.0], [0.5, 0.5], [0.0, 0.5]], "classes": ["person"]}}}},
+        "dataset": {"capture": {"sources": {"cam": {"zones": ["cell"]}}}}})
+    selector = CaptureSelector(cfg.dataset.capture, {n: s.zones for n, s in cfg.sources.items()})
+    frame = Frame("cam", 0, np.zeros((100, 200, 3), np.uint8), T0, "cam#0")
+
+    def decide(*dets: tuple[int, tuple[float, float, float, float]]) -> bool:
+        return selector.decide(label_record(frame, [(c, 0.9, b) for c, b in dets], "dev"), live=False).capture
+
+    assert decide((0, (20, 10, 40, 45)))  # a person standing in the cell (feet at 30, 45)
+    assert not decide((0, (20, 10, 40, 60)))  # feet below the cell
+    assert not decide((0, (150, 10, 170, 45)))  # right of the cell
+    assert not decide((2, (20, 10, 40, 45)))  # a car in the cell: the zone counts persons only
+    assert decide((2, (20, 10, 40, 45)), (0, (60, 5, 80, 40)))
+    assert selector.status()["cam"]["filtered_out"] == 3
+
+
+def test_capture_zones_must_exist_on_their_source() -> None:
+    base = {"model": {"path": "m.onnx"}, "sources": {"cam": {"uri": "/tmp/x.mp4", "zones": {
+        "cell": {"points": [[0, 0], [0.5, 0], [0.5, 0.5]]}, "poster": {"points": [[0, 0], [1, 0], [1, 1]], "ignore": True}}}}}
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict({**base, "dataset": {"capture": {"sources": {"cam": {"zones": ["cell", "door", "poster"]}},
+                                                          "live": {"zones": ["cell"]}}}})
+    text = str(exc.value)
+    assert "dataset.capture.sources.cam.zones: 'door' is not a zone of source cam (its zones: cell" in text
+    assert "'poster' is not a zone" in text  # an ignore zone drops detections; it cannot select frames
+    assert "dataset.capture.live.zones: zones are per source" in text
