@@ -163,6 +163,7 @@ class SourceConfig:
     height: int = field(default=0, metadata={"min": 0})
     zones: dict[str, ZoneConfig] = field(default_factory=dict)  # polygons: enter / exit events
     lines: dict[str, LineConfig] = field(default_factory=dict)  # directed lines: crossing events
+    tracking: TrackingConfig | None = None  # replaces the top-level tracking section for this source
     name: str = ""  # filled from the mapping key
 
 
@@ -512,11 +513,14 @@ def _check(cfg: Config, problems: list[str]) -> None:
             problems.append(f"sources.{name}.uri: {exc}")
         if src.reconnect.max < src.reconnect.initial:
             problems.append(f"sources.{name}.reconnect.max: {src.reconnect.max} is below reconnect.initial {src.reconnect.initial}")
+        if src.tracking is not None:
+            problems.extend(p.replace("tracking.", f"sources.{name}.tracking.") for p in src.tracking.problems())
+        tracking = src.tracking or cfg.tracking
         for kind, shapes in (("zones", src.zones), ("lines", src.lines)):
             for shape_name, shape in shapes.items():
                 problems.extend(shape.problems(f"sources.{name}.{kind}.{shape_name}"))
             counted = [s for s in shapes.values() if not getattr(s, "ignore", False)]  # ignore zones need no tracker
-            if counted and not cfg.tracking.enabled:
+            if counted and not tracking.enabled:
                 problems.append(f"sources.{name}.{kind}: needs tracking (set tracking.enabled: true, or remove them)")
     if not _TOPIC_RE.match(cfg.mqtt.prefix):
         problems.append(f"mqtt.prefix: {_show(cfg.mqtt.prefix)} must not be empty or contain '#', '+' or spaces")

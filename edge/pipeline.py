@@ -433,7 +433,9 @@ class Pipeline:
 
     def _tracker(self, source: str) -> Any:
         """The source's tracker, created on first use (None when tracking is off)."""
-        if not self.cfg.tracking.enabled:
+        src = self.cfg.sources.get(source)
+        tracking = src.tracking if src is not None and src.tracking is not None else self.cfg.tracking
+        if not tracking.enabled:
             return None
         tracker = self._trackers.get(source)
         if tracker is None:
@@ -441,7 +443,7 @@ class Pipeline:
 
             if self._track_ids is None:  # track ids stay unique per source across restarts
                 self._track_ids = TrackIdStore(self.cfg.resolve(self.cfg.state_dir) / "track-ids.json")
-            tracker = self._trackers[source] = Tracker(source, self.cfg.tracking, ids=self._track_ids)
+            tracker = self._trackers[source] = Tracker(source, tracking, ids=self._track_ids)
         return tracker
 
     def _zone_counter(self, source: str) -> Any:

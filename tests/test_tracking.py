@@ -303,6 +303,10 @@ def test_contradicting_tracking_settings_are_rejected_by_name() -> None:
     with pytest.raises(ConfigError) as exc:
         config_from_dict({**base, "tracking": {"low_iou": 1.5}})
     assert "tracking.low_iou" in str(exc.value)
+    per_source = {"cam1": {"uri": "file:///tmp/x.mp4", "tracking": {"low_score": 0.6}}}
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict({**base, "sources": per_source})
+    assert "sources.cam1.tracking.low_score: 0.6 is above sources.cam1.tracking.high_score" in str(exc.value)
 
 
 # --------------------------------------------------------------------------- ids across restarts
@@ -332,23 +336,29 @@ def test_an_unreadable_id_file_is_logged_and_counting_goes_on(tmp_path: Path, ca
     assert json.loads(path.read_text())["next"] == {"cam1": 1001}  # rewritten whole
 
 
-def test_the_daemon_keeps_track_ids_unique_across_restarts(tmp_path: Path, assets: Path) -> None:
-    """Two runs of the real pipeline on one state dir: the second run's track ids are all new."""
+def short_clip(tmp_path: Path, assets: Path, frames: int = 8) -> Path:
+    """The first frames of people-walking.mp4 as a clip of its own (a pipeline run of a second or two)."""
     import cv2
-
-    from edge.config import config_from_dict
-    from edge.pipeline import Pipeline
-    from edge.sinks.base import Sink
 
     clip = tmp_path / "clip.mp4"
     cap = cv2.VideoCapture(str(assets / "videos" / "people-walking.mp4"))
     ok, frame = cap.read()
     out = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 25, (frame.shape[1], frame.shape[0]))
-    for _ in range(8):
+    for _ in range(frames):
         out.write(frame)
         ok, frame = cap.read()
     out.release()
     cap.release()
+    return clip
+
+
+def test_the_daemon_keeps_track_ids_unique_across_restarts(tmp_path: Path, assets: Path) -> None:
+    """Two runs of the real pipeline on one state dir: the second run's track ids are all new."""
+    from edge.config import config_from_dict
+    from edge.pipeline import Pipeline
+    from edge.sinks.base import Sink
+
+    clip = short_clip(tmp_path, assets)
 
     class Ids(Sink):
         name = "ids"
@@ -391,3 +401,31 @@ def test_a_lost_track_that_a_newer_track_took_over_ends_at_once() -> None:
     assert events[2]["at"] == events[1]["at"]  # in the frame that confirmed the second track, not max_age later
     assert events[2]["end_reason"] == "lost" and events[2]["frame_index"] == 4
     assert tracker.confirmed == 1
+
+
+def test_a_source_can_have_its_own_tracking_settings(tmp_path: Path, assets: Path) -> None:
+    """sources.<name>.tracking replaces the top-level section for that source: here it turns tracking off."""
+    from edge.config import config_from_dict
+    from edge.pipeline import Pipeline
+    from edge.sinks.base import Sink
+
+    clip = short_clip(tmp_path, assets)
+
+    class Ids(Sink):
+        name = "ids"
+
+        def __init__(self) -> None:
+            self.ids: dict[str, set[int | None]] = {"on": set(), "off": set()}
+
+        def write(self, record, frame) -> None:  # noqa: ANN001
+            self.ids[record.source].update(d.track_id for d in record.detections)
+
+    cfg = config_from_dict({
+        "state_dir": str(tmp_path / "state"),
+        "model": {"path": str(assets / "models" / "yolox_nano.onnx"), "family": "yolox", "conf": 0.3},
+        "sources": {"on": {"uri": str(clip)}, "off": {"uri": str(clip), "tracking": {"enabled": False}}},
+        "mqtt": {"enabled": False}, "dataset": {"enabled": False},
+    }, base_dir=tmp_path)
+    sink = Ids()
+    assert Pipeline(cfg, extra_sinks=[sink], show_progress=False).run() == 0
+    assert sink.ids["off"] == {None} and len(sink.ids["on"] - {None}) >= 3

@@ -128,20 +128,11 @@ def test_zone_and_line_settings_are_checked_by_name() -> None:
 
 def test_the_daemon_publishes_zone_events_for_its_tracks(tmp_path: Path, assets: Path) -> None:
     """The real pipeline on a short clip with a zone over the whole frame: every track enters once and exits once."""
-    import cv2
-
     from edge.pipeline import Pipeline
     from edge.sinks.base import Sink
+    from tests.test_tracking import short_clip
 
-    clip = tmp_path / "clip.mp4"
-    cap = cv2.VideoCapture(str(assets / "videos" / "people-walking.mp4"))
-    ok, frame = cap.read()
-    out = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 25, (frame.shape[1], frame.shape[0]))
-    for _ in range(8):
-        out.write(frame)
-        ok, frame = cap.read()
-    out.release()
-    cap.release()
+    clip = short_clip(tmp_path, assets)
 
     class Recorder(Sink):
         name = "recorder"
