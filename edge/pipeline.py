@@ -446,17 +446,22 @@ class Pipeline:
             tracker = self._trackers[source] = Tracker(source, tracking, ids=self._track_ids)
         return tracker
 
-    def _zone_counter(self, source: str) -> Any:
-        """The source's zones and lines, created on first use (None when it has none)."""
-        if source not in self._zones:
-            src = self.cfg.sources.get(source)
-            counter = None
-            if src is not None and (src.zones or src.lines):
-                from edge.zones import ZoneCounter
+    def _zone_counter(self, source: str) -> tuple[Any, list[dict[str, Any]]]:
+        """The source's zones and lines (None when it has none), created on first use and again when a reload
+        changed them; with the exits of the replaced counter's tracks (counters start again from zero)."""
+        src = self.cfg.sources.get(source)
+        shapes = (src.zones, src.lines) if src is not None and (src.zones or src.lines) else None
+        counter = self._zones.get(source)
+        if source in self._zones and (counter.shapes if counter is not None else None) == shapes:
+            return counter, []
+        events = counter.finish(time.time()) if counter is not None else []
+        if shapes is None:
+            self._zones[source] = None
+        else:
+            from edge.zones import ZoneCounter
 
-                counter = ZoneCounter(source, src.zones, src.lines)
-            self._zones[source] = counter
-        return self._zones[source]
+            self._zones[source] = ZoneCounter(source, *shapes)
+        return self._zones[source], events
 
     def zone_counts(self) -> dict[str, Any]:
         """Counters per source, zone / line, class and direction (see edge.zones.ZoneCounter.counts)."""
@@ -561,17 +566,17 @@ class Pipeline:
 
     def _deliver(self, item: Inferred, sinks: list[Sink]) -> None:
         frame = item.frame
-        events: list[dict[str, Any]] = []
         track_ids = None
         rid = record_id(self.cfg.device_id, frame.source, frame.key)
-        zones = self._zone_counter(frame.source)
+        zones, events = self._zone_counter(frame.source)  # events: exits from zones a reload replaced
         if zones is not None:  # ignore zones: a static false positive never reaches the record
             item.detections = zones.drop_ignored(item.detections, frame.width, frame.height)
         tracker = self._tracker(frame.source)
         if tracker is not None:
-            track_ids, events = tracker.update(item.detections, frame.captured_at, rid, frame.index)
+            track_ids, tracked = tracker.update(item.detections, frame.captured_at, rid, frame.index)
+            events += tracked
             if zones is not None:
-                events += zones.observe(item.detections, track_ids, tracker.uids(), events, frame.captured_at,
+                events += zones.observe(item.detections, track_ids, tracker.uids(), tracked, frame.captured_at,
                                         frame.width, frame.height, rid, frame.index)
         record = self.make_record(item, rid, track_ids)
         for sink in sinks:

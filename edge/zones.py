@@ -118,6 +118,7 @@ class ZoneCounter:
 
     def __init__(self, source: str, zones: dict[str, ZoneConfig], lines: dict[str, LineConfig]) -> None:
         self.source = source
+        self.shapes = (zones, lines)  # the configuration, to notice a reload that changed it
         self._shapes = [_Shape(n, "zone", z) for n, z in zones.items() if not z.ignore]
         self._shapes += [_Shape(n, "line", ln) for n, ln in lines.items()]
         self._ignore = [z for z in zones.values() if z.ignore]

@@ -287,3 +287,23 @@ def test_capture_zones_must_exist_on_their_source() -> None:
     assert "dataset.capture.sources.cam.zones: 'door' is not a zone of source cam (its zones: cell" in text
     assert "'poster' is not a zone" in text  # an ignore zone drops detections; it cannot select frames
     assert "dataset.capture.live.zones: zones are per source" in text
+
+
+def test_a_reload_that_changes_a_sources_zones_takes_effect_and_closes_the_old_stays() -> None:
+    from edge.pipeline import Pipeline
+
+    def cfg(zone_points: list[list[float]]):  # noqa: ANN202
+        return config_from_dict({"model": {"path": "m.onnx"}, "sources": {"cam": {"uri": "/tmp/x.mp4", "zones": {
+            "cell": {"points": zone_points}}}, "plain": {"uri": "/tmp/y.mp4"}}})
+
+    square = [[0, 0], [1, 0], [1, 1], [0, 1]]
+    pipeline = Pipeline(cfg(square), show_progress=False)  # not started: only its zone bookkeeping is used
+    counter, events = pipeline._zone_counter("cam")
+    assert events == [] and pipeline._zone_counter("plain") == (None, [])
+    counter.update([person(500, 500)], T0, W, H, "r0", 0)  # a track is inside
+    pipeline.cfg = cfg(square)  # a reload with the same zones: same counter, nothing ends
+    assert pipeline._zone_counter("cam") == (counter, [])
+    pipeline.cfg = cfg([[0, 0], [0.5, 0], [0.5, 0.5]])
+    again, events = pipeline._zone_counter("cam")
+    assert again is not counter and [(e["type"], e["reason"]) for e in events] == [("zone_exit", "source_stopped")]
+    assert pipeline.zone_counts()["cam"]["zones"]["cell"]["inside"] == 0
