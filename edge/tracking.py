@@ -1,7 +1,8 @@
 """Multi-object tracking per source: stable track ids in records and new / update / end events.
 
 A ByteTrack-style tracker written here in numpy and SciPy (docs/tracking.md says why no library tracker is
-embedded: the maintained ones pull in PyTorch, matplotlib or an older numpy, too heavy for a Jetson image):
+embedded: the maintained ones pull in PyTorch, matplotlib, pip's OpenCV or an older numpy, too heavy or
+conflicting on a Jetson image):
 
 * **Motion: a Kalman filter on media time.**  Each track's state is its box centre, width and height and
   their velocities in pixels per *second* (constant-velocity model).  The prediction step uses the time
@@ -36,8 +37,9 @@ embedded: the maintained ones pull in PyTorch, matplotlib or an older numpy, too
   (mean and max score), first/last time and the best frame (the record id, frame index and box of its
   highest-scoring detection), so a consumer can fetch one good crop per object.
 
-Times are the frames' timestamps (epoch seconds for live sources, media time for storage sources), so the
-tracker behaves the same for a video processed faster than real time and for a live camera.
+Times are the frames' timestamps (``Frame.captured_at``: the capture time for live sources, the timestamp
+the source gives each frame of a file), so when files carry their media time the tracker behaves the same
+for a video processed faster than real time and for a live camera.
 """
 
 from __future__ import annotations
