@@ -8,7 +8,14 @@ installing pip's copies would shadow them.  Set, at install time:
   EDGELABEL_SYSTEM_OPENCV=1          do not depend on opencv-python-headless
   EDGELABEL_ORT_PACKAGE=<name|none>  onnxruntime (default), onnxruntime-gpu, or none
 
-The ``gpu`` extra adds pycuda (TensorRT itself comes with JetPack / NVIDIA's wheels).
+What to install:
+
+  pip install .              the daemon and its CLI only (runtime dependencies below)
+  pip install ".[jetson]"    plus what a Jetson needs beyond that: pycuda (TensorRT itself comes with
+                             JetPack / NVIDIA's wheels); ``gpu`` is the same extra under its old name
+  pip install ".[test]"      plus the test tooling: pytest, hypothesis, ruff, onnx, Playwright (browser
+                             tests), Schemathesis (API fuzzing), Datumaro (export read-back, which pulls
+                             pandas and pyarrow): close to 1 GB, never needed to run the daemon
 """
 
 import os
@@ -33,6 +40,8 @@ if ort_package and ort_package != "none":
     install_requires.append(f"{ort_package}>=1.16")
 if not system_opencv:
     install_requires.append("opencv-python-headless>=4.8")
+#: a Jetson beyond the runtime: CUDA buffers for native TensorRT (JetPack brings TensorRT and OpenCV)
+jetson_requires = ["pycuda>=2022.1"]
 
 setup(
     name="edgelabel",
@@ -49,7 +58,8 @@ setup(
     },
     install_requires=install_requires,
     extras_require={
-        "gpu": ["pycuda>=2022.1"],
+        "jetson": jetson_requires,
+        "gpu": jetson_requires,  # the earlier name of "jetson", kept for existing install commands
         "test": ["pytest>=7", "jsonschema>=4", "ruff>=0.5", "onnx>=1.14", "playwright>=1.40", "cryptography>=41",
                  "hypothesis>=6.100", "schemathesis>=4.0,<5",
                  "datumaro>=1.13,<2", "motmetrics>=1.4"],

@@ -18,7 +18,8 @@ One policy (:class:`edge.config.CaptureConfig`) per source, applied in this orde
    ``new_tracks`` (a counted detection carries a track id seen for the first time).  A policy with
    no trigger selects every filtered frame.
 3. **Rate limits** -- ``rate.per_minute/per_hour/per_day``: at most that many captured frames in
-   any sliding window of that length, on the records' capture clock (``captured_ts``).  A selected
+   any sliding window of that length, on the records' capture clock (``captured_ts``: capture time for
+   live sources, media time for video files, file time for images -- see ``edge/frame.py``).  A selected
    frame over a limit is dropped (counted as ``limited``).
 
 Review state: a captured frame is ``needs_review`` when ``review`` is ``all``, or when it is

@@ -10,7 +10,6 @@ import argparse
 import faulthandler
 import logging
 import os
-import re
 import signal
 import sqlite3
 import sys
@@ -22,8 +21,19 @@ from urllib.parse import unquote, urlparse
 
 import edge.sources.imageio  # noqa: F401  (sets OpenCV's image size limit before cv2 is loaded)
 from edge import __version__
-from edge.config import FAMILIES, Config, ConfigError, config_from_dict, read_config_file
+from edge.config import (
+    FAMILIES,
+    Config,
+    ConfigError,
+    config_from_dict,
+    field_key,
+    mirror_folder,
+    mirror_hint,
+    read_config_file,
+    validate_config,
+)
 from edge.logsetup import setup_logging
+from edge.redact import redact
 
 log = logging.getLogger("edgelabel")
 
@@ -33,10 +43,9 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def _source_name(uri: str, taken: set[str]) -> str:
     """A readable, unique source name derived from a URI (``cars`` for ``/videos/cars.mp4``)."""
-    text = uri.rstrip("/")
-    stem = Path(urlparse(text).path or text).stem if "://" in text else Path(text).stem or text
-    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("_.") or "source"
-    base = base[:56]
+    from edge.sources import suggest_name
+
+    base = suggest_name(uri) or "source"
     name, i = base, 2
     while name in taken:
         name, i = f"{base}_{i}", i + 1
@@ -45,16 +54,22 @@ def _source_name(uri: str, taken: set[str]) -> str:
 
 
 def parse_mqtt_url(url: str) -> dict[str, Any]:
-    """``mqtt[s]://[user[:pass]@]host[:port]`` -> mqtt config fields (password also from EDGELABEL_MQTT_PASSWORD)."""
+    """``mqtt[s]://[user@]host[:port]`` -> mqtt config fields; the password comes from EDGELABEL_MQTT_PASSWORD.
+
+    A password in the URL is refused: a command line is readable by every local user (``ps``,
+    ``/proc/<pid>/cmdline``) for as long as the daemon runs.
+    """
     u = urlparse(url)
     if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
-        raise ConfigError([f"--mqtt: {url!r} is not mqtt[s]://[user@]host[:port]"])
+        raise ConfigError([f"--mqtt: {redact(url)!r} is not mqtt[s]://[user@]host[:port]"])
+    if u.password is not None:
+        raise ConfigError(["--mqtt: a password on the command line is readable by every local user (ps, "
+                           "/proc/<pid>/cmdline); give mqtt[s]://user@host:port and put the password in the "
+                           "EDGELABEL_MQTT_PASSWORD environment variable (or mqtt.password_file in a config file)"])
     out: dict[str, Any] = {"enabled": True, "host": u.hostname, "port": u.port or (8883 if u.scheme == "mqtts" else 1883)}
     if u.username:
         out["username"] = unquote(u.username)
-    if u.password:
-        out["password"] = unquote(u.password)
-    elif os.environ.get("EDGELABEL_MQTT_PASSWORD"):
+    if os.environ.get("EDGELABEL_MQTT_PASSWORD"):
         out["password"] = os.environ["EDGELABEL_MQTT_PASSWORD"]
     if u.scheme == "mqtts":
         out["tls"] = {}
@@ -93,6 +108,11 @@ def build_run_config(args: argparse.Namespace) -> Config:
         data["device_id"] = args.device
     if args.state_dir:
         data["state_dir"] = str(Path(args.state_dir).resolve())
+        dataset = dict(data.get("dataset") or {})
+        if not args.config or "path" not in dataset:  # the bundled default's ./dataset is no one's choice
+            # the dataset goes with the job state: two quick-start daemons never write one dataset
+            dataset["path"] = str(Path(data["state_dir"]) / "dataset")
+            data["dataset"] = dataset
     if args.web:
         host, _, port = args.web.rpartition(":")
         if not host or not port.isdigit():
@@ -100,11 +120,47 @@ def build_run_config(args: argparse.Namespace) -> Config:
         data["web"] = {**(data.get("web") or {}), "enabled": True, "host": host, "port": int(port)}
     if args.log_level:
         data["log_level"] = args.log_level
-    return config_from_dict(data, base_dir=base_dir)
+    try:
+        return _checked_config(data, base_dir)
+    except ConfigError as exc:
+        if not args.config:  # the demo config's files live in the asset mirror: say where it looked
+            mirror = str(mirror_folder(base_dir)) + os.sep
+            if any(mirror in p for p in exc.problems):
+                raise ConfigError([*exc.problems, mirror_hint(base_dir)]) from None
+        raise
 
 
-def _check_paths(cfg: Config) -> list[str]:
-    """File checks that need the disk, beyond the schema (model and file sources exist)."""
+def _field_of(problem: str) -> str:
+    """The field path a problem line starts with (``sources.a.uri`` of ``sources.a.uri: ...``)."""
+    return problem.split(": ", 1)[0]
+
+
+def _related(a: str, b: str) -> bool:
+    """One field path is the other or lies inside it (``mqtt.tls`` and ``mqtt.tls.cert``)."""
+    return a == b or a.startswith((b + ".", b + "[")) or b.startswith((a + ".", a + "["))
+
+
+def _checked_config(data: Any, base_dir: str | Path) -> Config:
+    """Schema and file problems in one pass: ConfigError with all of them, so one edit round fixes all."""
+    cfg, problems = validate_config(data, base_dir)
+    if cfg is not None:
+        problems += _check_paths(cfg, problems)
+    if problems or cfg is None:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _check_paths(cfg: Config, known: Sequence[str] = ()) -> list[str]:
+    """File checks that need the disk, beyond the schema (model and file sources exist).
+
+    Fields that already have a problem in ``known`` (schema problems) are not
+    checked again: a field with a schema problem holds its default.
+    """
+    problems = [p for p in _path_problems(cfg) if not any(_related(_field_of(p), _field_of(k)) for k in known)]
+    return problems
+
+
+def _path_problems(cfg: Config) -> list[str]:
     from edge.sources import source_kind
 
     problems = []
@@ -118,17 +174,20 @@ def _check_paths(cfg: Config) -> list[str]:
                 problems.append(f"{field_path}: {cfg.resolve(value)}: file not found or not readable")
         if (mqtt.password or mqtt.password_file) and not mqtt.username:
             problems.append("mqtt.password: a password needs mqtt.username too")
-    model = cfg.resolve(cfg.model.path)
-    if not model.is_file():
+    model = Path(os.path.normpath(cfg.resolve(cfg.model.path)))
+    if cfg.model.path and not model.is_file():
         problems.append(f"model.path: {model}: file not found (an ONNX detector is expected)")
     if cfg.model.labels and not cfg.resolve(cfg.model.labels).is_file():
         problems.append(f"model.labels: {cfg.resolve(cfg.model.labels)}: file not found")
     for name, src in cfg.sources.items():
-        kind, target = source_kind(src.uri)
+        try:
+            kind, target = source_kind(src.uri)
+        except ValueError:  # a bad URI is a schema problem, reported already
+            continue
         if kind in ("folder", "image", "video"):
-            p = cfg.resolve(target)
+            p = Path(os.path.normpath(cfg.resolve(target)))
             if not p.exists() and not src.watch:
-                problems.append(f"sources.{name}.uri: {p}: no such file or folder")
+                problems.append(f"sources.{field_key(name)}.uri: {p}: no such file or folder")
     return problems
 
 
@@ -185,10 +244,7 @@ def _run_pipeline(cfg: Config, fresh: bool, show_progress: bool = True) -> tuple
 
 
 def _validated_run_config(args: argparse.Namespace) -> Config:
-    cfg = build_run_config(args)
-    problems = _check_paths(cfg)
-    if problems:
-        raise ConfigError(problems)
+    cfg = build_run_config(args)  # schema and file problems, all at once
     _resolve_file_sources(cfg)
     return cfg
 
@@ -215,6 +271,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _config_errors(exc)
     t = pipeline.totals
     log.info("done: %d frames, %d detections, %d rejected", t.frames, t.detections, t.rejected)
+    review = _review_line(cfg, pipeline, storage_only=False)
+    if review:
+        log.info("%s", review)
     return code
 
 
@@ -236,7 +295,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         "sources": {_source_name(str(inp), set()): {"uri": str(inp.resolve()) + ("/" if inp.is_dir() else "")}},
         "mqtt": {"enabled": False},
         "dataset": {"enabled": True, "path": str(out), "formats": formats, "coco_interval": 30.0,
-                    "save_images": "auto"},
+                    "save_images": "always"},  # images/ + labels/: a training set as it is
     }
     if args.labels:
         data["model"]["labels"] = str(Path(args.labels).resolve())
@@ -262,11 +321,55 @@ def cmd_label(args: argparse.Namespace) -> int:
     ]
     if t.by_class:
         lines.append("classes: " + ", ".join(f"{k} {v}" for k, v in t.by_class.most_common()))
+    review = _review_line(cfg, pipeline)
+    if review:
+        lines.append(review)
+    already = _done_before(cfg, t.frames)
+    if already:
+        lines.append(f"skipped {already} frame(s) labeled in an earlier run with the same model and thresholds "
+                     "(--fresh labels them again)")
     lines.append(f"dataset: {out}")
     if t.rejected:
         lines.append(f"rejected inputs: {pipeline.rejected_report}")
     print("\n".join(lines))
     return code
+
+
+def _review_line(cfg: Config, pipeline: Any, storage_only: bool = True) -> str | None:
+    """What the dataset sends to a person: this run's needs_review frames, and the dataset's total.
+
+    ``storage_only``: every source follows ``dataset.capture.storage`` (``edgelabel label``), so its band
+    says why; otherwise the per-source policies do (docs/review.md).
+    """
+    dataset = next((s for s in pipeline.sinks or [] if s.name == "dataset"), None)
+    if dataset is None:
+        return None
+    st = dataset.status()
+    now = sum(c.get("needs_review", 0) for c in st["capture"].values())
+    total = st["states"]["needs_review"]
+    band = cfg.dataset.capture.storage.near_threshold
+    storage_only = storage_only and not cfg.dataset.capture.sources
+    why = (f"a detection scored in [{band.low:g}, {band.high:g})" if storage_only and band is not None
+           else "their capture policy")
+    return (f"review: {now} frame(s) of this run need a person's look ({why}), {total} in the dataset; "
+            "the web page's Review shows them, `edgelabel export --state needs_review` exports them")
+
+
+def _done_before(cfg: Config, labeled_now: int) -> int:
+    """Frames of this job's ledger that an earlier run labeled (the ones this run skipped)."""
+    from edge.ledger import Ledger
+
+    path = cfg.resolve(cfg.state_dir) / "ledger.sqlite"
+    if not path.is_file():
+        return 0
+    try:
+        ledger = Ledger(path)
+    except sqlite3.Error:
+        return 0
+    try:
+        return max(ledger.done_count() - labeled_now, 0)
+    finally:
+        ledger.close()
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -275,13 +378,43 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return int(run_doctor(args.config, args.json))
 
 
+def _model_problem(cfg: Config, known: Sequence[str]) -> str | None:
+    """Open the model as ``run`` would (edge.loader.probe_model): run's message when it is not usable.
+
+    Skipped while a ``model.*`` field has a problem (the model cannot be judged with a wrong setting).
+    """
+    from edge.loader import probe_model
+    from engines.base import EngineError
+
+    if any(_field_of(k) == "(top level)" or _related(_field_of(k), "model") for k in known):
+        return None
+    try:
+        detector = probe_model(cfg)
+    except EngineError as exc:
+        return f"model.path: {exc}"
+    if detector is not None:
+        detector.close()
+    return None
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Every problem at once: schema, files on disk, and whether the model is a detector ``run`` can use."""
     path = Path(args.file)
     try:
         data = read_config_file(path)
-        cfg = config_from_dict(data, base_dir=path.resolve().parent)
-        problems = _check_paths(cfg)
-        if problems:
+    except ConfigError as exc:  # the file itself: its lines start with the file name already
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        cfg, problems = validate_config(data, base_dir=path.resolve().parent)
+        if cfg is not None:
+            problems += _check_paths(cfg, problems)
+            model_problem = _model_problem(cfg, problems)
+            if model_problem:
+                problems.append(model_problem)
+        if problems or cfg is None:
             raise ConfigError(problems)
     except ConfigError as exc:
         for line in exc.problems:
@@ -305,7 +438,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             cfg = _read_config(args.config)
         except ConfigError as exc:
             return _config_errors(exc)
-        root = cfg.resolve(cfg.dataset.path) if cfg is not None else Path("dataset")
+        root = cfg.resolve(cfg.dataset.path) if cfg is not None else Path("dataset")  # the default: ./dataset
     try:
         res = export_dataset(root, args.format, Path(args.out), states=args.state, val_fraction=args.val,
                              image_prefix=args.image_prefix, overwrite=args.overwrite)
@@ -419,10 +552,12 @@ def make_parser() -> argparse.ArgumentParser:
                    help="replace the config's sources (repeatable): a path, file://, v4l2://, rtsp://, csi://, gst://")
     r.add_argument("--model", metavar="PATH", help="ONNX detector (replaces model.path)")
     r.add_argument("--family", choices=list(FAMILIES), help="model family")
-    r.add_argument("--mqtt", metavar="URL", help="mqtt[s]://[user@]host:port, or 'off'")
+    r.add_argument("--mqtt", metavar="URL",
+                   help="mqtt[s]://[user@]host:port (the password from EDGELABEL_MQTT_PASSWORD, never in the URL), or 'off'")
     r.add_argument("--device", metavar="ID", help="device id used in topics and records")
     r.add_argument("--web", metavar="HOST:PORT", help="serve the web page on HOST:PORT")
-    r.add_argument("--state-dir", metavar="DIR", help="where the ledger and reports live")
+    r.add_argument("--state-dir", metavar="DIR", help="where the ledger and reports live (and the dataset, "
+                   "as DIR/dataset, unless the config sets dataset.path)")
     r.add_argument("--fresh", action="store_true", help="forget which frames were already labeled")
     r.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     r.set_defaults(func=cmd_run)

@@ -44,12 +44,17 @@ def _show(value: Any) -> str:
     return _REPR.repr(value)
 
 
-_PLAIN_KEY = re.compile(r"^(?=.*[A-Za-z0-9])[A-Za-z0-9_.-]{1,64}$")
+# fullmatch: "$" alone also matches before a final newline, and a key "0\n" went out unquoted
+_PLAIN_KEY = re.compile(r"(?=.*[A-Za-z0-9])[A-Za-z0-9_.-]{1,64}")
 
 
 def _key(key: Any) -> str:
     """A mapping key as it appears in a field path: as written, or quoted when empty, odd or long."""
-    return key if isinstance(key, str) and _PLAIN_KEY.match(key) else _show(key)
+    return key if isinstance(key, str) and _PLAIN_KEY.fullmatch(key) else _show(key)
+
+
+#: for other modules' messages about a named entry (``sources.<name>``), quoted as the validator quotes it
+field_key = _key
 
 
 class ConfigError(ValueError):
@@ -219,6 +224,8 @@ class MqttConfig:
     protocol: str = field(default="3.1.1", metadata=_choice("3.1.1", "5"))
     password_file: str | None = None  # read the password from this file instead
     stats_interval: float = field(default=10.0, metadata={"min": 0.5})  # seconds between stats messages
+    # once every source is done: seconds to keep delivering what is left in the outbox; 0 = do not wait
+    drain_timeout: float = field(default=300.0, metadata={"min": 0.0})
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
 
@@ -269,11 +276,17 @@ def _live_capture_default() -> CaptureConfig:
                          rate=RateConfig(per_minute=12, per_hour=240, per_day=2000))
 
 
+def _storage_capture_default() -> CaptureConfig:
+    """Files, folders, videos: keep every frame; the ones with a near-threshold score go to a person first."""
+    return CaptureConfig(every_n=1, near_threshold=BandConfig())
+
+
 @dataclass
 class CaptureSection:
     """Capture policies: one for file/folder/video sources, one for live sources, overrides by source name."""
 
-    storage: CaptureConfig = field(default_factory=CaptureConfig)  # every frame, auto_accepted (edgelabel label)
+    # every frame; needs_review when a detection scores in [0.25, 0.5), else auto_accepted (edgelabel label too)
+    storage: CaptureConfig = field(default_factory=_storage_capture_default)
     live: CaptureConfig = field(default_factory=_live_capture_default)
     sources: dict[str, CaptureConfig] = field(default_factory=dict)  # replaces storage/live for that source
 
@@ -310,6 +323,9 @@ class TrackingConfig:
     max_age: float = field(default=3.0, metadata={"min": 0.0})  # seconds unseen before a track ends (track buffer)
     min_hits: int = field(default=2, metadata={"min": 1})  # detections before a track is announced
     update_interval: float = field(default=5.0, metadata={"min": 0.0})  # seconds between update events
+    # image folders and single images: their pictures are usually unrelated stills, so nothing is tracked
+    # across them unless this is true (videos and live sources are always tracked when enabled)
+    folders: bool = False
 
     def problems(self) -> list[str]:
         """Settings that are each valid but contradict each other, as ``tracking.<field>`` messages."""
@@ -338,6 +354,8 @@ class WebConfig:
     secret_key_file: str = "web-secret-key"  # signs session cookies; generated when absent; inside state_dir
     stream_width: int = field(default=960, metadata={"min": 160, "max": 3840})  # live views and kept frames
     recent_records: int = field(default=200, metadata={"min": 10, "max": 10000})  # records (and frames) kept
+    # DNS names the page answers to besides IP addresses and this machine's names (web/hosts.py); "*": any
+    allowed_hosts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -503,25 +521,25 @@ def _check(cfg: Config, problems: list[str]) -> None:
     for name, src in cfg.sources.items():
         src.name = name
         if not _NAME_RE.match(name):
-            problems.append(f"sources.{name}: source names must be 1-64 characters of letters, digits, '_', '-', '.'")
+            problems.append(f"sources.{_key(name)}: source names must be 1-64 characters of letters, digits, '_', '-', '.'")
         if not src.uri:
-            problems.append(f"sources.{name}.uri: required")
+            problems.append(f"sources.{_key(name)}.uri: required")
             continue
         try:
             parse_uri(src.uri)
         except ValueError as exc:
-            problems.append(f"sources.{name}.uri: {exc}")
+            problems.append(f"sources.{_key(name)}.uri: {exc}")
         if src.reconnect.max < src.reconnect.initial:
-            problems.append(f"sources.{name}.reconnect.max: {src.reconnect.max} is below reconnect.initial {src.reconnect.initial}")
+            problems.append(f"sources.{_key(name)}.reconnect.max: {src.reconnect.max} is below reconnect.initial {src.reconnect.initial}")
         if src.tracking is not None:
-            problems.extend(p.replace("tracking.", f"sources.{name}.tracking.") for p in src.tracking.problems())
+            problems.extend(p.replace("tracking.", f"sources.{_key(name)}.tracking.") for p in src.tracking.problems())
         tracking = src.tracking or cfg.tracking
         for kind, shapes in (("zones", src.zones), ("lines", src.lines)):
             for shape_name, shape in shapes.items():
-                problems.extend(shape.problems(f"sources.{name}.{kind}.{shape_name}"))
+                problems.extend(shape.problems(f"sources.{_key(name)}.{kind}.{_key(shape_name)}"))
             counted = [s for s in shapes.values() if not getattr(s, "ignore", False)]  # ignore zones need no tracker
             if counted and not tracking.enabled:
-                problems.append(f"sources.{name}.{kind}: needs tracking (set tracking.enabled: true, or remove them)")
+                problems.append(f"sources.{_key(name)}.{kind}: needs tracking (set tracking.enabled: true, or remove them)")
     if not _TOPIC_RE.match(cfg.mqtt.prefix):
         problems.append(f"mqtt.prefix: {_show(cfg.mqtt.prefix)} must not be empty or contain '#', '+' or spaces")
     mqtt = cfg.mqtt
@@ -556,7 +574,7 @@ def _check_capture_zones(cfg: Config, problems: list[str]) -> None:
 def _check_capture(section: CaptureSection, problems: list[str]) -> None:
     """Capture rules that span fields: a band must be a real interval, min <= max detections."""
     policies = {"dataset.capture.storage": section.storage, "dataset.capture.live": section.live}
-    policies.update({f"dataset.capture.sources.{name}": c for name, c in section.sources.items()})
+    policies.update({f"dataset.capture.sources.{_key(name)}": c for name, c in section.sources.items()})
     for where, c in policies.items():
         band = c.near_threshold
         if band is not None and not band.low < band.high:
@@ -565,19 +583,50 @@ def _check_capture(section: CaptureSection, problems: list[str]) -> None:
             problems.append(f"{where}.max_detections: {c.max_detections} is below min_detections {c.min_detections}")
 
 
-def config_from_dict(data: Any, base_dir: str | Path = ".") -> Config:
-    """Validate a mapping (as read from YAML) and return the config, or raise ConfigError."""
+def validate_config(data: Any, base_dir: str | Path = ".") -> tuple[Config | None, list[str]]:
+    """The config and every schema problem, without raising.
+
+    A field with a problem holds its default in the returned config, so a
+    caller can go on to check what the schema cannot (files on disk, the model)
+    and report everything in one pass; ``None`` when ``data`` is not a mapping.
+    """
     problems: list[str] = []
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError([f"(top level): expected a mapping of settings, got {type(data).__name__}"])
+        return None, [f"(top level): expected a mapping of settings, got {type(data).__name__}"]
     cfg = _build(Config, data, "", problems)
     cfg.base_dir = str(base_dir)
     _check(cfg, problems)
-    if problems:
+    return cfg, problems
+
+
+def config_from_dict(data: Any, base_dir: str | Path = ".") -> Config:
+    """Validate a mapping (as read from YAML) and return the config, or raise ConfigError."""
+    cfg, problems = validate_config(data, base_dir)
+    if problems or cfg is None:
         raise ConfigError(problems)
     return cfg
+
+
+#: the variable the bundled demo config takes its model and video from, and its default (edge/configs/default.yaml)
+MIRROR_ENV, MIRROR_DEFAULT = "EDGELABEL_MIRROR", "../shared"
+
+
+def mirror_folder(base_dir: str | Path) -> Path:
+    """Where the bundled demo config looks for the asset mirror, as ``${EDGELABEL_MIRROR:-../shared}`` expands."""
+    value = os.environ.get(MIRROR_ENV, MIRROR_DEFAULT)
+    return Path(os.path.normpath(Path(base_dir) / os.path.expanduser(value)))
+
+
+def mirror_hint(base_dir: str | Path) -> str:
+    """What to do when the bundled demo config's model or video is missing: say where it looked."""
+    folder = mirror_folder(base_dir)
+    how = (f"{MIRROR_ENV}={os.environ[MIRROR_ENV]}" if MIRROR_ENV in os.environ
+           else f"{MIRROR_ENV} is not set: {MIRROR_DEFAULT} from the current directory {os.path.normpath(base_dir)}")
+    return (f"{MIRROR_ENV}: the bundled demo config looked for the asset mirror (models/, videos/) in {folder} "
+            f"({how}); set {MIRROR_ENV} to the folder that holds it, or give your own config with -c "
+            "(or --model and --source)")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

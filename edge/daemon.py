@@ -12,6 +12,11 @@ place that wires the pipeline, the optional web page (imported lazily, so
   (``Pipeline.alive``), so a stuck inference call gets the service restarted.
 * SIGHUP re-reads the config; an invalid one is rejected with its errors and the
   running one continues.  SIGTERM/SIGINT finish the frame in flight and flush.
+* When every finite source is done, the daemon keeps delivering what is left in
+  the MQTT outbox (broker down or slow) for up to ``mqtt.drain_timeout`` seconds,
+  saying what is left and since when the broker is unreachable; SIGTERM ends the
+  wait.  Exiting with messages left returns EXIT_UNDELIVERED, which the systemd
+  unit restarts (``RestartForceExitStatus``), so delivery goes on by itself.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 from edge.config import Config, ConfigError
 from edge.notify import Notifier
 from edge.pipeline import Pipeline
+from edge.records import iso_utc
 from engines.base import EngineError
 
 log = logging.getLogger("edgelabel.daemon")
@@ -34,6 +40,11 @@ log = logging.getLogger("edgelabel.daemon")
 EXTEND_STEP_S = 60.0
 #: longest wait for every source to report its first state before READY=1
 SOURCES_READY_TIMEOUT_S = 30.0
+#: exit status when the daemon ends with messages not yet delivered to the broker (EX_TEMPFAIL: try again
+#: later); they stay in the durable outbox and go first on the next start
+EXIT_UNDELIVERED = 75
+#: seconds between progress lines while the daemon waits for the outbox to empty
+DRAIN_LOG_INTERVAL_S = 10.0
 
 
 class _Extender:
@@ -64,10 +75,11 @@ class _Extender:
 
 
 def _wait_sources_reported(pipeline: Pipeline, timeout: float) -> None:
+    """Until every source reported a first state; a stop request (SIGTERM while an open hangs) ends the wait."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pending = [n for n, s in pipeline.source_states().items() if s is None]
-        if not pending:
+        if not pending or pipeline.stopped:
             return
         time.sleep(0.05)
     log.warning("sources still opening after %.0f s; reporting ready anyway", timeout)
@@ -85,11 +97,19 @@ def run_daemon(
     """Run until every finite source is done or a stop signal; returns (exit code, pipeline)."""
     notifier = notifier or Notifier()
     web_sink: Any = None
+    early_logs: Any = None
     if cfg.web.enabled:
+        from web.server import early_log_handler
         from web.sink import WebSink
 
+        early_logs = early_log_handler()  # start-up errors reach the page's log panel too
         web_sink = WebSink(cfg)
-    pipeline = pipeline_factory(cfg, fresh=fresh, extra_sinks=[web_sink] if web_sink is not None else None)
+    try:
+        pipeline = pipeline_factory(cfg, fresh=fresh, extra_sinks=[web_sink] if web_sink is not None else None)
+    except BaseException:
+        if early_logs is not None:
+            early_logs.uninstall()
+        raise
     reload_requested = threading.Event()
 
     if install_signals:
@@ -117,7 +137,7 @@ def run_daemon(
         if web_sink is not None:
             from web.server import start_web
 
-            web_server = start_web(pipeline, web_sink, cfg)
+            web_server = start_web(pipeline, web_sink, cfg, log_handler=early_logs)
         notifier.ready()
         notifier.status("labeling")
         log.info("ready")
@@ -136,14 +156,75 @@ def run_daemon(
             if reload_requested.is_set():
                 reload_requested.clear()
                 _reload(pipeline, reload_config, notifier)
+        if not pipeline.stopped:
+            _drain_outbox(pipeline, cfg.mqtt.drain_timeout, notifier)
     finally:
         notifier.stopping()
         if web_server is not None:
             web_server.stop()
+        elif early_logs is not None:
+            early_logs.uninstall()
         pipeline.shutdown()
     failed = [n for n, s in pipeline.source_states().items() if s == "offline"]
     code = 1 if failed and not pipeline.stopped else 0
+    left = sum(int(getattr(sink, "left_at_close", 0) or 0) for sink in pipeline.sinks or [])
+    if left and code == 0:
+        log.warning("exit status %d: %d message(s) not delivered to the broker stay in the outbox; they are "
+                    "sent first when edgelabel starts again", EXIT_UNDELIVERED, left)
+        code = EXIT_UNDELIVERED
     return code, pipeline
+
+
+def _drain_outbox(pipeline: Pipeline, timeout: float, notifier: Notifier) -> None:
+    """Every source is done: keep delivering what the outbox holds, up to ``timeout`` s or a stop signal.
+
+    Without this a finite job that ends during a broker outage would exit after the sinks' short flush,
+    and the labels would wait in the outbox until someone happened to start the daemon again.
+    """
+    sinks = [s for s in pipeline.sinks or [] if callable(getattr(s, "backlog", None))]
+    if not sinks or timeout <= 0:
+        return
+    start = time.monotonic()
+    deadline = start + timeout
+    next_log = start
+    last_pending: int | None = None
+    interval = notifier.watchdog_interval
+    next_ping = start
+    while True:
+        backlogs = [s.backlog() for s in sinks]
+        pending = sum(b.pending for b in backlogs)
+        now = time.monotonic()
+        if pending == 0:
+            if last_pending is not None:
+                log.info("outbox empty: every message delivered %.0f s after the sources finished", now - start)
+            return
+        if pipeline.stopped:
+            log.warning("stop requested while %d message(s) wait for the broker; they stay in the outbox", pending)
+            return
+        if now >= deadline:
+            log.warning("mqtt.drain_timeout (%g s) reached with %d message(s) undelivered; they stay in the outbox",
+                        timeout, pending)
+            return
+        if now >= next_log:
+            down = [b for b in backlogs if not b.connected]
+            since = min((b.unreachable_since for b in down if b.unreachable_since is not None), default=None)
+            progress = "" if last_pending is None else f", {max(last_pending - pending, 0)} delivered in the last " \
+                f"{DRAIN_LOG_INTERVAL_S:.0f} s"
+            if down:
+                why = f"broker unreachable since {iso_utc(since) if since else 'start'}"
+                reason = next((b.last_error for b in down if b.last_error), None)
+                log.warning("sources done; %d message(s) left in the outbox, %s (%s)%s; waiting up to %.0f s more "
+                            "(mqtt.drain_timeout)", pending, why, reason or "not connected", progress, deadline - now)
+            else:
+                why = "delivering"
+                log.info("sources done; delivering %d message(s) left in the outbox%s", pending, progress)
+            notifier.status(f"sources done; {pending} message(s) to deliver, {why}")
+            last_pending = pending
+            next_log = now + DRAIN_LOG_INTERVAL_S
+        if interval is not None and now >= next_ping:
+            notifier.watchdog()  # the workers are done on purpose: the wait itself is the progress
+            next_ping = now + interval
+        time.sleep(0.25)
 
 
 def _reload(pipeline: Pipeline, reload_config: Callable[[], Config] | None, notifier: Notifier) -> None:

@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from edge.config import Config, ConfigError, config_from_dict, read_config_file
+from edge.config import MIRROR_ENV, Config, ConfigError, config_from_dict, mirror_folder, mirror_hint, read_config_file
 
 log = logging.getLogger(__name__)
 
@@ -369,8 +369,14 @@ class Doctor:
         self.config_path = path
         secrets, note = self._secrets(path)
         try:
+            data = read_config_file(path)
+        except ConfigError as exc:  # the file itself (missing, not YAML): the lines name it already
+            self.add("config", FAIL, "; ".join(exc.problems), f"fix {path} at the place named above "
+                     f"(edgelabel check-config {path})")
+            return
+        try:
             with _env_overlay(secrets):
-                self.cfg = config_from_dict(read_config_file(path), base_dir=base_dir)
+                self.cfg = config_from_dict(data, base_dir=base_dir)
         except ConfigError as exc:
             self.add("config", FAIL, f"{path}: " + "; ".join(exc.problems),
                      f"fix the fields named above (edgelabel check-config {path})")
@@ -383,6 +389,15 @@ class Doctor:
             self.add("config", OK, detail)
 
     # ------------------------------------------------------------------ platform
+
+    def _mirror_fix(self, missing: Path) -> str | None:
+        """For the bundled demo config, whose files live in the asset mirror: where it looked, what to set."""
+        if self.config_path != BUNDLED_CONFIG or self.cfg is None:
+            return None
+        base = Path(self.cfg.base_dir)
+        if not str(os.path.normpath(missing)).startswith(str(mirror_folder(base)) + os.sep):
+            return None
+        return mirror_hint(base).removeprefix(f"{MIRROR_ENV}: ")
 
     def check_python(self) -> None:
         from edge import __version__
@@ -657,7 +672,7 @@ class Doctor:
         assert self.cfg is not None
         m = self.cfg.model
         path = Path(os.path.normpath(self.cfg.resolve(m.path)))
-        fix_missing = "copy the model there (scripts/install.sh --models DIR) or set model.path"
+        fix_missing = self._mirror_fix(path) or "copy the model there (scripts/install.sh --models DIR) or set model.path"
         if not path.is_file():
             self.add("model", FAIL, f"{path}: file not found (an ONNX detector is expected)", fix_missing)
             return
@@ -672,20 +687,22 @@ class Doctor:
             self.add("model", INFO, f"{path}: present ({_human_bytes(path.stat().st_size)}); "
                      f"engine {m.engine} files are not loaded by the doctor")
             return
-        # TensorRT is left out on purpose: building an engine can take minutes on a Jetson
-        providers = [p for p in m.providers if p != "tensorrt"] or ["cpu"]
-        from engines.detector import load_detector
+        # the loader check-config uses too: run's checks and message; TensorRT is left out on purpose
+        # (building an engine can take minutes on a Jetson)
+        from edge.loader import probe_model
 
         t0 = time.monotonic()
         with _captured_warnings("engines") as warnings:
             try:
-                detector = load_detector(path, engine="onnxruntime", family=m.family, labels=labels,
-                                         conf=m.conf, iou=m.iou, providers=providers, threads=m.threads)
+                detector = probe_model(self.cfg)
             except Exception as exc:
                 self.add("model", FAIL, _one_line(exc),
                          "use an ONNX detector of a supported family (yolov8/yolo11, yolov5, yolox, end2end) "
                          "or set model.family")
                 return
+        if detector is None:  # a TensorRT engine file: only TensorRT opens it
+            self.add("model", INFO, f"{path}: present; TensorRT engine files are not loaded by the doctor")
+            return
         try:
             d = detector.describe()
         finally:
@@ -756,7 +773,7 @@ class Doctor:
                          f"mkdir -p {path}")
             else:
                 self.add(label, FAIL, f"{path}: no such {'folder' if kind == 'folder' else 'file'}",
-                         f"fix sources.{name}.uri or put the {kind} there")
+                         self._mirror_fix(path) or f"fix sources.{name}.uri or put the {kind} there")
             return
         mode = os.R_OK | (os.X_OK if kind == "folder" else 0)
         if not self.job_user.can(path, mode):
@@ -782,12 +799,11 @@ class Doctor:
             self.add(label, OK, f"{path}: image, {_human_bytes(path.stat().st_size)}")
 
     def _check_rtsp(self, label: str, name: str, uri: str) -> None:
-        from urllib.parse import urlparse
+        from edge.sources.rtsp import host_port
 
         shown = self._display_uri(uri)
-        u = urlparse(uri)
-        host = u.hostname or ""
-        port = u.port or (322 if u.scheme.lower() == "rtsps" else 554)
+        host, given_port = host_port(uri)
+        port = given_port or (322 if uri.lower().startswith("rtsps") else 554)
         try:
             with socket.create_connection((host, port), timeout=RTSP_TIMEOUT):
                 pass

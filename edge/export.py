@@ -159,13 +159,15 @@ def export_dataset(dataset: Path | DatasetIndex, fmt: str, out: Path, *, states:
     out = Path(out)
     as_zip = out.suffix.lower() == ".zip"
     if out.exists() and not overwrite and (as_zip or not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"{out} exists (choose a new name, or overwrite)")
+        what = "a file" if not out.is_dir() else "a folder with files in it"
+        raise ExportError(f"{out} exists ({what}): choose another OUT, or add --overwrite to replace it")
     if isinstance(dataset, DatasetIndex):
         index, owned = dataset, False
     else:
         root = Path(dataset)
         if not (root / INDEX_FILE).is_file():
-            raise ExportError(f"{root}: no dataset here ({INDEX_FILE} not found)")
+            raise ExportError(f"{root.resolve()}: no dataset here ({INDEX_FILE} not found); name the dataset folder "
+                              "with --dataset DIR, or the config that sets its dataset.path with -c CONFIG")
         index, owned = DatasetIndex(root, repair=False), True  # read-only use: a running daemon owns the repairs
         index.open()
     try:

@@ -8,7 +8,8 @@ detections as the ground truth, on images held back from calibration:
 
 * mAP50 of INT8 against FP16 is 1.0 (100 points) when both give the same boxes;
 * the drop is ``100 * (1 - mAP50)`` points; INT8 is accepted when the drop is at most
-  ``margin_points`` (2.0 by default), and refused otherwise (the caller then runs FP16);
+  ``margin_points`` (2.0 by default), and refused otherwise (the caller then runs the reference build
+  and says what that runs: FP32 where ONNX Runtime stands in for a failed FP16 engine);
 * no held-back image, or no readable one: refused (nothing was checked);
 * the reference finds nothing on every image: refused, because agreement on empty frames says
   nothing about accuracy (give images that show the objects the model should find).
@@ -142,7 +143,7 @@ def judge(
     if accepted:
         reason = f"INT8 accepted: {score} (drop {_points(drop, margin_points)} <= {margin_points:.1f} points, {images} images)"
     else:
-        reason = f"INT8 refused: {score} (drop {_points(drop, margin_points)} > {margin_points:.1f} points); using FP16"
+        reason = f"INT8 refused: {score} (drop {_points(drop, margin_points)} > {margin_points:.1f} points)"
     return GateResult(
         accepted=accepted,
         map50=map50,
@@ -189,7 +190,7 @@ def run_gate(
     if not images:
         return _refused(
             "INT8 refused: no held-back images to check it against; give more calibration images "
-            "(some are held back for this check); using FP16",
+            "(some are held back for this check)",
             0,
             margin_points,
             **sha,
@@ -214,7 +215,7 @@ def run_gate(
         bar.close()
     if not sizes:
         return _refused(
-            f"INT8 refused: none of the {len(images)} held-back images could be read (see the log); using FP16",
+            f"INT8 refused: none of the {len(images)} held-back images could be read (see the log)",
             0,
             margin_points,
             **sha,
@@ -224,7 +225,7 @@ def run_gate(
     except NoGroundTruthError:
         return _refused(
             f"INT8 refused: FP16 finds no object on the {len(sizes)} held-back images, so INT8 cannot be judged; "
-            "give calibration images that show the objects to detect; using FP16",
+            "give calibration images that show the objects to detect",
             len(sizes),
             margin_points,
             **sha,

@@ -4,20 +4,56 @@ A frame is marked done only after every sink has taken its record.  If the
 daemon dies between the sinks and the mark, the frame is processed again on
 restart and gets the same record id (see ``edge.records.record_id``); sinks
 are idempotent on that id, so it is still labeled exactly once.
+
+"Done" means done *by this job*: the model (its sha256) and the thresholds
+that made the boxes.  The ledger keeps that identity (:class:`Job`); opened
+for another one -- a different model file, ``conf`` or ``iou`` -- it forgets
+the frames done before, so they are labeled again instead of being skipped
+while the dataset's metadata names a model that never saw them.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import sqlite3
 import threading
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What makes two runs' boxes the same: the model file's sha256 and the thresholds (name: for messages)."""
+
+    model_sha256: str
+    conf: float
+    iou: float
+    model_name: str = ""
+
+    def same_boxes(self, other: Job) -> bool:
+        return (self.model_sha256, self.conf, self.iou) == (other.model_sha256, other.conf, other.iou)
+
+    def describe(self) -> str:
+        return f"{self.model_name or 'model'} (sha256 {self.model_sha256[:12]}), conf {self.conf:g}, iou {self.iou:g}"
+
+
+@dataclass(frozen=True)
+class JobChange:
+    """The ledger was opened for another job: ``forgotten`` frames done by ``previous`` are labeled again."""
+
+    previous: Job
+    current: Job
+    forgotten: int
 
 
 class Ledger:
-    """SQLite (WAL) table of finished frames and rejected inputs, per source."""
+    """SQLite (WAL) table of finished frames and rejected inputs, per source, for one :class:`Job`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, job: Job | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -32,6 +68,35 @@ class Ledger:
             "CREATE TABLE IF NOT EXISTS rejected (source TEXT NOT NULL, path TEXT NOT NULL, reason TEXT NOT NULL,"
             " at REAL NOT NULL, PRIMARY KEY (source, path))"
         )
+        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        #: set when this job differs from the one that marked the frames done (they were forgotten)
+        self.job_change: JobChange | None = None
+        if job is not None:
+            self._bind(job)
+
+    def _bind(self, job: Job) -> None:
+        """Tie the done frames to ``job``; frames a different job marked are forgotten (labeled again)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'job'").fetchone()
+        previous = _job_from(row[0]) if row else None
+        done = int(self._db.execute("SELECT COUNT(*) FROM done").fetchone()[0])
+        if done and previous is not None and not previous.same_boxes(job):
+            before = previous
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM done")
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('job', ?)", (json.dumps(asdict(job)),))
+            self._db.execute("COMMIT")
+            self.job_change = JobChange(before, job, done)
+            log.warning("%d frame(s) were labeled by %s; this run uses %s: they are labeled again "
+                        "(a frame a person reviewed keeps the person's boxes)", done, before.describe(), job.describe())
+            return
+        # a ledger written before jobs were recorded is taken to be this job's (an upgrade keeps its progress)
+        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('job', ?)", (json.dumps(asdict(job)),))
+
+    def job(self) -> Job | None:
+        """The job the done frames belong to (None for a ledger that has not recorded one)."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'job'").fetchone()
+        return _job_from(row[0]) if row else None
 
     def is_done(self, source: str, key: str) -> bool:
         with self._lock:
@@ -65,3 +130,11 @@ class Ledger:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _job_from(text: str) -> Job | None:
+    try:
+        d = json.loads(text)
+        return Job(str(d["model_sha256"]), float(d["conf"]), float(d["iou"]), str(d.get("model_name", "")))
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -117,6 +117,38 @@ def calibration_manifest(cfg: Config) -> Path:
     return cfg.state_path("engines") / f"{cfg.resolve(cfg.model.path).stem}-calibration.json"
 
 
+def probe_model(cfg: Config) -> Detector | None:
+    """Open the configured model the way :func:`load_model` does, minus any TensorRT engine build.
+
+    ``check-config`` and the doctor call this, so a file that is not a detector
+    is refused there with the message ``edgelabel run`` gives (the same
+    :class:`engines.detector.Detector` checks raise it).  ONNX files load on
+    ONNX Runtime with the configured providers except TensorRT (a build takes
+    minutes on a Jetson); a serialized TensorRT engine is not opened (None)
+    unless ``model.engine`` is ``onnxruntime``, where it fails as in ``run``.
+    The caller closes the detector.
+    """
+    m = cfg.model
+    path = cfg.resolve(m.path)
+    if is_serialized_engine(path) and m.engine != "onnxruntime":
+        return None
+    providers = [p for p in m.providers if p != "tensorrt"] or ["cpu"]
+    threads, _ = cpu_plan(m)
+    return load_detector(path, engine="onnxruntime", family=m.family,
+                         labels=str(cfg.resolve(m.labels)) if m.labels else None, conf=m.conf, iou=m.iou,
+                         providers=providers, threads=threads)
+
+
+def running(detector: Detector) -> str:
+    """What runs, for a reason line: ``FP32 on onnxruntime (CPUExecutionProvider)``.
+
+    Asked of the engine, not assumed: an FP16 TensorRT build that fails falls back to ONNX Runtime,
+    which runs the model at its own precision (FP32 for an FP32 graph).
+    """
+    info = detector.engine.info()
+    return f"{info.precision.upper()} on {info.backend} ({info.provider})"
+
+
 def load_model(cfg: Config, progress: bool = False) -> Detector:
     """Load the configured detector (EngineError with one clear line when it cannot be used)."""
     m = cfg.model
@@ -142,7 +174,7 @@ def load_model(cfg: Config, progress: bool = False) -> Detector:
         raise EngineError(str(exc)) from None
     if choice.engine != "tensorrt":
         detector = load_detector(path, **options)
-        detector.engine_reason += "; model.precision int8 applies to native TensorRT only"
+        detector.engine_reason += f"; model.precision int8 applies to native TensorRT only; using {running(detector)}"
         return detector
 
     chosen = {**options, "engine": choice.engine}  # decided once; load_int8_gated sets the reason it reports
@@ -167,14 +199,14 @@ def load_int8_gated(
     progress: bool = False,
     manifest: Path | None = None,
 ) -> Detector:
-    """The INT8 detector when it passes the gate, else the FP16 one; the reason says which and why."""
+    """The INT8 detector when it passes the gate, else the FP16 one; the reason says why and what runs."""
     from edge.int8gate import GateResult, run_gate
 
     calib, held = calibration_split(folder, max_images, manifest)
     if not calib:
         detector = make("fp16", None)
         detector.engine_reason = (f"{reason}; INT8 not used: no calibration images in {folder} "
-                                  "(set model.calibration to a folder of site images); using FP16")
+                                  f"(set model.calibration to a folder of site images); using {running(detector)}")
         log.warning("%s", detector.engine_reason)
         return detector
     log.info("INT8: calibrating on %d image(s) from %s, %d held back for the accuracy gate", len(calib), folder,
@@ -183,7 +215,7 @@ def load_int8_gated(
         candidate = make("int8", calib)
     except EngineError as exc:
         detector = make("fp16", None)
-        detector.engine_reason = f"{reason}; INT8 build failed ({exc}); using FP16"
+        detector.engine_reason = f"{reason}; INT8 build failed ({exc}); using {running(detector)}"
         log.warning("%s", detector.engine_reason)
         return detector
     engine_file = getattr(candidate.engine, "engine_file", None)
@@ -221,6 +253,7 @@ def load_int8_gated(
     assert chosen is not None
     if other is not None:
         other.close()
-    chosen.engine_reason = f"{reason}; {result.reason}"
+    verdict = result.reason.removesuffix("; using FP16")  # verdicts cached by earlier versions said so
+    chosen.engine_reason = f"{reason}; {verdict}" + ("" if result.accepted else f"; using {running(chosen)}")
     chosen.int8_gate = result
     return chosen

@@ -15,6 +15,9 @@ while stderr really goes to the journal (not after a shell redirect).
 for units whose stderr is a pipe or socket systemd set up some other way;
 an interactive terminal always gets the human format.
 
+Every line passes ``RedactingFilter`` on its way out: a camera password inside an OpenCV error, a URI or
+a pipeline string never reaches the journal or the log file, whoever logged it.
+
 ``$EDGELABEL_LOG_DIR`` (optional) adds a size-rotated ``edgelabel.log`` there,
 for devices whose journal is volatile; the unit's ``LogsDirectory=`` provides
 ``/var/log/edgelabel`` for it.
@@ -29,6 +32,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
+
+from edge.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,28 @@ LOG_FILE_BACKUPS = 5
 
 #: marks the handlers this module installed, so a second call (a config reload) replaces them
 _OURS = "_edgelabel_handler"
+
+
+class RedactingFilter(logging.Filter):
+    """Masks credentials (``edge.redact``) in the message and the traceback of every record it passes."""
+
+    _formatter = logging.Formatter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: let the handler report it as logging does
+            return True
+        masked = redact(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        if record.exc_info and record.exc_info[1] is not None and not record.exc_text:
+            record.exc_text = self._formatter.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        return True
 
 
 def syslog_priority(levelno: int) -> int:
@@ -130,6 +157,7 @@ def setup_logging(level: str, *, stream: TextIO | None = None, env: Mapping[str,
     console = logging.StreamHandler(stream)
     journald = journal_mode(stream, environ)
     console.setFormatter(JournalFormatter() if journald else logging.Formatter(HUMAN_FORMAT))
+    console.addFilter(RedactingFilter())
     setattr(console, _OURS, True)
     root.addHandler(console)
 
@@ -145,6 +173,7 @@ def setup_logging(level: str, *, stream: TextIO | None = None, env: Mapping[str,
             file_error = exc
         else:
             file_handler.setFormatter(logging.Formatter(HUMAN_FORMAT))
+            file_handler.addFilter(RedactingFilter())
             setattr(file_handler, _OURS, True)
             root.addHandler(file_handler)
     root.setLevel(levelno)

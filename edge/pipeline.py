@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from edge.config import Config, ConfigError, SourceConfig
-from edge.frame import Frame
-from edge.ledger import Ledger
+from edge.frame import Frame, text_path
+from edge.ledger import Job, Ledger
 from edge.loader import load_model, worker_count
 from edge.progress import Progress
 from edge.records import DetectionRecord, LabelRecord, ModelInfo, iso_utc, record_id
@@ -178,6 +178,10 @@ class Pipeline:
         self._model_info: ModelInfo | None = None
         self._active: tuple[Detector, ModelInfo]
         self._source_status: dict[str, str] = {}
+        # status changes waiting for the prepare thread to number them behind their source's frames
+        self._status_lock = threading.Lock()
+        self._status_queue: list[tuple[int, _StatusEvent]] = []  # (frames of the source taken before it, event)
+        self._status_direct = False  # True once the prepare thread has ended: straight to the sink worker
         self._last_error: str | None = None
         self._trackers: dict[str, Any] = {}
         self._track_ids: Any = None  # edge.tracking.TrackIdStore in state_dir, made with the first tracker
@@ -213,7 +217,8 @@ class Pipeline:
         if self.fresh:
             for suffix in ("", "-wal", "-shm"):
                 Path(str(ledger_path) + suffix).unlink(missing_ok=True)
-        self.ledger = Ledger(ledger_path)
+        info = self._model_info
+        self.ledger = Ledger(ledger_path, Job(info.sha256, cfg.model.conf, cfg.model.iou, info.name))
         for sink in self.sinks:
             sink.open()
 
@@ -332,13 +337,51 @@ class Pipeline:
     # ------------------------------------------------------------------ callbacks from source runners
 
     def _on_status(self, source: str, status: str) -> None:
+        """Forward a source's state change to the sinks behind every frame the source emitted before it.
+
+        A runner reports ``finished`` right after handing its last frame to the hub, while frames are
+        still in the hub, the prepare queue or an inference worker; sent straight to the sink worker the
+        status would overtake them (consumers read ``finished`` as "no more labels").  So this waits (on
+        the runner's thread) until the prepare thread has taken the source's frames from the hub, notes how
+        many it took, and the prepare thread numbers the status like a frame right after that many
+        (:meth:`_sequence_statuses`): the sink worker's reorder buffer delivers it in that place.  Once the
+        prepare thread has ended it goes straight on.
+        """
         previous = self._source_status.get(source)
         self._source_status[source] = status
-        if previous != status:  # the runner has logged the change
-            try:
-                self._records.put(_StatusEvent(source, status), timeout=5.0)
-            except queue.Full:
-                log.warning("source %s: status %s not forwarded (sink worker busy)", source, status)
+        if previous == status:
+            return  # the runner has logged the change
+        while self._hub.pending(source) and not self._stop.is_set() and not self._hub.closed:
+            time.sleep(0.01)
+        event = _StatusEvent(source, status)
+        with self._status_lock:
+            if not self._status_direct:
+                self._status_queue.append((self._hub.delivered(source), event))
+                return
+        try:
+            self._records.put(event, timeout=5.0)
+        except queue.Full:
+            log.warning("source %s: status %s not forwarded (sink worker busy)", source, status)
+
+    def _sequence_statuses(self, seq: int, taken: Counter[str], *, final: bool = False) -> int:
+        """Number the queued status changes whose source's earlier frames are numbered; returns the next seq.
+
+        The prepare thread calls this between frames (``taken``: the frames it has numbered or skipped per
+        source), and after taking a frame from the hub but before numbering it (not yet counted in
+        ``taken``), so a status reported between two frames of a source gets a number between theirs.
+        ``final`` (the thread ends) numbers everything left and sends later changes straight to the sink worker.
+        """
+        with self._status_lock:
+            if not self._status_queue and not final:
+                return seq
+            ready = [ev for mark, ev in self._status_queue if final or mark <= taken[ev.source]]
+            self._status_queue = [(m, ev) for m, ev in self._status_queue if not (final or m <= taken[ev.source])]
+            if final:
+                self._status_direct = True
+        for ev in ready:
+            self._put(self._records, (seq, ev), "prepare")
+            seq += 1
+        return seq
 
     def _on_reject(self, source: str, path: str, reason: str) -> None:
         self.totals.rejected += 1  # the runner has logged it
@@ -367,10 +410,15 @@ class Pipeline:
         delivers in that order whatever order the inference workers finish in.
         """
         seq = 0
+        taken: Counter[str] = Counter()  # frames taken from the hub per source (for _sequence_statuses)
         try:
             while True:
                 self.heartbeats["prepare"] = time.monotonic()
+                seq = self._sequence_statuses(seq, taken)
                 frame = self._hub.get(timeout=0.2)
+                if frame is not None:
+                    seq = self._sequence_statuses(seq, taken)  # statuses reported before this frame first
+                    taken[frame.source] += 1
                 if frame is None:
                     if self._stop.is_set():
                         break
@@ -389,6 +437,7 @@ class Pipeline:
                 self._put(self._prepared, (seq, frame, active, tensor, info, pre_ms), "prepare")
                 seq += 1
         finally:
+            self._sequence_statuses(seq, taken, final=True)
             self._put(self._prepared, _STOP, "prepare")
 
     def _inference_loop(self, worker: int = 0) -> None:
@@ -432,13 +481,16 @@ class Pipeline:
             self._put(self._records, _STOP, beat)
 
     def _tracker(self, source: str) -> Any:
-        """The source's tracker, created on first use (None when tracking is off)."""
+        """The source's tracker, created on first use (None when tracking is off, or for stills: tracking.folders)."""
         src = self.cfg.sources.get(source)
         tracking = src.tracking if src is not None and src.tracking is not None else self.cfg.tracking
         if not tracking.enabled:
             return None
         tracker = self._trackers.get(source)
         if tracker is None:
+            runner = self._runners.get(source)
+            if runner is not None and runner.source.stills and not tracking.folders:
+                return None  # unrelated pictures: nothing to follow from one to the next
             from edge.tracking import Tracker, TrackIdStore
 
             if self._track_ids is None:  # track ids stay unique per source across restarts
@@ -454,7 +506,7 @@ class Pipeline:
         counter = self._zones.get(source)
         if source in self._zones and (counter.shapes if counter is not None else None) == shapes:
             return counter, []
-        events = counter.finish(time.time()) if counter is not None else []
+        events = counter.finish() if counter is not None else []
         if shapes is None:
             self._zones[source] = None
         else:
@@ -468,10 +520,10 @@ class Pipeline:
         return {name: z.counts() for name, z in self._zones.items() if z is not None}
 
     def _finish_source(self, source: str) -> list[dict[str, Any]]:
-        """End the source's tracks and zone stays (it stopped, went offline or reconnects)."""
-        events = self._trackers[source].finish(time.time()) if source in self._trackers else []
+        """End the source's tracks and zone stays (it stopped, went offline or reconnects), at its last frame's time."""
+        events = self._trackers[source].finish() if source in self._trackers else []
         zones = self._zones.get(source)
-        return events + (zones.finish(time.time()) if zones is not None else [])
+        return events + (zones.finish() if zones is not None else [])
 
     def _emit_events(self, events: list[dict[str, Any]], sinks: list[Sink]) -> None:
         if not events:
@@ -512,27 +564,18 @@ class Pipeline:
                 if stops < self._workers:
                     continue
                 break
-            if isinstance(item, tuple):  # (sequence number, Inferred or None for a frame the engine failed on)
-                pending[item[0]] = item[1]
+            if isinstance(item, tuple):  # (sequence number, Inferred, None for a frame the engine failed on,
+                pending[item[0]] = item[1]  # or a _StatusEvent numbered behind its source's frames)
                 while next_seq in pending:
                     ready = pending.pop(next_seq)
                     next_seq += 1
-                    if ready is not None:
-                        self._deliver(ready, sinks)
+                    self._release(ready, sinks)
                 continue
             if isinstance(item, _StatusEvent):
-                for sink in sinks:
-                    try:
-                        sink.source_status(item.source, item.status)
-                    except Exception:
-                        log.exception("sink %s failed on a status update", sink.name)
-                if item.status in ("finished", "offline", "reconnecting") and item.source in self._trackers:
-                    self._emit_events(self._finish_source(item.source), sinks)
+                self._apply_status(item, sinks)
                 continue
         for seq in sorted(pending):  # not reached normally: every sequence number arrives before the stops
-            ready = pending.pop(seq)
-            if ready is not None:
-                self._deliver(ready, sinks)
+            self._release(pending.pop(seq), sinks)
         for source in list(self._trackers):
             self._emit_events(self._finish_source(source), sinks)
         self._emit_stats(sinks)
@@ -542,6 +585,23 @@ class Pipeline:
             except Exception:
                 log.exception("flushing sink %s failed", sink.name)
         self._finished.set()
+
+    def _release(self, ready: Inferred | _StatusEvent | None, sinks: list[Sink]) -> None:
+        """Hand the next item in sequence order to the sinks."""
+        if isinstance(ready, _StatusEvent):
+            self._apply_status(ready, sinks)
+        elif ready is not None:
+            self._deliver(ready, sinks)
+
+    def _apply_status(self, item: _StatusEvent, sinks: list[Sink]) -> None:
+        """The source's tracks end first (their ``end`` events), then the sinks get the new status."""
+        if item.status in ("finished", "offline", "reconnecting") and item.source in self._trackers:
+            self._emit_events(self._finish_source(item.source), sinks)
+        for sink in sinks:
+            try:
+                sink.source_status(item.source, item.status)
+            except Exception:
+                log.exception("sink %s failed on a status update", sink.name)
 
     def make_record(self, item: Inferred, rid: str, track_ids: list[int | None] | None = None) -> LabelRecord:
         """The label record ``rid`` for one inferred frame (with the tracker's ids when given)."""
@@ -561,7 +621,8 @@ class Pipeline:
             model=item.model,
             inference_ms=round(item.inference_ms, 3),
             detections=[DetectionRecord.from_detection(d, w, h, t) for d, t in zip(item.detections, ids, strict=True)],
-            frame_path=frame.path,
+            frame_path=text_path(frame.path) if frame.path else None,
+            media_time=None if frame.media_time is None else round(frame.media_time, 6),
         )
 
     def _deliver(self, item: Inferred, sinks: list[Sink]) -> None:

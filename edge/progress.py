@@ -13,8 +13,10 @@ log = logging.getLogger("edgelabel.progress")
 class Progress:
     """Counts processed frames against a known total and shows count, rate and ETA.
 
-    On a terminal this is a tqdm bar on stderr; under systemd or in a pipe it is
-    one log line every ``interval`` seconds, so the journal is not flooded.
+    On a terminal this is a tqdm bar on stderr.  Under systemd or in a pipe it is
+    log lines: one at the first frame (the job is moving), one every ``interval``
+    seconds, so the journal is not flooded, and a final one at :meth:`close`, so
+    a job shorter than the interval still reports what it did.
     """
 
     def __init__(self, total: int | None, label: str = "frames", interval: float = 5.0, enabled: bool = True) -> None:
@@ -24,6 +26,7 @@ class Progress:
         self.count = 0
         self.started = time.monotonic()
         self._last_log = self.started
+        self._logged_count = 0  # the count in the last log line: no final line repeating it
         self._bar: Any = None
         if enabled and sys.stderr.isatty():
             try:
@@ -49,9 +52,12 @@ class Progress:
         if self._bar is not None:
             self._bar.update(n)
             return
+        if not self._enabled:
+            return
         now = time.monotonic()
-        if self._enabled and now - self._last_log >= self.interval:
+        if self._logged_count == 0 or now - self._last_log >= self.interval:
             self._last_log = now
+            self._logged_count = self.count
             log.info("%s", self.line())
 
     def line(self) -> str:
@@ -61,6 +67,12 @@ class Progress:
         return f"{self.label}: {self.count}{total} frames, {self.rate:.1f} fps{eta_text}"
 
     def close(self) -> None:
+        """Finish: close the bar, or log the final count unless the last line already showed it."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+            return
+        if self._enabled and self.count != self._logged_count:
+            self._logged_count = self.count
+            elapsed = time.monotonic() - self.started
+            log.info("%s, after %.1f s", self.line().split(", ETA")[0], elapsed)  # also when stopped early

@@ -77,8 +77,8 @@ class LabelRecord:
     source: str
     frame_index: int
     frame_key: str
-    captured_at: str  # ISO-8601 UTC
-    captured_ts: float  # epoch seconds
+    captured_at: str  # ISO-8601 UTC: capture time (live), media time (video files), file mtime (images)
+    captured_ts: float  # epoch seconds, the same instant
     width: int
     height: int
     model: ModelInfo
@@ -86,6 +86,9 @@ class LabelRecord:
     detections: list[DetectionRecord]
     frame_sha256: str | None = None  # sha256 of the stored image bytes
     frame_path: str | None = None  # where the exact pixels are stored (or the original file)
+    # seconds from the start of the video file (video files only; left out of the JSON otherwise, so a
+    # consumer validating against the first v1 schema still accepts image and camera records)
+    media_time: float | None = None
     schema_version: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -117,8 +120,10 @@ class LabelRecord:
             ],
             "frame_sha256": self.frame_sha256,
             "frame_path": self.frame_path,
-            "schema_version": self.schema_version,
         }
+        if self.media_time is not None:
+            d["media_time"] = self.media_time
+        d["schema_version"] = self.schema_version
         if self.extra:
             d["extra"] = copy.deepcopy(self.extra)
         return d

@@ -37,9 +37,9 @@ conflicting on a Jetson image):
   (mean and max score), first/last time and the best frame (the record id, frame index and box of its
   highest-scoring detection), so a consumer can fetch one good crop per object.
 
-Times are the frames' timestamps (``Frame.captured_at``: the capture time for live sources, the timestamp
-the source gives each frame of a file), so when files carry their media time the tracker behaves the same
-for a video processed faster than real time and for a live camera.
+Times are the frames' ``captured_at`` (epoch seconds): a camera's capture time, a video file's media time
+(``edge.sources.video``), so the Kalman filter, ``max_age`` and event durations behave the same for a video
+processed faster or slower than real time and for a live camera.
 """
 
 from __future__ import annotations
@@ -350,8 +350,14 @@ class Tracker:
                 ids[d] = track.track_id
         return ids, events
 
-    def finish(self, ts: float) -> list[dict[str, Any]]:
-        """The source stopped (finished, offline, reconnecting, shutdown): end every confirmed track."""
+    def finish(self, ts: float | None = None) -> list[dict[str, Any]]:
+        """The source stopped (finished, offline, reconnecting, shutdown): end every confirmed track.
+
+        ``ts`` defaults to the last frame's time: the tracker runs on the frames' clock, which for a
+        file is its media time, so "now" would put the end hours or years after the last frame.
+        """
+        if ts is None:
+            ts = self._last_ts if self._last_ts is not None else max((t.last_ts for t in self._tracks), default=0.0)
         events = [self._event("end", t, ts, reason="finished") for t in self._tracks if t.track_id is not None]
         self._tracks = []
         self._mean, self._cov = np.zeros((0, 8)), np.zeros((0, 8, 8))

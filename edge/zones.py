@@ -123,6 +123,7 @@ class ZoneCounter:
         self._shapes += [_Shape(n, "line", ln) for n, ln in lines.items()]
         self._ignore = [z for z in zones.values() if z.ignore]
         self._seq = 0
+        self._last_ts: float | None = None  # the latest frame's time (the clock finish() ends stays on)
 
     def drop_ignored(self, detections: list[Any], width: int, height: int) -> list[Any]:
         """``detections`` without those whose point lies in an ``ignore`` zone (of the zone's classes).
@@ -137,6 +138,7 @@ class ZoneCounter:
                frame_index: int, ended: Sequence[int] = ()) -> list[dict[str, Any]]:
         """The events of one frame; ``ended`` are track ids the tracker ended in this frame."""
         events: list[dict[str, Any]] = []
+        self._last_ts = ts if self._last_ts is None else max(self._last_ts, ts)
         margin_px = float(np.hypot(width, height))
         for shape in self._shapes:
             cfg = shape.cfg
@@ -184,8 +186,11 @@ class ZoneCounter:
         ended = [int(e["track_id"]) for e in track_events if e.get("type") == "end"]
         return self.update(boxes, ts, width, height, record_id, frame_index, ended=ended)
 
-    def finish(self, ts: float) -> list[dict[str, Any]]:
-        """The source stopped: every track inside a zone exits (``source_stopped``)."""
+    def finish(self, ts: float | None = None) -> list[dict[str, Any]]:
+        """The source stopped: every track inside a zone exits (``source_stopped``), by default at the last
+        frame's time (the frames' clock: media time for a file, as the tracker's ``finish``)."""
+        if ts is None:
+            ts = self._last_ts if self._last_ts is not None else 0.0
         events: list[dict[str, Any]] = []
         for shape in self._shapes:
             for tid in list(shape.inside):

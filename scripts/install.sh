@@ -197,7 +197,7 @@ install_python() {
         py="${py:-/usr/bin/python3}"
         sys_site=1               # TensorRT, pycuda and GStreamer OpenCV live in the system Python
         ort="${ort:-onnxruntime-gpu}"
-        extra="[gpu]"
+        extra="[jetson]"
     else
         py="${py:-python3}"
         [ "$sys_site" = auto ] && sys_site=0

@@ -152,8 +152,11 @@ def test_disabled_policy_and_selector_defaults() -> None:
     assert not CapturePolicy(CaptureConfig(enabled=False)).decide(rec(0, [("car", 0.4, 1)])).capture
     section = CaptureSection(sources={"gate": CaptureConfig(every_n=2)})
     sel = CaptureSelector(section)
-    # storage sources: every frame, auto_accepted (edgelabel label keeps its behaviour)
-    assert all(sel.decide(rec(i, [("car", 0.4, None)], source="clip"), live=False).state == AUTO_ACCEPTED for i in range(5))
+    # storage sources: every frame; a score in the near-threshold band sends it to review, a sure one does not
+    near = [sel.decide(rec(i, [("car", 0.4, None)], source="clip"), live=False) for i in range(5)]
+    sure = [sel.decide(rec(i, [("car", 0.9, None)], source="clip"), live=False) for i in range(5, 10)]
+    assert all(d.capture and d.state == NEEDS_REVIEW for d in near)
+    assert all(d.capture and d.state == AUTO_ACCEPTED for d in sure)
     # live sources: the sampled default (every 300th frame, uncertain scores, new tracks, rate limits)
     live = section.live
     assert (live.every_n, live.new_tracks, live.near_threshold) == (300, True, BandConfig(0.25, 0.5))
@@ -163,7 +166,7 @@ def test_disabled_policy_and_selector_defaults() -> None:
     # a per-source policy replaces the default
     assert [sel.decide(rec(i, [], source="gate"), live=True).capture for i in range(4)] == [True, False, True, False]
     st = sel.status()
-    assert st["clip"]["captured"] == 5 and st["cam"]["frames"] == 600 and st["gate"]["captured"] == 2
+    assert st["clip"]["captured"] == 10 and st["clip"]["needs_review"] == 5 and st["cam"]["frames"] == 600 and st["gate"]["captured"] == 2
     assert "every 300th frame" in describe(live) and "<= 12/minute" in describe(live)
 
 

@@ -127,3 +127,19 @@ def test_bundled_default_config_is_valid(assets: Path, monkeypatch):
 
     monkeypatch.setenv("EDGELABEL_MIRROR", str(assets))
     assert main(["check-config", str(DEFAULT_CONFIG)]) == 0
+
+
+def test_an_odd_source_name_is_quoted_in_every_problem_about_it():
+    """A key with spaces or quotes is quoted as everywhere else, so the line still reads '<field>: <message>'."""
+    probs = _problems(_base(sources={"a b": None, "'": {"uri": "x", "reconnect": {"initial": 5, "max": 1}}}))
+    assert "sources.'a b': source names must be 1-64 characters of letters, digits, '_', '-', '.'" in probs
+    assert "sources.'a b'.uri: required" in probs
+    assert any(p.startswith("sources.\"'\".reconnect.max: 1.0 is below") for p in probs), probs
+
+
+def test_a_key_ending_in_a_newline_is_quoted() -> None:
+    """``$`` matches before a final newline: the key ``"0\\n"`` went out unquoted and split the problem line."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"0\n": None})
+    assert "'0\\n': unknown field" in info.value.problems[0]
+    assert all("\n" not in line for line in info.value.problems)

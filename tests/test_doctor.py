@@ -404,3 +404,17 @@ def test_module_entry_point_json(tmp_path: Path, assets: Path) -> None:
     assert payload["exit_code"] == 1 and payload["config"] == str(cfg)
     assert {"name", "status", "detail", "fix"} <= set(payload["checks"][0])
     assert any(c["name"] == "model" and c["status"] == FAIL for c in payload["checks"])
+
+
+def test_the_demo_config_without_the_mirror_names_the_folder_and_the_variable(
+        sysroot: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No -c and no installed config: the bundled demo config, whose model and video live in the asset mirror."""
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("EDGELABEL_MIRROR", str(tmp_path / "no-mirror"))
+    code, checks, _ = diagnose(None)
+    assert code == 1
+    for name in ("model", "source demo"):
+        assert checks[name]["status"] == FAIL, checks[name]
+        assert f"in {tmp_path / 'no-mirror'} (EDGELABEL_MIRROR=" in checks[name]["fix"], checks[name]

@@ -153,7 +153,10 @@ def test_sigterm_flushes_and_absent_camera_does_not_block_others(tmp_path, asset
         "cars": {"uri": str(assets / "videos" / "cars.mp4"), "loop": True, "fps": 30},
         "usb": {"uri": "v4l2:///dev/video99", "reconnect": {"initial": 0.2, "max": 1}},
     }
-    cfg = write_config(tmp_path, assets, broker.port, sources)
+    # a looped video is a stand-in camera (the live capture policy samples it): keep every frame here, so that
+    # the dataset can be compared with what was published
+    cfg = write_config(tmp_path, assets, broker.port, sources,
+                       dataset={"path": str(tmp_path / "dataset"), "capture": {"sources": {"cars": {}}}})
     proc = edgelabel("run", "-c", str(cfg))
     try:
         assert col.wait_for(lambda: len(col.on("/cars/labels")) >= 40, 60), "video source stalled"

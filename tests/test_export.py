@@ -495,4 +495,20 @@ def test_cli_export(dataset: Dataset, tmp_path: Path) -> None:
         assert res.returncode == 2 and needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
     res = run_edgelabel("export", "--dataset", str(tmp_path / "none"), "--format", "voc", str(tmp_path / "v"))
     assert res.returncode == 2 and "no dataset here" in res.stderr
+
+
+def test_cli_export_errors_say_where_and_what_next(dataset: Dataset, tmp_path: Path) -> None:
+    """Without --dataset or -c the export looks in ./dataset: the error names that folder and both ways to
+    point elsewhere; an existing OUT names --overwrite (which then works)."""
+    res = run_edgelabel("export", "--format", "yolo", str(tmp_path / "out"), cwd=tmp_path)
+    assert res.returncode == 2
+    assert str(tmp_path / "dataset") in res.stderr and "no dataset here" in res.stderr
+    assert "--dataset DIR" in res.stderr and "-c CONFIG" in res.stderr
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "mine.txt").write_text("x")
+    res = run_edgelabel("export", "--dataset", str(dataset.root), "--format", "yolo", str(out))
+    assert res.returncode == 2 and str(out) in res.stderr and "--overwrite" in res.stderr, res.stderr
+    res = run_edgelabel("export", "--dataset", str(dataset.root), "--format", "yolo", "--overwrite", str(out))
+    assert res.returncode == 0 and not (out / "mine.txt").exists(), res.stderr
     assert math.isclose(len(exported(dataset)), 4)

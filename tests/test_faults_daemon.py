@@ -119,9 +119,10 @@ def test_daemon_sigkilled_5_times_in_a_folder_job_every_image_once(tmp_path: Pat
 
     for copies in by_id.values():  # a duplicate carries the same id and the same labels
         assert all(boxes(c) == boxes(copies[0]) for c in copies)
-    # two kinds of duplicate: the frame in flight at a kill, labeled again on restart (a new capture time), and
-    # outbox rows the broker had acknowledged but the killed daemon had not yet deleted, sent again (identical)
-    relabeled = sum(1 for copies in by_id.values() if len({c["captured_ts"] for c in copies}) > 1)
+    # two kinds of duplicate: the frame in flight at a kill, labeled again on restart (a new inference time; the
+    # capture time is the file's and stays), and outbox rows the broker had acknowledged but the killed daemon
+    # had not yet deleted, sent again (identical)
+    relabeled = sum(1 for copies in by_id.values() if len({c["inference_ms"] for c in copies}) > 1)
     resent = duplicates - relabeled
     assert relabeled <= len(KILL_AFTER), f"{relabeled} frames labeled twice for {len(KILL_AFTER)} kills"
     final_check = check_files_after_kill(dataset, state)

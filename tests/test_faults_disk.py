@@ -80,7 +80,9 @@ def test_full_disk_stops_capture_with_an_alarm_labels_keep_flowing_capture_resum
     small_disk: Path, tmp_path: Path, assets: Path, broker: Broker
 ) -> None:
     root = small_disk / "dataset"
-    dataset: dict[str, object] = {"enabled": True, "path": str(root), "coco_interval": 0.5, "jpeg_quality": 90}
+    # every frame of the looped clip (a stand-in camera, which the live capture policy would sample)
+    dataset: dict[str, object] = {"enabled": True, "path": str(root), "coco_interval": 0.5, "jpeg_quality": 90,
+                                  "capture": {"sources": {"cars": {}}}}
     if "min_free_bytes" in {f.name for f in dataclasses.fields(DatasetConfig)}:
         dataset["min_free_bytes"] = 0  # let the disk really fill (the guard's own case is checked below)
     cfg = write_config(tmp_path, broker.port, {"cars": {"uri": str(assets / "videos" / "cars.mp4"), "loop": True, "fps": 4}},

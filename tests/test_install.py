@@ -98,6 +98,69 @@ def test_rejects_bad_arguments(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "no such folder" in proc.stderr
 
 
+# ----------------------------------------------------------------------------- what `pip install` pulls in
+
+#: test tooling, and what it drags in (Datumaro brings pandas and pyarrow): never needed by the daemon
+TEST_ONLY = ("pytest", "hypothesis", "ruff", "onnx", "playwright", "schemathesis", "datumaro", "pandas", "pyarrow",
+             "jsonschema", "cryptography")
+
+
+def requirement_sections(tmp: Path) -> dict[str, list[str]]:
+    """The requirements setup.py declares, by extra ("" = a plain `pip install .`), read from egg_info."""
+    subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp)], cwd=ROOT, check=True,
+                   capture_output=True, timeout=120)
+    sections: dict[str, list[str]] = {"": []}
+    current = ""
+    for line in (tmp / "edgelabel.egg-info" / "requires.txt").read_text().splitlines():
+        if line.startswith("["):
+            current = line.strip("[]")
+            sections[current] = []
+        elif line.strip():
+            sections[current].append(line.strip())
+    return sections
+
+
+def names(requirements: list[str]) -> set[str]:
+    import re
+
+    return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+
+def test_a_plain_install_is_the_daemon_only_and_extras_add_jetson_and_test(tmp_path: Path) -> None:
+    sections = requirement_sections(tmp_path)
+    runtime = names(sections[""])
+    assert {"numpy", "pyyaml", "paho-mqtt", "flask", "onnxruntime", "opencv-python-headless"} <= runtime
+    assert not runtime & set(TEST_ONLY), f"test tooling in the runtime install: {runtime & set(TEST_ONLY)}"
+    assert names(sections["jetson"]) == {"pycuda"}
+    assert sections["gpu"] == sections["jetson"], "gpu stays an alias of jetson"
+    assert {"pytest", "playwright", "schemathesis", "datumaro", "hypothesis", "onnx", "ruff"} <= names(sections["test"])
+
+
+def test_the_main_job_runs_without_any_test_tooling(tmp_path: Path, assets: Path) -> None:
+    """What `pip install .` gives is enough: label a folder with every test-only package made unimportable."""
+    images = tmp_path / "in"
+    images.mkdir()
+    shutil.copy(assets / "images" / "bus.jpg", images)
+    blocked = ", ".join(repr(n) for n in TEST_ONLY)
+    code = (
+        "import sys, importlib.abc\n"
+        f"BLOCKED = {{{blocked}}}\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in BLOCKED:\n"
+        "            raise ModuleNotFoundError(f'{name} is test tooling, not installed by pip install .')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from edge.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    res = subprocess.run([sys.executable, "-c", code, "label", str(images), "--model",
+                          str(assets / "models" / "yolox_nano.onnx"), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=180, cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "labeled 1 frame(s)" in res.stdout and (tmp_path / "out" / "labels").is_dir()
+
+
 # ----------------------------------------------------------------------------- dry runs
 
 
@@ -134,7 +197,7 @@ def test_dry_run_jetson_uses_jetpack_packages(tmp_path: Path) -> None:
     assert "--system-site-packages" in out
     assert f"--index-url {index} onnxruntime-gpu" in out
     assert "EDGELABEL_SYSTEM_OPENCV=1 EDGELABEL_ORT_PACKAGE=none" in out
-    assert "[gpu]" in out.replace("\\", "")  # pycuda from the gpu extra
+    assert "[jetson]" in out.replace("\\", "")  # pycuda from the jetson extra
     assert not root.exists()
 
 
@@ -246,3 +309,26 @@ def test_uninstall_keeps_what_the_admin_changed(tmp_path: Path, mirror: Path, mo
 
     run_script("uninstall", "--root", str(root), "--prefix", "/opt/el", "--purge")
     assert list(root.iterdir()) == []
+
+
+def readme_blocks() -> list[str]:
+    """The ```sh blocks of the README's quick start, in order."""
+    import re
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    quick = text[text.index("## Quick start"):text.index("\n## ", text.index("## Quick start") + 1)]
+    return re.findall(r"```sh\n(.*?)```", quick, re.S)
+
+
+def test_the_readme_quick_start_installs_the_runtime_and_ci_runs_the_readme_test_commands() -> None:
+    setup, tests = readme_blocks()[:2]
+    assert 'pip install -e .' in setup and "[test]" not in setup and "edgelabel run" in setup
+    assert "mosquitto" in setup  # the broker the main job publishes to
+    assert 'pip install -e ".[test]"' in tests
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert 'pip install -q -e ".[test]"' in ci
+    test_command = tests.strip().splitlines()[-1]
+    assert test_command in ci.splitlines(), f"{test_command!r} is not what .ci/run runs"
+    # the system packages .ci/run installs for the full suite are the README's
+    for package in ("mosquitto", "chromium", "gir1.2-gst-rtsp-server-1.0", "python3-gi", "gstreamer1.0-libav"):
+        assert package in ci and package in tests, package

@@ -48,7 +48,7 @@ def test_different_model_is_refused_with_a_large_drop(yolox: Detector, yolo11: D
     assert not result.accepted
     assert result.drop_points > 20.0
     assert 0.0 < result.map50_95 < result.map50 < 0.8
-    assert re.fullmatch(r"INT8 refused: mAP50 vs FP16 is \d+\.\d \(drop \d+\.\d > 2\.0 points\); using FP16", result.reason)
+    assert re.fullmatch(r"INT8 refused: mAP50 vs FP16 is \d+\.\d \(drop \d+\.\d > 2\.0 points\)", result.reason)
     assert result.candidate_sha256 == yolo11.engine.sha256 and result.reference_sha256 == yolox.engine.sha256
     # a margin wider than the drop lets the same measurement through
     wide = run_gate(yolo11, yolox, photos, margin_points=99.0, progress=False)
@@ -59,7 +59,7 @@ def test_no_held_back_images_is_refused_with_advice(yolox: Detector) -> None:
     result = run_gate(yolox, yolox, [], progress=False)
     assert not result.accepted and result.images == 0
     assert "no held-back images" in result.reason and "give more calibration images" in result.reason
-    assert result.reason.endswith("using FP16")
+    assert "using" not in result.reason  # what runs instead is the loader's to say (it asks the engine)
 
 
 def test_unreadable_images_are_skipped(yolox: Detector, photos: list[Path], tmp_path: Path) -> None:

@@ -74,7 +74,9 @@ def test_a_different_model_is_refused_and_fp16_runs(tmp_path, assets, site_image
     det = load_int8_gated(make, site_images, 500, 2.0, tmp_path / "engines", "auto: test")
     assert det.label_precision == "fp16"
     assert not det.int8_gate.accepted and det.int8_gate.drop_points > 2.0
-    assert "INT8 refused" in det.engine_reason and det.engine_reason.endswith("using FP16")
+    # the stand-in "FP16" build is yolo11n_int8, a dynamic-int8 graph on ONNX Runtime: the reason says so
+    assert "INT8 refused" in det.engine_reason
+    assert det.engine_reason.endswith("; using INT8 on onnxruntime (CPUExecutionProvider)"), det.engine_reason
     with pytest.raises(EngineError, match="closed"):
         make.made[0].infer(None)  # the refused INT8 detector was released
 
@@ -105,6 +107,20 @@ def test_an_int8_build_failure_means_fp16_with_the_cause(tmp_path, assets, site_
     det.close()
 
 
+def test_the_fallback_reason_says_what_actually_runs_not_fp16(tmp_path, assets, site_images):
+    """When the FP16 engine is ONNX Runtime on an FP32 graph (the TensorRT build fell back), FP32 runs."""
+    make = Maker(assets, "yolo11n_int8", fp16_model="yolox_nano", fail_int8=True)
+    det = load_int8_gated(make, site_images, 500, 2.0, tmp_path / "engines", "auto: test")
+    assert det.engine_reason.endswith("; using FP32 on onnxruntime (CPUExecutionProvider)"), det.engine_reason
+    assert "FP16" not in det.engine_reason
+    det.close()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    det = load_int8_gated(make, empty, 500, 2.0, tmp_path / "engines", "auto: test")
+    assert det.engine_reason.endswith("; using FP32 on onnxruntime (CPUExecutionProvider)"), det.engine_reason
+    det.close()
+
+
 def test_calibration_images_are_capped_evenly(tmp_path, assets, site_images):
     make = Maker(assets, "yolo11n_int8")
     load_int8_gated(make, site_images, 5, 2.0, tmp_path / "engines", "r").close()
@@ -120,7 +136,8 @@ def test_int8_on_onnxruntime_says_it_applies_to_tensorrt_only(tmp_path, assets):
     })
     det = load_model(cfg)
     assert det.engine.type_name == "onnxruntime"
-    assert det.engine_reason == "model.engine is onnxruntime; model.precision int8 applies to native TensorRT only"
+    assert det.engine_reason == ("model.engine is onnxruntime; model.precision int8 applies to native TensorRT only; "
+                                 "using FP32 on onnxruntime (CPUExecutionProvider)")
     det.close()
     assert calibration_folder(cfg) == cfg.resolve(cfg.dataset.path) / "images"
 

@@ -619,6 +619,33 @@ def test_review_api_with_a_bearer_token(web: Web) -> None:
         assert c.get(url, headers=BEARER).status_code == 400, url
 
 
+def test_hostile_json_bodies_get_400_never_500(web: Web) -> None:
+    """Operator-only JSON is still untrusted: deep nesting made the parser raise RecursionError and 1e400
+    parsed as infinity and broke the box arithmetic, both answered 500 with a traceback in the log."""
+    c = web.app.test_client()
+    rid = c.get("/api/review/queue?limit=1", headers=BEARER).get_json()["items"][0]["id"]
+    url = f"/api/review/items/{rid}"
+    box = {"class_id": 0, "box": [1, 1, 5, 5]}
+    hostile = {
+        "deep nesting": '{"action": "update", "detections": ' + "[" * 30000 + "]" * 30000 + "}",
+        "moderate nesting": '{"action": "update", "detections": [' + "[" * 20 + "]" * 20 + "]}",
+        "1e400": json.dumps({"action": "update", "detections": [{**box, "box": [1, 1, 5, 5]}]}).replace("5, 5", "5, 1e400"),
+        "huge integer": json.dumps({"action": "update", "detections": [box]}).replace("5, 5", "5, " + "9" * 400),
+        "NaN": json.dumps({"action": "update", "detections": [box]}).replace("5, 5", "5, NaN"),
+        "Infinity": json.dumps({"action": "update", "detections": [box]}).replace("5, 5", "5, -Infinity"),
+        "not JSON": "{action: accept}",
+        "empty": "",
+        "a list": "[]",
+        "truncated": '{"action": "acc',
+    }
+    for what, body in hostile.items():
+        resp = c.post(url, headers={**BEARER, "Content-Type": "application/json"}, data=body)
+        assert resp.status_code == 400, (what, resp.status_code, resp.text[:200])
+        assert resp.get_json()["error"], what
+    ok = c.post(url, headers=BEARER, json={"action": "update", "detections": [box]})
+    assert ok.status_code == 200, ok.text  # a sane body still works
+
+
 def test_review_api_answers_match_the_openapi_document(web: Web) -> None:
     doc = yaml.safe_load(Path(__file__).resolve().parent.parent.joinpath("web", "openapi.yaml").read_text())
     from tests.test_web_api import _json_schema

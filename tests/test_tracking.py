@@ -186,6 +186,16 @@ def test_empty_frames_and_a_clock_step_back_are_harmless() -> None:
     assert ids == ids2 == [1] and not [e for e in events if e["type"] == "end"]
 
 
+def test_finish_defaults_to_the_last_frame_time() -> None:
+    """A file runs on media time: tracks end at its last frame, not at the wall clock of the end of labeling."""
+    tracker = Tracker("cam1", TrackingConfig(min_hits=2))
+    run(tracker, [[det((10 + i, 10, 50 + i, 90))] for i in range(5)])  # frames at T0 .. T0 + 0.4
+    (end,) = tracker.finish()
+    assert end["type"] == "end" and end["end_reason"] == "finished"
+    assert end["at"] == end["last_seen"] and end["last_ts"] == pytest.approx(T0 + 0.4)
+    assert tracker.finish() == []
+
+
 def walker(x0: float, y0: float, vx: float, vy: float = 0.0, w: float = 50, h: float = 120):
     """A box moving at (vx, vy) pixels per second: its detection at time t (seconds)."""
     def at(t: float, **kw) -> Detection:

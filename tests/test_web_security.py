@@ -350,3 +350,88 @@ def test_security_headers_on_every_route_anonymous_authenticated_and_in_errors(
         assert resp.status_code in (400, 401, 404, 405), f"{method} {url}: {resp.status_code}"
         check_headers(resp, f"{method} {url} ({resp.status_code})")
         assert "no-store" in resp.headers.get("Cache-Control", "")
+
+
+# ----------------------------------------------------------------------------- DNS rebinding
+
+
+REBIND_PATHS = ["/", "/api/status", "/api/sources", "/api/labels", "/healthz", "/metrics", "/login"]
+
+
+def test_a_foreign_host_name_is_refused_everywhere(app: Flask) -> None:
+    """A page on evil.example that re-points its DNS name at the appliance sends ``Host: evil.example``: 421,
+    for every route, with and without a token, and the answer says what to do."""
+    client = app.test_client()
+    for path in REBIND_PATHS:
+        for headers in ({}, {"Authorization": f"Bearer {TOKEN}"}):
+            resp = client.get(path, headers={"Host": "evil.example:8080", **headers})
+            assert resp.status_code == 421, (path, resp.status_code)
+            assert "web.allowed_hosts" in resp.text and "sec-test" not in resp.text
+    resp = client.post("/api/sources/cars/pause", headers={"Host": "attacker.test", "Authorization": f"Bearer {TOKEN}"})
+    assert resp.status_code == 421
+
+
+def test_own_names_and_ip_addresses_are_served(app: Flask) -> None:
+    import socket
+
+    client = app.test_client()
+    short = socket.gethostname().lower()
+    for host in ["127.0.0.1:8080", "10.1.2.3", "[::1]:8080", "[fe80::1%eth0]", "localhost:8080", short,
+                 f"{short.split('.')[0]}.local", "LOCALHOST."]:
+        assert client.get("/healthz", headers={"Host": host}).status_code == 200, host
+
+
+def test_allowed_hosts_adds_proxy_names_and_star_turns_the_check_off(running: tuple[Config, Pipeline, WebSink]) -> None:
+    cfg, pipeline, sink = running
+    for allowed, host, code in ((["edgelabel.plant.local"], "EdgeLabel.Plant.Local:443", 200),
+                                (["edgelabel.plant.local"], "other.plant.local", 421),
+                                (["*"], "anything.example", 200)):
+        cfg2 = config_from_dict({**_cfg_dict(cfg), "web": {**_cfg_dict(cfg)["web"], "allowed_hosts": allowed}},
+                                base_dir=Path(cfg.base_dir))
+        app = create_app(cfg2, pipeline, sink, test_config={"TESTING": True, "EDGELABEL_TOKEN": TOKEN,
+                                                            "SECRET_KEY": SECRET_KEY})
+        assert app.test_client().get("/healthz", headers={"Host": host}).status_code == code, (allowed, host)
+
+
+def _cfg_dict(cfg: Config) -> dict[str, Any]:
+    import dataclasses
+
+    data = dataclasses.asdict(cfg)
+    data.pop("base_dir", None)
+    return data
+
+
+# ----------------------------------------------------------------------------- sockets
+
+
+def test_half_finished_requests_and_huge_bodies_do_not_knock_the_page_over(
+    running: tuple[Config, Pipeline, WebSink],
+) -> None:
+    """120 anonymous connections that never finish their request made /healthz time out (waitress accepted
+    100 connections, idle for 60 s); a 300 MiB POST was spooled to /tmp before Flask's 64 KiB limit applied."""
+    import socket
+
+    from web.server import start_web
+
+    cfg, pipeline, sink = running
+    server = start_web(pipeline, sink, cfg, host="127.0.0.1", port=0)
+    port = int(server.url.rsplit(":", 1)[1])
+    stuck: list[socket.socket] = []
+    try:
+        for _ in range(300):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")  # and never the rest
+            stuck.append(s)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            assert s.recv(64).startswith(b"HTTP/1.1 200"), "/healthz answers beside 300 stuck connections"
+
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                      b"Content-Length: 314572800\r\n\r\n" + b"x" * 65536)
+            answer = s.recv(64)  # refused from the Content-Length, without waiting for 300 MiB
+            assert answer.startswith(b"HTTP/1.1 413"), answer
+    finally:
+        for s in stuck:
+            s.close()
+        server.stop()

@@ -26,6 +26,7 @@ from edge.config import Config
 from web import api, auth, ops, pages, review
 from web.auth import LoginThrottle, auth_method, csrf_token, is_authenticated, load_secrets, unauthorized, wants_json
 from web.context import PipelineLike, WebContext
+from web.hosts import HostCheck
 from web.logbuffer import RingLogHandler
 from web.metrics import make_registry
 from web.redact import Redactor
@@ -33,6 +34,9 @@ from web.sink import WebSink
 from web.system import DeviceMonitor
 
 log = logging.getLogger("edgelabel.web")
+
+#: the largest request body anything here accepts (a review decision of 1000 boxes is ~60 KB)
+MAX_BODY_BYTES = 64 * 1024
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
@@ -74,7 +78,7 @@ def create_app(
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Strict",
         PERMANENT_SESSION_LIFETIME=timedelta(hours=12),
-        MAX_CONTENT_LENGTH=64 * 1024,
+        MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
         SEND_FILE_MAX_AGE_DEFAULT=timedelta(minutes=10),
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the documented field order
@@ -91,7 +95,7 @@ def create_app(
                          _mqtt_password_file(cfg)])
     if log_handler is None:
         log_handler = RingLogHandler()
-    log_handler.redact = redactor.text
+    log_handler.set_redact(redactor.text)
     if device is None:
         disks = {"state": cfg.resolve(cfg.state_dir)}
         if cfg.dataset.enabled:
@@ -115,6 +119,23 @@ def create_app(
     app.register_blueprint(api.bp)
     app.register_blueprint(ops.bp)
     app.register_blueprint(review.bp)
+
+    hosts = HostCheck(cfg.web.allowed_hosts, cfg.web.host)
+    refused_logged: set[str] = set()  # one log line per refused name, not one per request
+
+    @app.before_request
+    def _host() -> Any:
+        """Only this appliance's names and IP addresses (DNS rebinding: web/hosts.py)."""
+        if hosts.allows(request.headers.get("Host")):
+            return None
+        shown = (request.headers.get("Host") or "(none)")[:100]
+        if shown not in refused_logged and len(refused_logged) < 100:
+            refused_logged.add(shown)
+            log.warning(
+                "web: refused a request for host %r from %s (not one of this appliance's names; "
+                "add it to web.allowed_hosts if it is a proxy or DNS alias)", shown, request.remote_addr)
+        return Response(f"421 Misdirected Request: this appliance does not answer to the host name {shown!r}. "
+                        "Use its IP address or add the name to web.allowed_hosts.\n", status=421, mimetype="text/plain")
 
     @app.before_request
     def _gate() -> Any:

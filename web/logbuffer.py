@@ -15,16 +15,14 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-
-def _identity(text: str) -> str:
-    return text
+from edge.redact import redact as redact_credentials
 
 
 class RingLogHandler(logging.Handler):
     """Keeps the last ``capacity`` records at ``level`` or above, each with a sequence number."""
 
     def __init__(self, capacity: int = 200, level: int = logging.WARNING,
-                 redact: Callable[[str], str] = _identity) -> None:
+                 redact: Callable[[str], str] = redact_credentials) -> None:
         super().__init__(level)
         self.redact = redact
         self._entries: deque[dict[str, Any]] = deque(maxlen=capacity)
@@ -53,6 +51,17 @@ class RingLogHandler(logging.Handler):
             entry["seq"] = self._seq
             self._entries.append(entry)
             self._counts["error" if record.levelno >= logging.ERROR else "warning"] += 1
+
+    def set_redact(self, redact: Callable[[str], str]) -> None:
+        """Use ``redact`` from now on, and apply it to what is already stored.
+
+        The handler is installed before the pipeline starts, so that start-up errors reach the page; the
+        app's redactor, which also knows the token and the MQTT password, exists only later.
+        """
+        with self._ring_lock:
+            self.redact = redact
+            for entry in self._entries:
+                entry["message"] = redact(entry["message"])
 
     def entries(self, since: int = 0, limit: int = 200) -> list[dict[str, Any]]:
         """Entries with a sequence number above ``since``, oldest first, at most the newest ``limit``."""

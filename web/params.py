@@ -8,9 +8,11 @@ Every refusal names the parameter, the value and what is allowed.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Sequence
+from typing import Any
 
 from flask import abort, request
 
@@ -70,3 +72,67 @@ def str_arg(name: str) -> str | None:
     """A free-text filter; absent or empty: None (no filter), as a form's "all" option sends it."""
     raw = _present(name)
     return raw or None
+
+
+#: deepest nesting a request body may have: a review decision is an object of a list of boxes (depth 3),
+#: with room for what clients add; Python's parser gave up with RecursionError near 1000
+MAX_JSON_DEPTH = 32
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses as inf and broke the box arithmetic downstream
+        raise ValueError(f"{text[:40]} is out of range")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > 300:  # float() of it would overflow (a double ends near 1.8e308)
+        raise ValueError(f"{text[:40]}... is out of range")
+    return int(text)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def json_depth(data: bytes) -> int:
+    """The deepest nesting of arrays and objects in a JSON text, counted without parsing it."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def json_object() -> dict[str, Any]:
+    """The request body as a JSON object, or 400 saying what is wrong with it.
+
+    Stricter than ``request.get_json``: nesting deeper than MAX_JSON_DEPTH (which made the parser raise
+    RecursionError, a 500), NaN/Infinity and numbers beyond a double (1e400) are refused up front.
+    """
+    data = request.get_data(cache=True)
+    if not data.strip():
+        abort(400, description="expected a JSON object in the body (Content-Type: application/json)")
+    if json_depth(data) > MAX_JSON_DEPTH:
+        abort(400, description=f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        body = json.loads(data, parse_float=_finite, parse_int=_bounded_int, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:
+        abort(400, description=f"the body is not valid JSON: {str(exc)[:200]}")
+    if not isinstance(body, dict):
+        abort(400, description="expected a JSON object in the body")
+    return body

@@ -3,8 +3,8 @@
 Why in one place: status snapshots come from sinks that other modules own and
 grow over time (an outbox, TLS settings...), so rather than trusting each of
 them, everything on its way out passes through ``Redactor.data``: values under
-keys that name a secret are replaced, every string has URL credentials
-masked, and the known secrets (the operator token, the MQTT password) are
+keys that name a secret are replaced, every string has its credentials
+masked (``edge.redact``), and the known secrets (the operator token, the MQTT password) are
 replaced wherever they appear.
 """
 
@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from edge.sources.rtsp import mask_credentials
+from edge.redact import redact
 
 MASK = "***"
 _SECRET_KEY_RE = re.compile(r"(?i)(pass(word|wd)?|secret|token|credential|private_key|api_key)")
@@ -34,7 +34,7 @@ class Redactor:
 
     def text(self, value: str) -> str:
         """The string with credentials and known secrets masked."""
-        out = mask_credentials(value)
+        out = redact(value)
         for secret in self._secrets:
             if secret in out:
                 out = out.replace(secret, MASK)

@@ -33,7 +33,7 @@ from edge.review import ACTIONS, STATES, ReviewError, ReviewStore, VersionConfli
 from web.api import parse_record_id
 from web.auth import auth_method, require_operator
 from web.context import get_ctx
-from web.params import choice_arg, float_arg, int_arg, str_arg
+from web.params import choice_arg, float_arg, int_arg, json_object, str_arg
 
 log = logging.getLogger("edgelabel.web")
 
@@ -153,9 +153,13 @@ def decide(record_id: str) -> Any:
     """A decision: ``{"action": accept|update|reject|reopen, "detections"?: [...], "version"?: n, "by"?: name}``."""
     store = get_store()
     rid = parse_record_id(record_id)
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        abort(400, description="expected a JSON object with an action")
+    try:
+        store.item(rid)  # an unknown frame is 404 whatever the body says
+    except KeyError:
+        abort(404, description="no such frame in the dataset")
+    except (OSError, sqlite3.Error) as exc:
+        abort(503, description=f"the dataset could not be read ({exc}); try again when it can")
+    body = json_object()
     action = body.get("action")
     if action not in ACTIONS:
         abort(400, description=f"action must be one of {', '.join(ACTIONS)}")

@@ -31,15 +31,21 @@ from flask import Flask
 from waitress.server import create_server
 
 from edge.config import Config
-from web.app import create_app
+from web.app import MAX_BODY_BYTES, create_app
 from web.context import PipelineLike, WebContext
 from web.logbuffer import RingLogHandler
 from web.sink import WebSink
 
 log = logging.getLogger("edgelabel.web")
 
-#: seconds a waitress connection may stay idle (live views are not idle: they keep sending)
-CHANNEL_TIMEOUT = 60
+#: seconds a waitress connection may stay idle (live views are not idle: they keep sending); a request left
+#: half-sent holds a connection slot this long, so it is short
+CHANNEL_TIMEOUT = 15
+#: how often idle connections are looked for (waitress: 30 s, which doubled the effective timeout)
+CLEANUP_INTERVAL = 5
+#: open connections before new ones wait in the backlog: far above what operators and live views use, so a
+#: few hundred half-finished requests from the LAN cannot make /healthz time out (waitress: 100)
+CONNECTION_LIMIT = 1000
 
 
 def _url_host(host: str) -> str:
@@ -92,17 +98,28 @@ class WebServer:
         log.info("web page stopped")
 
 
+def early_log_handler() -> RingLogHandler:
+    """The log panel's handler, installed now: what goes wrong while the pipeline starts reaches the page.
+
+    Pass it to ``start_web``; the web server removes it when it stops (the caller does, if it never starts).
+    """
+    handler = RingLogHandler()
+    handler.install()
+    return handler
+
+
 def start_web(pipeline: PipelineLike, web_sink: WebSink, cfg: Config, *, host: str | None = None,
-              port: int | None = None) -> WebServer:
+              port: int | None = None, log_handler: RingLogHandler | None = None) -> WebServer:
     """Serve the web page for ``pipeline`` on ``cfg.web.host:port`` (or the overrides; port 0 picks a free one).
 
     Raises OSError (with the address in the message) when the address cannot be bound; nothing is left running then.
     """
     bind_host = cfg.web.host if host is None else host
     bind_port = cfg.web.port if port is None else port
-    handler = RingLogHandler()
+    handler = log_handler or RingLogHandler()  # one given is already installed (early_log_handler)
     app = create_app(cfg, pipeline, web_sink, log_handler=handler)
-    handler.install()
+    if log_handler is None:
+        handler.install()
     try:
         server = create_server(
             app,
@@ -111,7 +128,12 @@ def start_web(pipeline: PipelineLike, web_sink: WebSink, cfg: Config, *, host: s
             threads=cfg.web.threads,
             ident="edgelabel",
             channel_timeout=CHANNEL_TIMEOUT,
-            connection_limit=max(100, cfg.web.threads * 4),
+            cleanup_interval=CLEANUP_INTERVAL,
+            connection_limit=max(CONNECTION_LIMIT, cfg.web.threads * 4),
+            # a larger body is refused from its Content-Length (or as it arrives, chunked) before any of it is
+            # kept; waitress's own default (1 GiB, spooled to /tmp) applied before Flask's limit could
+            max_request_body_size=MAX_BODY_BYTES,
+            inbuf_overflow=MAX_BODY_BYTES * 2,
             asyncore_use_poll=True,
             expose_tracebacks=False,
             clear_untrusted_proxy_headers=True,

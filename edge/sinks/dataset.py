@@ -8,18 +8,24 @@ Layout under the dataset root::
     classes.txt  data.yaml             class list, Ultralytics dataset file (train/val: images)
     annotations.coco.json              COCO detection JSON (rejected frames left out), regenerated from the index
     index.sqlite                       one row per record: the source of truth for everything above
+    edgelabel.lock                     flock held by the one process that writes the dataset (see lock_dataset)
 
 Which frames: :mod:`edge.capture` decides per frame (in ``prepare``, before any pixel is written)
 whether the frame enters the dataset and whether it is ``auto_accepted`` or ``needs_review``.  The
-bundled default keeps every frame of files, folders and videos (``edgelabel label`` behaves as
-before) and samples live cameras.  A person's decisions (:mod:`edge.review`) move a row to
+bundled default keeps every frame of files, folders and videos (``edgelabel label`` too), sending those
+with a detection scored near the threshold to ``needs_review``, and samples live cameras.  A person's
+decisions (:mod:`edge.review`) move a row to
 ``accepted``, ``corrected`` or ``rejected`` with who and when; those rows are never overwritten by
 a frame that is labeled again (after a crash or ``--fresh``).
 
 Naming, chosen so that a frame processed twice (after a crash) lands on the same files:
 
 * stored copy of a frame without a file: ``images/<source>/<index:08d>_<id[:8]>.<ext>``
-* stored copy of a file frame (save_images: always): ``images/<source>/<original stem>_<id[:8]>.<ext>``
+* stored copy of a file frame (save_images: always, what ``edgelabel label`` uses):
+  ``images/<source>/<original stem>_<id[:8]>.<ext>`` -- the original's bytes (a hard link on the same
+  disk, else a copy), encoded as ``image_format`` only for types a trainer may not read (jp2, pnm)
+* ``<source>`` is the source name, except that a source called ``images`` is stored as ``images_src``:
+  Ultralytics replaces the *last* ``/images/`` of an image path by ``/labels/`` to find its label
 * its YOLO label: ``labels/<source>/<stored stem>.txt`` (the Ultralytics images/ -> labels/ convention)
 * a referenced original (folder/image sources, save_images auto/never) is not copied; its label is
   ``labels/<source>/<original stem>_<id[:8]>.txt`` -- unique even when sub-folders repeat a stem.
@@ -63,6 +69,7 @@ a time (the pipeline's sink worker); review decisions arrive on web threads.  Bo
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -84,8 +91,8 @@ import numpy as np
 import yaml
 
 from edge.capture import SKIP, CaptureDecision, CaptureSelector
-from edge.config import DatasetConfig
-from edge.frame import Frame
+from edge.config import ConfigError, DatasetConfig
+from edge.frame import Frame, text_path
 from edge.records import LabelRecord, iso_utc
 from edge.sinks.base import Sink
 
@@ -93,6 +100,7 @@ log = logging.getLogger(__name__)
 
 COCO_FILE = "annotations.coco.json"
 INDEX_FILE = "index.sqlite"
+LOCK_FILE = "edgelabel.lock"
 REJECTED_DIR = "rejected"
 #: every review state, in the order of the docs
 STATES = ("auto_accepted", "needs_review", "accepted", "corrected", "rejected")
@@ -106,6 +114,8 @@ COCO_BUDGET = 10.0
 ROTATION_LOG_INTERVAL = 600.0
 #: rows deleted per transaction while rotating
 ROTATE_BATCH = 64
+#: file types stored byte for byte (save_images: always): what Ultralytics, Datumaro and OpenCV all read
+TRAINABLE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 
 #: rotation order: lower tiers go first, oldest first within a tier (the expression must match the index's)
 _TIER = "(CASE state WHEN 'rejected' THEN 0 WHEN 'auto_accepted' THEN 1 WHEN 'needs_review' THEN 2 ELSE 3 END)"
@@ -137,6 +147,7 @@ _COLUMNS = (
     ("version", "INTEGER NOT NULL DEFAULT 1"),  # bumped by every change; review requests may name the one they saw
     ("synced", "INTEGER NOT NULL DEFAULT 1"),  # 0 while a decision's files are being rewritten
     ("captured_ts", "REAL"),
+    ("model", "TEXT"),  # the name of the model whose run made the row's boxes (NULL on older rows)
 )
 _SCHEMA_EXTRA = f"""
 CREATE INDEX IF NOT EXISTS records_queue ON records (state, uncertainty DESC, created);
@@ -158,15 +169,15 @@ CREATE INDEX IF NOT EXISTS review_log_record ON review_log (record_id, seq);
 _UPSERT = """
 INSERT INTO records (id, source, frame_key, frame_index, image_path, label_path, width, height,
                      captured_at, detections, n_detections, created, state, uncertainty, model_detections,
-                     bytes, captured_ts)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                     bytes, captured_ts, model)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT(id) DO UPDATE SET
     source = excluded.source, frame_key = excluded.frame_key, frame_index = excluded.frame_index,
     image_path = excluded.image_path, label_path = excluded.label_path, width = excluded.width,
     height = excluded.height, captured_at = excluded.captured_at, detections = excluded.detections,
     n_detections = excluded.n_detections, state = excluded.state, uncertainty = excluded.uncertainty,
     model_detections = excluded.model_detections, bytes = excluded.bytes, captured_ts = excluded.captured_ts,
-    version = records.version + 1, synced = 1
+    model = excluded.model, version = records.version + 1, synced = 1
 """
 
 
@@ -206,6 +217,8 @@ class DatasetIndex:
         self._given_names = list(names) if names is not None else None
         self._names: list[str] = list(names or [])
         self._model_name = model_name or ""
+        self._legacy_model = ""  # the model the index named before this open: rows without a model column value
+        self._yaml_models: str | None = None  # the model list data.yaml was last written with
         self._repair = repair
         self.lock = threading.RLock()
         self._counts_lock = threading.Lock()
@@ -258,6 +271,9 @@ class DatasetIndex:
                         db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [
                             ("names", json.dumps(self._names)), ("model", self._model_name),
                             ("formats", json.dumps(sorted(self.formats)))])
+                        if self._legacy_model and db.execute("SELECT 1 FROM records WHERE model IS NULL").fetchone():
+                            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('legacy_model', ?)",
+                                       (self._legacy_model,))
                     if "yolo" in self.formats:
                         self._write_class_files()
                 self._recount()
@@ -281,6 +297,7 @@ class DatasetIndex:
     def _load_meta(self) -> None:
         """Class names and model: given, else stored in the index, else classes.txt, else what the rows say."""
         meta = {r["key"]: r["value"] for r in self.db.execute("SELECT key, value FROM meta")}
+        self._legacy_model = meta.get("legacy_model") or meta.get("model") or ""
         if not self._model_name:
             self._model_name = meta.get("model") or "unknown"
         if self._given_names is not None:
@@ -301,6 +318,20 @@ class DatasetIndex:
     def _write_class_files(self) -> None:
         names = "".join(f"{n}\n" for n in self._names)
         write_atomic(self.root / "classes.txt", names.encode())
+        self._write_data_yaml(self.model_name)
+
+    def refresh_data_yaml(self) -> bool:
+        """Rewrite data.yaml when the models that made the boxes changed since it was written; True if written."""
+        if "yolo" not in self.formats or self._given_names is None:
+            return False
+        with self.lock:
+            models = self.model_name
+            if models == self._yaml_models:
+                return False
+            self._write_data_yaml(models)
+            return True
+
+    def _write_data_yaml(self, models: str) -> None:
         data = {
             "path": str(self.root.resolve()),
             "train": "images",
@@ -308,10 +339,11 @@ class DatasetIndex:
             "names": dict(enumerate(self._names)),
         }
         header = (
-            f"# edgelabel auto-labels by {self._model_name}. YOLO labels of stored frames sit under labels/;\n"
+            f"# edgelabel auto-labels by {models}. YOLO labels of stored frames sit under labels/;\n"
             f"# referenced original files are listed with their label file in {COCO_FILE}.\n"
         )
         write_atomic(self.root / "data.yaml", (header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)).encode())
+        self._yaml_models = models
 
     def _recount(self) -> None:
         rows = self.db.execute(
@@ -345,7 +377,17 @@ class DatasetIndex:
 
     @property
     def model_name(self) -> str:
-        return self._model_name
+        """The models whose runs made the boxes in the dataset (most frames first), e.g. ``yolo11n_int8``, or
+        ``yolo11n_int8, yolox_nano`` while both are present; the configured model while there are no frames."""
+        return ", ".join(self.models()) or self._model_name
+
+    def models(self) -> list[str]:
+        """Names of the models that made the boxes of the frames kept (rejected frames left out), most first."""
+        with self.lock:
+            rows = self.db.execute(
+                "SELECT COALESCE(model, ?) AS m, COUNT(*) AS n FROM records WHERE state != 'rejected'"
+                " GROUP BY m ORDER BY n DESC, m", (self._legacy_model or "unknown",)).fetchall()
+        return [r["m"] for r in rows]
 
     def counts(self) -> dict[str, Any]:
         """images, annotations, bytes (owned files + COCO) and rows per state, without waiting for a write."""
@@ -420,7 +462,8 @@ class DatasetIndex:
             with db:
                 db.execute(_UPSERT, (record.id, record.source, record.frame_key, record.frame_index, image, label,
                                      record.width, record.height, record.captured_at, dets, len(boxes), time.time(),
-                                     decision.state, decision.uncertainty, dets, size, record.captured_ts))
+                                     decision.state, decision.uncertainty, dets, size, record.captured_ts,
+                                     record.model.name))
             self._count(old, (decision.state, len(boxes), size))
             self.coco_dirty = True
             return old is None
@@ -512,7 +555,7 @@ class DatasetIndex:
                 chunk = stale[i:i + 500]
                 for r in db.execute(
                         "SELECT rowid, id, source, frame_key, image_path, label_path, width, height, captured_at,"
-                        " detections, state, reviewed_by, reviewed_at, version FROM records"
+                        " detections, state, reviewed_by, reviewed_at, version, model FROM records"
                         f" WHERE rowid IN ({','.join('?' * len(chunk))})", chunk):
                     cache[r["rowid"]] = _coco_fragments(r)
             if len(cache) > len(heads):
@@ -526,7 +569,7 @@ class DatasetIndex:
             categories += [{"id": c + 1, "name": extra[c], "supercategory": "object", "edgelabel_class_id": c}
                            for c in sorted(extra) if c >= len(self._names)]
             data = b"".join((
-                b'{"info":', _json(_coco_info(self._model_name)), b',"licenses":[],"images":[',
+                b'{"info":', _json(_coco_info(self.model_name)), b',"licenses":[],"images":[',
                 b",".join(e[2] for e in entries), b'],"annotations":[',
                 b",".join(e[3] for e in entries if e[3]), b'],"categories":', _json(categories), b"}",
             ))
@@ -695,6 +738,7 @@ def _coco_fragments(r: Any) -> tuple[str, int, bytes, bytes, tuple[tuple[int, st
         "edgelabel_review_state": r["state"],
         "edgelabel_reviewed_by": r["reviewed_by"],
         "edgelabel_reviewed_at": r["reviewed_at"],
+        "edgelabel_model": r["model"],
     }
     anns: list[bytes] = []
     classes: dict[int, str] = {}
@@ -773,12 +817,18 @@ class DatasetSink(Sink):
         self._skipped_disk = 0
         self._last_disk_log = float("-inf")
         self._rotations = _RotationLog()
+        self._lock_fd: int | None = None  # holds <root>/edgelabel.lock while this sink writes the dataset
+        self._refused = False  # another process holds the dataset: this sink writes nothing
 
     # ------------------------------------------------------------------ Sink API
 
     def open(self) -> None:
-        """Create the layout and the index; a failure is reported and retried on the next write."""
-        self._ensure_open()
+        """Lock the dataset, create the layout and the index.
+
+        Raises ConfigError when another process writes this dataset (one writer per dataset, like the
+        state_dir); any other failure is reported and retried on the next write.
+        """
+        self._ensure_open(strict=True)
 
     def prepare(self, record: LabelRecord, frame: Frame) -> None:
         """Ask the capture policy; store the pixels of a captured frame and point ``record.frame_path`` at them.
@@ -810,16 +860,30 @@ class DatasetSink(Sink):
             self._write_coco()
 
     def flush(self) -> None:
-        """Regenerate the COCO file now if anything changed since the last one."""
+        """Regenerate the COCO file now if anything changed since the last one; data.yaml names the models."""
+        with self._lock:
+            errors = self._errors
         self._write_coco()
+        with self._lock:
+            failed = self._errors != errors
+        if self.index.is_open and not failed:  # one report per flush on a failing disk
+            try:
+                self.index.refresh_data_yaml()
+            except (OSError, sqlite3.Error) as exc:
+                self._report_error("write", self.root / "data.yaml", exc)
 
     def close(self) -> None:
-        """Write the final COCO file and close the index."""
+        """Write the final COCO file, close the index and release the dataset's lock."""
+        if self._refused:
+            return
         self.flush()
         try:
             self.index.close()
         except sqlite3.Error as exc:  # pragma: no cover - close only fails on a broken database
             self._report_error("close", self.index.path, exc)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
 
     def status(self) -> dict[str, Any]:
         counts = self.index.counts()
@@ -847,10 +911,27 @@ class DatasetSink(Sink):
 
     # ------------------------------------------------------------------ set-up
 
-    def _ensure_open(self) -> bool:
-        """Open the index and write the class files once; False (reported) while that is impossible."""
+    def _ensure_open(self, strict: bool = False) -> bool:
+        """Lock the dataset, open the index and write the class files once; False (reported) while impossible.
+
+        ``strict`` (at open) raises ConfigError when another process holds the dataset's lock.
+        """
         if self.index.is_open:
             return True
+        if self._refused:
+            return False
+        if self._lock_fd is None:
+            try:
+                self._lock_fd = lock_dataset(self.root)
+            except ConfigError:
+                if strict:
+                    self._refused = True
+                    raise
+                self._report_error("lock", self.root / LOCK_FILE, OSError(errno.EWOULDBLOCK, "held by another process"))
+                return False
+            except OSError as exc:
+                self._report_error("lock the dataset at", self.root, exc)
+                return False
         try:
             self.index.open()
         except (OSError, sqlite3.Error) as exc:
@@ -882,27 +963,40 @@ class DatasetSink(Sink):
         return self._store_frame(record, frame, decision)
 
     def _store_frame(self, record: LabelRecord, frame: Frame, decision: CaptureDecision) -> _Plan:
-        """Apply save_images: write an encoded copy, or reference the original file, or keep nothing."""
-        source = _safe_component(record.source)
+        """Apply save_images: store a copy of the pixels, or reference the original file, or keep nothing.
+
+        A file frame stored with ``always`` keeps the original's bytes (a hard link on the same disk, else a
+        copy): no second JPEG generation, no extra space; formats a trainer may not read are encoded instead.
+        """
+        source = dataset_component(record.source)
         short = record.id[:8]
         mode = self.cfg.save_images
         original = os.path.abspath(frame.path) if frame.path else None
-        if mode == "always" or (mode == "auto" and original is None):
-            stem = f"{Path(original).stem}_{short}" if original else f"{frame.index:08d}_{short}"
-            rel = f"images/{source}/{stem}.{self.cfg.image_format}"
+        named = text_path(original) if original else None  # for file names and the index (not UTF-8: escaped)
+        if mode == "always" or (mode == "auto" and (original is None or named != original)):
+            # auto: a file whose name is not UTF-8 cannot be referenced from the index, so it is copied
+            stem = f"{Path(named).stem}_{short}" if named else f"{frame.index:08d}_{short}"
+            suffix = Path(original).suffix.lower() if original else ""
+            as_is = original is not None and suffix in TRAINABLE_SUFFIXES
+            rel = f"images/{source}/{stem}{suffix if as_is else '.' + self.cfg.image_format}"
             try:
-                data = self._encode(frame.image)
-                write_atomic(self.index._dir_ready(self.root / rel), data)
+                target = self.index._dir_ready(self.root / rel)
+                if as_is and original is not None:
+                    size, digest = _link_or_copy(Path(original), target)
+                else:
+                    data = self._encode(frame.image)
+                    write_atomic(target, data)
+                    size, digest = len(data), hashlib.sha256(data).hexdigest()
             except (OSError, ValueError) as exc:
                 self._report_error("store frame", self.root / rel, exc)
-                record.frame_path, record.frame_sha256 = original, None  # never point at pixels that are not there
+                record.frame_path, record.frame_sha256 = named, None  # never point at pixels that are not there
                 return _Plan(None, f"labels/{source}/{stem}.txt", failed=True)
-            self._last_image_bytes = len(data)
-            record.frame_path, record.frame_sha256 = rel, hashlib.sha256(data).hexdigest()
-            return _Plan(rel, f"labels/{source}/{stem}.txt", len(data), decision)
-        if original is not None:
-            record.frame_path, record.frame_sha256 = original, _file_sha256(original)
-            return _Plan(original, f"labels/{source}/{Path(original).stem}_{short}.txt", 0, decision)
+            self._last_image_bytes = size
+            record.frame_path, record.frame_sha256 = rel, digest
+            return _Plan(rel, f"labels/{source}/{stem}.txt", size, decision)
+        if original is not None and named is not None:
+            record.frame_path, record.frame_sha256 = named, _file_sha256(original)
+            return _Plan(named, f"labels/{source}/{Path(named).stem}_{short}.txt", 0, decision)
         record.frame_path, record.frame_sha256 = None, None
         return _Plan(None, f"labels/{source}/{frame.index:08d}_{short}.txt", 0, decision)
 
@@ -1060,6 +1154,29 @@ class DatasetSink(Sink):
 # ---------------------------------------------------------------------- helpers
 
 
+def lock_dataset(root: Path) -> int:
+    """Hold ``<root>/edgelabel.lock`` for this process (the fd); ConfigError naming the holder when it is taken.
+
+    Two daemons writing one dataset would overwrite each other's COCO file and data.yaml and fight over
+    its index; the state_dir is locked the same way (``edge.pipeline.lock_state_dir``).  ``flock`` is
+    released by the kernel when the process dies, so a kill -9 leaves no stale lock.  Readers (exports,
+    the review page of the same process) do not lock.  Raises OSError when the folder cannot be created.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown pid"
+        os.close(fd)
+        raise ConfigError([f"dataset.path: {root} is in use by another edgelabel process ({holder}); give each "
+                           "daemon its own dataset.path (with --state-dir and no dataset.path configured, the "
+                           "dataset is <state_dir>/dataset), or stop that process"]) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()}\n".encode())
+    return fd
+
+
 _TMP_NAME = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
 
 
@@ -1149,6 +1266,37 @@ def _safe_component(name: str) -> str:
 
 
 safe_component = _safe_component
+
+
+def dataset_component(name: str) -> str:
+    """A source's folder under ``images/`` and ``labels/``.
+
+    Ultralytics finds a label by replacing the *last* ``/images/`` of the image path with ``/labels/``, so
+    a source folder called ``images`` (``edgelabel label photos/images``) would send it to
+    ``images/labels/...``; such a source gets the folder ``images_src``.
+    """
+    cleaned = _safe_component(name)
+    return f"{cleaned}_src" if cleaned == "images" else cleaned
+
+
+def _link_or_copy(src: Path, dst: Path) -> tuple[int, str]:
+    """Put ``src``'s bytes at ``dst`` (a hard link when on the same disk, else a copy); (size, sha256)."""
+    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename == str(tmp):
+            exc.filename = str(dst)
+        raise
+    digest = _file_sha256(str(dst))
+    if digest is None:
+        raise OSError(errno.EIO, "cannot read the stored copy back", str(dst))
+    return dst.stat().st_size, digest
 
 
 def _clipped_boxes(record: LabelRecord) -> list[dict[str, Any]]:

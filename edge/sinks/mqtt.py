@@ -3,7 +3,7 @@
 Topics (``prefix`` and the device id come from the config; docs/mqtt.md has every payload)::
 
     <prefix>/<device>/status             retained: online | stopped | offline (Last Will)
-    <prefix>/<device>/<source>/status    retained: online | reconnecting | offline | finished | disabled
+    <prefix>/<device>/<source>/status    retained: online | reconnecting | offline | finished | disabled | stopped
     <prefix>/<device>/<source>/labels    one LabelRecord JSON per processed frame      (outbox, mqtt.qos)
     <prefix>/<device>/events             track events new / update / end             (outbox, mqtt.qos)
     <prefix>/<device>/review             review decisions from the web page           (outbox, mqtt.qos)
@@ -38,10 +38,17 @@ Why it is built this way:
   easy to miss on a headless box: the first failure (and every change of its
   cause) is an ERROR naming host:port and, for a refused login, the user
   (never the password); then a WARNING at most every 30 s with the backlog.
-* Device and source status, stats and snapshots are state, not data: they are
-  published directly (not through the outbox).  On every (re)connect the
+* Device status, stats and snapshots are state, not data: they are published
+  directly (not through the outbox).  A source's status goes through the
+  outbox, so it keeps its place behind the source's labels (``finished`` after
+  the last one; ``stopped`` on a clean close).  On every (re)connect the
   device's ``online`` and each source's last state are published again,
   retained, because a broker restarted without persistence forgot them.
+* The closing log line's counters add up: published = acknowledged + QoS 0
+  (no acknowledgement exists) + refused by the broker + unacknowledged.
+* A TLS failure (untrusted certificate, host name mismatch, refused client
+  certificate, plain port) is reported as such, naming the mqtt.tls setting to
+  check, not as an unreachable broker.
 * Every call into paho's ``publish`` goes through :meth:`MqttSink._publish_locked`.
 
 Threading: ``write``/``events``/``source_status``/``stats``/``flush``/``close``
@@ -65,10 +72,12 @@ import queue
 import socket
 import sqlite3
 import ssl
+import sys
 import threading
 import time
 import uuid
 from collections import Counter, deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +87,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge.config import ConfigError, MqttConfig
+from edge.config import ConfigError, MqttConfig, TlsConfig
 from edge.frame import Frame
 from edge.records import LabelRecord, iso_utc
 from edge.sinks.base import Sink, SinkRefused
@@ -102,6 +111,8 @@ ACK_DELAY = 0.05
 #: CONNACK reason codes that mean "who you are is not accepted" (3.1.1: 4, 5; MQTT 5: 0x86, 0x87)
 AUTH_FAILURES = {4, 5, 0x86, 0x87}
 STATS_SCHEMA_VERSION = 1
+#: source states that stay true after the daemon stops; every other one becomes ``stopped`` on a clean close
+FINAL_SOURCE_STATES = ("finished", "disabled")
 _STATS_NAMESPACE = uuid.UUID("9b8e4f2a-1c7d-5f3e-b6a0-4d2e8c1f7a95")
 _PAHO_LOG = logging.getLogger(f"{__name__}.paho")
 
@@ -110,7 +121,10 @@ def _paho_noise(record: logging.LogRecord) -> bool:
     """paho 2.2 logs "Client is not connected" at ERROR on every loop turn without a socket (each retry
     while the broker is down, and after a disconnect); the sink reports the connection state itself, so
     this is demoted to DEBUG instead of flooding an operator's log with false errors."""
-    if record.levelno >= logging.ERROR and record.getMessage().startswith("Client is not connected"):
+    message = record.getMessage() if record.levelno >= logging.ERROR else ""
+    if message.startswith("Client is not connected") or (message.startswith("failed to receive on socket") and
+                                                          "[SSL" in message):
+        # the second: a TLS alert from the broker on every retry; the sink names it once (_on_log)
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return _PAHO_LOG.isEnabledFor(logging.DEBUG)
     return True
@@ -118,6 +132,51 @@ def _paho_noise(record: logging.LogRecord) -> bool:
 
 _PAHO_LOG.addFilter(_paho_noise)
 
+
+
+def describe_tls_error(exc: BaseException, tls: TlsConfig | None, host: str, port: int) -> str | None:
+    """A failed TLS connection in words an operator can act on, naming the mqtt.tls setting to check.
+
+    None when ``exc`` is not a TLS failure (refused, timed out, no route: the broker is unreachable).
+    ``edgelabel doctor`` says the same ("TLS handshake failed ... check mqtt.tls"); here the cause is
+    split further because the daemon retries forever and the log line is all an operator sees.
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError) or isinstance(exc, ssl.CertificateError):
+        msg = getattr(exc, "verify_message", None) or str(exc)
+        if "mismatch" in msg.lower() or "doesn't match" in msg.lower():
+            return (f"TLS: hostname mismatch, the broker's certificate is not valid for mqtt.host {host!r} ({msg}); "
+                    "set mqtt.host to a name the certificate lists, or reissue the broker's certificate "
+                    "(mqtt.tls.insecure: true skips this check, which lets anyone with a certificate from that CA "
+                    "pose as the broker)")
+        ca = tls.ca if tls is not None and tls.ca else "the system's CA store (mqtt.tls.ca not set)"
+        return (f"TLS: certificate verify failed, the broker's certificate is not trusted ({msg}); check that "
+                f"mqtt.tls.ca ({ca}) is the CA that signed the broker's certificate")
+    if isinstance(exc, ssl.SSLError):
+        return (f"TLS handshake failed ({getattr(exc, 'reason', None) or exc}); check mqtt.tls (ca, cert, key) "
+                f"and that {host}:{port} speaks TLS")
+    if tls is not None and isinstance(exc, ConnectionResetError):
+        return (f"TLS handshake failed (connection reset by the broker); check that {host}:{port} is a TLS "
+                "listener (mqtt.port; 8883 by convention) and mqtt.tls (ca, cert, key)")
+    return None
+
+
+def describe_tls_alert(alert: str) -> str:
+    """The broker ended a TLS connection with an alert after the handshake (TLS 1.3 checks the client
+    certificate there): most often a missing or untrusted client certificate."""
+    if "certificate" in alert.lower():
+        return (f"TLS: the broker rejected the client certificate ({alert}); check mqtt.tls.cert and mqtt.tls.key "
+                "(a certificate signed by a CA the broker trusts)")
+    return f"TLS error from the broker ({alert}); check mqtt.tls (ca, cert, key)"
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """What is still to deliver, for the daemon's wait at the end of a finite job (``mqtt.drain_timeout``)."""
+
+    pending: int  # messages in the outbox, not acknowledged yet
+    connected: bool
+    unreachable_since: float | None  # wall-clock time the current outage began (None while connected)
+    last_error: str | None
 
 
 def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -172,8 +231,12 @@ class MqttSink(Sink):
         self._interrupted = False  # the pipeline is stopping: do not wait for room in a full outbox
         self._in_put = False  # a write is inside Outbox.put (which may wait under stop_capture)
         self._closed = False
+        self.left_at_close = 0  # messages still in the outbox when close() returned
+        # published == acked + qos0 + broker_refused + messages still awaiting their acknowledgement
         self._published = 0
         self._acked = 0
+        self._qos0 = 0  # published with QoS 0 (stats, snapshots, mqtt.qos 0): no acknowledgement exists
+        self._broker_refused = 0  # published, then refused by the broker (a failing reason code)
         self._rejected = 0  # refused by the broker (failure reason code) or invalid for paho
         self._unserialisable = 0
         self._store_failed = 0  # the outbox could not store them (disk full, I/O error)
@@ -182,6 +245,8 @@ class MqttSink(Sink):
         self._refused = False  # the last connection attempt got a failing CONNACK
         # outage reporting: ERROR once per outage (and when its cause changes), then WARNING every WARN_INTERVAL
         self._outage_since: float | None = None
+        self._outage_since_wall: float | None = None  # the same moment on the wall clock, for people
+        self._tls_alert: str | None = None  # a TLS alert paho read before the connection dropped
         self._outage_kind: str | None = None
         self._last_outage_warning = 0.0
         self._last_reject_log = float("-inf")
@@ -266,6 +331,10 @@ class MqttSink(Sink):
                 # a bad certificate path is a configuration mistake: fail start-up with the field named
                 raise ConfigError([f"mqtt.tls: cannot load CA/certificate/key ({exc})"]) from exc
             client.tls_insecure_set(tls.insecure)
+            if tls.insecure:
+                log.warning("MQTT: mqtt.tls.insecure is true: the broker's host name is not checked against its "
+                            "certificate, so anyone holding a certificate from that CA can pose as %s; set it to "
+                            "false once the certificate names mqtt.host", self.broker)
         client.max_inflight_messages_set(cfg.max_inflight)
         client.max_queued_messages_set(cfg.max_queued)
         client.reconnect_delay_set(cfg.reconnect.initial, max(cfg.reconnect.max, cfg.reconnect.initial))  # type: ignore[arg-type]
@@ -276,6 +345,7 @@ class MqttSink(Sink):
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_log = self._on_log  # only while not connected: paho formats every log line for it
         return client
 
     def open(self) -> None:
@@ -319,7 +389,8 @@ class MqttSink(Sink):
         with self._lock:
             if len(self._capture_ts) >= LATENCY_WINDOW:  # never acknowledged (outage): forget the oldest
                 self._capture_ts.pop(next(iter(self._capture_ts)))
-            self._capture_ts[record.id] = record.captured_ts
+            # a file frame's captured_ts is media time (edge/frame.py): its latency counts from the read
+            self._capture_ts[record.id] = record.captured_ts if frame.live else frame.read_at
         self._store([Message(record.source, topic, payload, self.cfg.qos, False, record.id)], sync=sync)
         with self._lock:
             self._frames_out[record.source] += 1
@@ -412,6 +483,14 @@ class MqttSink(Sink):
                 return
             self._closing = True  # releases a write blocked by stop_capture
             opened = self._opened
+            running = [src for src, st in self._source_status.items() if st not in FINAL_SOURCE_STATES]
+        for source in running if opened else []:
+            # a retained "online" would outlive the daemon: say every running source stopped, in order
+            # behind its labels (through the outbox, so a broker that is down gets it on the next start)
+            try:
+                self.source_status(source, "stopped")
+            except SinkRefused as exc:
+                log.warning("MQTT: %s/status stopped not stored: %s", source, exc)
         self._outbox.commit()
         self._wake.set()
         if opened:
@@ -437,12 +516,16 @@ class MqttSink(Sink):
         if opened:
             self._client.loop_stop()
         self._outbox.close()
+        self.left_at_close = left
         with self._lock:
             self._connected = False
             self._closed = True
-            counts = (self._published, self._acked, self._dropped_locked())
+            counts = self._delivery_counts_locked()
             latency = self._latency_locked()
-        log.info("MQTT: closed (%d published, %d acknowledged, %d dropped)", *counts)
+        log.info("MQTT: closed (%d published = %d acknowledged + %d QoS 0 (never acknowledged: stats, snapshots) + "
+                 "%d refused by the broker + %d unacknowledged; %d dropped, %d left in the outbox)",
+                 counts["published"], counts["acked"], counts["qos0"], counts["broker_refused"], counts["unacked"],
+                 counts["dropped"], left)
         if latency["puback_latency_n"]:
             log.info("MQTT: capture->PUBACK latency over the last %d labels: p50 %s / p95 %s / p99 %s ms",
                      latency["puback_latency_n"], latency["puback_p50_ms"], latency["puback_p95_ms"],
@@ -451,8 +534,11 @@ class MqttSink(Sink):
     def status(self) -> dict[str, Any]:
         """Connection state and counters.
 
-        ``published``: messages handed to the MQTT client (replays included);
-        ``acked``: messages the broker acknowledged; ``pending``: messages in
+        ``published``: messages handed to the MQTT client (replays from the outbox included);
+        ``acked``: messages the broker acknowledged; ``qos0``: messages published with QoS 0 (stats,
+        snapshots), which get no acknowledgement; ``broker_refused``: published and refused by the broker;
+        ``unacked``: published with QoS 1/2 and not acknowledged yet; these add up:
+        ``published == acked + qos0 + broker_refused + unacked``.  ``pending``: messages in
         the outbox, not yet acknowledged; ``dropped``: messages that will never
         be sent (outbox full or expired, refused by the broker, unserialisable,
         not storable), broken down in ``drops``.
@@ -467,6 +553,9 @@ class MqttSink(Sink):
                 "protocol": self.cfg.protocol,
                 "published": self._published,
                 "acked": self._acked,
+                "qos0": self._qos0,
+                "broker_refused": self._broker_refused,
+                "unacked": len(self._inflight) + len(self._direct),
                 "pending": ob["depth"],
                 "inflight": len(self._inflight),
                 "dropped": self._dropped_locked(),
@@ -481,8 +570,15 @@ class MqttSink(Sink):
                 "outbox": ob,
                 "last_publish_at": self._last_publish_at,
                 "last_error": self._last_error,
+                "unreachable_since": None if self._outage_since_wall is None else iso_utc(self._outage_since_wall),
                 **self._latency_locked(),
             }
+
+    def backlog(self) -> Backlog:
+        """What is left to deliver and whether the broker is reachable (any thread)."""
+        self._process_acks(force=True)
+        with self._lock:
+            return Backlog(self._outbox.depth, self._connected, self._outage_since_wall, self._last_error)
 
     def _latency_locked(self) -> dict[str, float | int | None]:
         """Capture -> PUBACK percentiles (ms) over the last LATENCY_WINDOW acknowledged label messages.
@@ -499,6 +595,12 @@ class MqttSink(Sink):
             return round(values[min(len(values) - 1, int(q * len(values)))], 1)
         return {"puback_latency_n": len(values), "puback_p50_ms": pick(0.50), "puback_p95_ms": pick(0.95),
                 "puback_p99_ms": pick(0.99)}
+
+    def _delivery_counts_locked(self) -> dict[str, int]:
+        """The publish counters and how they add up: published = acked + qos0 + broker_refused + unacked."""
+        return {"published": self._published, "acked": self._acked, "qos0": self._qos0,
+                "broker_refused": self._broker_refused, "unacked": len(self._inflight) + len(self._direct),
+                "dropped": self._dropped_locked()}
 
     def _dropped_locked(self) -> int:
         return self._outbox.dropped + self._rejected + self._unserialisable + self._store_failed
@@ -779,6 +881,8 @@ class MqttSink(Sink):
             return None, None
         if info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             self._published += 1
+            if qos == 0:
+                self._qos0 += 1
             self._last_publish_at = time.time()
         return info.mid, info.rc
 
@@ -809,6 +913,7 @@ class MqttSink(Sink):
                     continue  # a QoS0 direct message (stats, snapshot): nothing to account
                 if failed:
                     self._rejected += 1
+                    self._broker_refused += 1
                     self._last_error = f"broker refused a message: {reason}"
                     rejected.append(reason)
                 else:
@@ -859,11 +964,12 @@ class MqttSink(Sink):
             changed = kind != self._outage_kind
             if first:
                 self._outage_since = now
+                self._outage_since_wall = time.time()
             if first or changed:
                 self._outage_kind = kind
                 self._last_outage_warning = now
         if first or changed:
-            if kind == "auth":
+            if kind in ("auth", "tls"):
                 log.error("MQTT: broker %s: %s. Retrying; labels are kept in the outbox until it accepts us.",
                           self.broker, reason)
             else:
@@ -883,9 +989,10 @@ class MqttSink(Sink):
                 return
             self._last_outage_warning = now
             reason = self._last_error
+            state = "unreachable" if self._outage_kind in (None, "connect") else "not connected"
         log.warning(
-            "MQTT: broker %s still unreachable after %.0f s (%s); %d message(s) waiting in the outbox, %d dropped so far",
-            self.broker, now - since, reason, self._outbox.depth, self._outbox.dropped,
+            "MQTT: broker %s still %s after %.0f s (%s); %d message(s) waiting in the outbox, %d dropped so far",
+            self.broker, state, now - since, reason, self._outbox.depth, self._outbox.dropped,
         )
 
     # ------------------------------------------------------------------ paho callbacks (network thread)
@@ -912,11 +1019,13 @@ class MqttSink(Sink):
             else:
                 self._report_outage(f"broker refused the connection: {reason_code}", "refused")
             return
+        client.on_log = None  # connected: no TLS alert to catch, and no formatting cost per message
         with self._lock:
             self._connected = True
             self._refused = False
             self._generation += 1
             since, self._outage_since, self._outage_kind = self._outage_since, None, None
+            self._outage_since_wall = None
             sources = dict(self._source_status)
             alarm = self._alarm_payload
         waiting = self._outbox.depth
@@ -935,9 +1044,16 @@ class MqttSink(Sink):
         self._wake.set()
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        # paho calls this inside its ``except OSError`` around the connect: the exception is the one handled
+        exc = sys.exc_info()[1]
         with self._lock:
             self._refused = False
-        self._report_outage("connection failed", "connect")
+        tls_problem = None if exc is None else describe_tls_error(exc, self.cfg.tls, self.cfg.host, self.cfg.port)
+        if tls_problem is not None:
+            self._report_outage(tls_problem, "tls")
+            return
+        detail = (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) if exc is not None else ""
+        self._report_outage(f"connection failed: {detail}" if detail else "connection failed", "connect")
 
     def _on_disconnect(
         self,
@@ -947,6 +1063,7 @@ class MqttSink(Sink):
         reason_code: ReasonCode,
         properties: Properties | None,
     ) -> None:
+        client.on_log = self._on_log
         with self._lock:
             was_connected, self._connected = self._connected, False
             closing, refused = self._closing, self._refused
@@ -955,7 +1072,23 @@ class MqttSink(Sink):
             return
         if refused and not was_connected:
             return  # the refused CONNACK was reported; keep that reason in last_error
+        with self._lock:
+            alert, self._tls_alert = self._tls_alert, None
+        if alert is not None:
+            self._report_outage(describe_tls_alert(alert), "tls")
+            return
         self._report_outage(f"connection lost: {reason_code}", "connect")
+
+    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
+        """Keep a TLS alert paho read from the socket: it is why the next disconnect happens (_on_disconnect).
+
+        Set only while not connected (a broker refusing the client certificate sends its alert right after
+        the handshake, before CONNACK), because paho formats every log line, debug included, for it.
+        """
+        if level == mqtt.MQTT_LOG_ERR and buf.startswith("failed to receive on socket") and "[SSL" in buf:
+            alert = buf.split("] ", 1)[-1].split(" (_ssl.c", 1)[0].strip()
+            with self._lock:
+                self._tls_alert = alert
 
     def _on_publish(
         self,

@@ -7,10 +7,13 @@ scheme's reader lives in its own module and is imported only when used.
 from __future__ import annotations
 
 import importlib
+import re
+import shlex
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from edge.config import SOURCE_SCHEMES, SourceConfig
+from edge.redact import redact
 from edge.sources.base import Source, SourceError
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm", ".ts", ".mpg", ".mpeg", ".wmv", ".flv", ".h264", ".h265"})
@@ -45,8 +48,10 @@ def parse_uri(uri: str) -> tuple[str, str]:
             raise ValueError(f"{text!r} names no device (write v4l2:///dev/video0 or a camera index)")
         return "v4l2", target
     if scheme in ("rtsp", "rtsps"):
-        if not urlparse(text).hostname:
-            raise ValueError(f"{text!r} has no host (write rtsp://[user:pass@]host[:port]/path)")
+        from edge.sources.rtsp import host_port
+
+        if not host_port(text)[0]:
+            raise ValueError(f"{redact(text)!r} has no host (write rtsp://[user:pass@]host[:port]/path)")
         return "rtsp", text
     if scheme == "csi":
         sensor = rest.strip("/") or "0"
@@ -55,9 +60,9 @@ def parse_uri(uri: str) -> tuple[str, str]:
         return "csi", sensor
     if scheme == "gst":
         if "appsink" not in rest:
-            raise ValueError(f"{text!r}: a GStreamer pipeline must end in an appsink (... ! video/x-raw,format=BGR ! appsink)")
+            raise ValueError(f"{redact(text)!r}: a GStreamer pipeline must end in an appsink (... ! video/x-raw,format=BGR ! appsink)")
         return "gst", rest
-    raise ValueError(f"unsupported scheme {scheme!r} (use {', '.join(SOURCE_SCHEMES)})")
+    raise ValueError(f"unsupported scheme {redact(scheme)!r} (use {', '.join(SOURCE_SCHEMES)})")
 
 
 # kind -> "module:Class"
@@ -86,6 +91,55 @@ def source_kind(uri: str) -> tuple[str, str]:
     return "image", target
 
 
+_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def _gst_name(pipeline: str) -> str:
+    """``videotestsrc`` for ``videotestsrc ! ...``; ``rtspsrc-cam1`` for ``rtspsrc location=rtsp://u:p@cam1/s ! ...``.
+
+    The first element says what the pipeline reads; the host (never the user info) or the file name of its
+    ``location``/``uri``/``device`` property says from where.
+    """
+    head = pipeline.split("!", 1)[0]
+    try:
+        first = shlex.split(head)  # location="/data/a b.mp4"
+    except ValueError:
+        first = head.split()
+    if not first:
+        return ""
+    element, where = first[0], ""
+    for prop in first[1:]:
+        key, _, value = prop.partition("=")
+        if key not in ("location", "uri", "device") or not value:
+            continue
+        if "://" in value:
+            where = urlparse(value).hostname or ""
+        else:
+            where = Path(value).stem or Path(value).name
+        break
+    return f"{element}-{where}" if where else element
+
+
+def suggest_name(uri: str) -> str:
+    """A readable source name for a URI given without one (``cars`` for ``/videos/cars.mp4``); never a credential.
+
+    Files: the file or folder name; streams: the URL's last path part; GStreamer: see ``_gst_name``.
+    Only letters, digits, ``_``, ``-`` and ``.`` remain (the config's rule for source names); "" when nothing does.
+    """
+    text = redact(uri.strip(), replacement=None).rstrip("/")  # no user info, credential parameters masked
+    try:
+        scheme, target = parse_uri(text)
+    except ValueError:
+        scheme, target = "", text
+    if scheme == "gst":
+        stem = _gst_name(target)
+    elif "://" in text:
+        stem = Path(urlparse(text).path).stem or (urlparse(text).hostname or "")
+    else:
+        stem = Path(text).stem or text
+    return _NAME_UNSAFE.sub("_", stem).strip("_.")[:56]
+
+
 def create_source(cfg: SourceConfig) -> Source:
     """Build the source for ``cfg.uri`` (does not open it)."""
     kind, target = source_kind(cfg.uri)
@@ -94,4 +148,4 @@ def create_source(cfg: SourceConfig) -> Source:
     return cls(cfg.name, cfg, target)
 
 
-__all__ = ["Source", "SourceError", "create_source", "parse_uri", "source_kind"]
+__all__ = ["Source", "SourceError", "create_source", "parse_uri", "source_kind", "suggest_name"]

@@ -37,6 +37,8 @@ class Source(abc.ABC):
     """
 
     live: ClassVar[bool] = False
+    #: the frames are separate pictures rather than a sequence (folders, single images): not tracked by default
+    stills: ClassVar[bool] = False
 
     def __init__(self, name: str, cfg: SourceConfig, target: str) -> None:
         self.name = name
@@ -57,6 +59,10 @@ class Source(abc.ABC):
 
     def close(self) -> None:
         """Release the device or file; safe to call twice."""
+
+    def pace(self) -> float:
+        """Frames per second a storage source is read at (0: as fast as the pipeline takes them); call after open."""
+        return self.cfg.fps
 
     def total(self) -> int | None:
         """Number of frames this source will deliver, when known (for progress bars)."""

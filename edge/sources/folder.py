@@ -20,6 +20,13 @@ File policy (so a drop folder full of odd files never stops the daemon):
   not change when a mount point moves); ``skip(key)`` is asked before the file
   is even read, which makes resuming a half-done folder cheap.
 
+Time: an image's ``captured_at`` is its file's modification time (what a
+camera, or a copy that keeps times, wrote), not the time we read it, so a
+record says when the picture was taken as far as the file tells and a
+relabeled file gets the same record; ``media_time`` is unset.  The images of a
+folder are usually unrelated stills, so tracking is off for folders (and
+single images) unless ``tracking.folders`` turns it on.
+
 ``watch`` mode keeps polling every ``watch_interval`` seconds after the first
 listing and never finishes.  A new file is only read once its size and mtime
 were the same on two polls in a row (it is probably still being copied
@@ -37,7 +44,7 @@ import threading
 import time
 
 from edge.config import SourceConfig
-from edge.frame import Frame
+from edge.frame import Frame, text_path
 from edge.sources import IMAGE_EXTENSIONS
 from edge.sources.base import Source, SourceError
 from edge.sources.imageio import ImageRejected, decode_image_file
@@ -63,6 +70,7 @@ class FolderSource(Source):
     """Every image file under a folder, once, in natural-sort order (see the module docstring)."""
 
     live = False
+    stills = True
     empty_grace = EMPTY_GRACE
 
     def __init__(self, name: str, cfg: SourceConfig, target: str) -> None:
@@ -79,6 +87,7 @@ class FolderSource(Source):
         self._walk_errors: set[str] = set()
         self._pos = 0
         self._total: int | None = None
+        self._announced = False
 
     def describe(self) -> str:
         return f"FolderSource({self.root}{', watch' if self.cfg.watch else ''})"
@@ -99,7 +108,10 @@ class FolderSource(Source):
         self._pending = {}
         self._pos = 0
         self._total = len(self._files)
-        logger.info("%s: %d image file(s) found", self.describe(), self._total)
+        # the pipeline opens a folder once to count its files, then the runner opens it: say it once
+        logger.log(logging.DEBUG if self._announced else logging.INFO, "%s: %d image file(s) found",
+                   self.describe(), self._total)
+        self._announced = True
 
     def total(self) -> int | None:
         return self._total
@@ -177,21 +189,22 @@ class FolderSource(Source):
             while self._pos < len(self._files):
                 index = self._pos
                 path = self._files[index]
+                key = text_path(path)  # a Latin-1 name from a share: storable text, the same on every run
                 self._pos += 1
-                if self.skip(path):
+                if self.skip(key):
                     continue
                 try:
                     decoded = decode_image_file(path)
                 except ImageRejected as exc:
-                    logger.debug("%s: rejected %s: %s", self.name, path, exc.reason)
-                    self.on_reject(path, exc.reason)
+                    logger.debug("%s: rejected %s: %s", self.name, key, exc.reason)
+                    self.on_reject(key, exc.reason)
                     continue
                 return Frame(
                     source=self.name,
                     index=index,
                     image=decoded.image,
-                    captured_at=time.time(),
-                    key=path,
+                    captured_at=decoded.mtime,  # the file's time, not ours (module docstring)
+                    key=key,
                     path=path,
                     live=False,
                     extra={"mtime": decoded.mtime, "format": decoded.format, "bytes": decoded.size_bytes},

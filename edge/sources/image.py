@@ -3,14 +3,14 @@
 The same decoding and rejection rules as a folder (``edge.sources.imageio``):
 a file that exists but cannot be used is reported through ``on_reject`` and
 the source finishes without a frame; only a missing file is a SourceError,
-because that is a configuration mistake rather than bad input.
+because that is a configuration mistake rather than bad input.  Like a
+folder's images, the frame's ``captured_at`` is the file's modification time.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
 
 from edge.config import SourceConfig
 from edge.frame import Frame
@@ -24,6 +24,7 @@ class ImageSource(Source):
     """One image file; key and ``frame.path`` are its absolute path."""
 
     live = False
+    stills = True
 
     def __init__(self, name: str, cfg: SourceConfig, target: str) -> None:
         super().__init__(name, cfg, target)
@@ -57,7 +58,7 @@ class ImageSource(Source):
             source=self.name,
             index=0,
             image=decoded.image,
-            captured_at=time.time(),
+            captured_at=decoded.mtime,  # the file's time, not ours (module docstring)
             key=self.path,
             path=self.path,
             live=False,

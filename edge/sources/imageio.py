@@ -42,6 +42,10 @@ logger = logging.getLogger(__name__)
 
 #: files bigger than this are not read into memory at all (a 100 MP BMP is ~300 MB)
 MAX_FILE_BYTES = 512 * 1024 * 1024
+#: progressive JPEG scans allowed in one file.  Each scan makes the decoder pass over the whole coefficient
+#: buffer again, so a small file of thousands of nearly empty scans takes minutes to decode.  Encoders write
+#: far fewer (OpenCV/libjpeg's progressive script: 10 for colour; mozjpeg's searched scripts: a few dozen).
+MAX_JPEG_SCANS = 100
 
 
 class ImageRejected(Exception):
@@ -149,6 +153,42 @@ def _jpeg_header(data: bytes) -> tuple[int, int, int]:
     raise ImageRejected(f"{CORRUPT} (JPEG ends inside its header)")
 
 
+#: any marker inside entropy-coded data: 0xFF followed by neither a stuffed 0x00, a restart marker nor fill
+_ENTROPY_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+
+
+def jpeg_scan_count(data: bytes, sos: int, limit: int = MAX_JPEG_SCANS) -> int:
+    """The number of scans (SOS segments) from the first one on; ImageRejected past ``limit``.
+
+    Walks the segments (their lengths are trusted only to jump) and the entropy-coded data between them,
+    which holds no marker but stuffed 0xFF00 and restart markers.
+    """
+    scans = 0
+    i = sos
+    n = len(data)
+    while i + 4 <= n and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xD9:
+            break
+        seglen = int.from_bytes(data[i + 2 : i + 4], "big")
+        if seglen < 2:
+            raise ImageRejected(f"{CORRUPT} (bad JPEG segment length)")
+        i += 2 + seglen
+        if marker == 0xDA:
+            scans += 1
+            if scans > limit:
+                raise ImageRejected(f"progressive JPEG with more than {limit} scans (decoding it would stall the "
+                                    "source; re-encode the file)")
+            found = _ENTROPY_MARKER.search(data, i)
+            if found is None:
+                break
+            i = found.start()
+    return scans
+
+
 _PNM_RE = re.compile(rb"^P[1-6](?:\s|#[^\n]*\n)+(\d+)(?:\s|#[^\n]*\n)+(\d+)")
 
 
@@ -195,6 +235,7 @@ def check_complete(fmt: str, data: bytes) -> None:
         # bytes after EOI (some cameras append data) are tolerated.
         if data.find(b"\xff\xd9", sos) < 0:
             raise ImageRejected(f"{CORRUPT} (JPEG end-of-image marker missing; file cut off?)")
+        jpeg_scan_count(data, sos)
     elif fmt == "png" and data.rfind(b"IEND", 33) < 0:
         raise ImageRejected(f"{CORRUPT} (PNG IEND chunk missing; file cut off?)")
 

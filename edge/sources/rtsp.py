@@ -24,6 +24,7 @@ import threading
 import cv2
 
 from edge.config import SourceConfig
+from edge.redact import redact
 from edge.sources.base import SourceError
 from edge.sources.imageio import CaptureSource, build_info_has
 
@@ -31,31 +32,32 @@ logger = logging.getLogger(__name__)
 
 OPTIONS_ENV = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
 _env_lock = threading.Lock()
-_URL_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<authority>[^/\s?#]*)")
 
 
 def mask_credentials(text: str, replacement: str | None = "***") -> str:
-    """Hide ``user:password@`` in every URL inside ``text``.
+    """Every credential in ``text`` masked (``edge.redact.redact``: user info, credential parameters,
+    GStreamer properties, percent-encoded forms); ``replacement=None`` drops URL user info entirely."""
+    return redact(text, replacement)
 
-    With the default the user stays visible (``rtsp://admin:***@host/``, useful
-    to spot the wrong account); ``replacement=None`` drops the user info
-    entirely.  The last ``@`` of the authority ends the user info, so a raw
-    ``@`` inside a password is masked too.
+
+def host_port(url: str) -> tuple[str, int | None]:
+    """(host, port or None) of a URL, with user info taken up to its last ``@`` as ``redact`` does.
+
+    ``urllib`` ends the authority at the first ``#``, ``?`` or ``/``, so a raw ``#`` in a camera password
+    (``rtsp://admin:ab#c@cam/``) made it read a piece of the password as the port, and put it in an error.
     """
-
-    def sub(m: re.Match[str]) -> str:
-        authority = m.group("authority")
-        at = authority.rfind("@")
-        if at < 0:
-            return m.group(0)
-        userinfo, host = authority[:at], authority[at + 1 :]
-        if replacement is None:
-            return f"{m.group('scheme')}{host}"
-        user = userinfo.split(":", 1)[0]
-        masked = f"{user}:{replacement}" if ":" in userinfo else replacement
-        return f"{m.group('scheme')}{masked}@{host}"
-
-    return _URL_RE.sub(sub, text)
+    rest = url.split("://", 1)[1] if "://" in url else url
+    at = rest.rfind("@")
+    if at >= 0 and not ("/" in rest[:at] and ":" not in rest[:at].split("/", 1)[0]):
+        rest = rest[at + 1:]
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if authority.startswith("["):  # [IPv6]:port
+        host, _, tail = authority[1:].partition("]")
+        port_text = tail[1:] if tail.startswith(":") else ""
+    else:
+        host, _, port_text = authority.partition(":")
+    port = int(port_text) if port_text.isdigit() and 0 < int(port_text) < 65536 else None
+    return host, port
 
 
 def capture_options(existing: str | None) -> str:

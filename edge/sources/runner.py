@@ -4,10 +4,11 @@ Sources are plain blocking readers (``edge.sources.base``); everything about
 time lives here:
 
 * **Live sources** (cameras, streams) are never given up.  A failed open or
-  read sets the status to ``reconnecting`` (``offline`` for the very first
-  open) and the runner retries after an exponential backoff (``reconnect.initial``
-  doubling up to ``reconnect.max``, back to ``initial`` after a good frame),
-  waiting on the stop event so shutdown is immediate.
+  read sets the status to ``reconnecting``, or ``offline`` (with the reason in
+  ``last_error``) while the source has never opened, and the runner retries
+  after an exponential backoff (``reconnect.initial`` doubling up to
+  ``reconnect.max``, back to ``initial`` after a good frame), waiting on the
+  stop event so shutdown is immediate.
 * **Hangs**: OpenCV's ``read()`` can block forever when a camera vanishes
   (opencv#4506, #22677).  Live calls therefore run on a helper daemon thread;
   a call that takes longer than ``read_timeout`` (open: twice that) is
@@ -20,7 +21,8 @@ time lives here:
   ``finished``.  Their hub slot blocks instead of dropping.
 * **fps cap**: live frames above the cap are skipped (counted in
   ``frames_skipped_fps``, not ``frames_dropped``, which is the hub's count of
-  frames the detector was too slow for); storage sources are slowed down.
+  frames the detector was too slow for); storage sources are slowed down to
+  ``Source.pace()`` (the cap; a looped video's own frame rate by default).
 * An unexpected exception from a source is logged with its traceback and
   handled like a SourceError, so a thread never dies silently.
 * **Pause** (an operator's action from the web page): a paused live source
@@ -69,7 +71,8 @@ class SourceStats:
     included); ``frames_skipped_fps`` of them were thinned out by the fps cap;
     ``frames_dropped`` were replaced in the hub before the detector took them
     (live only).  ``fps_in`` is the smoothed read rate, 0 when frames stopped.
-    ``reconnects`` counts attempts to reopen after a failure.  ``paused``:
+    ``reconnects`` counts attempts to reopen after a failure.  ``last_frame_at``
+    is the wall-clock time the last frame was read (not its media time).  ``paused``:
     an operator paused the source (``status`` keeps its value meanwhile).
     """
 
@@ -320,7 +323,7 @@ class SourceRunner:
         now = time.monotonic()
         with self._lock:
             self._frames_in += 1
-            self._last_frame_at = frame.captured_at
+            self._last_frame_at = frame.read_at  # "last frame 2 s ago": our clock, not the media's
             if self._last_frame_mono is not None:
                 dt = max(now - self._last_frame_mono, 1e-6)
                 self._interval_ewma = dt if self._interval_ewma is None else 0.9 * self._interval_ewma + 0.1 * dt
@@ -338,14 +341,14 @@ class SourceRunner:
         self._next_due = max(self._next_due + 1.0 / self.cfg.fps, now)
         return True
 
-    def _throttle(self) -> bool:
-        """Storage fps cap: sleep until the next frame is due; False when stopped meanwhile."""
-        if self.cfg.fps <= 0:
+    def _throttle(self, fps: float) -> bool:
+        """Storage pace (``Source.pace``): sleep until the next frame is due; False when stopped meanwhile."""
+        if fps <= 0:
             return not self._stop.is_set()
         now = time.monotonic()
         if now < self._next_due and self._stop.wait(self._next_due - now):
             return False
-        self._next_due = max(self._next_due + 1.0 / self.cfg.fps, time.monotonic())
+        self._next_due = max(self._next_due + 1.0 / fps, time.monotonic())
         return not self._stop.is_set()
 
     def _wait_while_paused(self) -> bool:
@@ -377,10 +380,11 @@ class SourceRunner:
             self._storage_failed("cannot open", exc)
             return
         self._total = src.total()
+        fps = src.pace()
         self._set_status(ONLINE)
         try:
             while self._wait_while_paused():
-                if not self._throttle():  # before the read, so a paced frame is fresh when it is emitted
+                if not self._throttle(fps):  # before the read, so a paced frame is fresh when it is emitted
                     return
                 try:
                     frame = src.read()
@@ -446,13 +450,15 @@ class SourceRunner:
         rc = self.cfg.reconnect
         delay = rc.initial
         first = True
+        opened = False  # until the first successful open the source is offline (never "reconnecting")
         caller: _Caller | None = None
         try:
             while not self._stop.is_set():
                 if not first:
                     with self._lock:
                         self._reconnects += 1
-                    self._set_status(RECONNECTING)
+                    if opened:
+                        self._set_status(RECONNECTING)
                 if caller is None or caller.abandoned:
                     if caller is not None:
                         self.source = self._replacement(self.source)
@@ -463,7 +469,7 @@ class SourceRunner:
                 except _Stopped:
                     return
                 except SourceError as exc:
-                    self._live_failed(exc, OFFLINE if first else RECONNECTING)
+                    self._live_failed(exc, RECONNECTING if opened else OFFLINE)
                     first = False
                     self._close_live(caller)
                     if self._stop.wait(delay):
@@ -471,6 +477,7 @@ class SourceRunner:
                     delay = min(delay * 2, rc.max)
                     continue
                 first = False
+                opened = True
                 self._set_status(ONLINE)
                 try:
                     while not self._stop.is_set():

@@ -10,6 +10,23 @@ container declares: we retry a couple of times (FFmpeg often resyncs on the
 next packet) and otherwise finish that pass with a WARNING naming the frame,
 instead of spinning or hanging.  ``frame.path`` stays None: the video is not
 the frame's image, and sinks use ``path`` to reference the original picture.
+
+Time: a file is read much faster (or slower) than it was recorded, so the
+read time says nothing about the scene.  A frame's ``media_time`` is its
+position in the file (index / the container's frame rate; FFmpeg's position
+when the rate is unknown) and its ``captured_at`` is the start of the
+recording plus that position.  The start of the recording is taken as the
+file's modification time minus its duration (a recorder last writes the file
+when the recording ends; the time is reproducible, so a frame labeled again
+after a restart gets the same record).  The tracker, track events and capture
+rate limits therefore see the clip's 10.5 s as 10.5 s whatever the speed of
+labeling.
+
+``loop: true`` turns the file into a stand-in camera: it is read at its own
+frame rate (unless ``fps`` is set), its frames are live frames stamped with the
+wall-clock time they were read and keyed ``<path>@<capture ns>`` (unique across
+passes and restarts; no job ledger), and the dataset applies the live capture
+policy to them.  Unlike a camera it never drops a frame.
 """
 
 from __future__ import annotations
@@ -45,6 +62,8 @@ class VideoSource(Source):
         self._index = 0  # across loops
         self._pos = 0  # within the current pass
         self._pass = 0
+        self._start = 0.0  # epoch seconds of media time 0 (see the module docstring)
+        self._announced = False  # the INFO line about the file was logged
         self._reported_corrupt = False  # the rejected-inputs report lists a corrupt file once, not once per loop
 
     def describe(self) -> str:
@@ -74,7 +93,39 @@ class VideoSource(Source):
         self._index = 0
         self._pos = 0
         self._pass = 0
-        logger.info("%s: %s frames at %s fps", self.describe(), self._frame_count or "unknown", self.fps or "unknown")
+        self._start = self.recording_start()
+        # the pipeline opens a file once to count its frames, then the runner opens it: say it once
+        level = logging.DEBUG if self._announced else logging.INFO
+        self._announced = True
+        logger.log(level, "%s: %s frames at %s fps", self.describe(), self._frame_count or "unknown",
+                   self.fps or "unknown")
+
+    def duration(self) -> float | None:
+        """Seconds of media in the file, when the container declares its frame count and rate."""
+        if self._frame_count is None or self.fps is None:
+            return None
+        return self._frame_count / self.fps
+
+    def recording_start(self) -> float:
+        """Epoch time of media time 0: the file's mtime minus its duration (the mtime alone if unknown)."""
+        try:
+            mtime = os.stat(self.path).st_mtime
+        except OSError:
+            return time.time()
+        return mtime - (self.duration() or 0.0)
+
+    def pace(self) -> float:
+        """A looped file is read at its own frame rate unless ``fps`` says otherwise; a plain one as fast as taken."""
+        if self.cfg.fps > 0:
+            return self.cfg.fps
+        return (self.fps or 0.0) if self.cfg.loop else 0.0
+
+    def _media_time(self, pos: int) -> float:
+        """Seconds from the start of the file of the frame at ``pos`` (within the current pass)."""
+        if self.fps:
+            return pos / self.fps
+        assert self._cap is not None
+        return max(float(self._cap.get(cv2.CAP_PROP_POS_MSEC) or 0.0), 0.0) / 1000.0
 
     def total(self) -> int | None:
         return None if self.cfg.loop else self._frame_count
@@ -111,9 +162,10 @@ class VideoSource(Source):
         if self._cap is None:
             raise SourceError(f"video {self.path}: not open")
         restarted_empty = False
+        loop = self.cfg.loop
         while True:
             key = f"{self.path}#{self._index}"
-            skip = self.skip(key)
+            skip = not loop and self.skip(key)  # a looped file is a stand-in camera: nothing to resume
             ok, image = self._next_image(want_pixels=not skip)
             if not ok:
                 if not self.cfg.loop:
@@ -134,13 +186,20 @@ class VideoSource(Source):
             if skip:
                 continue
             assert image is not None
+            media_time = self._media_time(pos)
+            if loop:
+                ns = time.time_ns()
+                captured_at, key = ns / 1e9, f"{self.path}@{ns}"
+            else:
+                captured_at = self._start + media_time
             return Frame(
                 source=self.name,
                 index=index,
                 image=ensure_bgr(image),  # type: ignore[arg-type]
-                captured_at=time.time(),
+                captured_at=captured_at,
                 key=key,
                 path=None,
-                live=False,
+                live=loop,
                 extra={"video": self.path, "position": pos, "pass": self._pass},
+                media_time=media_time,
             )
