@@ -34,6 +34,7 @@ install_requires = [
     "waitress>=2.1",
     "prometheus-client>=0.17",
     "pycocotools>=2.0.7",  # COCO mAP for `edgelabel eval` and the INT8 accuracy gate
+    "scipy>=1.10",  # the tracker's optimal assignment (linear_sum_assignment)
 ]
 if ort_package and ort_package != "none":
     install_requires.append(f"{ort_package}>=1.16")
@@ -61,7 +62,9 @@ setup(
         "gpu": jetson_requires,  # the earlier name of "jetson", kept for existing install commands
         "test": ["pytest>=7", "jsonschema>=4", "ruff>=0.5", "onnx>=1.14", "playwright>=1.40", "cryptography>=41",
                  "hypothesis>=6.100", "schemathesis>=4.0,<5",
-                 "datumaro>=1.13,<2"],
+                 "datumaro>=1.13,<2", "motmetrics>=1.4"],
+        # bench/tracking.py: MOT metrics and a library tracker to compare with (never in the runtime install)
+        "bench": ["motmetrics>=1.4", "supervision>=0.26,<0.31"],  # ByteTrack is gone from supervision 0.31
     },
     entry_points={"console_scripts": ["edgelabel=edge.cli:main"]},
 )

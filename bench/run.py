@@ -50,6 +50,8 @@ STATS = 10.0  # mqtt.stats_interval of the benchmarked daemon (the default)
 WARMUP = 5  # labels left out of the latency percentiles (see run_pipeline)
 MODELS = ("yolox_nano", "yolo11n_int8")  # the full set of measurements; yolov8n only against the peer
 #: the MQTT sink's closing log line (edge/sinks/mqtt.py)
+#: the section bench/tracking.py writes into BENCHMARKS.md; kept when this benchmark rewrites the file
+TRACKING_SECTION = "## Tracking"
 PUBACK_LINE = re.compile(r"capture->PUBACK latency over the last (\d+) labels: p50 ([\d.]+) / p95 ([\d.]+) / p99 ([\d.]+) ms")
 
 
@@ -385,7 +387,10 @@ def main() -> int:
         *[f"| {k} | {v} | {'yes' if ok else 'no'} |" for k, v, ok in targets], "",
         *NOTES,
     ]
-    Path(args.out).write_text("\n".join(md))
+    out = Path(args.out)
+    old = out.read_text() if out.is_file() else ""
+    kept = old[old.index(TRACKING_SECTION):] if TRACKING_SECTION in old else ""  # bench/tracking.py writes it
+    out.write_text("\n".join(md) + ("\n" + kept if kept else ""))
     print(f"written to {args.out}")
     return 0
 

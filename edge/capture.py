@@ -9,8 +9,9 @@ it costs microseconds on the per-frame path and needs no I/O.
 One policy (:class:`edge.config.CaptureConfig`) per source, applied in this order:
 
 1. **Filters** -- ``classes`` (only detections of these classes count; empty = all), then
-   ``min_detections``/``max_detections`` on the number of counted detections.  With a class list, a
-   frame needs at least one counted detection.  A frame that fails a filter is not captured.
+   ``zones`` (per-source policies: only detections whose point lies in one of these zones of the source
+   count, see docs/tracking.md), then ``min_detections``/``max_detections`` on the number of counted
+   detections.  With a class or zone list, a frame needs at least one counted detection.  A frame that fails a filter is not captured.
 2. **Triggers** (any one selects the frame) -- ``every_n`` (the 1st, N+1-th, ... frame *that passed
    the filters*), ``random`` (that percentage of filtered frames, from a seeded generator when
    ``seed`` is set), ``near_threshold`` (a counted detection scored in ``[low, high)``) and
@@ -42,8 +43,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from edge.config import BandConfig, CaptureConfig, CaptureSection, RateConfig
-from edge.records import LabelRecord
+from edge.config import BandConfig, CaptureConfig, CaptureSection, RateConfig, ZoneConfig
+from edge.records import DetectionRecord, LabelRecord
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +149,12 @@ def _ordinal(n: int) -> str:
 class CapturePolicy:
     """One source's policy with its state (frame counter, random generator, rate windows, highest track id)."""
 
-    def __init__(self, cfg: CaptureConfig, source: str = "") -> None:
+    def __init__(self, cfg: CaptureConfig, source: str = "", zones: dict[str, ZoneConfig] | None = None) -> None:
         self.cfg = cfg
         self.source = source
         self._classes = frozenset(cfg.classes)
+        # the source's zones named by ``cfg.zones`` (the config check makes sure they exist)
+        self._zones = [(zones or {})[z] for z in cfg.zones if z in (zones or {})]
         self._band = cfg.near_threshold
         self._any_trigger = cfg.every_n > 0 or cfg.random > 0 or cfg.near_threshold is not None or cfg.new_tracks
         self._rng = random.Random(f"{cfg.seed}\x1f{source}") if cfg.seed is not None else random.Random()
@@ -166,6 +169,8 @@ class CapturePolicy:
         counts["frames"] += 1
         dets = record.detections
         counted = [d for d in dets if d.label in self._classes] if self._classes else dets
+        if self._zones:
+            counted = [d for d in counted if self._in_zone(d, record.width, record.height)]
         new_track = False
         highest = self._max_track
         for d in dets:  # every class: ids are allocated across classes, in the order they first appear
@@ -177,7 +182,8 @@ class CapturePolicy:
         if not cfg.enabled:
             return SKIP
         n = len(counted)
-        if (self._classes and n == 0) or n < cfg.min_detections or (cfg.max_detections is not None and n > cfg.max_detections):
+        too_many = cfg.max_detections is not None and n > cfg.max_detections
+        if ((self._classes or self._zones) and n == 0) or n < cfg.min_detections or too_many:
             counts["filtered_out"] += 1
             return SKIP
         position = self._filtered
@@ -214,11 +220,19 @@ class CapturePolicy:
         )
 
 
+    def _in_zone(self, det: DetectionRecord, width: int, height: int) -> bool:
+        """The detection's point lies in one of the policy's zones (that counts its class)."""
+        from edge.zones import inside_zone
+
+        return any(inside_zone(z, det.label, det.box, width, height) for z in self._zones)
+
+
 class CaptureSelector:
     """The policies of every source: ``sources.<name>`` if configured, else ``live`` or ``storage``."""
 
-    def __init__(self, section: CaptureSection) -> None:
+    def __init__(self, section: CaptureSection, zones: dict[str, dict[str, ZoneConfig]] | None = None) -> None:
         self.section = section
+        self.zones = zones or {}  # source -> its zones, for policies that name some
         self._policies: dict[str, CapturePolicy] = {}
         self._lock = threading.Lock()  # status() reads from other threads while the sink thread adds sources
 
@@ -231,7 +245,7 @@ class CaptureSelector:
             if cfg is None:
                 cfg = self.section.live if live else self.section.storage
                 which = "dataset.capture.live" if live else "dataset.capture.storage"
-            policy = CapturePolicy(cfg, source)
+            policy = CapturePolicy(cfg, source, self.zones.get(source))
             with self._lock:
                 self._policies[source] = policy
             log.info("dataset: %s keeps %s (%s)", source, describe(cfg), which)

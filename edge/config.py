@@ -104,6 +104,55 @@ class ReconnectConfig:
 
 
 @dataclass
+class ZoneConfig:
+    """A polygon on a source's frames: zone_enter / zone_exit events with dwell time (docs/tracking.md)."""
+
+    points: list[list[float]] = field(default_factory=list)  # [[x, y], ...], at least 3
+    units: str = field(default="normalized", metadata=_choice("normalized", "pixels"))
+    classes: list[str] = field(default_factory=list)  # labels that count; empty: all
+    anchor: str = field(default="bottom", metadata=_choice("bottom", "center"))  # the box's point that counts
+    hysteresis: float = field(default=0.01, metadata={"min": 0.0, "max": 0.5})  # share of the frame diagonal
+    ignore: bool = False  # detections (of `classes`) with their point inside are dropped; no events
+
+    def problems(self, where: str) -> list[str]:
+        """Geometry errors, as ``<where>.<field>`` messages."""
+        return _point_problems(where, self.points, self.units, 3, None)
+
+
+@dataclass
+class LineConfig:
+    """A directed line (first point to second): line_cross events with the side crossed to."""
+
+    points: list[list[float]] = field(default_factory=list)  # [[x1, y1], [x2, y2]]
+    units: str = field(default="normalized", metadata=_choice("normalized", "pixels"))
+    classes: list[str] = field(default_factory=list)
+    anchor: str = field(default="bottom", metadata=_choice("bottom", "center"))
+    hysteresis: float = field(default=0.01, metadata={"min": 0.0, "max": 0.5})
+
+    def problems(self, where: str) -> list[str]:
+        out = _point_problems(where, self.points, self.units, 2, 2)
+        if not out and self.points[0] == self.points[1]:
+            out.append(f"{where}.points: the two points are the same; a line needs two different points")
+        return out
+
+
+def _point_problems(where: str, points: list[list[float]], units: str, least: int, most: int | None) -> list[str]:
+    count = f"exactly {least}" if most == least else f"at least {least}"
+    if len(points) < least or (most is not None and len(points) > most):
+        return [f"{where}.points: {count} [x, y] points needed, got {len(points)}"]
+    out = []
+    for i, p in enumerate(points):
+        if len(p) != 2:
+            out.append(f"{where}.points[{i}]: expected [x, y], got {_show(p)}")
+        elif units == "normalized" and not all(0.0 <= v <= 1.0 for v in p):
+            out.append(f"{where}.points[{i}]: {_show(p)} is outside 0..1 (normalized units; "
+                       "set units: pixels for pixel coordinates)")
+        elif units == "pixels" and not all(v >= 0 for v in p):
+            out.append(f"{where}.points[{i}]: {_show(p)} has a negative pixel coordinate")
+    return out
+
+
+@dataclass
 class SourceConfig:
     """One input: a folder, image, video file, camera or stream, chosen by URI."""
 
@@ -117,6 +166,9 @@ class SourceConfig:
     reconnect: ReconnectConfig = field(default_factory=ReconnectConfig)
     width: int = field(default=0, metadata={"min": 0})  # cameras: requested size, 0 = default
     height: int = field(default=0, metadata={"min": 0})
+    zones: dict[str, ZoneConfig] = field(default_factory=dict)  # polygons: enter / exit events
+    lines: dict[str, LineConfig] = field(default_factory=dict)  # directed lines: crossing events
+    tracking: TrackingConfig | None = None  # replaces the top-level tracking section for this source
     name: str = ""  # filled from the mapping key
 
 
@@ -210,6 +262,7 @@ class CaptureConfig:
     near_threshold: BandConfig | None = None  # a detection scored in the band selects the frame for review
     new_tracks: bool = False  # a tracked object seen for the first time selects the frame
     classes: list[str] = field(default_factory=list)  # only these classes count; empty = all
+    zones: list[str] = field(default_factory=list)  # per-source policies: only detections in these zones count
     min_detections: int = field(default=0, metadata={"min": 0})
     max_detections: int | None = field(default=None, metadata={"min": 0})
     rate: RateConfig = field(default_factory=RateConfig)
@@ -261,14 +314,29 @@ class TrackingConfig:
     """Multi-object tracking per source: track ids in records and track events."""
 
     enabled: bool = True
-    iou: float = field(default=0.3, metadata={"min": 0.0, "max": 1.0})  # match threshold
-    high_score: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})  # weaker detections only extend tracks
-    max_age: float = field(default=2.0, metadata={"min": 0.0})  # seconds unseen before a track ends
+    iou: float = field(default=0.25, metadata={"min": 0.0, "max": 1.0})  # similarity to match a strong detection
+    fuse_score: bool = True  # strong detections: similarity = IoU x score (else IoU)
+    low_iou: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})  # IoU to match a weak detection
+    high_score: float = field(default=0.3, metadata={"min": 0.0, "max": 1.0})  # weaker detections only extend tracks
+    low_score: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})  # below: ignored by the tracker
+    new_track_score: float = field(default=0.4, metadata={"min": 0.0, "max": 1.0})  # to start a track
+    max_age: float = field(default=3.0, metadata={"min": 0.0})  # seconds unseen before a track ends (track buffer)
     min_hits: int = field(default=2, metadata={"min": 1})  # detections before a track is announced
     update_interval: float = field(default=5.0, metadata={"min": 0.0})  # seconds between update events
     # image folders and single images: their pictures are usually unrelated stills, so nothing is tracked
     # across them unless this is true (videos and live sources are always tracked when enabled)
     folders: bool = False
+
+    def problems(self) -> list[str]:
+        """Settings that are each valid but contradict each other, as ``tracking.<field>`` messages."""
+        out = []
+        if self.low_score > self.high_score:
+            out.append(f"tracking.low_score: {self.low_score} is above tracking.high_score {self.high_score} "
+                       "(lower it, or raise high_score)")
+        if self.new_track_score < self.high_score:
+            out.append(f"tracking.new_track_score: {self.new_track_score} is below tracking.high_score "
+                       f"{self.high_score} (weak detections never start tracks; raise it to at least high_score)")
+        return out
 
 
 @dataclass
@@ -444,6 +512,7 @@ def _check(cfg: Config, problems: list[str]) -> None:
         problems.append(f"device_id: {_show(cfg.device_id)} must be 1-64 characters of letters, digits, '_', '-', '.'")
     if not cfg.model.path:
         problems.append("model.path: required (path to an ONNX detector)")
+    problems.extend(cfg.tracking.problems())
     for i, p in enumerate(cfg.model.providers):
         if p not in PROVIDERS:
             problems.append(f"model.providers[{i}]: {_show(p)} is not allowed (use {', '.join(PROVIDERS)})")
@@ -462,6 +531,15 @@ def _check(cfg: Config, problems: list[str]) -> None:
             problems.append(f"sources.{_key(name)}.uri: {exc}")
         if src.reconnect.max < src.reconnect.initial:
             problems.append(f"sources.{_key(name)}.reconnect.max: {src.reconnect.max} is below reconnect.initial {src.reconnect.initial}")
+        if src.tracking is not None:
+            problems.extend(p.replace("tracking.", f"sources.{_key(name)}.tracking.") for p in src.tracking.problems())
+        tracking = src.tracking or cfg.tracking
+        for kind, shapes in (("zones", src.zones), ("lines", src.lines)):
+            for shape_name, shape in shapes.items():
+                problems.extend(shape.problems(f"sources.{_key(name)}.{kind}.{_key(shape_name)}"))
+            counted = [s for s in shapes.values() if not getattr(s, "ignore", False)]  # ignore zones need no tracker
+            if counted and not tracking.enabled:
+                problems.append(f"sources.{_key(name)}.{kind}: needs tracking (set tracking.enabled: true, or remove them)")
     if not _TOPIC_RE.match(cfg.mqtt.prefix):
         problems.append(f"mqtt.prefix: {_show(cfg.mqtt.prefix)} must not be empty or contain '#', '+' or spaces")
     mqtt = cfg.mqtt
@@ -474,6 +552,23 @@ def _check(cfg: Config, problems: list[str]) -> None:
         if fmt not in DATASET_FORMATS:
             problems.append(f"dataset.formats[{i}]: {_show(fmt)} is not allowed (use {', '.join(DATASET_FORMATS)})")
     _check_capture(cfg.dataset.capture, problems)
+    _check_capture_zones(cfg, problems)
+
+
+def _check_capture_zones(cfg: Config, problems: list[str]) -> None:
+    """Capture policies may only name zones that their source has (and only per-source policies may)."""
+    section = cfg.dataset.capture
+    for which, policy in (("live", section.live), ("storage", section.storage)):
+        if policy.zones:
+            problems.append(f"dataset.capture.{which}.zones: zones are per source; "
+                            f"set them in dataset.capture.sources.<name>.zones")
+    for name, policy in section.sources.items():
+        src = cfg.sources.get(name)
+        known = {z for z, zc in src.zones.items() if not zc.ignore} if src is not None else set()
+        for z in policy.zones:
+            if z not in known:
+                problems.append(f"dataset.capture.sources.{name}.zones: {_show(z)} is not a zone of source {name} "
+                                f"(its zones: {', '.join(sorted(known)) or 'none'}; define it in sources.{name}.zones)")
 
 
 def _check_capture(section: CaptureSection, problems: list[str]) -> None:

@@ -135,7 +135,8 @@ def build_sinks(cfg: Config, detector: Detector) -> list[Sink]:
     if cfg.dataset.enabled:
         from edge.sinks.dataset import DatasetSink
 
-        sinks.append(DatasetSink(cfg.dataset, cfg.resolve(cfg.dataset.path), detector.names, detector.describe()["name"]))
+        sinks.append(DatasetSink(cfg.dataset, cfg.resolve(cfg.dataset.path), detector.names, detector.describe()["name"],
+                                 zones={n: s.zones for n, s in cfg.sources.items() if s.zones}))
     if cfg.mqtt.enabled:
         from edge.sinks.mqtt import MqttSink
 
@@ -185,6 +186,8 @@ class Pipeline:
         self._status_direct = False  # True once the prepare thread has ended: straight to the sink worker
         self._last_error: str | None = None
         self._trackers: dict[str, Any] = {}
+        self._track_ids: Any = None  # edge.tracking.TrackIdStore in state_dir, made with the first tracker
+        self._zones: dict[str, Any] = {}  # source -> edge.zones.ZoneCounter (sources with zones or lines)
         self._source_stops: dict[str, threading.Event] = {}
         self._reload_lock = threading.Lock()
         #: monotonic time of each worker's last loop turn (liveness for the watchdog)
@@ -494,17 +497,48 @@ class Pipeline:
 
     def _tracker(self, source: str) -> Any:
         """The source's tracker, created on first use (None when tracking is off, or for stills: tracking.folders)."""
-        if not self.cfg.tracking.enabled:
+        src = self.cfg.sources.get(source)
+        tracking = src.tracking if src is not None and src.tracking is not None else self.cfg.tracking
+        if not tracking.enabled:
             return None
         tracker = self._trackers.get(source)
         if tracker is None:
             runner = self._runners.get(source)
-            if runner is not None and runner.source.stills and not self.cfg.tracking.folders:
+            if runner is not None and runner.source.stills and not tracking.folders:
                 return None  # unrelated pictures: nothing to follow from one to the next
-            from edge.tracking import Tracker
+            from edge.tracking import Tracker, TrackIdStore
 
-            tracker = self._trackers[source] = Tracker(source, self.cfg.tracking)
+            if self._track_ids is None:  # track ids stay unique per source across restarts
+                self._track_ids = TrackIdStore(self.cfg.resolve(self.cfg.state_dir) / "track-ids.json")
+            tracker = self._trackers[source] = Tracker(source, tracking, ids=self._track_ids)
         return tracker
+
+    def _zone_counter(self, source: str) -> tuple[Any, list[dict[str, Any]]]:
+        """The source's zones and lines (None when it has none), created on first use and again when a reload
+        changed them; with the exits of the replaced counter's tracks (counters start again from zero)."""
+        src = self.cfg.sources.get(source)
+        shapes = (src.zones, src.lines) if src is not None and (src.zones or src.lines) else None
+        counter = self._zones.get(source)
+        if source in self._zones and (counter.shapes if counter is not None else None) == shapes:
+            return counter, []
+        events = counter.finish() if counter is not None else []
+        if shapes is None:
+            self._zones[source] = None
+        else:
+            from edge.zones import ZoneCounter
+
+            self._zones[source] = ZoneCounter(source, *shapes)
+        return self._zones[source], events
+
+    def zone_counts(self) -> dict[str, Any]:
+        """Counters per source, zone / line, class and direction (see edge.zones.ZoneCounter.counts)."""
+        return {name: z.counts() for name, z in self._zones.items() if z is not None}
+
+    def _finish_source(self, source: str) -> list[dict[str, Any]]:
+        """End the source's tracks and zone stays (it stopped, went offline or reconnects), at its last frame's time."""
+        events = self._trackers[source].finish() if source in self._trackers else []
+        zones = self._zones.get(source)
+        return events + (zones.finish() if zones is not None else [])
 
     def _emit_events(self, events: list[dict[str, Any]], sinks: list[Sink]) -> None:
         if not events:
@@ -557,8 +591,8 @@ class Pipeline:
                 continue
         for seq in sorted(pending):  # not reached normally: every sequence number arrives before the stops
             self._release(pending.pop(seq), sinks)
-        for tracker in self._trackers.values():
-            self._emit_events(tracker.finish(), sinks)
+        for source in list(self._trackers):
+            self._emit_events(self._finish_source(source), sinks)
         self._emit_stats(sinks)
         for sink in sinks:
             try:
@@ -577,7 +611,7 @@ class Pipeline:
     def _apply_status(self, item: _StatusEvent, sinks: list[Sink]) -> None:
         """The source's tracks end first (their ``end`` events), then the sinks get the new status."""
         if item.status in ("finished", "offline", "reconnecting") and item.source in self._trackers:
-            self._emit_events(self._trackers[item.source].finish(), sinks)
+            self._emit_events(self._finish_source(item.source), sinks)
         for sink in sinks:
             try:
                 sink.source_status(item.source, item.status)
@@ -609,12 +643,18 @@ class Pipeline:
     def _deliver(self, item: Inferred, sinks: list[Sink]) -> None:
         self._frames_delivered += 1
         frame = item.frame
-        events: list[dict[str, Any]] = []
         track_ids = None
         rid = record_id(self.cfg.device_id, frame.source, frame.key)
+        zones, events = self._zone_counter(frame.source)  # events: exits from zones a reload replaced
+        if zones is not None:  # ignore zones: a static false positive never reaches the record
+            item.detections = zones.drop_ignored(item.detections, frame.width, frame.height)
         tracker = self._tracker(frame.source)
         if tracker is not None:
-            track_ids, events = tracker.update(item.detections, frame.captured_at, rid, frame.index)
+            track_ids, tracked = tracker.update(item.detections, frame.captured_at, rid, frame.index)
+            events += tracked
+            if zones is not None:
+                events += zones.observe(item.detections, track_ids, tracker.uids(), tracked, frame.captured_at,
+                                        frame.width, frame.height, rid, frame.index)
         record = self.make_record(item, rid, track_ids)
         for sink in sinks:
             try:
@@ -773,5 +813,6 @@ class Pipeline:
             "inference_ms_avg": round(t.inference_ms_sum / t.frames, 2) if t.frames else None,
             "sources": {n: r.stats().__dict__ for n, r in self._runners.items()},
             "sinks": {s.name: s.status() for s in self.sinks or []},
+            "zones": self.zone_counts(),
             "last_error": self._last_error,
         }

@@ -164,6 +164,7 @@ def build_status(ctx: WebContext, include_device: bool = True) -> dict[str, Any]
         "dataset": sinks.get("dataset"),
         "sources": sources,
         "sinks": sinks,
+        "zones": raw.get("zones") or {},
         "logs": ctx.logs.summary(),
         "web": {"public_read": ctx.cfg.web.public_read, "stream_fps": ctx.cfg.web.stream_fps,
                 "live_views": ctx.streams, "max_live_views": ctx.max_streams},

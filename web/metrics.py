@@ -71,6 +71,7 @@ class EdgelabelCollector(Collector):
         yield hist
 
         yield from self._sources(status.get("sources") or {})
+        yield from self._zones(status.get("zones") or {})
         yield from self._mqtt(status.get("mqtt") or {})
 
         not_kept = CounterMetricFamily("edgelabel_web_frames_not_kept",
@@ -104,6 +105,20 @@ class EdgelabelCollector(Collector):
                 state.add_metric([name, st], 1.0 if s.get("status") == st else 0.0)
             paused.add_metric([name], 1.0 if s.get("paused") else 0.0)
         yield from (fps, frames_in, dropped, skipped, reconnects, state, paused)
+
+    def _zones(self, zones: dict[str, Any]) -> Iterator[Metric]:
+        events = CounterMetricFamily("edgelabel_zone_events", "Zone enters / exits and line crossings per direction, "
+                                     "per source, zone or line, and class", labels=["source", "kind", "name", "class", "event"])
+        inside = GaugeMetricFamily("edgelabel_zone_inside", "Tracks inside a zone now", labels=["source", "zone"])
+        for source, shapes in sorted(zones.items()):
+            for kind, key in (("zone", "zones"), ("line", "lines")):
+                for name, entry in sorted((shapes.get(key) or {}).items()):
+                    if kind == "zone":
+                        inside.add_metric([source, name], _num(entry.get("inside")))
+                    for label, per in sorted((entry.get("by_class") or {}).items()):
+                        for what, n in sorted(per.items()):
+                            events.add_metric([source, kind, name, label, what], _num(n))
+        yield from (events, inside)
 
     def _mqtt(self, mqtt: dict[str, Any]) -> Iterator[Metric]:
         connected = GaugeMetricFamily("edgelabel_mqtt_connected", "1 while connected to the broker (absent: MQTT off)")

@@ -34,7 +34,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from edge.annotate import draw_detections, encode_jpeg
+from edge.annotate import draw_detections, draw_zones, encode_jpeg
 from edge.config import Config
 from edge.frame import Frame
 from edge.records import DetectionRecord, LabelRecord
@@ -143,6 +143,8 @@ class WebSink(Sink):
         self.stream_fps = float(cfg.web.stream_fps)
         self.width = int(cfg.web.stream_width)
         self.capacity = int(cfg.web.recent_records)
+        # zones and lines per source, drawn on the live view (and so on the dashboard's thumbnails)
+        self._shapes = {n: (s.zones, s.lines) for n, s in cfg.sources.items() if s.zones or s.lines}
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # the encoder waits here
         self._frames = threading.Condition(self._lock)  # live viewers wait here
@@ -275,6 +277,8 @@ class WebSink(Sink):
         if wants_raw:
             raw = encode_jpeg(small, KEPT_QUALITY)
         annotated = draw_detections(small, scale_detections(record.detections, scale), copy=False)
+        if source in self._shapes:
+            draw_zones(annotated, *self._shapes[source], scale=scale)
         jpeg = encode_jpeg(annotated, STREAM_QUALITY)
         with self._lock:
             view = self._sources[source]

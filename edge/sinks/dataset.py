@@ -827,14 +827,15 @@ class DatasetSink(Sink):
 
     name = "dataset"
 
-    def __init__(self, cfg: DatasetConfig, root: Path, class_names: list[str], model_name: str) -> None:
+    def __init__(self, cfg: DatasetConfig, root: Path, class_names: list[str], model_name: str,
+                 zones: dict[str, dict[str, Any]] | None = None) -> None:
         self.cfg = cfg
         self.root = Path(root)
         self.class_names = list(class_names)
         self.model_name = model_name
         self.formats = set(cfg.formats)
         self.index = DatasetIndex(self.root, formats=self.formats, names=self.class_names, model_name=model_name)
-        self.capture = CaptureSelector(cfg.capture)
+        self.capture = CaptureSelector(cfg.capture, zones)  # zones: source -> its zones (capture gating)
         self._plan: tuple[str, _Plan] | None = None
         self._coco_due = 0.0  # time.monotonic() after which write() may regenerate the COCO file
         self._lock = threading.Lock()

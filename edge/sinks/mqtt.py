@@ -678,6 +678,7 @@ class MqttSink(Sink):
                 "last_error": mine["last_error"],
             },
             "dataset": _dataset_health(snapshot),
+            "zones": snapshot.get("zones") or {},
         }
 
     def _update_alarm(self, snapshot: dict[str, Any]) -> None:
