@@ -6,6 +6,7 @@ One command, every tracker side by side on identical detections::
     python bench/tracking.py         # about a minute on 2 cores (the detector pass is cached)
     python bench/tracking.py --write # and put the tables into BENCHMARKS.md's "Tracking" section
     python bench/tracking.py --quick # 150 frames, one noise level and seed, no videos (seconds)
+    python bench/tracking.py --daemon  # also the videos through the real pipeline (its clock and tracker)
 
 Trackers: ``edgelabel`` (``edge.tracking.Tracker``, default ``tracking:`` settings), ``greedy (before)``
 (the tracker edgelabel shipped before, ``bench/greedy_tracker.py``, with the defaults it shipped with) and ``sv-bytetrack``
@@ -360,6 +361,37 @@ def video_detections(video: Path, model: Path, cache: bool) -> tuple[Dets, float
     return dets, fps
 
 
+def daemon_tracks(video: Path, model: Path) -> tuple[Frames, float]:
+    """The person tracks the real pipeline (``edgelabel run``'s Pipeline, its own clock and tracker) gives a video,
+    frame by frame; and the median time between frames, which shows the clock the frames were stamped with."""
+    from edge.config import config_from_dict
+    from edge.pipeline import Pipeline
+    from edge.sinks.base import Sink
+
+    class Recorder(Sink):
+        name = "bench-tracks"
+
+        def __init__(self) -> None:
+            self.hyp: Frames = {}
+            self.ts: list[float] = []
+
+        def write(self, record: Any, frame: Any) -> None:
+            self.ts.append(record.captured_ts)
+            self.hyp[record.frame_index + 1] = [(d.track_id, tuple(d.box)) for d in record.detections
+                                                if d.track_id is not None and d.label == "person"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = config_from_dict({"state_dir": str(Path(tmp) / "state"),
+                                "model": {"path": str(model), "family": "yolox"},
+                                "sources": {"video": {"uri": str(video)}},
+                                "mqtt": {"enabled": False}, "dataset": {"enabled": False}}, base_dir=tmp)
+        rec = Recorder()
+        if Pipeline(cfg, extra_sinks=[rec], show_progress=False).run() != 0:
+            raise SystemExit(f"{video}: the pipeline failed (see the log above)")
+    gaps = sorted(b - a for a, b in zip(rec.ts, rec.ts[1:], strict=False))
+    return rec.hyp, gaps[len(gaps) // 2] if gaps else 0.0
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -374,6 +406,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="150 frames, the medium noise level, no videos")
     ap.add_argument("--no-cache", action="store_true", help="run the detector on the videos again")
     ap.add_argument("--write", action="store_true", help="write the tables into BENCHMARKS.md (section 'Tracking')")
+    ap.add_argument("--daemon", action="store_true", help="also run the videos through the real pipeline (its clock, "
+                    "its tracker with the default settings) and report the same counts")
     args = ap.parse_args()
     trackers, notes = available_trackers()
     seq = load_mot(MOT, max_frames=150 if args.quick else None)
@@ -407,6 +441,14 @@ def main() -> int:
             print(f"{name} done", file=sys.stderr)
         out += [f"Real detections ({MODEL}, ONNX Runtime CPU, conf 0.25, persons), media-time timestamps:", "",
                 table(["video", "tracker", "person tracks", "fragments (share)", "detections with an id"], rows), ""]
+        if args.daemon:
+            rows = []
+            for name in VIDEOS:
+                hyp, gap = daemon_tracks(MIRROR / "videos" / name, MIRROR / "models" / MODEL)
+                tracks, frags = fragment_share(hyp)
+                rows.append([name, str(tracks), f"{frags} ({frags / max(tracks, 1) * 100:.0f} %)", f"{gap * 1e3:.1f} ms"])
+            out += ["The same videos through the daemon's pipeline (`edgelabel run`'s code path, default settings):", "",
+                    table(["video", "person tracks", "fragments (share)", "median time between frames"], rows), ""]
 
     rows = [[cls.name, f"{time_per_frame(cls, frames=100 if args.quick else 300):.3f}"] for cls in trackers]
     out += ["Tracker time per frame, 30 detections (CPU time of the calling thread):", "",
@@ -415,7 +457,7 @@ def main() -> int:
     text = "\n".join(out)
     print(text)
     if args.write:
-        command = "python bench/tracking.py" + (" --quick" if args.quick else "")
+        command = "python bench/tracking.py" + (" --quick" if args.quick else "") + (" --daemon" if args.daemon else "")
         write_section(ROOT / "BENCHMARKS.md", text, command)
     return 0
 
