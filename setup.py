@@ -22,6 +22,9 @@ import os
 
 from setuptools import find_packages, setup
 
+ROOT_PACKAGE = "edgelabel"
+TOP_FOLDERS = ("edge", "engines", "web")
+
 ort_package = os.environ.get("EDGELABEL_ORT_PACKAGE", "onnxruntime").strip()
 system_opencv = os.environ.get("EDGELABEL_SYSTEM_OPENCV", "").strip().lower() in ("1", "true", "yes")
 
@@ -51,10 +54,13 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["edge", "edge.*", "engines", "engines.*", "web", "web.*"]),
+    # The repository keeps edge/, engines/ and web/ at its top; installed, they live under one import root,
+    # edgelabel.*, so that nothing claims the generic names edge, engines or web in site-packages.
+    packages=[f"{ROOT_PACKAGE}.{name}" for name in find_packages(include=[f"{top}*" for top in TOP_FOLDERS])],
+    package_dir={f"{ROOT_PACKAGE}.{top}": top for top in TOP_FOLDERS},
     package_data={
-        "edge": ["schemas/*.json", "configs/*.yaml"],
-        "web": ["templates/*.html", "static/*", "openapi.yaml"],
+        f"{ROOT_PACKAGE}.edge": ["schemas/*.json", "configs/*.yaml"],
+        f"{ROOT_PACKAGE}.web": ["templates/*.html", "static/*", "openapi.yaml"],
     },
     install_requires=install_requires,
     extras_require={
@@ -66,5 +72,5 @@ setup(
         # bench/tracking.py: MOT metrics and a library tracker to compare with (never in the runtime install)
         "bench": ["motmetrics>=1.4", "supervision>=0.26,<0.31"],  # ByteTrack is gone from supervision 0.31
     },
-    entry_points={"console_scripts": ["edgelabel=edge.cli:main"]},
+    entry_points={"console_scripts": [f"edgelabel={ROOT_PACKAGE}.edge.cli:main"]},
 )

@@ -46,9 +46,9 @@ from typing import Any
 
 import numpy as np
 
-from edge.config import TrackingConfig
-from edge.records import iso_utc
-from engines.base import Detection
+from edgelabel.edge.config import TrackingConfig
+from edgelabel.edge.records import iso_utc
+from edgelabel.engines.base import Detection
 
 EVENT_SCHEMA_VERSION = 1
 #: weight of the newest measurement in the velocity estimate

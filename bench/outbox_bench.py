@@ -39,11 +39,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge.config import MqttConfig  # noqa: E402
-from edge.frame import Frame  # noqa: E402
-from edge.records import DetectionRecord, LabelRecord, ModelInfo, iso_utc, record_id  # noqa: E402
-from edge.sinks.mqtt import MqttSink  # noqa: E402
-from engines.base import Detection  # noqa: E402
+from edgelabel.edge.config import MqttConfig  # noqa: E402
+from edgelabel.edge.frame import Frame  # noqa: E402
+from edgelabel.edge.records import DetectionRecord, LabelRecord, ModelInfo, iso_utc, record_id  # noqa: E402
+from edgelabel.edge.sinks.mqtt import MqttSink  # noqa: E402
+from edgelabel.engines.base import Detection  # noqa: E402
 
 log = logging.getLogger("outbox_bench")
 DEVICE = "bench-01"

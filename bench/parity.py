@@ -39,8 +39,8 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.run import MIRROR  # noqa: E402  (the same mirror as the main benchmark)
-from engines.detector import load_detector  # noqa: E402
-from engines.models.nms import box_iou  # noqa: E402
+from edgelabel.engines.detector import load_detector  # noqa: E402
+from edgelabel.engines.models.nms import box_iou  # noqa: E402
 
 MODELS = ("yolo11n_int8", "yolov8n_int8", "yolo26n_int8")
 

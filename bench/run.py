@@ -40,7 +40,7 @@ import paho.mqtt.client as mqtt
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from engines.models.nms import box_iou  # noqa: E402
+from edgelabel.engines.models.nms import box_iou  # noqa: E402
 from tests.conftest import Broker  # noqa: E402  (the same private-broker helper the tests use)
 
 MIRROR = Path(os.environ.get("EDGELABEL_MIRROR", ROOT.parent / "shared")).resolve()
@@ -170,7 +170,7 @@ def run_pipeline(work: Path, port: int, model: str, sources: dict[str, Any], tim
     log_path = work / "daemon.log"
     started = time.time()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "-c", str(path)], cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "edgelabel.edge.cli", "run", "-c", str(path)], cwd=ROOT,
                                 stdout=log, stderr=log)
         deadline = time.time() + timeout
         while True:  # wait4 gives this child's own peak RSS

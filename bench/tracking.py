@@ -57,9 +57,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.greedy_tracker import GreedyTracker  # noqa: E402
-from edge.config import TrackingConfig  # noqa: E402
-from edge.tracking import Tracker, iou_matrix  # noqa: E402
-from engines.base import Detection  # noqa: E402
+from edgelabel.edge.config import TrackingConfig  # noqa: E402
+from edgelabel.edge.tracking import Tracker, iou_matrix  # noqa: E402
+from edgelabel.engines.base import Detection  # noqa: E402
 
 MIRROR = Path(os.environ.get("EDGELABEL_MIRROR", ROOT.parent / "shared")).resolve()
 MOT = MIRROR / "tracking" / "MOT17-09"
@@ -335,7 +335,7 @@ def video_detections(video: Path, model: Path, cache: bool) -> tuple[Dets, float
     """Person detections of every frame (edgelabel's detector, ONNX Runtime, CPU), cached; and the fps."""
     import cv2
 
-    from engines.detector import load_detector
+    from edgelabel.engines.detector import load_detector
 
     key = f"{video.name}-{video.stat().st_size}-{model.name}-{model.stat().st_size}.json"
     path = Path(tempfile.gettempdir()) / "edgelabel-bench-tracking" / key
@@ -364,9 +364,9 @@ def video_detections(video: Path, model: Path, cache: bool) -> tuple[Dets, float
 def daemon_tracks(video: Path, model: Path) -> tuple[Frames, float]:
     """The person tracks the real pipeline (``edgelabel run``'s Pipeline, its own clock and tracker) gives a video,
     frame by frame; and the median time between frames, which shows the clock the frames were stamped with."""
-    from edge.config import config_from_dict
-    from edge.pipeline import Pipeline
-    from edge.sinks.base import Sink
+    from edgelabel.edge.config import config_from_dict
+    from edgelabel.edge.pipeline import Pipeline
+    from edgelabel.edge.sinks.base import Sink
 
     class Recorder(Sink):
         name = "bench-tracks"

@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 import cv2
 import numpy as np
 
-from edge.config import LineConfig, ZoneConfig
-from edge.records import DetectionRecord
+from edgelabel.edge.config import LineConfig, ZoneConfig
+from edgelabel.edge.records import DetectionRecord
 
 ZONE_COLOR = (0, 200, 255)  # BGR amber: counted zones and lines
 IGNORE_COLOR = (160, 160, 160)  # grey: ignore zones

@@ -43,8 +43,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from edge.config import BandConfig, CaptureConfig, CaptureSection, RateConfig, ZoneConfig
-from edge.records import DetectionRecord, LabelRecord
+from edgelabel.edge.config import BandConfig, CaptureConfig, CaptureSection, RateConfig, ZoneConfig
+from edgelabel.edge.records import DetectionRecord, LabelRecord
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class CapturePolicy:
 
     def _in_zone(self, det: DetectionRecord, width: int, height: int) -> bool:
         """The detection's point lies in one of the policy's zones (that counts its class)."""
-        from edge.zones import inside_zone
+        from edgelabel.edge.zones import inside_zone
 
         return any(inside_zone(z, det.label, det.box, width, height) for z in self._zones)
 

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-import edge.sources.imageio  # noqa: F401  (sets OpenCV's image size limit before cv2 is loaded)
-from edge import __version__
-from edge.config import (
+import edgelabel.edge.sources.imageio  # noqa: F401  (sets OpenCV's image size limit before cv2 is loaded)
+from edgelabel.edge import __version__
+from edgelabel.edge.config import (
     FAMILIES,
     Config,
     ConfigError,
@@ -32,8 +32,8 @@ from edge.config import (
     read_config_file,
     validate_config,
 )
-from edge.logsetup import setup_logging
-from edge.redact import redact
+from edgelabel.edge.logsetup import setup_logging
+from edgelabel.edge.redact import redact
 
 log = logging.getLogger("edgelabel")
 
@@ -43,7 +43,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def _source_name(uri: str, taken: set[str]) -> str:
     """A readable, unique source name derived from a URI (``cars`` for ``/videos/cars.mp4``)."""
-    from edge.sources import suggest_name
+    from edgelabel.edge.sources import suggest_name
 
     base = suggest_name(uri) or "source"
     name, i = base, 2
@@ -161,7 +161,7 @@ def _check_paths(cfg: Config, known: Sequence[str] = ()) -> list[str]:
 
 
 def _path_problems(cfg: Config) -> list[str]:
-    from edge.sources import source_kind
+    from edgelabel.edge.sources import source_kind
 
     problems = []
     mqtt = cfg.mqtt
@@ -193,7 +193,7 @@ def _path_problems(cfg: Config) -> list[str]:
 
 def _resolve_file_sources(cfg: Config) -> None:
     """Make file paths absolute against the config's folder (source keys stay stable across cwd)."""
-    from edge.sources import source_kind
+    from edgelabel.edge.sources import source_kind
 
     mqtt = cfg.mqtt
     if mqtt.password_file:
@@ -227,8 +227,8 @@ def _config_errors(exc: ConfigError) -> int:
 
 
 def _run_pipeline(cfg: Config, fresh: bool, show_progress: bool = True) -> tuple[int, Any]:
-    from edge.pipeline import Pipeline
-    from engines.base import EngineError
+    from edgelabel.edge.pipeline import Pipeline
+    from edgelabel.engines.base import EngineError
 
     _resolve_file_sources(cfg)
     pipeline = Pipeline(cfg, fresh=fresh, show_progress=show_progress)
@@ -250,8 +250,8 @@ def _validated_run_config(args: argparse.Namespace) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from edge.daemon import run_daemon
-    from engines.base import DeviceError, EngineError
+    from edgelabel.edge.daemon import run_daemon
+    from edgelabel.engines.base import DeviceError, EngineError
 
     try:
         cfg = _validated_run_config(args)
@@ -357,7 +357,7 @@ def _review_line(cfg: Config, pipeline: Any, storage_only: bool = True) -> str |
 
 def _done_before(cfg: Config, labeled_now: int) -> int:
     """Frames of this job's ledger that an earlier run labeled (the ones this run skipped)."""
-    from edge.ledger import Ledger
+    from edgelabel.edge.ledger import Ledger
 
     path = cfg.resolve(cfg.state_dir) / "ledger.sqlite"
     if not path.is_file():
@@ -373,7 +373,7 @@ def _done_before(cfg: Config, labeled_now: int) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from edge.doctor import run_doctor
+    from edgelabel.edge.doctor import run_doctor
 
     return int(run_doctor(args.config, args.json))
 
@@ -383,8 +383,8 @@ def _model_problem(cfg: Config, known: Sequence[str]) -> str | None:
 
     Skipped while a ``model.*`` field has a problem (the model cannot be judged with a wrong setting).
     """
-    from edge.loader import probe_model
-    from engines.base import EngineError
+    from edgelabel.edge.loader import probe_model
+    from edgelabel.engines.base import EngineError
 
     if any(_field_of(k) == "(top level)" or _related(_field_of(k), "model") for k in known):
         return None
@@ -428,7 +428,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export the dataset's frames in the chosen review states to a folder or zip (edge/export.py)."""
-    from edge.export import ExportError, export_dataset
+    from edgelabel.edge.export import ExportError, export_dataset
 
     setup_logging(args.log_level or "warning")
     if args.dataset:
@@ -463,9 +463,9 @@ def _read_config(path: str | None) -> Config | None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """COCO mAP of a model on a YOLO-format labeled folder (the same scoring as the INT8 gate)."""
-    from edge.evaluate import DatasetError, NoGroundTruthError, evaluate, format_result, load_yolo_dataset
-    from engines.base import EngineError
-    from engines.detector import load_detector
+    from edgelabel.edge.evaluate import DatasetError, NoGroundTruthError, evaluate, format_result, load_yolo_dataset
+    from edgelabel.engines.base import EngineError
+    from edgelabel.engines.detector import load_detector
 
     setup_logging(args.log_level or "warning")
     try:
@@ -489,9 +489,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
     """Build (or find in the cache) the TensorRT engine the daemon will use, ahead of time."""
-    from edge.loader import calibration_folder, calibration_manifest, calibration_split
-    from engines.base import EngineError
-    from engines.select import cuda_gpu_count, tensorrt_importable
+    from edgelabel.edge.loader import calibration_folder, calibration_manifest, calibration_split
+    from edgelabel.engines.base import EngineError
+    from edgelabel.engines.select import cuda_gpu_count, tensorrt_importable
 
     setup_logging(args.log_level or "info")
     try:
@@ -506,7 +506,7 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
         print("edgelabel: no CUDA GPU answers (driver not loaded, or not an NVIDIA machine); "
               "engines are built on the device that runs them", file=sys.stderr)
         return EXIT_FAILED
-    from engines.tensorrt import TensorRTEngine
+    from edgelabel.engines.tensorrt import TensorRTEngine
 
     cache = Path(args.cache_dir) if args.cache_dir else (cfg.state_path("engines") if cfg else None)
     calib = None

@@ -506,7 +506,7 @@ def _build(cls: type, data: dict[str, Any], path: str, problems: list[str]) -> A
 
 def _check(cfg: Config, problems: list[str]) -> None:
     """Rules that involve more than one field or the meaning of a value."""
-    from edge.sources import parse_uri  # late import: sources import config types
+    from edgelabel.edge.sources import parse_uri  # late import: sources import config types
 
     if not _NAME_RE.match(cfg.device_id):
         problems.append(f"device_id: {_show(cfg.device_id)} must be 1-64 characters of letters, digits, '_', '-', '.'")

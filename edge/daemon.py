@@ -28,11 +28,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from edge.config import Config, ConfigError
-from edge.notify import Notifier
-from edge.pipeline import Pipeline
-from edge.records import iso_utc
-from engines.base import EngineError
+from edgelabel.edge.config import Config, ConfigError
+from edgelabel.edge.notify import Notifier
+from edgelabel.edge.pipeline import Pipeline
+from edgelabel.edge.records import iso_utc
+from edgelabel.engines.base import EngineError
 
 log = logging.getLogger("edgelabel.daemon")
 
@@ -99,8 +99,8 @@ def run_daemon(
     web_sink: Any = None
     early_logs: Any = None
     if cfg.web.enabled:
-        from web.server import early_log_handler
-        from web.sink import WebSink
+        from edgelabel.web.server import early_log_handler
+        from edgelabel.web.sink import WebSink
 
         early_logs = early_log_handler()  # start-up errors reach the page's log panel too
         web_sink = WebSink(cfg)
@@ -135,7 +135,7 @@ def run_daemon(
                 raise
             _wait_sources_reported(pipeline, SOURCES_READY_TIMEOUT_S)
         if web_sink is not None:
-            from web.server import start_web
+            from edgelabel.web.server import start_web
 
             web_server = start_web(pipeline, web_sink, cfg, log_handler=early_logs)
         notifier.ready()

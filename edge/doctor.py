@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from edge.config import MIRROR_ENV, Config, ConfigError, config_from_dict, mirror_folder, mirror_hint, read_config_file
+from edgelabel.edge.config import MIRROR_ENV, Config, ConfigError, config_from_dict, mirror_folder, mirror_hint, read_config_file
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +400,7 @@ class Doctor:
         return mirror_hint(base).removeprefix(f"{MIRROR_ENV}: ")
 
     def check_python(self) -> None:
-        from edge import __version__
+        from edgelabel.edge import __version__
 
         detail = f"{platform.python_version()} at {sys.executable}, edgelabel {__version__}"
         in_venv = sys.prefix != sys.base_prefix
@@ -446,7 +446,7 @@ class Doctor:
     def _needs_gstreamer(self) -> list[str]:
         if self.cfg is None:
             return []
-        from edge.sources import parse_uri
+        from edgelabel.edge.sources import parse_uri
 
         names = []
         for name, src in self.cfg.sources.items():
@@ -458,7 +458,7 @@ class Doctor:
     def check_opencv(self) -> None:
         try:
             # as the daemon does: edge.sources.imageio sets OpenCV's image size limit before cv2 loads
-            importlib.import_module("edge.sources.imageio")
+            importlib.import_module("edgelabel.edge.sources.imageio")
             import cv2
         except Exception as exc:
             self.add("opencv", FAIL, f"cannot import cv2: {exc}",
@@ -594,7 +594,7 @@ class Doctor:
             return
         detail = f"{version}, CUDA binding {binding.split('.')[0]}"
         if self.cfg is not None:
-            from engines.select import choose_engine
+            from edgelabel.engines.select import choose_engine
 
             try:
                 choice = choose_engine(self.cfg.model.engine, self.cfg.resolve(self.cfg.model.path))
@@ -609,7 +609,7 @@ class Doctor:
         """Enabled v4l2 sources -> their device node."""
         if self.cfg is None:
             return {}
-        from edge.sources import parse_uri
+        from edgelabel.edge.sources import parse_uri
 
         out = {}
         for name, src in self.cfg.sources.items():
@@ -689,10 +689,10 @@ class Doctor:
             return
         # the loader check-config uses too: run's checks and message; TensorRT is left out on purpose
         # (building an engine can take minutes on a Jetson)
-        from edge.loader import probe_model
+        from edgelabel.edge.loader import probe_model
 
         t0 = time.monotonic()
-        with _captured_warnings("engines") as warnings:
+        with _captured_warnings("edgelabel.engines") as warnings:
             try:
                 detector = probe_model(self.cfg)
             except Exception as exc:
@@ -724,7 +724,7 @@ class Doctor:
 
     def check_sources(self) -> None:
         assert self.cfg is not None
-        from edge.sources import source_kind
+        from edgelabel.edge.sources import source_kind
 
         cameras = self._configured_cameras()
         for name, src in self.cfg.sources.items():
@@ -762,7 +762,7 @@ class Doctor:
 
     @staticmethod
     def _display_uri(uri: str) -> str:
-        from edge.sources.rtsp import mask_credentials
+        from edgelabel.edge.sources.rtsp import mask_credentials
 
         return mask_credentials(uri)
 
@@ -799,7 +799,7 @@ class Doctor:
             self.add(label, OK, f"{path}: image, {_human_bytes(path.stat().st_size)}")
 
     def _check_rtsp(self, label: str, name: str, uri: str) -> None:
-        from edge.sources.rtsp import host_port
+        from edgelabel.edge.sources.rtsp import host_port
 
         shown = self._display_uri(uri)
         host, given_port = host_port(uri)

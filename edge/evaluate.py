@@ -42,13 +42,13 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import yaml
 
-from edge.progress import Progress
-from edge.sources import IMAGE_EXTENSIONS
-from edge.sources.imageio import ImageRejected, decode_image_file
-from engines.base import Detection
+from edgelabel.edge.progress import Progress
+from edgelabel.edge.sources import IMAGE_EXTENSIONS
+from edgelabel.edge.sources.imageio import ImageRejected, decode_image_file
+from edgelabel.engines.base import Detection
 
 if TYPE_CHECKING:  # the detector is only called, never constructed here
-    from engines.detector import Detector
+    from edgelabel.engines.detector import Detector
 
 log = logging.getLogger(__name__)
 

@@ -49,8 +49,8 @@ from xml.etree import ElementTree as ET
 
 import yaml
 
-from edge.records import iso_utc
-from edge.sinks.dataset import INDEX_FILE, STATES, DatasetIndex, safe_component, yolo_text
+from edgelabel.edge.records import iso_utc
+from edgelabel.edge.sinks.dataset import INDEX_FILE, STATES, DatasetIndex, safe_component, yolo_text
 
 log = logging.getLogger(__name__)
 

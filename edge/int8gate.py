@@ -32,11 +32,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from edge.evaluate import NoGroundTruthError, map_against_reference
-from edge.progress import Progress
-from edge.sources.imageio import ImageRejected, decode_image_file
-from engines.base import Detection
-from engines.detector import Detector
+from edgelabel.edge.evaluate import NoGroundTruthError, map_against_reference
+from edgelabel.edge.progress import Progress
+from edgelabel.edge.sources.imageio import ImageRejected, decode_image_file
+from edgelabel.engines.base import Detection
+from edgelabel.engines.detector import Detector
 
 log = logging.getLogger(__name__)
 

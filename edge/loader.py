@@ -24,11 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edge.config import Config, ModelConfig
-from engines.base import EngineError
-from engines.detector import Detector, load_detector
-from engines.select import choose_engine, is_serialized_engine
-from engines.trtcache import atomic_write  # the verdict and the calibration choice live in the engine cache
+from edgelabel.edge.config import Config, ModelConfig
+from edgelabel.engines.base import EngineError
+from edgelabel.engines.detector import Detector, load_detector
+from edgelabel.engines.select import choose_engine, is_serialized_engine
+from edgelabel.engines.trtcache import atomic_write  # the verdict and the calibration choice live in the engine cache
 
 log = logging.getLogger("edgelabel.loader")
 
@@ -87,7 +87,7 @@ def calibration_split(folder: Path, max_images: int, manifest: Path | None = Non
     new INT8 build and gate at every start.  Delete the manifest to choose
     again from what the folder holds now.
     """
-    from engines.calibration import list_images, split_calibration
+    from edgelabel.engines.calibration import list_images, split_calibration
 
     if manifest is not None and manifest.is_file():
         try:
@@ -200,7 +200,7 @@ def load_int8_gated(
     manifest: Path | None = None,
 ) -> Detector:
     """The INT8 detector when it passes the gate, else the FP16 one; the reason says why and what runs."""
-    from edge.int8gate import GateResult, run_gate
+    from edgelabel.edge.int8gate import GateResult, run_gate
 
     calib, held = calibration_split(folder, max_images, manifest)
     if not calib:

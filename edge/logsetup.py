@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
 
-from edge.redact import redact
+from edgelabel.edge.redact import redact
 
 log = logging.getLogger(__name__)
 

@@ -32,18 +32,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge.config import Config, ConfigError, SourceConfig
-from edge.frame import Frame, text_path
-from edge.ledger import Job, Ledger
-from edge.loader import load_model, worker_count
-from edge.progress import Progress
-from edge.records import DetectionRecord, LabelRecord, ModelInfo, iso_utc, record_id
-from edge.sinks.base import Sink, SinkRefused
-from edge.sources import create_source
-from edge.sources.hub import FrameHub
-from edge.sources.runner import SourceRunner
-from engines.base import Detection
-from engines.detector import Detector
+from edgelabel.edge.config import Config, ConfigError, SourceConfig
+from edgelabel.edge.frame import Frame, text_path
+from edgelabel.edge.ledger import Job, Ledger
+from edgelabel.edge.loader import load_model, worker_count
+from edgelabel.edge.progress import Progress
+from edgelabel.edge.records import DetectionRecord, LabelRecord, ModelInfo, iso_utc, record_id
+from edgelabel.edge.sinks.base import Sink, SinkRefused
+from edgelabel.edge.sources import create_source
+from edgelabel.edge.sources.hub import FrameHub
+from edgelabel.edge.sources.runner import SourceRunner
+from edgelabel.engines.base import Detection
+from edgelabel.engines.detector import Detector
 
 log = logging.getLogger("edgelabel.pipeline")
 
@@ -133,12 +133,12 @@ def build_sinks(cfg: Config, detector: Detector) -> list[Sink]:
     """The sinks the config asks for, dataset first so it can fill in the stored frame path."""
     sinks: list[Sink] = []
     if cfg.dataset.enabled:
-        from edge.sinks.dataset import DatasetSink
+        from edgelabel.edge.sinks.dataset import DatasetSink
 
         sinks.append(DatasetSink(cfg.dataset, cfg.resolve(cfg.dataset.path), detector.names, detector.describe()["name"],
                                  zones={n: s.zones for n, s in cfg.sources.items() if s.zones}))
     if cfg.mqtt.enabled:
-        from edge.sinks.mqtt import MqttSink
+        from edgelabel.edge.sinks.mqtt import MqttSink
 
         sinks.append(MqttSink(cfg.mqtt, cfg.device_id, state_dir=cfg.resolve(cfg.state_dir)))
     return sinks
@@ -506,7 +506,7 @@ class Pipeline:
             runner = self._runners.get(source)
             if runner is not None and runner.source.stills and not tracking.folders:
                 return None  # unrelated pictures: nothing to follow from one to the next
-            from edge.tracking import Tracker, TrackIdStore
+            from edgelabel.edge.tracking import Tracker, TrackIdStore
 
             if self._track_ids is None:  # track ids stay unique per source across restarts
                 self._track_ids = TrackIdStore(self.cfg.resolve(self.cfg.state_dir) / "track-ids.json")
@@ -525,7 +525,7 @@ class Pipeline:
         if shapes is None:
             self._zones[source] = None
         else:
-            from edge.zones import ZoneCounter
+            from edgelabel.edge.zones import ZoneCounter
 
             self._zones[source] = ZoneCounter(source, *shapes)
         return self._zones[source], events

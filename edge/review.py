@@ -39,9 +39,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from edge.records import iso_utc
-from edge.sinks.dataset import REVIEWED, STATES, DatasetIndex, VersionConflict
-from engines.models.nms import box_iou
+from edgelabel.edge.records import iso_utc
+from edgelabel.edge.sinks.dataset import REVIEWED, STATES, DatasetIndex, VersionConflict
+from edgelabel.engines.models.nms import box_iou
 
 log = logging.getLogger(__name__)
 

@@ -57,9 +57,9 @@ from typing import Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from edge.config import TrackingConfig
-from edge.records import iso_utc
-from engines.base import Detection
+from edgelabel.edge.config import TrackingConfig
+from edgelabel.edge.records import iso_utc
+from edgelabel.engines.base import Detection
 
 log = logging.getLogger(__name__)
 

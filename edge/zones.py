@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from edge.config import LineConfig, ZoneConfig
-from edge.records import iso_utc
+from edgelabel.edge.config import LineConfig, ZoneConfig
+from edgelabel.edge.records import iso_utc
 
 ZONE_EVENT_SCHEMA_VERSION = 1
 _NAMESPACE = uuid.UUID("8b1f3c2e-5d4a-4f6b-9c7e-2a1d0e9f8b7c")

@@ -6,6 +6,6 @@ selected by a ``type`` key and imported lazily, so a machine without TensorRT
 or CUDA never touches those libraries.
 """
 
-from engines.base import Detection, Engine, EngineError, TensorSpec, create_engine
+from edgelabel.engines.base import Detection, Engine, EngineError, TensorSpec, create_engine
 
 __all__ = ["Detection", "Engine", "EngineError", "TensorSpec", "create_engine"]

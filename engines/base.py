@@ -121,8 +121,8 @@ class Engine(abc.ABC):
 
 # type key -> "module:Class"; modules are imported only when selected
 ENGINE_TYPES: dict[str, str] = {
-    "onnxruntime": "engines.onnxruntime:OnnxRuntimeEngine",
-    "tensorrt": "engines.tensorrt:TensorRTEngine",
+    "onnxruntime": "edgelabel.engines.onnxruntime:OnnxRuntimeEngine",
+    "tensorrt": "edgelabel.engines.tensorrt:TensorRTEngine",
 }
 
 

@@ -28,10 +28,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from engines.base import EngineError
-from engines.models.base import PreprocessSpec
-from engines.models.preprocess import letterbox
-from engines.trtcache import atomic_write
+from edgelabel.engines.base import EngineError
+from edgelabel.engines.models.base import PreprocessSpec
+from edgelabel.engines.models.preprocess import letterbox
+from edgelabel.engines.trtcache import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def make_entropy_calibrator(
     calibration pass.  Delete the file to recalibrate.
     """
     if trt is None:
-        from engines.tensorrt import import_tensorrt
+        from edgelabel.engines.tensorrt import import_tensorrt
 
         trt = import_tensorrt()
     base = getattr(trt, "IInt8EntropyCalibrator2", None)

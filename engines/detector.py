@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from engines.base import Detection, Engine, EngineError, create_engine
-from engines.models.base import Decoder, LetterboxInfo
-from engines.models.detect import DECODERS, UnsupportedModelError, detect_family, input_size
-from engines.models.names import resolve_names
-from engines.models.preprocess import letterbox
-from engines.select import choose_engine, is_serialized_engine
+from edgelabel.engines.base import Detection, Engine, EngineError, create_engine
+from edgelabel.engines.models.base import Decoder, LetterboxInfo
+from edgelabel.engines.models.detect import DECODERS, UnsupportedModelError, detect_family, input_size
+from edgelabel.engines.models.names import resolve_names
+from edgelabel.engines.models.preprocess import letterbox
+from edgelabel.engines.select import choose_engine, is_serialized_engine
 
 log = logging.getLogger(__name__)
 

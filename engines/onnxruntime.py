@@ -17,7 +17,7 @@ from typing import Any, Union
 import numpy as np
 import onnxruntime as ort
 
-from engines.base import Engine, EngineError, EngineInfo, TensorSpec
+from edgelabel.engines.base import Engine, EngineError, EngineInfo, TensorSpec
 
 log = logging.getLogger(__name__)
 

@@ -45,12 +45,12 @@ from typing import Any
 
 import numpy as np
 
-from engines.base import DeviceError, Engine, EngineError, EngineInfo, TensorSpec
-from engines.calibration import CalibrationBatcher, calibration_hash, make_entropy_calibrator, resolve_images
-from engines.models.base import PreprocessSpec
-from engines.models.detect import DEFAULT_IMGSZ
-from engines.select import ENGINE_SUFFIXES
-from engines.trtcache import (
+from edgelabel.engines.base import DeviceError, Engine, EngineError, EngineInfo, TensorSpec
+from edgelabel.engines.calibration import CalibrationBatcher, calibration_hash, make_entropy_calibrator, resolve_images
+from edgelabel.engines.models.base import PreprocessSpec
+from edgelabel.engines.models.detect import DEFAULT_IMGSZ
+from edgelabel.engines.select import ENGINE_SUFFIXES
+from edgelabel.engines.trtcache import (
     CacheKey,
     OnnxSummary,
     engine_filename,
@@ -398,7 +398,7 @@ def trt_logger(trt: Any) -> Any:
             severity.WARNING: logging.WARNING,
             severity.INFO: logging.DEBUG,
         }
-        trt_log = logging.getLogger("engines.tensorrt.trt")
+        trt_log = logging.getLogger("edgelabel.engines.tensorrt.trt")
 
         class _Bridge(trt.ILogger):  # type: ignore[misc, name-defined]
             def __init__(self) -> None:
@@ -745,7 +745,7 @@ def _refuse_unbuildable(path: Path, summary: OnnxSummary) -> None:
 
 def _calibration_spec(summary: OnnxSummary, family: str, input_hw: tuple[int, int]) -> PreprocessSpec:
     """The decoder's preprocessing for this model, so calibration sees pixels exactly as inference does."""
-    from engines.models.detect import DECODERS, detect_family  # lazy: only INT8 builds need it
+    from edgelabel.engines.models.detect import DECODERS, detect_family  # lazy: only INT8 builds need it
 
     try:
         found = detect_family(
@@ -854,7 +854,7 @@ class TensorRTEngine(Engine):
         self._metadata = dict(summary.metadata)
         wanted = self.input_size
         if wanted is None:  # a dynamic-size export runs at its training size (metadata imgsz), as on ONNX Runtime
-            from engines.models.detect import input_size as model_input_size
+            from edgelabel.engines.models.detect import input_size as model_input_size
 
             wanted = model_input_size(summary.inputs, summary.metadata)
         shape = resolve_input_shape(summary.inputs[0], wanted if self.input_size or _dynamic_hw(summary) else None,

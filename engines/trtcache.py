@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from engines.base import EngineError, TensorSpec
+from edgelabel.engines.base import EngineError, TensorSpec
 
 log = logging.getLogger(__name__)
 

@@ -23,12 +23,19 @@ from pathlib import Path
 import cv2
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+try:
+    import edgelabel.engines  # noqa: F401  (installed: pip install -e .)
+except ImportError:  # a bare copy of the repository on the GPU machine: its folders are the edgelabel package
+    import types
 
-from engines.base import Detection, EngineError  # noqa: E402
-from engines.detector import Detector, load_detector  # noqa: E402
-from engines.models.nms import box_iou  # noqa: E402
-from engines.tensorrt import TensorRTEngine, import_tensorrt, load_cuda  # noqa: E402
+    _root_package = types.ModuleType("edgelabel")
+    _root_package.__path__ = [str(ROOT)]
+    sys.modules["edgelabel"] = _root_package
+
+from edgelabel.engines.base import Detection, EngineError  # noqa: E402
+from edgelabel.engines.detector import Detector, load_detector  # noqa: E402
+from edgelabel.engines.models.nms import box_iou  # noqa: E402
+from edgelabel.engines.tensorrt import TensorRTEngine, import_tensorrt, load_cuda  # noqa: E402
 
 MIRROR = Path(os.environ.get("EDGELABEL_MIRROR", ROOT.parent / "shared"))
 

@@ -33,7 +33,7 @@ class DaemonProcess:
         self.config.write_text(json.dumps(cfg))  # JSON is YAML
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "-c", str(self.config)], cwd=ROOT,
+        self.proc = subprocess.Popen([sys.executable, "-m", "edgelabel.edge.cli", "run", "-c", str(self.config)], cwd=ROOT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=self._log,
                                      stderr=subprocess.STDOUT)
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from edge.frame import Frame
-from edge.records import DetectionRecord, LabelRecord, ModelInfo, iso_utc, record_id
+from edgelabel.edge.frame import Frame
+from edgelabel.edge.records import DetectionRecord, LabelRecord, ModelInfo, iso_utc, record_id
 
 ROOT = Path(__file__).resolve().parent.parent
 #: the classes and model of the hand-made label records below (the first 8 COCO classes, yolo11n_int8)
@@ -83,7 +83,7 @@ def edgelabel(*args: str, **kw: Any) -> subprocess.Popen[str]:
     """Start ``edgelabel ARGS`` as a separate process (the real console entry point's module)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **kw.pop("env", {})}
     return subprocess.Popen(
-        [sys.executable, "-m", "edge.cli", *args],
+        [sys.executable, "-m", "edgelabel.edge.cli", *args],
         cwd=kw.pop("cwd", ROOT),
         env=env,
         stdout=subprocess.PIPE,

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from edge.capture import AUTO_ACCEPTED, NEEDS_REVIEW, CapturePolicy, CaptureSelector, RateLimiter, describe, uncertainty
-from edge.config import (
+from edgelabel.edge.capture import AUTO_ACCEPTED, NEEDS_REVIEW, CapturePolicy, CaptureSelector, RateLimiter, describe, uncertainty
+from edgelabel.edge.config import (
     BandConfig,
     CaptureConfig,
     CaptureSection,
@@ -29,11 +29,11 @@ from edge.config import (
     RateConfig,
     config_from_dict,
 )
-from edge.frame import Frame
-from edge.pipeline import Pipeline
-from edge.records import DetectionRecord, LabelRecord, ModelInfo
-from edge.sinks.base import Sink
-from edge.sinks.dataset import DatasetSink
+from edgelabel.edge.frame import Frame
+from edgelabel.edge.pipeline import Pipeline
+from edgelabel.edge.records import DetectionRecord, LabelRecord, ModelInfo
+from edgelabel.edge.sinks.base import Sink
+from edgelabel.edge.sinks.dataset import DatasetSink
 from tests.conftest import ASSETS
 
 MODEL = ModelInfo("m", "0" * 64, "yolox", "onnxruntime", "CPUExecutionProvider", "fp32", (416, 416))

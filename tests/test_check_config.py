@@ -16,8 +16,8 @@ import pytest
 import yaml
 from onnx import TensorProto, helper
 
-from edge.cli import main
-from edge.doctor import FAIL, run_doctor
+from edgelabel.edge.cli import main
+from edgelabel.edge.doctor import FAIL, run_doctor
 from tests.helpers import run_edgelabel
 
 
@@ -135,7 +135,7 @@ def test_the_demo_config_outside_the_repository_says_where_it_looked_for_the_mir
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     for mirror in (None, str(tmp_path / "no-mirror")):
         run_env = env if mirror is None else {**env, "EDGELABEL_MIRROR": mirror}
-        res = subprocess.run([sys.executable, "-m", "edge.cli", "run"], cwd=cwd, env=run_env, capture_output=True,
+        res = subprocess.run([sys.executable, "-m", "edgelabel.edge.cli", "run"], cwd=cwd, env=run_env, capture_output=True,
                              text=True, timeout=120)
         assert res.returncode == 2, res.stderr[-3000:]
         looked = tmp_path / "no-mirror" if mirror else tmp_path / "shared"  # ../shared from cwd

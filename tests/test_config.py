@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from edge.cli import main
-from edge.config import ConfigError, config_from_dict, load_config
+from edgelabel.edge.cli import main
+from edgelabel.edge.config import ConfigError, config_from_dict, load_config
 
 
 def _base(**over):
@@ -123,7 +123,7 @@ def test_check_config_command(tmp_path: Path, assets: Path, capsys):
 
 
 def test_bundled_default_config_is_valid(assets: Path, monkeypatch):
-    from edge.cli import DEFAULT_CONFIG
+    from edgelabel.edge.cli import DEFAULT_CONFIG
 
     monkeypatch.setenv("EDGELABEL_MIRROR", str(assets))
     assert main(["check-config", str(DEFAULT_CONFIG)]) == 0

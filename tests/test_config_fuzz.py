@@ -31,8 +31,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.cli import main
-from edge.config import Config, ConfigError, config_from_dict
+from edgelabel.edge.cli import main
+from edgelabel.edge.config import Config, ConfigError, config_from_dict
 from tests.conftest import ASSETS
 from tests.fuzzing import examples
 from tests.helpers import ROOT
@@ -212,7 +212,7 @@ def test_mutated_config_errors_name_the_mutated_field(seed_config: dict[str, Any
 @FUZZ
 @given(text=st.one_of(st.text(max_size=200), st.binary(max_size=200).map(lambda b: b.decode("latin-1"))))
 def test_random_file_content_is_a_config_error(tmp_path_factory: pytest.TempPathFactory, text: str) -> None:
-    from edge.config import load_config
+    from edgelabel.edge.config import load_config
 
     path = tmp_path_factory.getbasetemp() / "random.yaml"
     path.write_bytes(text.encode("utf-8", "surrogatepass"))
@@ -290,7 +290,7 @@ def test_check_config_and_run_refuse_bad_files_with_exit_2(
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edge.cli", *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([sys.executable, "-m", "edgelabel.edge.cli", *args], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT, env={"PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1", "HOME": "/nonexistent"})
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from edge.config import config_from_dict
-from edge.daemon import run_daemon
-from edge.notify import Notifier
-from edge.pipeline import Pipeline, load_model
+from edgelabel.edge.config import config_from_dict
+from edgelabel.edge.daemon import run_daemon
+from edgelabel.edge.notify import Notifier
+from edgelabel.edge.pipeline import Pipeline, load_model
 from tests.helpers import Collector, edgelabel
 
 

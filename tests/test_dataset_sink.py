@@ -17,11 +17,11 @@ import pytest
 import yaml
 from pycocotools.coco import COCO
 
-from edge.config import CaptureConfig, CaptureSection, DatasetConfig
-from edge.frame import Frame
-from edge.records import DetectionRecord, LabelRecord, ModelInfo, iso_utc, record_id
-from edge.sinks.dataset import DatasetSink
-from engines.base import Detection
+from edgelabel.edge.config import CaptureConfig, CaptureSection, DatasetConfig
+from edgelabel.edge.frame import Frame
+from edgelabel.edge.records import DetectionRecord, LabelRecord, ModelInfo, iso_utc, record_id
+from edgelabel.edge.sinks.dataset import DatasetSink
+from edgelabel.engines.base import Detection
 
 DEVICE = "edge-test-01"
 NAMES = ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck"]
@@ -262,7 +262,7 @@ def fill(path: Path) -> None:
 
 
 def test_disk_full_and_read_only_are_reported_and_recovered(small_fs: Path, assets: Path, caplog) -> None:
-    caplog.set_level(logging.WARNING, logger="edge.sinks.dataset")
+    caplog.set_level(logging.WARNING, logger="edgelabel.edge.sinks.dataset")
     root = small_fs / "ds"
     sink = DatasetSink(DatasetConfig(image_format="png", capture=EVERY_FRAME, min_free_bytes=0), root, NAMES, "m")
     sink.open()
@@ -319,7 +319,7 @@ def test_unfinished_writes_of_a_killed_run_are_removed_at_open(tmp_path):
     import os
     import time
 
-    from edge.sinks.dataset import DatasetIndex, remove_unfinished_writes
+    from edgelabel.edge.sinks.dataset import DatasetIndex, remove_unfinished_writes
 
     root = tmp_path / "ds"
     (root / "images" / "cam").mkdir(parents=True)

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.sources.imageio import MAX_JPEG_SCANS, ImageRejected, decode_image_bytes, decode_image_file, jpeg_scan_count
+from edgelabel.edge.sources.imageio import MAX_JPEG_SCANS, ImageRejected, decode_image_bytes, decode_image_file, jpeg_scan_count
 from tests.conftest import IMAGES
 
 

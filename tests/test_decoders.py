@@ -9,16 +9,16 @@ import cv2
 import numpy as np
 import pytest
 
-from engines.base import EngineError, TensorSpec
-from engines.models.base import LetterboxInfo, PreprocessSpec
-from engines.models.detect import DECODERS, UnsupportedModelError, detect_family, input_size
-from engines.models.end2end import EndToEndDecoder
-from engines.models.names import COCO80, load_labels_file, names_from_metadata, resolve_names
-from engines.models.nms import batched_nms, nms
-from engines.models.preprocess import letterbox
-from engines.models.yolov5 import YoloV5Decoder
-from engines.models.yolov8 import YoloV8Decoder
-from engines.models.yolox import YoloxDecoder, grid_cells
+from edgelabel.engines.base import EngineError, TensorSpec
+from edgelabel.engines.models.base import LetterboxInfo, PreprocessSpec
+from edgelabel.engines.models.detect import DECODERS, UnsupportedModelError, detect_family, input_size
+from edgelabel.engines.models.end2end import EndToEndDecoder
+from edgelabel.engines.models.names import COCO80, load_labels_file, names_from_metadata, resolve_names
+from edgelabel.engines.models.nms import batched_nms, nms
+from edgelabel.engines.models.preprocess import letterbox
+from edgelabel.engines.models.yolov5 import YoloV5Decoder
+from edgelabel.engines.models.yolov8 import YoloV8Decoder
+from edgelabel.engines.models.yolox import YoloxDecoder, grid_cells
 
 CENTERED = PreprocessSpec(center=True, pad_value=114, rgb=True, scale=1.0 / 255.0)
 TOP_LEFT = PreprocessSpec(center=False, pad_value=114, rgb=False, scale=1.0)
@@ -291,8 +291,8 @@ def test_yolov5_decoder_matches_yolov8_on_real_outputs(assets: Path) -> None:
 
 def test_letterbox_divides_by_255_like_the_reference():
     """x / 255, not x * (1/255): they differ by one ulp on many values, which dynamic-INT8 models amplify."""
-    from engines.models.base import PreprocessSpec
-    from engines.models.preprocess import letterbox
+    from edgelabel.engines.models.base import PreprocessSpec
+    from edgelabel.engines.models.preprocess import letterbox
 
     img = np.arange(256 * 3, dtype=np.int64).reshape(16, 16, 3).astype(np.uint8)
     tensor, _ = letterbox(img, (16, 16), PreprocessSpec())

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-import edge.doctor as doctor
-from edge.doctor import FAIL, INFO, OK, WARN, Doctor, parse_env_file, run_doctor
+import edgelabel.edge.doctor as doctor
+from edgelabel.edge.doctor import FAIL, INFO, OK, WARN, Doctor, parse_env_file, run_doctor
 from tests.conftest import ROOT, free_port
 
 
@@ -231,7 +231,7 @@ def test_cpu_fallback_config_only_informs(sysroot: Path, tmp_path: Path, assets:
 
 
 def test_camera_sources_without_gstreamer(sysroot: Path, tmp_path: Path, assets: Path) -> None:
-    from edge.sources.gstreamer import gstreamer_available
+    from edgelabel.edge.sources.gstreamer import gstreamer_available
 
     if gstreamer_available():
         pytest.skip("this OpenCV has GStreamer")
@@ -376,7 +376,7 @@ def test_jetson_orin_jetpack6(sysroot: Path, tmp_path: Path, assets: Path) -> No
     assert "L4T R36.4.3 (JetPack 6.1/6.2)" in checks["jetson"]["detail"] and "Orin" in checks["jetson"]["detail"]
     assert checks["cuda"]["status"] == OK and "compute capability 8.7" in checks["cuda"]["detail"]
     # pip's OpenCV and no TensorRT on a Jetson: warned, with the fix
-    from edge.sources.gstreamer import gstreamer_available
+    from edgelabel.edge.sources.gstreamer import gstreamer_available
 
     if not gstreamer_available():
         assert checks["opencv"]["status"] == WARN and "EDGELABEL_SYSTEM_OPENCV=1" in checks["opencv"]["fix"]
@@ -397,7 +397,7 @@ def test_jetpack5_is_flagged(sysroot: Path, tmp_path: Path, assets: Path) -> Non
 def test_module_entry_point_json(tmp_path: Path, assets: Path) -> None:
     cfg = write_config(tmp_path / "job" / "config.yaml", assets, 1,
                        mqtt={"enabled": False}, model={"path": str(tmp_path / "missing.onnx")})
-    proc = subprocess.run([sys.executable, "-m", "edge.doctor", "-c", str(cfg), "--json"],
+    proc = subprocess.run([sys.executable, "-m", "edgelabel.edge.doctor", "-c", str(cfg), "--json"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 1, proc.stderr
     payload = json.loads(proc.stdout)

@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 from pycocotools.coco import COCO
 
-from edge.records import load_schema
+from edgelabel.edge.records import load_schema
 from tests.helpers import Collector, edgelabel, run_edgelabel
 
 VALIDATOR = jsonschema.Draft202012Validator(load_schema())

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engines.base import EngineError
-from engines.models.base import LetterboxInfo
-from engines.models.detect import DECODERS, UnsupportedModelError, detect_family
-from engines.models.efficientnms import EfficientNMSDecoder, order_from_arrays, order_from_names, shapes_fit
+from edgelabel.engines.base import EngineError
+from edgelabel.engines.models.base import LetterboxInfo
+from edgelabel.engines.models.detect import DECODERS, UnsupportedModelError, detect_family
+from edgelabel.engines.models.efficientnms import EfficientNMSDecoder, order_from_arrays, order_from_names, shapes_fit
 
 IDENTITY = LetterboxInfo(ratio=1.0, pad_x=0.0, pad_y=0.0, width=640, height=640)
 NAMES = ["person", "bicycle", "car"]

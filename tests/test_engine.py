@@ -9,10 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
-from engines.base import Detection, EngineError
-from engines.detector import Detector, load_detector
-from engines.models.detect import UnsupportedModelError
-from engines.onnxruntime import OnnxRuntimeEngine
+from edgelabel.engines.base import Detection, EngineError
+from edgelabel.engines.detector import Detector, load_detector
+from edgelabel.engines.models.detect import UnsupportedModelError
+from edgelabel.engines.onnxruntime import OnnxRuntimeEngine
 
 MODELS = ("yolox_nano", "yolov8n_int8", "yolo11n_int8", "yolo26n_int8")
 FAMILIES = {"yolox_nano": "yolox", "yolov8n_int8": "yolov8", "yolo11n_int8": "yolov8", "yolo26n_int8": "end2end"}
@@ -217,7 +217,7 @@ def test_unknown_engine_and_provider(assets: Path) -> None:
 
 
 def test_provider_reporting_on_cpu(assets: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="engines.onnxruntime"):
+    with caplog.at_level(logging.INFO, logger="edgelabel.engines.onnxruntime"):
         engine = OnnxRuntimeEngine(assets / "models" / "yolox_nano.onnx", threads=1)  # default tensorrt,cuda,cpu
     info = engine.info()
     assert info.backend == "onnxruntime"
@@ -228,7 +228,7 @@ def test_provider_reporting_on_cpu(assets: Path, caplog: pytest.LogCaptureFixtur
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         assert "not available in this build: TensorrtExecutionProvider, CUDAExecutionProvider" in caplog.text
-        assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "engines.onnxruntime"]
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "edgelabel.engines.onnxruntime"]
     out = engine.infer(np.zeros((1, 3, 416, 416), np.float32))
     assert out[0].shape == (1, 3549, 85)
     engine.close()
@@ -243,7 +243,7 @@ def test_silent_fallback_is_reported(assets: Path, monkeypatch: pytest.MonkeyPat
         pytest.skip("CUDA really is available here")
     real = ort.get_available_providers
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real()])
-    with caplog.at_level(logging.WARNING, logger="engines.onnxruntime"):
+    with caplog.at_level(logging.WARNING, logger="edgelabel.engines.onnxruntime"):
         engine = OnnxRuntimeEngine(assets / "models" / "yolox_nano.onnx", providers=["cuda", "cpu"])
     assert engine.info().provider == "CPUExecutionProvider"
     assert "asked for CUDAExecutionProvider but ONNX Runtime is running on CPUExecutionProvider" in caplog.text
@@ -252,7 +252,7 @@ def test_silent_fallback_is_reported(assets: Path, monkeypatch: pytest.MonkeyPat
 
 def test_precision_without_onnx_package(assets: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without ``onnx`` installed, precision comes from ORT metadata, then the input dtype."""
-    import engines.onnxruntime as ortmod
+    import edgelabel.engines.onnxruntime as ortmod
 
     monkeypatch.setattr(ortmod, "_graph_ops_precision", lambda path: None)
     assert OnnxRuntimeEngine(assets / "models" / "yolo11n_int8.onnx", providers=["cpu"]).info().precision == "int8"
@@ -261,7 +261,7 @@ def test_precision_without_onnx_package(assets: Path, monkeypatch: pytest.Monkey
 
 def test_precision_from_graph_ops(assets: Path) -> None:
     pytest.importorskip("onnx")
-    from engines.onnxruntime import _graph_ops_precision
+    from edgelabel.engines.onnxruntime import _graph_ops_precision
 
     assert _graph_ops_precision(assets / "models" / "yolov8n_int8.onnx") == "int8"
     assert _graph_ops_precision(assets / "models" / "yolox_nano.onnx") == "fp32"

@@ -1,4 +1,4 @@
-"""edge.evaluate: YOLO folder loading, COCO mAP against known answers, and a real two-model check."""
+"""edgelabel.edge.evaluate: YOLO folder loading, COCO mAP against known answers, and a real two-model check."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.evaluate import (
+from edgelabel.edge.evaluate import (
     ClassAP,
     DatasetError,
     EvalResult,
@@ -22,8 +22,8 @@ from edge.evaluate import (
     map_against_reference,
     parse_label_file,
 )
-from engines.base import Detection
-from engines.detector import DetectResult, load_detector
+from edgelabel.engines.base import Detection
+from edgelabel.engines.detector import DetectResult, load_detector
 from tests.conftest import IMAGES, MODELS
 
 W, H = 200, 100
@@ -252,7 +252,7 @@ def test_class_names_fall_back_to_the_model(tmp_path: Path) -> None:
 
 def test_name_mismatch_is_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     ds = dataset(tmp_path, [[(0, BOX)]], names="names: [helmet]\n")
-    with caplog.at_level(logging.WARNING, logger="edge.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="edgelabel.edge.evaluate"):
         evaluate(ScriptedDetector([[det(0, BOX)]], names=["person"]), ds, progress=False)  # type: ignore[arg-type]
     assert "class 0 is 'helmet' in the dataset but 'person' in the model" in caplog.text
 

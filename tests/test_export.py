@@ -26,11 +26,11 @@ import pytest
 import yaml
 from pycocotools.coco import COCO
 
-from edge.config import CaptureConfig, CaptureSection, DatasetConfig
-from edge.export import DEFAULT_STATES, EXPORT_FORMATS, MANIFEST, ExportError, collect, export_dataset, parse_states
-from edge.frame import Frame
-from edge.review import ReviewStore
-from edge.sinks.dataset import DatasetIndex, DatasetSink
+from edgelabel.edge.config import CaptureConfig, CaptureSection, DatasetConfig
+from edgelabel.edge.export import DEFAULT_STATES, EXPORT_FORMATS, MANIFEST, ExportError, collect, export_dataset, parse_states
+from edgelabel.edge.frame import Frame
+from edgelabel.edge.review import ReviewStore
+from edgelabel.edge.sinks.dataset import DatasetIndex, DatasetSink
 from tests.conftest import ASSETS
 from tests.helpers import NAMES, label_record, run_edgelabel
 
@@ -455,7 +455,7 @@ def test_existing_outputs_and_missing_images(dataset: Dataset, tmp_path: Path, c
     row = index.row(dataset.ids["edge"])
     index.close()
     (copy / row["image_path"]).unlink()
-    caplog.set_level(logging.WARNING, logger="edge.export")
+    caplog.set_level(logging.WARNING, logger="edgelabel.edge.export")
     result = export_dataset(copy, "cvat", tmp_path / "cvat.zip")
     assert result.missing == [dataset.ids["edge"]] and result.images == len(exported(dataset)) - 1
     assert any(dataset.ids["edge"] in r.getMessage() for r in caplog.records)

@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 from pycocotools.coco import COCO
 
-from edge.config import DatasetConfig
-from edge.sinks.mqtt import device_alarms
+from edgelabel.edge.config import DatasetConfig
+from edgelabel.edge.sinks.mqtt import device_alarms
 from tests.conftest import Broker
 from tests.test_faults_support import (
     HAVE_MOSQUITTO,

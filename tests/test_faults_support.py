@@ -81,7 +81,7 @@ class DaemonProc:
         self.lines: list[str] = []
         self._lock = threading.Lock()
         self.proc = subprocess.Popen(
-            [*(prefix or []), sys.executable, "-m", "edge.cli", "run", "-c", str(config)],
+            [*(prefix or []), sys.executable, "-m", "edgelabel.edge.cli", "run", "-c", str(config)],
             cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace",
         )

@@ -20,16 +20,16 @@ from typing import Any
 import jsonschema
 import pytest
 
-from edge.config import SourceConfig, config_from_dict
-from edge.frame import Frame
-from edge.pipeline import Pipeline
-from edge.records import SCHEMA_PATH, LabelRecord
-from edge.sinks.base import Sink
-from edge.sources.folder import FolderSource
-from edge.sources.hub import FrameHub
-from edge.sources.image import ImageSource
-from edge.sources.runner import SourceRunner
-from edge.sources.video import VideoSource
+from edgelabel.edge.config import SourceConfig, config_from_dict
+from edgelabel.edge.frame import Frame
+from edgelabel.edge.pipeline import Pipeline
+from edgelabel.edge.records import SCHEMA_PATH, LabelRecord
+from edgelabel.edge.sinks.base import Sink
+from edgelabel.edge.sources.folder import FolderSource
+from edgelabel.edge.sources.hub import FrameHub
+from edgelabel.edge.sources.image import ImageSource
+from edgelabel.edge.sources.runner import SourceRunner
+from edgelabel.edge.sources.video import VideoSource
 from tests.conftest import ASSETS
 
 PEOPLE = ASSETS / "videos" / "people-walking.mp4"  # 314 frames at 29.97 fps: 10.48 s
@@ -207,7 +207,7 @@ def test_fps_set_explicitly_wins_over_the_clip_rate(assets: Path) -> None:
 def test_a_looped_clip_takes_the_live_capture_policy(tmp_path: Path, assets: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     """The dataset keeps a looped clip's frames by ``dataset.capture.live``, not every frame by ``storage``."""
-    from edge.sinks.dataset import DatasetSink
+    from edgelabel.edge.sinks.dataset import DatasetSink
 
     cfg = pipeline_cfg(tmp_path, {"cars": {"uri": str(CARS), "loop": True}},
                        dataset={"enabled": True, "path": str(tmp_path / "dataset"), "save_images": "never",

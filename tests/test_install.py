@@ -68,10 +68,10 @@ def build_wheel(dest: Path) -> Path:
         for pkg in PACKAGES:
             for f in sorted((ROOT / pkg).rglob("*")):
                 if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".pyc":
-                    add(z, f.relative_to(ROOT).as_posix(), f.read_bytes())
+                    add(z, f"edgelabel/{f.relative_to(ROOT).as_posix()}", f.read_bytes())
         add(z, f"{dist}/METADATA", metadata.encode())
         add(z, f"{dist}/WHEEL", b"Wheel-Version: 1.0\nGenerator: edgelabel-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
-        add(z, f"{dist}/entry_points.txt", b"[console_scripts]\nedgelabel = edge.cli:main\n")
+        add(z, f"{dist}/entry_points.txt", b"[console_scripts]\nedgelabel = edgelabel.edge.cli:main\n")
         records.append(f"{dist}/RECORD,,")
         z.writestr(f"{dist}/RECORD", "\n".join(records) + "\n")
     return path
@@ -273,7 +273,7 @@ def test_install_twice_then_uninstall_to_nothing(tmp_path: Path, mirror: Path, m
         version = subprocess.run([str(prefix / "venv/bin/edgelabel"), "--version"], capture_output=True, text=True,
                                  timeout=60, cwd=tmp_path)
         assert version.returncode == 0 and "edgelabel" in version.stdout, version.stderr
-        where = subprocess.run([str(prefix / "venv/bin/python"), "-c", "import edge; print(edge.__file__)"],
+        where = subprocess.run([str(prefix / "venv/bin/python"), "-c", "import edgelabel.edge as e; print(e.__file__)"],
                                capture_output=True, text=True, timeout=60, cwd=tmp_path)
         assert str(prefix) in where.stdout, "the venv runs its own copy, not the source tree"
 
@@ -332,3 +332,22 @@ def test_the_readme_quick_start_installs_the_runtime_and_ci_runs_the_readme_test
     # the system packages .ci/run installs for the full suite are the README's
     for package in ("mosquitto", "chromium", "gir1.2-gst-rtsp-server-1.0", "python3-gi", "gstreamer1.0-libav"):
         assert package in ci and package in tests, package
+
+
+# ----------------------------------------------------------------------------- the distribution's import names
+
+
+def test_the_distribution_installs_one_import_root_and_a_console_script(tmp_path: Path) -> None:
+    """edge, engines and web are generic names (web.py claims ``web``): installed, they live under ``edgelabel.``,
+    and the only other thing installed is the ``edgelabel`` command."""
+    subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path)], cwd=ROOT, check=True,
+                   capture_output=True, timeout=120)
+    info = tmp_path / "edgelabel.egg-info"
+    assert (info / "top_level.txt").read_text().split() == ["edgelabel"]
+    assert "[console_scripts]\nedgelabel = edgelabel.edge.cli:main" in (info / "entry_points.txt").read_text()
+    # what this environment has installed answers to the same names, from outside the source tree
+    probe = ("import importlib.util as u, edgelabel.edge.cli, edgelabel.engines.base, edgelabel.web.app; "
+             "print([n for n in ('edge', 'engines', 'web') if u.find_spec(n)])")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"generic top-level names installed: {out.stdout}"

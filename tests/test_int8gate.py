@@ -1,4 +1,4 @@
-"""edge.int8gate: the INT8-vs-FP16 accuracy gate with real ONNX Runtime detectors, its arithmetic and its cache."""
+"""edgelabel.edge.int8gate: the INT8-vs-FP16 accuracy gate with real ONNX Runtime detectors, its arithmetic and its cache."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from edge.int8gate import GATE_JSON_VERSION, GateResult, judge, run_gate
-from engines.detector import Detector, load_detector
+from edgelabel.edge.int8gate import GATE_JSON_VERSION, GateResult, judge, run_gate
+from edgelabel.engines.detector import Detector, load_detector
 from tests.conftest import IMAGES, MODELS
 
 

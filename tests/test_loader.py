@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from edge.config import config_from_dict
-from edge.loader import calibration_folder, load_int8_gated, load_model
-from engines.base import EngineError
-from engines.detector import Detector, load_detector
+from edgelabel.edge.config import config_from_dict
+from edgelabel.edge.loader import calibration_folder, load_int8_gated, load_model
+from edgelabel.engines.base import EngineError
+from edgelabel.engines.detector import Detector, load_detector
 
 
 @pytest.fixture()
@@ -143,7 +143,7 @@ def test_int8_on_onnxruntime_says_it_applies_to_tensorrt_only(tmp_path, assets):
 
 
 def test_the_calibration_choice_is_kept_while_the_folder_grows(tmp_path, site_images):
-    from edge.loader import calibration_split
+    from edgelabel.edge.loader import calibration_split
 
     manifest = tmp_path / "engines" / "m-calibration.json"
     first = calibration_split(site_images, 500, manifest)

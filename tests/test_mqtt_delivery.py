@@ -24,9 +24,9 @@ from typing import Any
 import cv2
 import pytest
 
-from edge.config import MqttConfig, TlsConfig
-from edge.daemon import EXIT_UNDELIVERED
-from edge.sinks.mqtt import MqttSink
+from edgelabel.edge.config import MqttConfig, TlsConfig
+from edgelabel.edge.daemon import EXIT_UNDELIVERED
+from edgelabel.edge.sinks.mqtt import MqttSink
 from tests.conftest import ROOT, Broker, free_port
 from tests.helpers import Collector, edgelabel, run_edgelabel
 from tests.test_mqtt_faults import ConfBroker
@@ -368,7 +368,7 @@ def make_tls_files(d: Path, server_names: list[str]) -> dict[str, Path]:
 
 def first_mqtt_error(caplog: pytest.LogCaptureFixture, sink: MqttSink) -> str:
     def found() -> str | None:
-        return next((r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.name == "edge.sinks.mqtt"),
+        return next((r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.name == "edgelabel.edge.sinks.mqtt"),
                     None)
     deadline = time.monotonic() + 10
     while found() is None and time.monotonic() < deadline:
@@ -378,7 +378,7 @@ def first_mqtt_error(caplog: pytest.LogCaptureFixture, sink: MqttSink) -> str:
 
 def test_a_tls_failure_is_named_not_reported_as_an_unreachable_broker(tmp_path: Path, caplog) -> None:
     """Wrong CA: "certificate verify failed", naming mqtt.tls.ca; wrong host: "hostname mismatch", naming mqtt.host."""
-    caplog.set_level(logging.INFO, logger="edge.sinks.mqtt")
+    caplog.set_level(logging.INFO, logger="edgelabel.edge.sinks.mqtt")
     files = make_tls_files(tmp_path, ["broker.plant.example"])
     broker = ConfBroker(tmp_path, f"allow_anonymous true\npersistence false\ncafile {files['ca']}\n"
                                   f"certfile {files['server']}\nkeyfile {files['server_key']}\n").start()
@@ -426,7 +426,7 @@ def test_a_tls_failure_is_named_not_reported_as_an_unreachable_broker(tmp_path: 
 
 
 def test_a_refused_client_certificate_and_a_plain_port_are_named_as_tls_problems(tmp_path: Path, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="edge.sinks.mqtt")
+    caplog.set_level(logging.INFO, logger="edgelabel.edge.sinks.mqtt")
     files = make_tls_files(tmp_path, ["localhost"])
     needs_cert = ConfBroker(tmp_path, f"allow_anonymous true\npersistence false\ncafile {files['ca']}\n"
                                       f"certfile {files['server']}\nkeyfile {files['server_key']}\n"

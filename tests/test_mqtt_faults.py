@@ -33,8 +33,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge.config import MqttConfig, TlsConfig
-from edge.sinks.mqtt import MqttSink
+from edgelabel.edge.config import MqttConfig, TlsConfig
+from edgelabel.edge.sinks.mqtt import MqttSink
 from tests.conftest import Broker, free_port
 from tests.helpers import ROOT, edgelabel, run_edgelabel
 from tests.test_mqtt_sink import Relay, make_record, storage_frame
@@ -328,7 +328,7 @@ def drop_links(relay: Relay) -> None:
 
 def test_link_cut_mid_stream_replays_in_order_without_loss(tmp_path: Path, broker: Broker, caplog) -> None:
     """The sink's link dies with ~100 messages in flight; paho re-sends them first, nothing overtakes them."""
-    caplog.set_level(logging.INFO, logger="edge.sinks.mqtt")
+    caplog.set_level(logging.INFO, logger="edgelabel.edge.sinks.mqtt")
     relay = Relay(broker.port).start()
     watcher = Watcher(broker.port, f"{PREFIX}/#")
     cfg = MqttConfig(host="127.0.0.1", port=relay.port, prefix=PREFIX, keepalive=5)
@@ -400,7 +400,7 @@ def test_wrong_password_is_reported_retried_and_recovers(tmp_path: Path, caplog)
         time.sleep(1.5)
         attempts = broker.log_text().count("not authorised")
         assert attempts >= 3, f"the sink should keep retrying ({attempts} attempt(s) seen by the broker)"
-        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.name == "edge.sinks.mqtt"]
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.name == "edgelabel.edge.sinks.mqtt"]
         assert len(errors) == 1 and "not authorised" in errors[0] and "mqtt.password" in errors[0]
         assert "not authorised" in sink.status()["last_error"]  # later disconnects do not hide the cause
         # the operator fixes the broker's password file: the next retry gets in, the stored record is delivered
@@ -440,7 +440,7 @@ def test_daemon_with_a_wrong_password_file_keeps_running_and_says_why(tmp_path: 
             proc.kill()
         broker.stop()
     assert proc.returncode == 75  # stopped with labels left in the outbox (EXIT_UNDELIVERED)
-    errors = [ln for ln in err.splitlines() if " ERROR " in ln and "edge.sinks.mqtt:" in ln]
+    errors = [ln for ln in err.splitlines() if " ERROR " in ln and "edgelabel.edge.sinks.mqtt:" in ln]
     assert len(errors) == 1 and "not authorised" in errors[0] and "user 'edge'" in errors[0], err[-3000:]
     assert "wrong-one-3390" not in err and "right-one-5821" not in err
     assert "stay in the outbox" in err  # nothing was delivered, nothing was lost

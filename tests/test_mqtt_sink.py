@@ -28,12 +28,12 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge.config import ConfigError, MqttConfig, TlsConfig
-from edge.frame import Frame
-from edge.records import DetectionRecord, LabelRecord, ModelInfo, iso_utc, load_schema, record_id
-from edge.sinks.base import SinkRefused
-from edge.sinks.mqtt import MqttSink
-from engines.base import Detection
+from edgelabel.edge.config import ConfigError, MqttConfig, TlsConfig
+from edgelabel.edge.frame import Frame
+from edgelabel.edge.records import DetectionRecord, LabelRecord, ModelInfo, iso_utc, load_schema, record_id
+from edgelabel.edge.sinks.base import SinkRefused
+from edgelabel.edge.sinks.mqtt import MqttSink
+from edgelabel.engines.base import Detection
 from tests.conftest import Broker, free_port
 
 DEVICE = "edge-test-01"
@@ -260,7 +260,7 @@ def test_capture_to_puback_latency_is_measured_per_label(broker: Broker, caplog)
         sink.flush()
         st = sink.status()
     finally:
-        with caplog.at_level(logging.INFO, logger="edge.sinks.mqtt"):
+        with caplog.at_level(logging.INFO, logger="edgelabel.edge.sinks.mqtt"):
             sink.close()
     assert st["puback_latency_n"] == 20
     assert 50.0 <= st["puback_p50_ms"] <= st["puback_p95_ms"] <= st["puback_p99_ms"] < 5000.0
@@ -289,7 +289,7 @@ def test_device_and_source_status_are_retained_online_then_stopped(broker: Broke
 
 def test_reconnect_republishes_device_and_source_status(broker: Broker, tmp_path: Path, caplog) -> None:
     """The broker restarts without persistence, losing every retained message: the sink restores them."""
-    caplog.set_level(logging.INFO, logger="edge.sinks.mqtt")
+    caplog.set_level(logging.INFO, logger="edgelabel.edge.sinks.mqtt")
     sink = MqttSink(mqtt_cfg(broker.port), DEVICE)
     sink.open()
     restarted = Broker(tmp_path, port=broker.port)
@@ -313,8 +313,8 @@ def test_reconnect_republishes_device_and_source_status(broker: Broker, tmp_path
 
 WILL_CHILD = """
 import logging, sys, time
-from edge.config import ConfigError, MqttConfig, TlsConfig
-from edge.sinks.mqtt import MqttSink
+from edgelabel.edge.config import ConfigError, MqttConfig, TlsConfig
+from edgelabel.edge.sinks.mqtt import MqttSink
 logging.basicConfig(level=logging.INFO)
 sink = MqttSink(MqttConfig(host="127.0.0.1", port=int(sys.argv[1]), prefix="edgelabel", keepalive=5), sys.argv[2])
 sink.open()
@@ -357,7 +357,7 @@ def test_last_will_offline_when_the_process_is_killed(broker: Broker) -> None:
 @pytest.mark.slow
 def test_last_will_offline_when_the_link_dies_silently(broker: Broker, caplog) -> None:
     """No FIN, no RST: the broker notices only by keepalive (1.5 x 5 s) and then publishes the will."""
-    caplog.set_level(logging.ERROR, logger="edge.sinks.mqtt")
+    caplog.set_level(logging.ERROR, logger="edgelabel.edge.sinks.mqtt")
     relay = Relay(broker.port).start()
     status_topic = f"{PREFIX}/{DEVICE}/status"
     sink = MqttSink(mqtt_cfg(relay.port, keepalive=5), DEVICE)
@@ -380,7 +380,7 @@ def test_last_will_offline_when_the_link_dies_silently(broker: Broker, caplog) -
 
 
 def test_broker_down_at_start_queues_without_blocking_and_delivers_later(broker: Broker, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="edge.sinks.mqtt")
+    caplog.set_level(logging.INFO, logger="edgelabel.edge.sinks.mqtt")
     port = free_port()  # nothing listens here yet
     sink = MqttSink(mqtt_cfg(port), DEVICE)
     t0 = time.perf_counter()
@@ -449,8 +449,8 @@ def test_full_outbox_drops_oldest_and_offline_qos0_waits(caplog) -> None:
 
 
 def test_outage_warning_repeats_with_the_backlog(monkeypatch, caplog) -> None:
-    monkeypatch.setattr("edge.sinks.mqtt.WARN_INTERVAL", 0.3)
-    caplog.set_level(logging.WARNING, logger="edge.sinks.mqtt")
+    monkeypatch.setattr("edgelabel.edge.sinks.mqtt.WARN_INTERVAL", 0.3)
+    caplog.set_level(logging.WARNING, logger="edgelabel.edge.sinks.mqtt")
     sink = MqttSink(mqtt_cfg(free_port()), DEVICE)
     sink.open()
     try:
@@ -495,7 +495,7 @@ def label_ids(sub: Subscriber) -> list[str]:
 
 
 def test_outbox_survives_a_sink_restart_and_replays_in_order(broker: Broker, tmp_path: Path, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="edge.sinks")
+    caplog.set_level(logging.INFO, logger="edgelabel.edge.sinks")
     port = free_port()  # the broker is "down": nothing listens here
     first = MqttSink(mqtt_cfg(port), DEVICE, state_dir=tmp_path)
     first.open()
@@ -521,8 +521,8 @@ def test_outbox_survives_a_sink_restart_and_replays_in_order(broker: Broker, tmp
 
 
 def test_events_are_published_after_their_label_with_ids_and_a_valid_schema(broker: Broker) -> None:
-    from edge.config import TrackingConfig
-    from edge.tracking import Tracker
+    from edgelabel.edge.config import TrackingConfig
+    from edgelabel.edge.tracking import Tracker
 
     collector = Subscriber(broker.port)
     sink = MqttSink(mqtt_cfg(broker.port), DEVICE)
@@ -600,7 +600,7 @@ def test_stats_message_from_the_pipeline_snapshot(broker: Broker) -> None:
 def test_snapshot_is_a_retained_annotated_jpeg_rate_limited_per_source(broker: Broker) -> None:
     import cv2
 
-    from edge.config import SnapshotConfig
+    from edgelabel.edge.config import SnapshotConfig
 
     topic = f"{PREFIX}/{DEVICE}/cam1/snapshot"
     cfg = mqtt_cfg(broker.port, snapshot=SnapshotConfig(enabled=True, interval=0.5, max_width=64))
@@ -724,7 +724,7 @@ def test_stop_capture_writer_is_released_by_close_and_the_refusal_counted(caplog
 def test_a_failing_outbox_never_stops_labeling_and_is_counted(monkeypatch, caplog) -> None:
     import sqlite3
 
-    caplog.set_level(logging.ERROR, logger="edge.sinks.mqtt")
+    caplog.set_level(logging.ERROR, logger="edgelabel.edge.sinks.mqtt")
     sink = MqttSink(mqtt_cfg(free_port()), DEVICE)
 
     def disk_full(*a: object, **kw: object) -> None:

@@ -1,4 +1,4 @@
-"""edge.notify against a real AF_UNIX datagram socket standing in for systemd's notify socket."""
+"""edgelabel.edge.notify against a real AF_UNIX datagram socket standing in for systemd's notify socket."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.notify import Notifier, ProgressWatchdog
+from edgelabel.edge.notify import Notifier, ProgressWatchdog
 
 
 class NotifySocket:
@@ -183,7 +183,7 @@ def test_thread_safe_sends(notify_socket: NotifySocket) -> None:
 
 
 def test_full_manager_queue_times_out_instead_of_blocking(notify_socket: NotifySocket, monkeypatch) -> None:
-    monkeypatch.setattr("edge.notify.SEND_TIMEOUT", 0.05)
+    monkeypatch.setattr("edgelabel.edge.notify.SEND_TIMEOUT", 0.05)
     n = Notifier(notify_socket.env())
     started = time.monotonic()
     sent = 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.sinks.outbox import Message, Outbox
+from edgelabel.edge.sinks.outbox import Message, Outbox
 
 
 def msg(source: str, i: int, qos: int = 1) -> Message:
@@ -99,7 +99,7 @@ def test_batched_commits_are_much_faster_than_one_per_message(tmp_path: Path) ->
 
 
 def test_drop_oldest_evicts_counts_and_logs(tmp_path: Path, caplog) -> None:
-    caplog.set_level(logging.WARNING, logger="edge.sinks.outbox")
+    caplog.set_level(logging.WARNING, logger="edgelabel.edge.sinks.outbox")
     box = Outbox(tmp_path / "o.sqlite", max_messages=5, policy="drop_oldest")
     for i in range(8):
         box.put([msg("cam1", i)])
@@ -139,7 +139,7 @@ def test_stop_capture_blocks_until_acked_and_resumes(tmp_path: Path) -> None:
 
 
 def test_stop_capture_wait_is_interruptible_and_the_refusal_counted(tmp_path: Path, caplog) -> None:
-    caplog.set_level(logging.WARNING, logger="edge.sinks.outbox")
+    caplog.set_level(logging.WARNING, logger="edgelabel.edge.sinks.outbox")
     box = Outbox(tmp_path / "o.sqlite", max_messages=2, policy="stop_capture")
     box.put([msg("cam1", 0), msg("cam1", 1)])
     closing = threading.Event()
@@ -158,7 +158,7 @@ def test_stop_capture_wait_is_interruptible_and_the_refusal_counted(tmp_path: Pa
 
 
 def test_max_age_expires_old_rows_and_counts_them(tmp_path: Path, caplog) -> None:
-    caplog.set_level(logging.WARNING, logger="edge.sinks.outbox")
+    caplog.set_level(logging.WARNING, logger="edgelabel.edge.sinks.outbox")
     now = [1000.0]
     box = Outbox(tmp_path / "o.sqlite", max_age=60.0, clock=lambda: now[0])
     box.put([msg("cam1", i) for i in range(4)])
@@ -180,7 +180,7 @@ def test_max_age_expires_old_rows_and_counts_them(tmp_path: Path, caplog) -> Non
 
 CRASH_CHILD = """
 import os, signal, sys
-from edge.sinks.outbox import Message, Outbox
+from edgelabel.edge.sinks.outbox import Message, Outbox
 box = Outbox(sys.argv[1], commit_interval=3600)
 for i in range(100):
     box.put([Message("cam1" if i % 2 else "cam2", "t", str(i).encode(), 1, False, str(i))], sync=True)
@@ -206,7 +206,7 @@ def test_reopen_after_a_crash_keeps_every_committed_unacked_row(tmp_path: Path) 
 
 
 def test_an_unreadable_file_is_moved_aside_and_a_new_outbox_started(tmp_path: Path, caplog) -> None:
-    caplog.set_level(logging.ERROR, logger="edge.sinks.outbox")
+    caplog.set_level(logging.ERROR, logger="edgelabel.edge.sinks.outbox")
     path = tmp_path / "outbox.sqlite"
     path.write_bytes(b"this is not an SQLite database" * 100)
     box = Outbox(path)

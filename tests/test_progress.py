@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.progress import Progress
+from edgelabel.edge.progress import Progress
 from tests.helpers import run_edgelabel
 
 

@@ -7,8 +7,8 @@ from dataclasses import asdict, fields
 
 import jsonschema
 
-from edge.records import DetectionRecord, LabelRecord, ModelInfo, load_schema
-from engines.base import Detection
+from edgelabel.edge.records import DetectionRecord, LabelRecord, ModelInfo, load_schema
+from edgelabel.engines.base import Detection
 
 
 def _record(extra=None, media_time=None) -> LabelRecord:

@@ -1,4 +1,4 @@
-"""edge.redact: every credential form a camera or broker URI can carry is masked, wherever it stands.
+"""edgelabel.edge.redact: every credential form a camera or broker URI can carry is masked, wherever it stands.
 
 The property tests generate URIs with the secret in a random form and position (user info with raw
 separators, query and path parameters under any credential name in any case and position, GStreamer
@@ -17,12 +17,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.logsetup import setup_logging
-from edge.redact import redact
-from edge.sources import parse_uri
-from edge.sources.rtsp import host_port, mask_credentials
+from edgelabel.edge.logsetup import setup_logging
+from edgelabel.edge.redact import redact
+from edgelabel.edge.sources import parse_uri
+from edgelabel.edge.sources.rtsp import host_port, mask_credentials
+from edgelabel.web.redact import Redactor
 from tests.fuzzing import examples
-from web.redact import Redactor
 
 PARAM_NAMES = ["user", "username", "password", "pass", "pwd", "passwd", "token", "key", "auth", "authorization",
                "api_key", "secret", "user-pw", "user-id", "proxy-pw", "access_token"]
@@ -185,7 +185,7 @@ def test_a_broker_password_on_the_command_line_is_refused_and_the_env_var_named(
 
 
 def test_the_broker_password_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from edge.cli import parse_mqtt_url
+    from edgelabel.edge.cli import parse_mqtt_url
 
     monkeypatch.setenv("EDGELABEL_MQTT_PASSWORD", "Zq9env")
     assert parse_mqtt_url("mqtts://op@broker:8883") == {"enabled": True, "host": "broker", "port": 8883,

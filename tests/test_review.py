@@ -27,16 +27,16 @@ import yaml
 from flask import Flask
 from pycocotools.coco import COCO
 
-from edge.config import CaptureConfig, CaptureSection, Config, DatasetConfig, MqttConfig, config_from_dict
-from edge.frame import Frame
-from edge.records import LabelRecord
-from edge.review import ReviewError, ReviewStore, clean_reviewer, diff_boxes, load_schema, same_boxes
-from edge.sinks.dataset import INDEX_FILE, DatasetSink, VersionConflict, yolo_text
-from edge.sinks.mqtt import MqttSink
+from edgelabel.edge.config import CaptureConfig, CaptureSection, Config, DatasetConfig, MqttConfig, config_from_dict
+from edgelabel.edge.frame import Frame
+from edgelabel.edge.records import LabelRecord
+from edgelabel.edge.review import ReviewError, ReviewStore, clean_reviewer, diff_boxes, load_schema, same_boxes
+from edgelabel.edge.sinks.dataset import INDEX_FILE, DatasetSink, VersionConflict, yolo_text
+from edgelabel.edge.sinks.mqtt import MqttSink
+from edgelabel.web.app import create_app
+from edgelabel.web.sink import WebSink
 from tests.fuzzing import examples
 from tests.helpers import NAMES, Collector, label_record
-from web.app import create_app
-from web.sink import WebSink
 
 DEVICE = "review-dev"
 TOKEN = "review-test-token-0123456789abcdef"
@@ -364,7 +364,7 @@ def test_rotation_goes_rejected_auto_review_then_reviewed(tmp_path: Path, caplog
 
     # through the sink: a quota full of reviewed frames turns new auto frames away; lowering it removes
     # the oldest reviewed frame, with a warning
-    caplog.set_level(logging.INFO, logger="edge.sinks.dataset")
+    caplog.set_level(logging.INFO, logger="edgelabel.edge.sinks.dataset")
     root2 = tmp_path / "ds2"
     sink, recs = build(root2, n=3, capture=mixed, max_images=3)
     store = ReviewStore(sink.index)
@@ -434,7 +434,7 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_min_free_bytes_never_lets_the_disk_fill(small_fs: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="edge.sinks.dataset")
+    caplog.set_level(logging.WARNING, logger="edgelabel.edge.sinks.dataset")
     root = small_fs / "ds"
     keep_free = 6_000_000
     shape = (240, 320)  # random pixels: ~230 KB per PNG, 100 of them would need 23 MB

@@ -28,7 +28,7 @@ import jsonschema
 import pytest
 from pycocotools.coco import COCO
 
-from edge.review import load_schema
+from edgelabel.edge.review import load_schema
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, DaemonProcess, requires_chromium
 from tests.conftest import free_port
 from tests.helpers import Collector, run_edgelabel

@@ -111,11 +111,11 @@ def test_no_secret_on_any_page_answer_payload_or_log_line(tmp_path: Path, broker
     assert collector.messages, "the daemon published its status"
 
     config = tmp_path / "edgelabel.yaml"
-    doctor = subprocess.run([sys.executable, "-m", "edge.cli", "doctor", "-c", str(config), "--json"], cwd=ROOT,
+    doctor = subprocess.run([sys.executable, "-m", "edgelabel.edge.cli", "doctor", "-c", str(config), "--json"], cwd=ROOT,
                             capture_output=True, text=True, timeout=180)
     found += leaks("doctor --json", doctor.stdout + doctor.stderr)
     assert "admin:***@" in doctor.stdout and "Password=***" in doctor.stdout, doctor.stdout[-2000:]  # it showed them
-    doctor = subprocess.run([sys.executable, "-m", "edge.cli", "doctor", "-c", str(config)], cwd=ROOT,
+    doctor = subprocess.run([sys.executable, "-m", "edgelabel.edge.cli", "doctor", "-c", str(config)], cwd=ROOT,
                             capture_output=True, text=True, timeout=180)
     found += leaks("doctor", doctor.stdout + doctor.stderr)
     assert not found, "\n".join(found)

@@ -10,13 +10,13 @@ from typing import Any
 import cv2
 import pytest
 
-from edge.cli import _source_name
-from edge.config import config_from_dict
-from edge.frame import Frame
-from edge.pipeline import Pipeline
-from edge.records import LabelRecord
-from edge.sinks.base import Sink
-from edge.sources import suggest_name
+from edgelabel.edge.cli import _source_name
+from edgelabel.edge.config import config_from_dict
+from edgelabel.edge.frame import Frame
+from edgelabel.edge.pipeline import Pipeline
+from edgelabel.edge.records import LabelRecord
+from edgelabel.edge.sinks.base import Sink
+from edgelabel.edge.sources import suggest_name
 from tests.conftest import ASSETS
 
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from edge.config import SourceConfig
-from edge.sources.hub import FrameHub
-from edge.sources.rtsp import RtspSource
-from edge.sources.runner import SourceRunner
+from edgelabel.edge.config import SourceConfig
+from edgelabel.edge.sources.hub import FrameHub
+from edgelabel.edge.sources.rtsp import RtspSource
+from edgelabel.edge.sources.runner import SourceRunner
 from tests.conftest import ASSETS
 from tests.helpers import edgelabel
 

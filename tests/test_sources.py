@@ -20,19 +20,19 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.config import ReconnectConfig, SourceConfig
-from edge.frame import Frame
-from edge.sources import create_source, parse_uri, source_kind
-from edge.sources.base import Source, SourceError
-from edge.sources.folder import FolderSource, natural_key
-from edge.sources.gstreamer import NO_GSTREAMER, CsiSource, GstSource, csi_pipeline, gstreamer_available
-from edge.sources.hub import FrameHub
-from edge.sources.image import ImageSource
-from edge.sources.imageio import ImageRejected, declared_size, decode_image_bytes, sniff_format
-from edge.sources.rtsp import RtspSource, capture_options, mask_credentials
-from edge.sources.runner import SourceRunner
-from edge.sources.v4l2 import V4l2Source
-from edge.sources.video import VideoSource
+from edgelabel.edge.config import ReconnectConfig, SourceConfig
+from edgelabel.edge.frame import Frame
+from edgelabel.edge.sources import create_source, parse_uri, source_kind
+from edgelabel.edge.sources.base import Source, SourceError
+from edgelabel.edge.sources.folder import FolderSource, natural_key
+from edgelabel.edge.sources.gstreamer import NO_GSTREAMER, CsiSource, GstSource, csi_pipeline, gstreamer_available
+from edgelabel.edge.sources.hub import FrameHub
+from edgelabel.edge.sources.image import ImageSource
+from edgelabel.edge.sources.imageio import ImageRejected, declared_size, decode_image_bytes, sniff_format
+from edgelabel.edge.sources.rtsp import RtspSource, capture_options, mask_credentials
+from edgelabel.edge.sources.runner import SourceRunner
+from edgelabel.edge.sources.v4l2 import V4l2Source
+from edgelabel.edge.sources.video import VideoSource
 
 IMAGE_SHAPES = {
     "bus.jpg": (1080, 810, 3),
@@ -195,7 +195,7 @@ def test_folder_yields_images_in_order(assets: Path) -> None:
 
 
 def test_folder_skip_does_not_decode(assets: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import edge.sources.folder as folder_mod
+    import edgelabel.edge.sources.folder as folder_mod
 
     decoded: list[str] = []
     real = folder_mod.decode_image_file
@@ -501,7 +501,7 @@ def test_video_corrupt_middle_finishes_with_warning(
     src = VideoSource("z", cfg(str(bad)), str(bad))
     src.open()
     t0 = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="edge.sources.video"):
+    with caplog.at_level(logging.WARNING, logger="edgelabel.edge.sources.video"):
         frames = read_all(src)
     assert time.monotonic() - t0 < 10
     assert 0 < len(frames) < 268
@@ -577,7 +577,7 @@ def test_v4l2_absent_backs_off_and_others_run(assets: Path, monkeypatch: pytest.
 def test_v4l2_permission_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     dev = tmp_path / "video0"
     dev.write_bytes(b"")
-    monkeypatch.setattr("edge.sources.v4l2.os.access", lambda p, mode: False)
+    monkeypatch.setattr("edgelabel.edge.sources.v4l2.os.access", lambda p, mode: False)
     with pytest.raises(SourceError, match="`video` group"):
         V4l2Source("c", cfg(str(dev)), str(dev)).open()
 
@@ -699,7 +699,7 @@ def test_unexpected_exception_becomes_reconnect(caplog: pytest.LogCaptureFixture
     hub, statuses, stop = FrameHub(), Statuses(), threading.Event()
     c = cfg("x", name="buggy", reconnect=ReconnectConfig(initial=0.05, max=0.05))
     runner = SourceRunner(FastLive("buggy", c, "x", fail_after=3), hub, statuses, stop)
-    with caplog.at_level(logging.ERROR, logger="edge.sources.runner"):
+    with caplog.at_level(logging.ERROR, logger="edgelabel.edge.sources.runner"):
         runner.start()
         assert wait_for(lambda: runner.stats().reconnects >= 2, timeout=5)
         stop.set()

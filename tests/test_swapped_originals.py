@@ -12,8 +12,8 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from edge.export import export_dataset
-from edge.review import ReviewStore
+from edgelabel.edge.export import export_dataset
+from edgelabel.edge.review import ReviewStore
 from tests.conftest import IMAGES
 from tests.helpers import run_edgelabel
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from edge.config import load_config
-from edge.logsetup import JournalFormatter, journal_mode, setup_logging, syslog_priority
+from edgelabel.edge.config import load_config
+from edgelabel.edge.logsetup import JournalFormatter, journal_mode, setup_logging, syslog_priority
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "edgelabel.service"

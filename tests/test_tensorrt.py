@@ -23,9 +23,9 @@ import cv2
 import numpy as np
 import pytest
 
-import engines.tensorrt as trt_engine
-from engines.base import EngineError, TensorSpec
-from engines.calibration import (
+import edgelabel.engines.tensorrt as trt_engine
+from edgelabel.engines.base import EngineError, TensorSpec
+from edgelabel.engines.calibration import (
     IMAGE_EXTENSIONS,
     CalibrationBatcher,
     calibration_hash,
@@ -33,11 +33,11 @@ from engines.calibration import (
     make_entropy_calibrator,
     split_calibration,
 )
-from engines.models.base import PreprocessSpec
-from engines.models.detect import input_size
-from engines.models.names import names_from_metadata
-from engines.models.preprocess import letterbox
-from engines.trtcache import (
+from edgelabel.engines.models.base import PreprocessSpec
+from edgelabel.engines.models.detect import input_size
+from edgelabel.engines.models.names import names_from_metadata
+from edgelabel.engines.models.preprocess import letterbox
+from edgelabel.engines.trtcache import (
     CacheKey,
     atomic_write,
     engine_filename,
@@ -414,7 +414,7 @@ def test_onnx_summary_rejects_non_onnx(tmp_path: Path) -> None:
 
 
 def test_image_extensions_match_the_sources() -> None:
-    from edge.sources import IMAGE_EXTENSIONS as SOURCE_EXTENSIONS
+    from edgelabel.edge.sources import IMAGE_EXTENSIONS as SOURCE_EXTENSIONS
 
     assert IMAGE_EXTENSIONS == SOURCE_EXTENSIONS
 
@@ -1020,7 +1020,7 @@ def test_trt_logger_forwards_and_keeps_errors(caplog: pytest.LogCaptureFixture) 
     trt = make_fake_trt(10)
     bridge = trt_engine.trt_logger(trt)
     assert trt_engine.trt_logger(trt) is bridge  # one per process
-    with caplog.at_level(logging.DEBUG, logger="engines.tensorrt.trt"):
+    with caplog.at_level(logging.DEBUG, logger="edgelabel.engines.tensorrt.trt"):
         bridge.log(trt.ILogger.VERBOSE, "noise")
         bridge.log(trt.ILogger.WARNING, "careful")
         bridge.log(trt.ILogger.ERROR, "broken")
@@ -1198,7 +1198,7 @@ def test_unfinished_temporary_files_are_removed_when_old(tmp_path: Path) -> None
     import os
     import time
 
-    from engines.trtcache import remove_stale_temps
+    from edgelabel.engines.trtcache import remove_stale_temps
 
     old = tmp_path / ".m.engine.abc123.tmp"
     young = tmp_path / ".m.engine.def456.tmp"
@@ -1214,8 +1214,8 @@ def test_unfinished_temporary_files_are_removed_when_old(tmp_path: Path) -> None
 def test_a_cuda_failure_is_a_device_error_and_onnx_models_fall_back(
         tmp_path: Path, fake_env: tuple[Any, FakeCuda], monkeypatch: pytest.MonkeyPatch) -> None:
     """pycuda raises its own types (out of memory); they must become DeviceError, never escape as themselves."""
-    from engines.base import DeviceError
-    from engines.detector import load_detector
+    from edgelabel.engines.base import DeviceError
+    from edgelabel.engines.detector import load_detector
 
     _, cuda = fake_env
 

@@ -10,10 +10,10 @@ import jsonschema
 import numpy as np
 import pytest
 
-from edge.config import TrackingConfig
-from edge.records import record_id
-from edge.tracking import Tracker, TrackIdStore, iou_matrix, optimal_match
-from engines.base import Detection
+from edgelabel.edge.config import TrackingConfig
+from edgelabel.edge.records import record_id
+from edgelabel.edge.tracking import Tracker, TrackIdStore, iou_matrix, optimal_match
+from edgelabel.engines.base import Detection
 
 EVENT_SCHEMA = json.loads((Path(__file__).parent.parent / "edge" / "schemas" / "event.v1.json").read_text())
 VALIDATOR = jsonschema.Draft202012Validator(EVENT_SCHEMA)
@@ -301,7 +301,7 @@ def test_weak_detections_below_low_score_are_ignored_and_new_tracks_need_new_tra
 
 
 def test_contradicting_tracking_settings_are_rejected_by_name() -> None:
-    from edge.config import ConfigError, config_from_dict
+    from edgelabel.edge.config import ConfigError, config_from_dict
 
     base = {"model": {"path": "m.onnx"}, "sources": {"cam1": {"uri": "file:///tmp/x.mp4"}}}
     with pytest.raises(ConfigError) as exc:
@@ -364,9 +364,9 @@ def short_clip(tmp_path: Path, assets: Path, frames: int = 8) -> Path:
 
 def test_the_daemon_keeps_track_ids_unique_across_restarts(tmp_path: Path, assets: Path) -> None:
     """Two runs of the real pipeline on one state dir: the second run's track ids are all new."""
-    from edge.config import config_from_dict
-    from edge.pipeline import Pipeline
-    from edge.sinks.base import Sink
+    from edgelabel.edge.config import config_from_dict
+    from edgelabel.edge.pipeline import Pipeline
+    from edgelabel.edge.sinks.base import Sink
 
     clip = short_clip(tmp_path, assets)
 
@@ -415,9 +415,9 @@ def test_a_lost_track_that_a_newer_track_took_over_ends_at_once() -> None:
 
 def test_a_source_can_have_its_own_tracking_settings(tmp_path: Path, assets: Path) -> None:
     """sources.<name>.tracking replaces the top-level section for that source: here it turns tracking off."""
-    from edge.config import config_from_dict
-    from edge.pipeline import Pipeline
-    from edge.sinks.base import Sink
+    from edgelabel.edge.config import config_from_dict
+    from edgelabel.edge.pipeline import Pipeline
+    from edgelabel.edge.sinks.base import Sink
 
     clip = short_clip(tmp_path, assets)
 

@@ -31,19 +31,19 @@ from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client import REGISTRY
 
-from edge.config import Config, ReconnectConfig, SourceConfig, config_from_dict
-from edge.frame import Frame
-from edge.pipeline import Pipeline
-from edge.sources.base import Source
-from edge.sources.hub import FrameHub
-from edge.sources.runner import SourceRunner
+from edgelabel.edge.config import Config, ReconnectConfig, SourceConfig, config_from_dict
+from edgelabel.edge.frame import Frame
+from edgelabel.edge.pipeline import Pipeline
+from edgelabel.edge.sources.base import Source
+from edgelabel.edge.sources.hub import FrameHub
+from edgelabel.edge.sources.runner import SourceRunner
+from edgelabel.web.app import create_app
+from edgelabel.web.auth import load_secrets
+from edgelabel.web.logbuffer import RingLogHandler
+from edgelabel.web.server import start_web
+from edgelabel.web.sink import WebSink
+from edgelabel.web.system import DeviceMonitor
 from tests.conftest import ASSETS, free_port
-from web.app import create_app
-from web.auth import load_secrets
-from web.logbuffer import RingLogHandler
-from web.server import start_web
-from web.sink import WebSink
-from web.system import DeviceMonitor
 
 TOKEN = "test-operator-token-0123456789abcdef"
 SECRET_KEY = "test-secret-key-" + "x" * 32
@@ -477,7 +477,7 @@ def test_no_secret_reaches_pages_api_or_logs(daemon: Daemon, tmp_path: Path) -> 
 
 
 def test_redactor_masks_secret_fields_in_foreign_status() -> None:
-    from web.redact import Redactor
+    from edgelabel.web.redact import Redactor
 
     r = Redactor(["tok-123456"])
     out = r.data({"mqtt": {"password": "p", "broker": "mqtt://u:pw@host:1883", "connected": True, "token_count": 3,
@@ -548,7 +548,7 @@ def test_metrics_prometheus_format_per_app_registry(daemon: Daemon) -> None:
 
 
 def test_mqtt_card_reads_outbox_keys_defensively() -> None:
-    from web.context import mqtt_summary
+    from edgelabel.web.context import mqtt_summary
 
     assert mqtt_summary({}, enabled=False)["enabled"] is False
     old = mqtt_summary({"mqtt": {"connected": True, "broker": "h:1883", "pending": 4, "dropped": 1,
@@ -769,7 +769,7 @@ def test_paused_camera_keeps_its_device_open_but_emits_nothing() -> None:
 
 
 def test_paused_video_stops_reading_and_continues_where_it_was(assets: Path) -> None:
-    from edge.sources import create_source
+    from edgelabel.edge.sources import create_source
 
     hub, stop = FrameHub(), threading.Event()
     src = create_source(SourceConfig(uri=str(assets / "videos" / "cars.mp4"), name="clip"))

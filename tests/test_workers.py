@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from edge.config import config_from_dict
-from edge.loader import cpu_plan, load_model, worker_count
-from edge.pipeline import Pipeline
-from edge.sinks.base import Sink
-from engines.base import EngineError
-from engines.detector import load_detector
-from engines.select import choose_engine, is_serialized_engine, tensorrt_importable
+from edgelabel.edge.config import config_from_dict
+from edgelabel.edge.loader import cpu_plan, load_model, worker_count
+from edgelabel.edge.pipeline import Pipeline
+from edgelabel.edge.sinks.base import Sink
+from edgelabel.engines.base import EngineError
+from edgelabel.engines.detector import load_detector
+from edgelabel.engines.select import choose_engine, is_serialized_engine, tensorrt_importable
 
 
 class RecordingSink(Sink):
@@ -186,7 +186,7 @@ def test_an_engine_that_fails_every_frame_stops_feeding_the_watchdog(tmp_path, a
 
 
 def test_a_second_daemon_on_the_same_state_dir_is_refused(tmp_path, assets):
-    from edge.config import ConfigError
+    from edgelabel.edge.config import ConfigError
 
     video = {"cars": {"uri": str(assets / "videos" / "cars.mp4"), "loop": True, "fps": 10}}
     cfg = config_from_dict(_cfg(tmp_path, assets, video, workers=1, threads=1))

@@ -8,8 +8,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from edge.config import ConfigError, LineConfig, ZoneConfig, config_from_dict
-from edge.zones import TrackedBox, ZoneCounter
+from edgelabel.edge.config import ConfigError, LineConfig, ZoneConfig, config_from_dict
+from edgelabel.edge.zones import TrackedBox, ZoneCounter
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "edge" / "schemas" / "zone-event.v1.json").read_text())
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
@@ -92,7 +92,7 @@ def test_a_track_that_ends_or_a_source_that_stops_exits_the_zone() -> None:
 
 
 def test_ignore_zones_drop_detections_of_their_classes_and_make_no_events() -> None:
-    from engines.base import Detection
+    from edgelabel.engines.base import Detection
 
     poster = ZoneConfig(points=[[0.0, 0.0], [0.3, 0.0], [0.3, 0.3], [0.0, 0.3]], ignore=True, classes=["person"])
     counter = ZoneCounter("cam1", {"poster": poster}, {})
@@ -128,8 +128,8 @@ def test_zone_and_line_settings_are_checked_by_name() -> None:
 
 def test_the_daemon_publishes_zone_events_for_its_tracks(tmp_path: Path, assets: Path) -> None:
     """The real pipeline on a short clip with a zone over the whole frame: every track enters once and exits once."""
-    from edge.pipeline import Pipeline
-    from edge.sinks.base import Sink
+    from edgelabel.edge.pipeline import Pipeline
+    from edgelabel.edge.sinks.base import Sink
     from tests.test_tracking import short_clip
 
     clip = short_clip(tmp_path, assets)
@@ -189,7 +189,7 @@ def test_the_daemon_publishes_zone_events_for_its_tracks(tmp_path: Path, assets:
 
 
 def test_zone_counters_become_prometheus_metrics() -> None:
-    from web.metrics import EdgelabelCollector
+    from edgelabel.web.metrics import EdgelabelCollector
 
     zones = {"cam1": {"zones": {"cell": {"inside": 2, "by_class": {"person": {"enter": 5, "exit": 3}}}},
                       "lines": {"belt": {"by_class": {"car": {"left": 4, "right": 1}}}}}}
@@ -209,10 +209,10 @@ def test_the_live_view_shows_zones_and_lines() -> None:
     import cv2
     import numpy as np
 
-    from edge.annotate import IGNORE_COLOR, ZONE_COLOR
-    from edge.frame import Frame
+    from edgelabel.edge.annotate import IGNORE_COLOR, ZONE_COLOR
+    from edgelabel.edge.frame import Frame
+    from edgelabel.web.sink import WebSink
     from tests.helpers import label_record
-    from web.sink import WebSink
 
     cfg = config_from_dict({"model": {"path": "m.onnx"}, "web": {"stream_width": 640}, "sources": {
         "cam": {"uri": "/tmp/x.mp4",
@@ -256,8 +256,8 @@ def test_capture_can_be_gated_by_zones() -> None:
     """dataset.capture.sources.<name>.zones: only detections whose point is in those zones count."""
     import numpy as np
 
-    from edge.capture import CaptureSelector
-    from edge.frame import Frame
+    from edgelabel.edge.capture import CaptureSelector
+    from edgelabel.edge.frame import Frame
     from tests.helpers import label_record
 
     cfg = config_from_dict({"model": {"path": "m.onnx"}, "sources": {"cam": {"uri": "/tmp/x.mp4", "zones": {
@@ -290,7 +290,7 @@ def test_capture_zones_must_exist_on_their_source() -> None:
 
 
 def test_a_reload_that_changes_a_sources_zones_takes_effect_and_closes_the_old_stays() -> None:
-    from edge.pipeline import Pipeline
+    from edgelabel.edge.pipeline import Pipeline
 
     def cfg(zone_points: list[list[float]]):  # noqa: ANN202
         return config_from_dict({"model": {"path": "m.onnx"}, "sources": {"cam": {"uri": "/tmp/x.mp4", "zones": {

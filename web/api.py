@@ -26,11 +26,11 @@ import cv2
 import numpy as np
 from flask import Blueprint, Response, abort, jsonify, request, send_file
 
-from edge.annotate import draw_detections, encode_jpeg
-from web.auth import auth_method, require_operator
-from web.context import WebContext, build_status, get_ctx, source_entry
-from web.params import choice_arg, int_arg, str_arg
-from web.sink import KeptRecord, scale_detections
+from edgelabel.edge.annotate import draw_detections, encode_jpeg
+from edgelabel.web.auth import auth_method, require_operator
+from edgelabel.web.context import WebContext, build_status, get_ctx, source_entry
+from edgelabel.web.params import choice_arg, int_arg, str_arg
+from edgelabel.web.sink import KeptRecord, scale_detections
 
 log = logging.getLogger("edgelabel.web")
 

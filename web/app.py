@@ -22,16 +22,16 @@ from typing import Any
 from flask import Flask, Response, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
-from edge.config import Config
-from web import api, auth, ops, pages, review
-from web.auth import LoginThrottle, auth_method, csrf_token, is_authenticated, load_secrets, unauthorized, wants_json
-from web.context import PipelineLike, WebContext
-from web.hosts import HostCheck
-from web.logbuffer import RingLogHandler
-from web.metrics import make_registry
-from web.redact import Redactor
-from web.sink import WebSink
-from web.system import DeviceMonitor
+from edgelabel.edge.config import Config
+from edgelabel.web import api, auth, ops, pages, review
+from edgelabel.web.auth import LoginThrottle, auth_method, csrf_token, is_authenticated, load_secrets, unauthorized, wants_json
+from edgelabel.web.context import PipelineLike, WebContext
+from edgelabel.web.hosts import HostCheck
+from edgelabel.web.logbuffer import RingLogHandler
+from edgelabel.web.metrics import make_registry
+from edgelabel.web.redact import Redactor
+from edgelabel.web.sink import WebSink
+from edgelabel.web.system import DeviceMonitor
 
 log = logging.getLogger("edgelabel.web")
 

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, abort, current_app, flash, g, jsonify, redirect, render_template, request, session, url_for
 
-from edge.config import Config
+from edgelabel.edge.config import Config
 
 log = logging.getLogger("edgelabel.web")
 

@@ -15,13 +15,13 @@ from typing import Any, Protocol
 
 from flask import current_app
 
-from edge.config import Config
-from edge.sources.rtsp import mask_credentials
-from web.auth import LoginThrottle
-from web.logbuffer import RingLogHandler
-from web.redact import Redactor
-from web.sink import WebSink
-from web.system import DeviceMonitor
+from edgelabel.edge.config import Config
+from edgelabel.edge.sources.rtsp import mask_credentials
+from edgelabel.web.auth import LoginThrottle
+from edgelabel.web.logbuffer import RingLogHandler
+from edgelabel.web.redact import Redactor
+from edgelabel.web.sink import WebSink
+from edgelabel.web.system import DeviceMonitor
 
 #: mqtt status keys that may hold the outbox depth, most specific first (the outbox is newer than this page)
 _OUTBOX_KEYS = ("outbox_depth", "outbox_size", "outbox_messages", "queued", "backlog", "pending")

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from edge.redact import redact as redact_credentials
+from edgelabel.edge.redact import redact as redact_credentials
 
 
 class RingLogHandler(logging.Handler):

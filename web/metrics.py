@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from web.context import WebContext, build_status
+from edgelabel.web.context import WebContext, build_status
 
 _STATES = ("online", "reconnecting", "offline", "finished", "disabled")
 

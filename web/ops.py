@@ -14,8 +14,8 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 from prometheus_client.exposition import choose_encoder
 
-from web.auth import is_authenticated
-from web.context import build_status, get_ctx, readiness
+from edgelabel.web.auth import is_authenticated
+from edgelabel.web.context import build_status, get_ctx, readiness
 
 bp = Blueprint("ops", __name__)
 

@@ -16,10 +16,10 @@ from typing import Any
 
 from flask import Blueprint, abort, redirect, render_template, request, url_for
 
-from web.api import parse_record_id, recent_page, record_json
-from web.auth import require_operator
-from web.context import build_status, get_ctx
-from web.params import str_arg
+from edgelabel.web.api import parse_record_id, recent_page, record_json
+from edgelabel.web.auth import require_operator
+from edgelabel.web.context import build_status, get_ctx
+from edgelabel.web.params import str_arg
 
 bp = Blueprint("pages", __name__)
 

@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from edge.redact import redact
+from edgelabel.edge.redact import redact
 
 MASK = "***"
 _SECRET_KEY_RE = re.compile(r"(?i)(pass(word|wd)?|secret|token|credential|private_key|api_key)")

@@ -28,12 +28,12 @@ from typing import Any
 
 from flask import Blueprint, Response, abort, current_app, jsonify, render_template, request, send_file
 
-from edge.export import DEFAULT_STATES, EXPORT_FORMATS, ExportError, export_dataset, parse_states
-from edge.review import ACTIONS, STATES, ReviewError, ReviewStore, VersionConflict, clean_reviewer
-from web.api import parse_record_id
-from web.auth import auth_method, require_operator
-from web.context import get_ctx
-from web.params import choice_arg, float_arg, int_arg, json_object, str_arg
+from edgelabel.edge.export import DEFAULT_STATES, EXPORT_FORMATS, ExportError, export_dataset, parse_states
+from edgelabel.edge.review import ACTIONS, STATES, ReviewError, ReviewStore, VersionConflict, clean_reviewer
+from edgelabel.web.api import parse_record_id
+from edgelabel.web.auth import auth_method, require_operator
+from edgelabel.web.context import get_ctx
+from edgelabel.web.params import choice_arg, float_arg, int_arg, json_object, str_arg
 
 log = logging.getLogger("edgelabel.web")
 

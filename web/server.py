@@ -30,11 +30,11 @@ from typing import Any
 from flask import Flask
 from waitress.server import create_server
 
-from edge.config import Config
-from web.app import MAX_BODY_BYTES, create_app
-from web.context import PipelineLike, WebContext
-from web.logbuffer import RingLogHandler
-from web.sink import WebSink
+from edgelabel.edge.config import Config
+from edgelabel.web.app import MAX_BODY_BYTES, create_app
+from edgelabel.web.context import PipelineLike, WebContext
+from edgelabel.web.logbuffer import RingLogHandler
+from edgelabel.web.sink import WebSink
 
 log = logging.getLogger("edgelabel.web")
 

@@ -34,11 +34,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-from edge.annotate import draw_detections, draw_zones, encode_jpeg
-from edge.config import Config
-from edge.frame import Frame
-from edge.records import DetectionRecord, LabelRecord
-from edge.sinks.base import Sink
+from edgelabel.edge.annotate import draw_detections, draw_zones, encode_jpeg
+from edgelabel.edge.config import Config
+from edgelabel.edge.frame import Frame
+from edgelabel.edge.records import DetectionRecord, LabelRecord
+from edgelabel.edge.sinks.base import Sink
 
 log = logging.getLogger("edgelabel.web")
 

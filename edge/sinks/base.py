@@ -5,8 +5,8 @@ from __future__ import annotations
 import abc
 from typing import Any
 
-from edge.frame import Frame
-from edge.records import LabelRecord
+from edgelabel.edge.frame import Frame
+from edgelabel.edge.records import LabelRecord
 
 
 class SinkRefused(RuntimeError):

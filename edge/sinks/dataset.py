@@ -90,11 +90,11 @@ import cv2
 import numpy as np
 import yaml
 
-from edge.capture import SKIP, CaptureDecision, CaptureSelector
-from edge.config import ConfigError, DatasetConfig
-from edge.frame import Frame, text_path
-from edge.records import LabelRecord, iso_utc
-from edge.sinks.base import Sink
+from edgelabel.edge.capture import SKIP, CaptureDecision, CaptureSelector
+from edgelabel.edge.config import ConfigError, DatasetConfig
+from edgelabel.edge.frame import Frame, text_path
+from edgelabel.edge.records import LabelRecord, iso_utc
+from edgelabel.edge.sinks.base import Sink
 
 log = logging.getLogger(__name__)
 

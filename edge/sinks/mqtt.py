@@ -87,11 +87,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge.config import ConfigError, MqttConfig, TlsConfig
-from edge.frame import Frame
-from edge.records import LabelRecord, iso_utc
-from edge.sinks.base import Sink, SinkRefused
-from edge.sinks.outbox import Message, Outbox, StoredMessage
+from edgelabel.edge.config import ConfigError, MqttConfig, TlsConfig
+from edgelabel.edge.frame import Frame
+from edgelabel.edge.records import LabelRecord, iso_utc
+from edgelabel.edge.sinks.base import Sink, SinkRefused
+from edgelabel.edge.sinks.outbox import Message, Outbox, StoredMessage
 
 log = logging.getLogger(__name__)
 
@@ -717,7 +717,7 @@ class MqttSink(Sink):
                 return
             self._last_snapshot[record.source] = now
         try:
-            from edge.annotate import draw_detections, encode_jpeg
+            from edgelabel.edge.annotate import draw_detections, encode_jpeg
 
             jpeg = encode_jpeg(draw_detections(frame.image, record.detections), snap.quality, snap.max_width)
         except Exception as exc:  # a snapshot is a convenience: never let it disturb labeling

@@ -12,9 +12,9 @@ import shlex
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from edge.config import SOURCE_SCHEMES, SourceConfig
-from edge.redact import redact
-from edge.sources.base import Source, SourceError
+from edgelabel.edge.config import SOURCE_SCHEMES, SourceConfig
+from edgelabel.edge.redact import redact
+from edgelabel.edge.sources.base import Source, SourceError
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm", ".ts", ".mpg", ".mpeg", ".wmv", ".flv", ".h264", ".h265"})
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".jp2", ".pgm", ".ppm", ".pbm"})
@@ -48,7 +48,7 @@ def parse_uri(uri: str) -> tuple[str, str]:
             raise ValueError(f"{text!r} names no device (write v4l2:///dev/video0 or a camera index)")
         return "v4l2", target
     if scheme in ("rtsp", "rtsps"):
-        from edge.sources.rtsp import host_port
+        from edgelabel.edge.sources.rtsp import host_port
 
         if not host_port(text)[0]:
             raise ValueError(f"{redact(text)!r} has no host (write rtsp://[user:pass@]host[:port]/path)")
@@ -67,13 +67,13 @@ def parse_uri(uri: str) -> tuple[str, str]:
 
 # kind -> "module:Class"
 SOURCE_TYPES: dict[str, str] = {
-    "folder": "edge.sources.folder:FolderSource",
-    "image": "edge.sources.image:ImageSource",
-    "video": "edge.sources.video:VideoSource",
-    "v4l2": "edge.sources.v4l2:V4l2Source",
-    "rtsp": "edge.sources.rtsp:RtspSource",
-    "csi": "edge.sources.gstreamer:CsiSource",
-    "gst": "edge.sources.gstreamer:GstSource",
+    "folder": "edgelabel.edge.sources.folder:FolderSource",
+    "image": "edgelabel.edge.sources.image:ImageSource",
+    "video": "edgelabel.edge.sources.video:VideoSource",
+    "v4l2": "edgelabel.edge.sources.v4l2:V4l2Source",
+    "rtsp": "edgelabel.edge.sources.rtsp:RtspSource",
+    "csi": "edgelabel.edge.sources.gstreamer:CsiSource",
+    "gst": "edgelabel.edge.sources.gstreamer:GstSource",
 }
 
 

@@ -12,8 +12,8 @@ import abc
 from collections.abc import Callable
 from typing import ClassVar
 
-from edge.config import SourceConfig
-from edge.frame import Frame
+from edgelabel.edge.config import SourceConfig
+from edgelabel.edge.frame import Frame
 
 
 class SourceError(RuntimeError):

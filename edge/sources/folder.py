@@ -43,11 +43,11 @@ import re
 import threading
 import time
 
-from edge.config import SourceConfig
-from edge.frame import Frame, text_path
-from edge.sources import IMAGE_EXTENSIONS
-from edge.sources.base import Source, SourceError
-from edge.sources.imageio import ImageRejected, decode_image_file
+from edgelabel.edge.config import SourceConfig
+from edgelabel.edge.frame import Frame, text_path
+from edgelabel.edge.sources import IMAGE_EXTENSIONS
+from edgelabel.edge.sources.base import Source, SourceError
+from edgelabel.edge.sources.imageio import ImageRejected, decode_image_file
 
 logger = logging.getLogger(__name__)
 

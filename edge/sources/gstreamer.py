@@ -15,10 +15,10 @@ from fractions import Fraction
 
 import cv2
 
-from edge.config import SourceConfig
-from edge.sources.base import SourceError
-from edge.sources.imageio import CaptureSource, build_info_has
-from edge.sources.rtsp import mask_credentials
+from edgelabel.edge.config import SourceConfig
+from edgelabel.edge.sources.base import SourceError
+from edgelabel.edge.sources.imageio import CaptureSource, build_info_has
+from edgelabel.edge.sources.rtsp import mask_credentials
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from edge.frame import Frame
+from edgelabel.edge.frame import Frame
 
 logger = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 import os
 
-from edge.config import SourceConfig
-from edge.frame import Frame
-from edge.sources.base import Source, SourceError
-from edge.sources.imageio import ImageRejected, decode_image_file
+from edgelabel.edge.config import SourceConfig
+from edgelabel.edge.frame import Frame
+from edgelabel.edge.sources.base import Source, SourceError
+from edgelabel.edge.sources.imageio import ImageRejected, decode_image_file
 
 logger = logging.getLogger(__name__)
 

@@ -34,9 +34,9 @@ os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from edge.config import SourceConfig  # noqa: E402
-from edge.frame import Frame  # noqa: E402
-from edge.sources.base import Source, SourceError  # noqa: E402
+from edgelabel.edge.config import SourceConfig  # noqa: E402
+from edgelabel.edge.frame import Frame  # noqa: E402
+from edgelabel.edge.sources.base import Source, SourceError  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

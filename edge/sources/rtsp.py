@@ -23,10 +23,10 @@ import threading
 
 import cv2
 
-from edge.config import SourceConfig
-from edge.redact import redact
-from edge.sources.base import SourceError
-from edge.sources.imageio import CaptureSource, build_info_has
+from edgelabel.edge.config import SourceConfig
+from edgelabel.edge.redact import redact
+from edgelabel.edge.sources.base import SourceError
+from edgelabel.edge.sources.imageio import CaptureSource, build_info_has
 
 logger = logging.getLogger(__name__)
 

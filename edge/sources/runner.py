@@ -44,10 +44,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from edge.frame import Frame
-from edge.sources.base import Source, SourceError
-from edge.sources.hub import FrameHub
-from edge.sources.rtsp import mask_credentials
+from edgelabel.edge.frame import Frame
+from edgelabel.edge.sources.base import Source, SourceError
+from edgelabel.edge.sources.hub import FrameHub
+from edgelabel.edge.sources.rtsp import mask_credentials
 
 logger = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import os
 
 import cv2
 
-from edge.config import SourceConfig
-from edge.sources.base import SourceError
-from edge.sources.imageio import CaptureSource
+from edgelabel.edge.config import SourceConfig
+from edgelabel.edge.sources.base import SourceError
+from edgelabel.edge.sources.imageio import CaptureSource
 
 logger = logging.getLogger(__name__)
 

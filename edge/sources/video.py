@@ -37,10 +37,10 @@ import time
 
 import cv2
 
-from edge.config import SourceConfig
-from edge.frame import Frame
-from edge.sources.base import Source, SourceError
-from edge.sources.imageio import ensure_bgr
+from edgelabel.edge.config import SourceConfig
+from edgelabel.edge.frame import Frame
+from edgelabel.edge.sources.base import Source, SourceError
+from edgelabel.edge.sources.imageio import ensure_bgr
 
 logger = logging.getLogger(__name__)
 

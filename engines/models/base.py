@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from engines.base import Detection
+from edgelabel.engines.base import Detection
 
 
 @dataclass(frozen=True)

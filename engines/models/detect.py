@@ -14,14 +14,14 @@ import logging
 from collections.abc import Sequence
 from typing import Optional
 
-from engines.base import EngineError, TensorSpec
-from engines.models.base import Decoder
-from engines.models.efficientnms import EfficientNMSDecoder, order_from_names, shapes_fit
-from engines.models.end2end import EndToEndDecoder
-from engines.models.names import names_from_metadata
-from engines.models.yolov5 import YoloV5Decoder
-from engines.models.yolov8 import YoloV8Decoder
-from engines.models.yolox import STRIDES_P5, STRIDES_P6, YoloxDecoder, expected_cells
+from edgelabel.engines.base import EngineError, TensorSpec
+from edgelabel.engines.models.base import Decoder
+from edgelabel.engines.models.efficientnms import EfficientNMSDecoder, order_from_names, shapes_fit
+from edgelabel.engines.models.end2end import EndToEndDecoder
+from edgelabel.engines.models.names import names_from_metadata
+from edgelabel.engines.models.yolov5 import YoloV5Decoder
+from edgelabel.engines.models.yolov8 import YoloV8Decoder
+from edgelabel.engines.models.yolox import STRIDES_P5, STRIDES_P6, YoloxDecoder, expected_cells
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from engines.base import EngineError
+from edgelabel.engines.base import EngineError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from engines.base import Detection
+from edgelabel.engines.base import Detection
 
 #: default cap on the detections kept per image (Ultralytics uses the same)
 MAX_DET = 300

@@ -13,7 +13,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from engines.models.base import LetterboxInfo, PreprocessSpec
+from edgelabel.engines.models.base import LetterboxInfo, PreprocessSpec
 
 # BGR (OpenCV) source channel for each output channel
 _RGB_ORDER = (2, 1, 0)

@@ -11,9 +11,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from engines.base import Detection, EngineError
-from engines.models.base import Decoder, LetterboxInfo, PreprocessSpec
-from engines.models.nms import MAX_DET, batched_nms, cxcywh_to_xyxy, to_detections
+from edgelabel.engines.base import Detection, EngineError
+from edgelabel.engines.models.base import Decoder, LetterboxInfo, PreprocessSpec
+from edgelabel.engines.models.nms import MAX_DET, batched_nms, cxcywh_to_xyxy, to_detections
 
 
 class YoloV5Decoder(Decoder):

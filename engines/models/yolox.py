@@ -13,10 +13,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from engines.base import Detection, EngineError
-from engines.models.base import Decoder, LetterboxInfo, PreprocessSpec
-from engines.models.nms import MAX_DET
-from engines.models.yolov5 import decode_objectness_rows
+from edgelabel.engines.base import Detection, EngineError
+from edgelabel.engines.models.base import Decoder, LetterboxInfo, PreprocessSpec
+from edgelabel.engines.models.nms import MAX_DET
+from edgelabel.engines.models.yolov5 import decode_objectness_rows
 
 STRIDES_P5 = (8, 16, 32)
 STRIDES_P6 = (8, 16, 32, 64)
