@@ -30,7 +30,7 @@ import pytest
 from pycocotools.coco import COCO
 
 from edgelabel.edge.config import DatasetConfig
-from edgelabel.edge.sinks.mqtt import device_alarms
+from edgelabel.edge.health import device_alarms
 from tests.conftest import Broker
 from tests.test_faults_support import (
     HAVE_MOSQUITTO,

@@ -160,7 +160,16 @@ def test_fps_in_and_out_are_measured(client: FlaskClient) -> None:
 
     src = wait_for(rates, 15)
     assert src, client.get("/api/sources/cars").get_json()
-    assert src["fps_in"] <= 12 and src["fps_out"] <= 12  # the fps cap is 10
+    # the cap (10 fps) holds on average: counted over 3 s, not read off the smoothed rates, which a loaded
+    # machine's bursts after a stall pushed to 13
+    def taken() -> int:  # frames read and not thinned out by the cap
+        src = client.get("/api/sources/cars").get_json()
+        return int(src["frames_in"]) - int(src.get("frames_skipped_fps") or 0)
+
+    first, t0 = taken(), time.monotonic()
+    time.sleep(3)
+    frames = taken() - first
+    assert 0 < frames / (time.monotonic() - t0) <= 10.5, frames
     listing = client.get("/api/sources").get_json()
     assert [x["name"] for x in listing["sources"]] == ["cars"]
     assert client.get("/api/sources/nope").status_code == 404

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from flask import current_app
 
 from edgelabel.edge.config import Config
+from edgelabel.edge.health import device_alarms
 from edgelabel.edge.sources.rtsp import mask_credentials
 from edgelabel.web.auth import LoginThrottle
 from edgelabel.web.logbuffer import RingLogHandler
@@ -175,7 +176,8 @@ def build_status(ctx: WebContext, include_device: bool = True) -> dict[str, Any]
 
 
 def readiness(status: dict[str, Any]) -> list[str]:
-    """Why the daemon is not ready (empty: ready): no model, stopped, or every source offline."""
+    """Why the daemon is not ready (empty: ready): no model, stopped, every source offline, or an error alarm
+    (``edgelabel.edge.health``: labeling or delivery stopped or losing data)."""
     reasons = []
     if not status.get("engine"):
         reasons.append("model not loaded")
@@ -189,4 +191,5 @@ def readiness(status: dict[str, Any]) -> list[str]:
         down = [n for n, s in active.items() if s.get("status") in ("offline", "reconnecting", None)]
         if len(down) == len(active):
             reasons.append("all sources offline: " + ", ".join(sorted(down)))
+    reasons += [f"{a['id']}: {a['message']}" for a in device_alarms(status) if a.get("severity") == "error"]
     return reasons

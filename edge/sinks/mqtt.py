@@ -89,6 +89,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edgelabel.edge.config import ConfigError, MqttConfig, TlsConfig
 from edgelabel.edge.frame import Frame
+from edgelabel.edge.health import dataset_health as _dataset_health
+from edgelabel.edge.health import device_alarms
+from edgelabel.edge.health import disk_skipped as _disk_skipped
 from edgelabel.edge.records import LabelRecord, iso_utc
 from edgelabel.edge.sinks.base import Sink, SinkRefused
 from edgelabel.edge.sinks.outbox import Message, Outbox, StoredMessage
@@ -1101,39 +1104,3 @@ class MqttSink(Sink):
         # runs under paho's message mutex: must not take self._lock (see module doc)
         self._acks.put((mid, bool(reason_code.is_failure), str(reason_code), time.time()))
         self._wake.set()
-
-
-def _dataset_health(snapshot: dict[str, Any]) -> dict[str, Any] | None:
-    """The dataset sink's health for the stats topic (None when the daemon keeps no dataset)."""
-    ds = (snapshot.get("sinks") or {}).get("dataset")
-    if not isinstance(ds, dict):
-        return None
-    return {"ok": ds.get("ok") is not False, "errors": int(ds.get("errors") or 0), "last_error": ds.get("last_error")}
-
-
-def _disk_skipped(snapshot: dict[str, Any]) -> int | None:
-    """Frames the dataset's free-space guard (``dataset.min_free_bytes``) refused so far, if it reports them."""
-    quota = ((snapshot.get("sinks") or {}).get("dataset") or {}).get("quota")
-    value = quota.get("skipped_disk") if isinstance(quota, dict) else None
-    return int(value) if isinstance(value, (int, float)) else None
-
-
-def device_alarms(snapshot: dict[str, Any], *, skipped_before: int | None = None) -> list[dict[str, Any]]:
-    """The alarms a ``Pipeline.status()`` snapshot shows.
-
-    ``dataset_write_failed``: dataset writes fail (disk full, read-only, I/O error);
-    ``dataset_disk_low``: the free-space guard refused frames since the previous snapshot
-    (``skipped_before`` is its count then), i.e. capture is stopped to keep ``min_free_bytes`` free.
-    """
-    alarms: list[dict[str, Any]] = []
-    ds = _dataset_health(snapshot)
-    if ds is not None and not ds["ok"]:
-        alarms.append({"id": "dataset_write_failed", "severity": "error", "component": "dataset",
-                       "message": f"dataset capture stopped: {ds['last_error'] or 'writes fail'}", "errors": ds["errors"]})
-    skipped = _disk_skipped(snapshot)
-    if skipped is not None and skipped_before is not None and skipped > skipped_before:
-        alarms.append({"id": "dataset_disk_low", "severity": "error", "component": "dataset",
-                       "message": f"dataset capture stopped: the disk is below dataset.min_free_bytes "
-                                  f"({skipped - skipped_before} frame(s) not stored since the last check)",
-                       "errors": skipped})
-    return alarms
