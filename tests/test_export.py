@@ -397,7 +397,7 @@ def test_labelstudio_export_matches_the_documented_format(dataset: Dataset, tmp_
 @pytest.mark.parametrize("as_zip", [False, True], ids=["folder", "zip"])
 def test_labelstudio_export_validates_with_the_sdk(dataset: Dataset, tmp_path: Path, as_zip: bool) -> None:
     sdk = pytest.importorskip("label_studio_sdk.label_interface",
-                              reason="the Label Studio SDK is not installed (pip install label-studio-sdk; see the test extra)")
+                              reason="the Label Studio SDK is not installed (pip install label-studio-sdk; it is not in the test extra)")
     types = pytest.importorskip("label_studio_sdk.types", reason="the Label Studio SDK is not installed")
     out = export(dataset, "labelstudio", tmp_path, as_zip=as_zip, image_prefix="/data/local-files/?d=exports/")
     tasks = check_ls_tasks(dataset, out, "/data/local-files/?d=exports/")
