@@ -24,7 +24,23 @@ from werkzeug.exceptions import HTTPException
 
 from edgelabel.edge.config import Config
 from edgelabel.web import api, auth, ops, pages, review
-from edgelabel.web.auth import LoginThrottle, auth_method, csrf_token, is_authenticated, load_secrets, unauthorized, wants_json
+from edgelabel.web.auth import (
+    BEARER_FAILURES,
+    BEARER_WINDOW,
+    GLOBAL_BEARER_FAILURES,
+    GLOBAL_BEARER_PENALTY,
+    AuthState,
+    FailureThrottle,
+    Operators,
+    RevokedSessions,
+    check_bearer,
+    csrf_token,
+    current_operator,
+    is_authenticated,
+    load_secrets,
+    unauthorized,
+    wants_json,
+)
 from edgelabel.web.context import PipelineLike, WebContext
 from edgelabel.web.hosts import HostCheck
 from edgelabel.web.logbuffer import RingLogHandler
@@ -108,10 +124,18 @@ def create_app(
         device=device,
         logs=log_handler,
         redactor=redactor,
-        throttle=LoginThrottle(),
+        throttle=FailureThrottle("token on the login form"),
         max_streams=max(1, cfg.web.threads - API_HEADROOM),
     )
     app.extensions["edgelabel"] = ctx
+    app.extensions["edgelabel_auth"] = AuthState(
+        operators=Operators.from_config(cfg, str(app.config["EDGELABEL_TOKEN"]), str(app.config["SECRET_KEY"])),
+        revoked=RevokedSessions(cfg.state_path("web-sessions-ended.json")),
+        bearer_throttle=FailureThrottle("bearer token", BEARER_FAILURES, BEARER_WINDOW, GLOBAL_BEARER_FAILURES,
+                                        GLOBAL_BEARER_PENALTY),
+    )
+    if cfg.web.tls is not None:
+        app.config["SESSION_COOKIE_SECURE"] = True  # served over HTTPS: the cookie never travels in clear
     app.extensions["edgelabel_metrics"] = make_registry(ctx)
 
     app.register_blueprint(auth.bp)
@@ -138,6 +162,11 @@ def create_app(
                         "Use its IP address or add the name to web.allowed_hosts.\n", status=421, mimetype="text/plain")
 
     @app.before_request
+    def _bearer() -> Any:
+        """Wrong bearer tokens are throttled per address and globally (429 + Retry-After), before any compare."""
+        return check_bearer()
+
+    @app.before_request
     def _gate() -> Any:
         """With ``public_read`` off, every route but login, static files and health needs the token."""
         if cfg.web.public_read or request.endpoint in _OPEN_ENDPOINTS or request.endpoint is None:
@@ -155,6 +184,8 @@ def create_app(
         h["Referrer-Policy"] = "no-referrer"
         h["Cross-Origin-Opener-Policy"] = "same-origin"
         h["Cross-Origin-Resource-Policy"] = "same-origin"
+        if request.is_secure and "Set-Cookie" in h:  # HTTPS through a trusted proxy (X-Forwarded-Proto)
+            h.setlist("Set-Cookie", [c if "; secure" in c.lower() else c + "; Secure" for c in h.getlist("Set-Cookie")])
         if request.endpoint != "static":
             h["Cache-Control"] = "no-store"
             h["Pragma"] = "no-cache"
@@ -164,7 +195,8 @@ def create_app(
     def _template_globals() -> dict[str, Any]:
         return {
             "csrf_token": csrf_token,
-            "authenticated": auth_method() is not None,
+            "authenticated": current_operator() is not None,
+            "operator": current_operator(),
             "device_id": cfg.device_id,
             "public_read": cfg.web.public_read,
         }

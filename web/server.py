@@ -137,6 +137,9 @@ def start_web(pipeline: PipelineLike, web_sink: WebSink, cfg: Config, *, host: s
             asyncore_use_poll=True,
             expose_tracebacks=False,
             clear_untrusted_proxy_headers=True,
+            # behind a reverse proxy: the client's own address (throttles, logs) and scheme (Secure cookies)
+            **({"trusted_proxy": cfg.web.trusted_proxy, "trusted_proxy_count": 1,
+                "trusted_proxy_headers": {"x-forwarded-for", "x-forwarded-proto"}} if cfg.web.trusted_proxy else {}),
         )
     except OSError as exc:
         handler.uninstall()
