@@ -7,10 +7,15 @@ starts the real waitress server, because only waitress applies ``web.trusted_pro
 
 from __future__ import annotations
 
+import http.client
 import http.cookiejar
 import json
 import logging
 import re
+import shutil
+import ssl
+import stat
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -26,6 +31,7 @@ from edgelabel.web.app import create_app
 from edgelabel.web.auth import BEARER_FAILURES, FailureThrottle, load_secrets, token_digest
 from edgelabel.web.server import start_web
 from edgelabel.web.sink import WebSink
+from edgelabel.web.tls import ensure_self_signed, fingerprint
 from tests.test_review import FakePipeline, build
 
 TOKEN = "auth-test-admin-token-0123456789"
@@ -269,3 +275,73 @@ def test_operator_entries_are_checked(tmp_path: Path) -> None:
     assert "web.operators.x.token_sha256: expected 64 hex digits" in text
     assert "web.operators.y: set exactly one of token" in text
     assert VIEWER not in json.dumps(err.value.problems)
+
+
+# --------------------------------------------------------------------------- HTTPS
+
+
+def _https(url: str, cafile: Path, data: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+    ctx = ssl.create_default_context(cafile=str(cafile))  # verifies the chain and the host name (127.0.0.1)
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), _NoRedirect())
+    try:
+        with opener.open(urllib.request.Request(url, data=data), timeout=10) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+def test_tls_auto_serves_https_with_a_generated_certificate_and_secure_cookies(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = cfg_for(tmp_path, token=TOKEN, tls="auto")
+    with caplog.at_level(logging.INFO, logger="edgelabel.web"):
+        server = start_web(FakePipeline(cfg), WebSink(cfg), cfg, host="127.0.0.1", port=0)
+    cert = tmp_path / "state" / "web-tls-cert.pem"
+    try:
+        assert server.url.startswith("https://127.0.0.1:")
+        assert stat.S_IMODE((tmp_path / "state" / "web-tls-key.pem").stat().st_mode) == 0o600
+        assert fingerprint(cert) in caplog.text
+        code, headers, body = _https(server.url + "/login", cert)
+        assert code == 200 and "secure" in headers["set-cookie"].lower()
+        # a body larger than one TLS record (16 KiB) arrives whole
+        code, _, _ = _https(server.url + "/login", cert, data=b"token=x&pad=" + b"p" * 40000)
+        assert code == 403  # no CSRF token: refused by the app, so the request was read to its end
+        code, _, body = _https(server.url + "/api/openapi.yaml", cert)
+        assert code == 200 and len(body) > 16384 and body.startswith(b"openapi")
+        # plain HTTP on the HTTPS port is dropped, and the server goes on serving
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+            urllib.request.urlopen(server.url.replace("https://", "http://") + "/healthz", timeout=5)
+        assert _https(server.url + "/login", cert)[0] == 200
+    finally:
+        server.stop()
+    # kept across restarts; and the same files work as web.tls: {cert, key}
+    again = cfg_for(tmp_path, token=TOKEN, tls={"cert": str(cert), "key": str(tmp_path / "state" / "web-tls-key.pem")})
+    before = cert.read_bytes()
+    server = start_web(FakePipeline(again), WebSink(again), again, host="127.0.0.1", port=0)
+    try:
+        assert _https(server.url + "/login", cert)[0] == 200 and cert.read_bytes() == before
+    finally:
+        server.stop()
+
+
+def test_a_missing_certificate_stops_the_start_with_the_file_name(tmp_path: Path) -> None:
+    cfg = cfg_for(tmp_path, token=TOKEN, tls={"cert": "nope.pem", "key": "nope.key"})
+    with pytest.raises(ConfigError, match=r"web\.tls: cert file .*nope\.pem does not exist"):
+        start_web(FakePipeline(cfg), WebSink(cfg), cfg, host="127.0.0.1", port=0)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl command here")
+def test_without_the_cryptography_package_the_openssl_command_makes_the_certificate(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "cryptography", None)  # import cryptography -> ImportError
+    cfg = cfg_for(tmp_path, token=TOKEN, tls="auto")
+    cert, key = ensure_self_signed(cfg)
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    server = start_web(FakePipeline(cfg), WebSink(cfg), cfg, host="127.0.0.1", port=0)
+    try:
+        assert _https(server.url + "/login", cert)[0] == 200
+    finally:
+        server.stop()
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    cert.unlink()
+    with pytest.raises(ConfigError, match=r"web\.tls: auto needs the cryptography package \(pip install cryptography\)"):
+        ensure_self_signed(cfg)
