@@ -5,8 +5,8 @@ Why this shape:
 * Every credential is a token.  ``web.token`` (generated into a 0600 file in
   the state folder when unset) is the admin ``operator``; ``web.operators``
   adds named people or scripts, each with a role: ``viewer`` reads (it
-  matters when ``web.public_read`` is false), ``reviewer`` also decides and
-  exports reviews, ``admin`` also pauses and resumes sources.  Tokens are
+  matters when ``web.public_read`` is false), ``reviewer`` also decides
+  reviews, ``admin`` also pauses and resumes sources.  Tokens are
   kept as sha256 digests only; a review decision records the authenticated
   name, never a typed one.
 * A script sends ``Authorization: Bearer <token>``; a person types the token
