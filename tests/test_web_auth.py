@@ -204,6 +204,13 @@ def test_behind_a_trusted_proxy_one_guesser_does_not_lock_out_the_other_operator
         assert guesser.login(TOKEN) == 429
         # every operator reaches the page through the same proxy address, and still logs in
         assert _Browser(server.url, "10.20.0.7").login(TOKEN) == 302
+        # the proxy speaks HTTPS to the browser: the session cookie is Secure
+        req = urllib.request.Request(server.url + "/login", headers={"X-Forwarded-For": "10.20.0.8",
+                                                                     "X-Forwarded-Proto": "https"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert "; secure" in resp.headers["Set-Cookie"].lower()
+        with urllib.request.urlopen(server.url + "/login", timeout=10) as resp:
+            assert "; secure" not in resp.headers["Set-Cookie"].lower()
     finally:
         server.stop()
 

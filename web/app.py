@@ -19,7 +19,8 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
-from flask import Flask, Response, jsonify, render_template, request
+from flask import Flask, Response, has_request_context, jsonify, render_template, request
+from flask.sessions import SecureCookieSessionInterface
 from werkzeug.exceptions import HTTPException
 
 from edgelabel.edge.config import Config
@@ -62,6 +63,17 @@ _OPEN_ENDPOINTS = {"auth.login", "static", "ops.healthz"}
 API_HEADROOM = 4
 
 
+class _SessionInterface(SecureCookieSessionInterface):
+    """Flask's signed-cookie sessions, with ``Secure`` whenever the request came over HTTPS.
+
+    ``web.tls`` sets SESSION_COOKIE_SECURE; behind an HTTPS proxy (``web.trusted_proxy`` with
+    X-Forwarded-Proto) the request's scheme says so per request.
+    """
+
+    def get_cookie_secure(self, app: Flask) -> bool:
+        return bool(super().get_cookie_secure(app) or (has_request_context() and request.is_secure))
+
+
 def _mqtt_password_file(cfg: Config) -> str | None:
     """The MQTT password kept in a file, so that it can be masked too (never logged)."""
     if not cfg.mqtt.password_file:
@@ -97,6 +109,7 @@ def create_app(
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
         SEND_FILE_MAX_AGE_DEFAULT=timedelta(minutes=10),
     )
+    app.session_interface = _SessionInterface()
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the documented field order
     app.jinja_env.policies["json.dumps_kwargs"] = {"sort_keys": False}
     if test_config:
@@ -184,8 +197,6 @@ def create_app(
         h["Referrer-Policy"] = "no-referrer"
         h["Cross-Origin-Opener-Policy"] = "same-origin"
         h["Cross-Origin-Resource-Policy"] = "same-origin"
-        if request.is_secure and "Set-Cookie" in h:  # HTTPS through a trusted proxy (X-Forwarded-Proto)
-            h.setlist("Set-Cookie", [c if "; secure" in c.lower() else c + "; Secure" for c in h.getlist("Set-Cookie")])
         if request.endpoint != "static":
             h["Cache-Control"] = "no-store"
             h["Pragma"] = "no-cache"
