@@ -19,6 +19,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,15 @@ def test_changing_the_token_ends_every_session(tmp_path: Path) -> None:
     changed = make_app(cfg, token="auth-test-NEW-token-0123456789").test_client()
     changed.set_cookie("edgelabel_session", cookie)
     assert changed.get("/api/status").get_json()["web"]["authenticated"] is False
+
+
+def test_a_session_ends_24_hours_after_login_however_busy(tmp_path: Path) -> None:
+    client = make_app(cfg_for(tmp_path)).test_client()
+    assert login(client) == 302
+    assert client.get("/api/status").get_json()["web"]["authenticated"] is True
+    with client.session_transaction() as sess:  # signed with the app's key, as if logged in 25 h ago
+        sess["iat"] -= 25 * 3600
+    assert client.get("/api/status").get_json()["web"]["authenticated"] is False
 
 
 # --------------------------------------------------------------------------- bearer throttle
@@ -318,6 +328,10 @@ def test_tls_auto_serves_https_with_a_generated_certificate_and_secure_cookies(
         with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
             urllib.request.urlopen(server.url.replace("https://", "http://") + "/healthz", timeout=5)
         assert _https(server.url + "/login", cert)[0] == 200
+        # concurrent clients (reads on the server loop, writes from worker threads): every answer whole
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: _https(server.url + "/api/openapi.yaml", cert), range(40)))
+        assert {(a[0], len(a[2])) for a in answers} == {(200, len(body))}
     finally:
         server.stop()
     # kept across restarts; and the same files work as web.tls: {cert, key}

@@ -277,7 +277,7 @@ class FailureThrottle:
         """Seconds this address must wait before its next try; 0 when it may try now."""
         now = time.monotonic()
         with self._lock:
-            q = self._recent(addr, now)
+            q = self._recent(addr, now) if addr in self._failures else deque()  # reading adds no entry
             wait = self.window - (now - q[0]) if len(q) >= self.max_failures else 0.0
             if now < self._global_until and not self._trusted(addr, now):
                 wait = max(wait, self._global_until - now)
