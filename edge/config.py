@@ -339,6 +339,37 @@ class TrackingConfig:
         return out
 
 
+#: the roles of named web operators, least to most (web/auth.py says what each may do)
+WEB_ROLES = ("viewer", "reviewer", "admin")
+#: the shortest web token accepted; shorter ones are refused with how to generate one
+WEB_TOKEN_MIN_LENGTH = 16
+WEB_TOKEN_HOWTO = 'generate one with: python -c "import secrets; print(secrets.token_urlsafe(24))"'
+
+
+def web_token_problem(token: str) -> str | None:
+    """Why ``token`` is too weak to guard the web page, or None.
+
+    At least WEB_TOKEN_MIN_LENGTH characters from at least two classes (lower case, upper case, digits,
+    others): a short or one-class token falls to guessing even behind the throttle.
+    """
+    if len(token) < WEB_TOKEN_MIN_LENGTH:
+        return f"is only {len(token)} characters long; at least {WEB_TOKEN_MIN_LENGTH} are required ({WEB_TOKEN_HOWTO})"
+    classes = {"lower" if c.islower() else "upper" if c.isupper() else "digit" if c.isdigit() else "other"
+               for c in token}
+    if len(classes) < 2:
+        return f"uses one class of characters only; mix letters, digits or symbols ({WEB_TOKEN_HOWTO})"
+    return None
+
+
+@dataclass
+class WebOperatorConfig:
+    """One named web operator: a role and a token (``${ENV}`` recommended) or the token's sha256."""
+
+    role: str = field(default="viewer", metadata=_choice(*WEB_ROLES))
+    token: str | None = None
+    token_sha256: str | None = None  # hex sha256 of the token, so the config file need not hold the token
+
+
 @dataclass
 class WebConfig:
     """The operator's web page."""
@@ -356,6 +387,41 @@ class WebConfig:
     recent_records: int = field(default=200, metadata={"min": 10, "max": 10000})  # records (and frames) kept
     # DNS names the page answers to besides IP addresses and this machine's names (web/hosts.py); "*": any
     allowed_hosts: list[str] = field(default_factory=list)
+    # named operators (name -> role and token); web.token stays valid as the admin "operator"
+    operators: dict[str, WebOperatorConfig] = field(default_factory=dict)
+    # the one reverse proxy whose X-Forwarded-For / X-Forwarded-Proto is believed (waitress's trusted_proxy)
+    trusted_proxy: str | None = None
+    # HTTPS: {cert: file, key: file}, or "auto" for a self-signed certificate kept in state_dir; null: plain HTTP
+    tls: Any = None
+
+    def problems(self) -> list[str]:
+        """Token strength, operator entries and the TLS setting, as ``web.<field>`` messages."""
+        out: list[str] = []
+        if self.token is not None:
+            why = web_token_problem(self.token)
+            if why:
+                out.append(f"web.token: the operator token {why}")
+        for name, op in self.operators.items():
+            where = f"web.operators.{_key(name)}"
+            if not _NAME_RE.match(name) or name == "operator":
+                out.append(f"{where}: operator names are 1-64 characters of letters, digits, '_', '-', '.' "
+                           "('operator' is taken by web.token)")
+            if (op.token is None) == (op.token_sha256 is None):
+                out.append(f"{where}: set exactly one of token (e.g. token: ${{EDGELABEL_TOKEN_{name.upper()}}}) "
+                           "or token_sha256")
+            elif op.token is not None:
+                why = web_token_problem(op.token)
+                if why:
+                    out.append(f"{where}.token: the token {why}")
+            elif op.token_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", op.token_sha256):
+                out.append(f"{where}.token_sha256: expected 64 hex digits (python -c \"import hashlib,getpass; "
+                           "print(hashlib.sha256(getpass.getpass().encode()).hexdigest())\")")
+        tls = self.tls
+        if tls is not None and tls != "auto":
+            if not isinstance(tls, dict) or set(tls) - {"cert", "key"} \
+                    or not all(isinstance(tls.get(k), str) and tls.get(k) for k in ("cert", "key")):
+                out.append(f"web.tls: expected \"auto\" or a mapping {{cert: file, key: file}}, got {_show(tls)}")
+        return out
 
 
 @dataclass
@@ -513,6 +579,7 @@ def _check(cfg: Config, problems: list[str]) -> None:
     if not cfg.model.path:
         problems.append("model.path: required (path to an ONNX detector)")
     problems.extend(cfg.tracking.problems())
+    problems.extend(cfg.web.problems())
     for i, p in enumerate(cfg.model.providers):
         if p not in PROVIDERS:
             problems.append(f"model.providers[{i}]: {_show(p)} is not allowed (use {', '.join(PROVIDERS)})")

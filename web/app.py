@@ -19,12 +19,29 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
-from flask import Flask, Response, jsonify, render_template, request
+from flask import Flask, Response, has_request_context, jsonify, render_template, request
+from flask.sessions import SecureCookieSessionInterface
 from werkzeug.exceptions import HTTPException
 
 from edgelabel.edge.config import Config
 from edgelabel.web import api, auth, ops, pages, review
-from edgelabel.web.auth import LoginThrottle, auth_method, csrf_token, is_authenticated, load_secrets, unauthorized, wants_json
+from edgelabel.web.auth import (
+    BEARER_FAILURES,
+    BEARER_WINDOW,
+    GLOBAL_BEARER_FAILURES,
+    GLOBAL_BEARER_PENALTY,
+    AuthState,
+    FailureThrottle,
+    Operators,
+    RevokedSessions,
+    check_bearer,
+    csrf_token,
+    current_operator,
+    is_authenticated,
+    load_secrets,
+    unauthorized,
+    wants_json,
+)
 from edgelabel.web.context import PipelineLike, WebContext
 from edgelabel.web.hosts import HostCheck
 from edgelabel.web.logbuffer import RingLogHandler
@@ -44,6 +61,17 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self';
 _OPEN_ENDPOINTS = {"auth.login", "static", "ops.healthz"}
 #: waitress threads kept free for API calls whatever the number of live viewers
 API_HEADROOM = 4
+
+
+class _SessionInterface(SecureCookieSessionInterface):
+    """Flask's signed-cookie sessions, with ``Secure`` whenever the request came over HTTPS.
+
+    ``web.tls`` sets SESSION_COOKIE_SECURE; behind an HTTPS proxy (``web.trusted_proxy`` with
+    X-Forwarded-Proto) the request's scheme says so per request.
+    """
+
+    def get_cookie_secure(self, app: Flask) -> bool:
+        return bool(super().get_cookie_secure(app) or (has_request_context() and request.is_secure))
 
 
 def _mqtt_password_file(cfg: Config) -> str | None:
@@ -81,6 +109,7 @@ def create_app(
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
         SEND_FILE_MAX_AGE_DEFAULT=timedelta(minutes=10),
     )
+    app.session_interface = _SessionInterface()
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the documented field order
     app.jinja_env.policies["json.dumps_kwargs"] = {"sort_keys": False}
     if test_config:
@@ -108,10 +137,18 @@ def create_app(
         device=device,
         logs=log_handler,
         redactor=redactor,
-        throttle=LoginThrottle(),
+        throttle=FailureThrottle("token on the login form"),
         max_streams=max(1, cfg.web.threads - API_HEADROOM),
     )
     app.extensions["edgelabel"] = ctx
+    app.extensions["edgelabel_auth"] = AuthState(
+        operators=Operators.from_config(cfg, str(app.config["EDGELABEL_TOKEN"]), str(app.config["SECRET_KEY"])),
+        revoked=RevokedSessions(cfg.state_path("web-sessions-ended.json")),
+        bearer_throttle=FailureThrottle("bearer token", BEARER_FAILURES, BEARER_WINDOW, GLOBAL_BEARER_FAILURES,
+                                        GLOBAL_BEARER_PENALTY),
+    )
+    if cfg.web.tls is not None:
+        app.config["SESSION_COOKIE_SECURE"] = True  # served over HTTPS: the cookie never travels in clear
     app.extensions["edgelabel_metrics"] = make_registry(ctx)
 
     app.register_blueprint(auth.bp)
@@ -136,6 +173,11 @@ def create_app(
                 "add it to web.allowed_hosts if it is a proxy or DNS alias)", shown, request.remote_addr)
         return Response(f"421 Misdirected Request: this appliance does not answer to the host name {shown!r}. "
                         "Use its IP address or add the name to web.allowed_hosts.\n", status=421, mimetype="text/plain")
+
+    @app.before_request
+    def _bearer() -> Any:
+        """Wrong bearer tokens are throttled per address and globally (429 + Retry-After), before any compare."""
+        return check_bearer()
 
     @app.before_request
     def _gate() -> Any:
@@ -164,7 +206,8 @@ def create_app(
     def _template_globals() -> dict[str, Any]:
         return {
             "csrf_token": csrf_token,
-            "authenticated": auth_method() is not None,
+            "authenticated": current_operator() is not None,
+            "operator": current_operator(),
             "device_id": cfg.device_id,
             "public_read": cfg.web.public_read,
         }

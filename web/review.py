@@ -31,7 +31,7 @@ from flask import Blueprint, Response, abort, current_app, jsonify, render_templ
 from edgelabel.edge.export import DEFAULT_STATES, EXPORT_FORMATS, ExportError, export_dataset, parse_states
 from edgelabel.edge.review import ACTIONS, STATES, ReviewError, ReviewStore, VersionConflict, clean_reviewer
 from edgelabel.web.api import parse_record_id
-from edgelabel.web.auth import auth_method, require_operator
+from edgelabel.web.auth import auth_method, current_operator, require_operator
 from edgelabel.web.context import get_ctx
 from edgelabel.web.params import choice_arg, float_arg, int_arg, json_object, str_arg
 
@@ -172,8 +172,9 @@ def decide(record_id: str) -> Any:
     if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
         abort(400, description="version must be an integer")
     method = auth_method()
-    by = clean_reviewer(body.get("by") if isinstance(body.get("by"), str) else None,
-                        default="operator" if method == "session" else "api")
+    operator = current_operator()
+    # the authenticated operator's name, never a typed one (a "by" in the body is ignored)
+    by = clean_reviewer(operator.name if operator is not None else None)
     try:
         result = store.decide(rid, action, by=by, detections=body.get("detections"), version=version,
                               context={"via": method, "address": request.remote_addr})

@@ -35,6 +35,7 @@ from edgelabel.web.app import MAX_BODY_BYTES, create_app
 from edgelabel.web.context import PipelineLike, WebContext
 from edgelabel.web.logbuffer import RingLogHandler
 from edgelabel.web.sink import WebSink
+from edgelabel.web.tls import fingerprint, serve_tls, server_context, tls_files
 
 log = logging.getLogger("edgelabel.web")
 
@@ -58,6 +59,15 @@ def _url_host(host: str) -> str:
         return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
     except ValueError:
         return host
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -116,6 +126,8 @@ def start_web(pipeline: PipelineLike, web_sink: WebSink, cfg: Config, *, host: s
     """
     bind_host = cfg.web.host if host is None else host
     bind_port = cfg.web.port if port is None else port
+    files = tls_files(cfg)  # before anything listens: a bad certificate stops the start with its file name
+    tls_context = server_context(*files) if files else None
     handler = log_handler or RingLogHandler()  # one given is already installed (early_log_handler)
     app = create_app(cfg, pipeline, web_sink, log_handler=handler)
     if log_handler is None:
@@ -137,6 +149,10 @@ def start_web(pipeline: PipelineLike, web_sink: WebSink, cfg: Config, *, host: s
             asyncore_use_poll=True,
             expose_tracebacks=False,
             clear_untrusted_proxy_headers=True,
+            url_scheme="https" if tls_context else "http",
+            # behind a reverse proxy: the client's own address (throttles, logs) and scheme (Secure cookies)
+            **({"trusted_proxy": cfg.web.trusted_proxy, "trusted_proxy_count": 1,
+                "trusted_proxy_headers": {"x-forwarded-for", "x-forwarded-proto"}} if cfg.web.trusted_proxy else {}),
         )
     except OSError as exc:
         handler.uninstall()
@@ -144,9 +160,18 @@ def start_web(pipeline: PipelineLike, web_sink: WebSink, cfg: Config, *, host: s
     except Exception:
         handler.uninstall()
         raise
+    if tls_context is not None:
+        serve_tls(server, tls_context)
     thread = threading.Thread(target=server.run, name="web-server", daemon=True)
     thread.start()
-    url = f"http://{_url_host(bind_host)}:{server.effective_port}"
+    scheme = "https" if tls_context else "http"
+    url = f"{scheme}://{_url_host(bind_host)}:{server.effective_port}"
+    if files:
+        log.info("web: HTTPS with %s (SHA-256 fingerprint %s)", files[0], fingerprint(files[0]))
+    elif not _loopback(bind_host) and not cfg.web.trusted_proxy:
+        log.warning("web: the page is served over plain HTTP on %s: the operator token and session cookie cross "
+                    "the network readable; set web.tls: auto (or {cert, key}), or put an HTTPS proxy in front",
+                    bind_host)
     auth_note = "read-only pages open" if cfg.web.public_read else "every page needs the operator token"
     token_note = "the token from web.token" if cfg.web.token else f"the operator token is in {cfg.state_path(cfg.web.token_file)}"
     log.info("web page on %s (%s; %s)", url, auth_note, token_note)

@@ -39,13 +39,7 @@
     return node;
   }
 
-  // ------------------------------------------------------------------ reviewer name
-
-  const reviewer = $("#reviewer");
-  try { reviewer.value = localStorage.getItem("edgelabel.reviewer") || ""; } catch (e) { /* storage off */ }
-  reviewer.addEventListener("change", () => {
-    try { localStorage.setItem("edgelabel.reviewer", reviewer.value.trim()); } catch (e) { /* storage off */ }
-  });
+  // the reviewer is the logged-in operator: the server records that name, the page only shows it
 
   // ------------------------------------------------------------------ API
 
@@ -399,7 +393,7 @@
 
   async function send(id, action, detections) {
     const item = ui.current && ui.current.id === id ? ui.current : null;
-    const body = { action, by: reviewer.value.trim() || undefined };
+    const body = { action };
     if (item) body.version = item.version;
     if (detections) body.detections = detections;
     const res = await api("POST", `/api/review/items/${id}`, body);
