@@ -712,20 +712,25 @@ def _salvage(src: Path, dst: sqlite3.Connection, expected: int | None) -> tuple[
 def _estimate_rows(path: Path) -> int:
     """Rows in a file SQLite cannot open: the cell counts of its table leaf pages (page 1, the schema, left out).
 
-    An estimate (freed pages may still look like leaves), used only to say roughly how much was lost.
+    An estimate (freed pages may still look like leaves; a file cut short is extrapolated to the page count
+    its header declares), used only to say roughly how much was lost.
     """
     try:
         with open(path, "rb") as fh:
             head = fh.read(100)
             size = int.from_bytes(head[16:18], "big") if len(head) >= 18 else 0
             page = 65536 if size == 1 else size if size >= 512 and size & (size - 1) == 0 else 4096
+            declared = int.from_bytes(head[28:32], "big") if head[:16] == b"SQLite format 3\x00" else 0
             fh.seek(page)
-            rows = 0
+            rows, pages = 0, 1
             while chunk := fh.read(page):
+                pages += 1
                 if len(chunk) >= 5 and chunk[0] == 0x0D:
                     rows += int.from_bytes(chunk[3:5], "big")
     except OSError:
         return 0
+    if declared > pages:  # cut off: the header still says how many pages there were
+        rows = round(rows * (declared - 1) / max(1, pages - 1))
     return rows
 
 
