@@ -142,3 +142,27 @@ def test_a_head_message_that_waits_too_long_raises_an_alarm_that_clears_on_deliv
         sink.close()
         if broker is not None:
             broker.stop()
+
+
+def test_a_record_over_max_message_bytes_carries_its_best_detections_and_says_so(broker: Broker, tmp_path: Path) -> None:
+    cfg = mqtt_cfg(broker.port, max_message_bytes=4096)
+    sink = MqttSink(cfg, DEVICE, state_dir=tmp_path)
+    sub = Subscriber(broker.port, f"{PREFIX}/{DEVICE}/+/labels")
+    try:
+        sink.open()
+        rec = big_record(0)
+        dets = [dataclasses.replace(d, score=round(0.3 + i / 1000, 5)) for i, d in enumerate(rec.detections)]
+        rec = dataclasses.replace(rec, detections=dets)
+        assert len(rec.to_json()) > 4096
+        sink.write(rec, storage_frame(rec))
+        assert sub.wait_for(lambda ms: len(ms) >= 1, 10)
+        msg = sub.messages[0]
+        doc = json.loads(msg.payload)
+        kept = doc["extra"]["mqtt_capped"]["kept"]
+        assert len(msg.payload) <= 4096 and doc["extra"]["mqtt_capped"]["detections"] == 200
+        assert 0 < kept == len(doc["detections"]) < 200
+        assert [d["score"] for d in doc["detections"]] == [d.score for d in dets[200 - kept:]]  # the best, in order
+        assert sink.status()["capped"] == 1 and sink.status()["dead_letter"] == 0
+    finally:
+        sink.close()
+        sub.close()

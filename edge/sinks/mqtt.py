@@ -77,7 +77,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -298,6 +298,7 @@ class MqttSink(Sink):
         self._connected_at = 0.0
         self._drops: list[tuple[int, float, int]] = []  # (generation, seconds connected, reason code) per disconnect
         self._suspect: tuple[int, int] | None = None  # (outbox seq first in flight at the last drops, strikes)
+        self._capped_count = 0  # label records whose detections were capped to mqtt.max_message_bytes
         self._single_left = 0  # > 0: one message in flight at a time, for this many more acknowledgements
 
         self._client = self._make_client()  # first: a configuration error must not leave the outbox open
@@ -416,6 +417,8 @@ class MqttSink(Sink):
         topic = f"{self.base_topic}/{record.source}/labels"
         try:
             payload = record.to_json().encode("utf-8")
+            if len(payload) > self.cfg.max_message_bytes:
+                payload = self._capped(record, len(payload))
         except (TypeError, ValueError) as exc:
             log.error("MQTT: record %s cannot be serialised, not published: %s", record.id, exc)
             with self._lock:
@@ -437,6 +440,38 @@ class MqttSink(Sink):
             acc[1] += 1
         if self.cfg.snapshot.enabled:
             self._maybe_snapshot(record, frame)
+
+    def _capped(self, record: LabelRecord, size: int) -> bytes:
+        """The record with only its highest-scoring detections that fit ``mqtt.max_message_bytes``.
+
+        A busy frame must not make a message a broker refuses (its ``max_packet_size``); the dataset keeps
+        every detection, and ``extra.mqtt_capped`` says how many the message carries of how many.
+        """
+        limit = self.cfg.max_message_bytes
+        dets = record.detections
+        order = sorted(range(len(dets)), key=lambda i: -dets[i].score)
+
+        def build(k: int) -> bytes:
+            keep = sorted(order[:k])
+            extra = {**record.extra, "mqtt_capped": {"detections": len(dets), "kept": k}}
+            return replace(record, detections=[dets[i] for i in keep], extra=extra).to_json().encode("utf-8")
+
+        lo, hi = 0, len(dets)  # the largest k whose message fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(build(mid)) <= limit:
+                lo = mid
+            else:
+                hi = mid - 1
+        payload = build(lo)
+        with self._lock:
+            self._capped_count += 1
+            first = self._capped_count == 1
+        (log.warning if first else log.debug)(
+            "MQTT: record %s of %s is %d bytes, over mqtt.max_message_bytes=%d: the message carries its %d "
+            "highest-scoring of %d detections (the dataset keeps all)%s", record.id, record.source, size, limit, lo,
+            len(dets), "; later ones are counted in status()['capped']" if first else "")
+        return payload
 
     def events(self, events: list[dict[str, Any]]) -> None:
         """Store track events (from :mod:`edge.tracking`) in the outbox, in order with the labels."""
@@ -607,6 +642,7 @@ class MqttSink(Sink):
                     "outbox_lost": ob["lost"],
                 },
                 "dead_letter": ob["dead_letter"],
+                "capped": self._capped_count,
                 "outbox": ob,
                 "last_publish_at": self._last_publish_at,
                 "last_error": self._last_error,
@@ -711,6 +747,7 @@ class MqttSink(Sink):
                 "durable": ob["durable"],
                 "blocked": ob["blocked"],
                 "dead_letter": ob["dead_letter"],
+                "capped": self._capped_count,
                 "lost": ob["lost"],
                 "head_wait_s": ob["head_wait_s"],
             },
@@ -1064,7 +1101,7 @@ class MqttSink(Sink):
         elif code == 0x95 or "too large" in reason.lower():
             limit = f" (the broker accepts at most {self._broker_max_packet} bytes)" if self._broker_max_packet else ""
             hint = (f"the message is {size} bytes, too large for the broker{limit}: raise max_packet_size on the "
-                    "broker or lower mqtt.max_detections")
+                    "broker or set mqtt.max_message_bytes below it")
         elif code in PERMANENT_REFUSALS:
             hint = f"the broker refuses it ({PERMANENT_REFUSALS[code]})"
         else:
@@ -1181,10 +1218,11 @@ class MqttSink(Sink):
             sources = dict(self._source_status)
             alarm = self._alarm_payload
         waiting = self._outbox.depth
-        if new_limit:
-            log.warning("MQTT: broker %s accepts packets of at most %d bytes (its max_packet_size); a label record "
-                        "larger than that cannot be delivered and is set aside in the outbox's dead-letter table. "
-                        "Raise max_packet_size on the broker, or lower mqtt.max_detections", self.broker, limit)
+        if new_limit and isinstance(limit, int) and limit < self.cfg.max_message_bytes + 1024:
+            log.warning("MQTT: broker %s accepts packets of at most %d bytes (its max_packet_size), less than "
+                        "mqtt.max_message_bytes=%d allows: a larger message cannot be delivered and is set aside in "
+                        "the outbox's dead-letter table. Set mqtt.max_message_bytes below %d, or raise the broker's "
+                        "max_packet_size", self.broker, limit, self.cfg.max_message_bytes, limit - 1024)
         if since is not None:
             log.warning("MQTT: connected to %s again after %.0f s; sending %d stored message(s)",
                         self.broker, time.monotonic() - since, waiting)
