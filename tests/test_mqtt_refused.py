@@ -45,7 +45,7 @@ def labels(sub: Subscriber) -> list[int]:
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 def test_a_record_over_the_brokers_max_packet_size_is_set_aside_and_the_rest_delivered(
-        tmp_path: Path, protocol: str, caplog) -> None:
+        tmp_path: Path, protocol: str, caplog, capsys) -> None:
     caplog.set_level(logging.INFO, logger="edgelabel.edge.sinks")
     broker = ConfBroker(tmp_path, "allow_anonymous true\npersistence false\nmax_packet_size 6000\n").start()
     cfg = mqtt_cfg(broker.port, protocol=protocol)
@@ -81,6 +81,12 @@ def test_a_record_over_the_brokers_max_packet_size_is_set_aside_and_the_rest_del
     [dead] = box.dead_letters()
     assert json.loads(dead["payload"])["frame_index"] == BIG and dead["topic"].endswith("/cam1/labels")
     box.close()
+    capsys.readouterr()
+    assert outbox_mod.main(["export", str(tmp_path / cfg.outbox.path)]) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    exported = json.loads(line)
+    assert json.loads(exported["payload"])["frame_index"] == BIG and exported["encoding"] == "utf-8"
+    assert exported["reason"] and exported["topic"] == dead["topic"]
     assert outbox_mod.main(["requeue", str(tmp_path / cfg.outbox.path)]) == 0
     broker2 = Broker(tmp_path).start()
     sink2 = MqttSink(mqtt_cfg(broker2.port, protocol=protocol), DEVICE, state_dir=tmp_path)
