@@ -49,6 +49,13 @@ Why it is built this way:
 * A TLS failure (untrusted certificate, host name mismatch, refused client
   certificate, plain port) is reported as such, naming the mqtt.tls setting to
   check, not as an unreachable broker.
+* **A refused message does not block the line.**  A message the broker
+  refuses for good (MQTT 5: a failing PUBACK or a permanent DISCONNECT reason
+  code, or larger than the CONNACK maximum packet size; MQTT 3.1.1: the same
+  message alone in flight at DISCONNECT_STRIKES short connections in a row,
+  see :meth:`MqttSink._check_refusal`) is moved to the outbox's dead-letter
+  table and delivery goes on with the next one.  Label records are kept
+  under ``mqtt.max_message_bytes`` (highest-scoring detections first).
 * Every call into paho's ``publish`` goes through :meth:`MqttSink._publish_locked`.
 
 Threading: ``write``/``events``/``source_status``/``stats``/``flush``/``close``
