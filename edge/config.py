@@ -226,6 +226,8 @@ class MqttConfig:
     stats_interval: float = field(default=10.0, metadata={"min": 0.5})  # seconds between stats messages
     # once every source is done: seconds to keep delivering what is left in the outbox; 0 = do not wait
     drain_timeout: float = field(default=300.0, metadata={"min": 0.0})
+    # a label record over this many bytes keeps only its highest-scoring detections that fit (docs/mqtt.md)
+    max_message_bytes: int = field(default=262144, metadata={"min": 4096})
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
 

@@ -12,7 +12,13 @@ what to do), and optional figures.
 
 from __future__ import annotations
 
+import time
 from typing import Any
+
+#: seconds the outbox's oldest message may wait for the broker's acknowledgement before ``outbox_stuck`` is raised
+OUTBOX_STUCK_AFTER = 120.0
+#: seconds ``outbox_lost`` stays raised after a corrupt outbox file lost messages (the count stays in the stats)
+OUTBOX_LOSS_ALARM = 3600.0
 
 
 def dataset_health(snapshot: dict[str, Any]) -> dict[str, Any] | None:
@@ -30,12 +36,50 @@ def disk_skipped(snapshot: dict[str, Any]) -> int | None:
     return int(value) if isinstance(value, (int, float)) else None
 
 
+def outbox_status(snapshot: dict[str, Any]) -> dict[str, Any] | None:
+    """The MQTT outbox's stats (``Outbox.stats``) from a pipeline snapshot (None without MQTT)."""
+    mqtt = (snapshot.get("sinks") or {}).get("mqtt")
+    ob = mqtt.get("outbox") if isinstance(mqtt, dict) else None
+    return ob if isinstance(ob, dict) else None
+
+
+def outbox_alarms(snapshot: dict[str, Any], *, stuck_after: float = OUTBOX_STUCK_AFTER,
+                  now: float | None = None) -> list[dict[str, Any]]:
+    """``outbox_stuck``: the oldest message has waited ``stuck_after`` s (broker down, or refusing it);
+    ``outbox_lost``: a corrupt outbox file lost messages in the last OUTBOX_LOSS_ALARM s;
+    ``outbox_dead_letter``: messages the broker refused for good wait in the dead-letter table."""
+    ob = outbox_status(snapshot)
+    if ob is None:
+        return []
+    alarms: list[dict[str, Any]] = []
+    last_error = ((snapshot.get("sinks") or {}).get("mqtt") or {}).get("last_error")
+    wait = ob.get("head_wait_s")
+    if isinstance(wait, (int, float)) and wait >= stuck_after:
+        alarms.append({"id": "outbox_stuck", "severity": "error", "component": "mqtt",
+                       "message": f"MQTT delivery stopped: the oldest of {ob.get('depth')} message(s) in the outbox "
+                                  f"has waited {wait:.0f} s for the broker ({last_error or 'no error reported'}); "
+                                  "check the broker and the log", "waiting_s": wait})
+    at = ob.get("last_loss_at")
+    if ob.get("lost") and isinstance(at, (int, float)) and (now or time.time()) - at < OUTBOX_LOSS_ALARM:
+        alarms.append({"id": "outbox_lost", "severity": "error", "component": "mqtt",
+                       "message": f"{ob['lost']} MQTT message(s) lost to a corrupt outbox file: {ob.get('last_loss')}; "
+                                  "check the disk (dmesg, smartctl)", "errors": ob["lost"]})
+    if ob.get("dead_letter"):
+        alarms.append({"id": "outbox_dead_letter", "severity": "warning", "component": "mqtt",
+                       "message": f"{ob['dead_letter']} MQTT message(s) refused by the broker are set aside "
+                                  f"({last_error or 'see the log'}); fix the broker (max_packet_size, ACL), then "
+                                  f"python -m edgelabel.edge.sinks.outbox requeue {ob.get('path')}",
+                       "errors": ob["dead_letter"]})
+    return alarms
+
+
 def device_alarms(snapshot: dict[str, Any], *, skipped_before: int | None = None) -> list[dict[str, Any]]:
     """The alarms a ``Pipeline.status()`` snapshot shows.
 
     ``dataset_write_failed``: dataset writes fail (disk full, read-only, I/O error);
     ``dataset_disk_low``: the free-space guard refused frames since the previous snapshot
-    (``skipped_before`` is its count then), i.e. capture is stopped to keep ``min_free_bytes`` free.
+    (``skipped_before`` is its count then), i.e. capture is stopped to keep ``min_free_bytes`` free;
+    the MQTT outbox's alarms (:func:`outbox_alarms`).
     """
     alarms: list[dict[str, Any]] = []
     ds = dataset_health(snapshot)
@@ -48,4 +92,5 @@ def device_alarms(snapshot: dict[str, Any], *, skipped_before: int | None = None
                        "message": f"dataset capture stopped: the disk is below dataset.min_free_bytes "
                                   f"({skipped - skipped_before} frame(s) not stored since the last check)",
                        "errors": skipped})
+    alarms.extend(outbox_alarms(snapshot))
     return alarms

@@ -49,6 +49,13 @@ Why it is built this way:
 * A TLS failure (untrusted certificate, host name mismatch, refused client
   certificate, plain port) is reported as such, naming the mqtt.tls setting to
   check, not as an unreachable broker.
+* **A refused message does not block the line.**  A message the broker
+  refuses for good (MQTT 5: a failing PUBACK or a permanent DISCONNECT reason
+  code, or larger than the CONNACK maximum packet size; MQTT 3.1.1: the same
+  message alone in flight at DISCONNECT_STRIKES short connections in a row,
+  see :meth:`MqttSink._check_refusal`) is moved to the outbox's dead-letter
+  table and delivery goes on with the next one.  Label records are kept
+  under ``mqtt.max_message_bytes`` (highest-scoring detections first).
 * Every call into paho's ``publish`` goes through :meth:`MqttSink._publish_locked`.
 
 Threading: ``write``/``events``/``source_status``/``stats``/``flush``/``close``
@@ -77,7 +84,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +118,14 @@ ACK_BATCH = 256
 #: label messages whose capture -> PUBACK latency is kept for the percentiles in status()
 LATENCY_WINDOW = 4096
 ACK_DELAY = 0.05
+#: MQTT 3.1.1 has no reason codes: the broker closing the connection this many times in a row, each within
+#: SHORT_CONNECTION seconds and with the same message first in flight, means it refuses that message
+DISCONNECT_STRIKES = 3
+SHORT_CONNECTION = 10.0
+#: MQTT 5 reason codes (PUBACK or DISCONNECT) that refuse a message for good: sending it again cannot help
+PERMANENT_REFUSALS = {0x87: "not authorised", 0x90: "topic name invalid", 0x95: "packet too large",
+                      0x99: "payload format invalid", 0x9A: "retain not supported", 0x9B: "QoS not supported",
+                      0x9E: "shared subscriptions not supported"}
 #: CONNACK reason codes that mean "who you are is not accepted" (3.1.1: 4, 5; MQTT 5: 0x86, 0x87)
 AUTH_FAILURES = {4, 5, 0x86, 0x87}
 STATS_SCHEMA_VERSION = 1
@@ -182,6 +197,27 @@ class Backlog:
     last_error: str | None
 
 
+def _packet_size(topic: str, payload: bytes, props: Properties | None) -> int:
+    """Bytes of a QoS>0 PUBLISH packet on the wire, to compare with the broker's maximum packet size."""
+    remaining = 2 + len(topic.encode("utf-8")) + 2 + len(payload)
+    if props is not None:
+        remaining += len(props.pack())
+    header = 2 if remaining < 128 else 3 if remaining < 16384 else 4 if remaining < 2097152 else 5
+    return header + remaining
+
+
+def _forget_in_paho(client: mqtt.Client, mid: int) -> None:
+    """Make paho drop a message it would otherwise send again on every reconnect.
+
+    paho has no public call for one message (only ``drop_out_messages``, all of them), so this removes it
+    from paho's outgoing table under paho's own mutex; the in-flight count is recomputed on reconnect.
+    """
+    with client._out_message_mutex:
+        msg = client._out_messages.pop(mid, None)
+        if msg is not None and msg.qos > 0 and client._inflight_messages > 0:
+            client._inflight_messages -= 1
+
+
 def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
     """Turn Nagle's algorithm off on the broker connection (paho leaves it on).
 
@@ -215,7 +251,7 @@ class MqttSink(Sink):
 
         self._lock = threading.Lock()
         self._wake = threading.Event()  # set by callbacks and writers: the publisher has work
-        self._acks: queue.SimpleQueue[tuple[int, bool, str, float]] = queue.SimpleQueue()  # filled by on_publish
+        self._acks: queue.SimpleQueue[tuple[int, bool, str, float, int]] = queue.SimpleQueue()  # filled by on_publish
         self._inflight: dict[int, tuple[int, int]] = {}  # mid -> (outbox seq, connection generation)
         self._direct: dict[int, str] = {}  # mid -> topic of direct QoS>0 messages not yet acknowledged
         # capture -> PUBACK latency of label messages: record id -> capture time until published, then
@@ -264,6 +300,13 @@ class MqttSink(Sink):
         self._disk_skipped: int | None = None  # dataset frames the free-space guard refused, at the last stats
         self._last_write_sync = True
         self._started = time.monotonic()
+        # refused messages (see _check_refusal): the broker's MQTT 5 maximum packet size, when it told us
+        self._broker_max_packet: int | None = None
+        self._connected_at = 0.0
+        self._drops: list[tuple[int, float, int]] = []  # (generation, seconds connected, reason code) per disconnect
+        self._suspect: tuple[int, int] | None = None  # (outbox seq first in flight at the last drops, strikes)
+        self._capped_count = 0  # label records whose detections were capped to mqtt.max_message_bytes
+        self._single_left = 0  # > 0: one message in flight at a time, for this many more acknowledgements
 
         self._client = self._make_client()  # first: a configuration error must not leave the outbox open
         self._outbox = self._make_outbox(state_dir)
@@ -381,6 +424,8 @@ class MqttSink(Sink):
         topic = f"{self.base_topic}/{record.source}/labels"
         try:
             payload = record.to_json().encode("utf-8")
+            if len(payload) > self.cfg.max_message_bytes:
+                payload = self._capped(record, len(payload))
         except (TypeError, ValueError) as exc:
             log.error("MQTT: record %s cannot be serialised, not published: %s", record.id, exc)
             with self._lock:
@@ -402,6 +447,38 @@ class MqttSink(Sink):
             acc[1] += 1
         if self.cfg.snapshot.enabled:
             self._maybe_snapshot(record, frame)
+
+    def _capped(self, record: LabelRecord, size: int) -> bytes:
+        """The record with only its highest-scoring detections that fit ``mqtt.max_message_bytes``.
+
+        A busy frame must not make a message a broker refuses (its ``max_packet_size``); the dataset keeps
+        every detection, and ``extra.mqtt_capped`` says how many the message carries of how many.
+        """
+        limit = self.cfg.max_message_bytes
+        dets = record.detections
+        order = sorted(range(len(dets)), key=lambda i: -dets[i].score)
+
+        def build(k: int) -> bytes:
+            keep = sorted(order[:k])
+            extra = {**record.extra, "mqtt_capped": {"detections": len(dets), "kept": k}}
+            return replace(record, detections=[dets[i] for i in keep], extra=extra).to_json().encode("utf-8")
+
+        lo, hi = 0, len(dets)  # the largest k whose message fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(build(mid)) <= limit:
+                lo = mid
+            else:
+                hi = mid - 1
+        payload = build(lo)
+        with self._lock:
+            self._capped_count += 1
+            first = self._capped_count == 1
+        (log.warning if first else log.debug)(
+            "MQTT: record %s of %s is %d bytes, over mqtt.max_message_bytes=%d: the message carries its %d "
+            "highest-scoring of %d detections (the dataset keeps all)%s", record.id, record.source, size, limit, lo,
+            len(dets), "; later ones are counted in status()['capped']" if first else "")
+        return payload
 
     def events(self, events: list[dict[str, Any]]) -> None:
         """Store track events (from :mod:`edge.tracking`) in the outbox, in order with the labels."""
@@ -569,7 +646,10 @@ class MqttSink(Sink):
                     "rejected": self._rejected,
                     "unserialisable": self._unserialisable,
                     "outbox_error": self._store_failed,
+                    "outbox_lost": ob["lost"],
                 },
+                "dead_letter": ob["dead_letter"],
+                "capped": self._capped_count,
                 "outbox": ob,
                 "last_publish_at": self._last_publish_at,
                 "last_error": self._last_error,
@@ -664,6 +744,7 @@ class MqttSink(Sink):
                 "outbox_refused": ob["refused"],
                 "mqtt_rejected": mine["drops"]["rejected"] + mine["drops"]["unserialisable"],
                 "outbox_error": mine["drops"]["outbox_error"],
+                "outbox_lost": ob["lost"],
             },
             "outbox": {
                 "depth": ob["depth"],
@@ -672,6 +753,10 @@ class MqttSink(Sink):
                 "policy": ob["policy"],
                 "durable": ob["durable"],
                 "blocked": ob["blocked"],
+                "dead_letter": ob["dead_letter"],
+                "capped": self._capped_count,
+                "lost": ob["lost"],
+                "head_wait_s": ob["head_wait_s"],
             },
             "mqtt": {
                 "connected": mine["connected"],
@@ -793,6 +878,7 @@ class MqttSink(Sink):
             try:
                 self._outbox.commit_due()
                 self._process_acks()
+                self._check_refusal()
                 if time.monotonic() - last_expire >= EXPIRE_INTERVAL:
                     last_expire = time.monotonic()
                     self._outbox.expire()
@@ -815,7 +901,7 @@ class MqttSink(Sink):
                 return
             if any(gen != self._generation for _, gen in self._inflight.values()):
                 return  # paho is re-sending what was in flight at the disconnect: nothing may overtake it
-            room = self._window - len(self._inflight)
+            room = (1 if self._single_left > 0 else self._window) - len(self._inflight)
             cursor = self._cursor
         if room <= 0:
             return
@@ -839,6 +925,13 @@ class MqttSink(Sink):
             if self._outbox.max_age > 0:
                 left = self._outbox.max_age - (time.time() - row.created_at)
                 props.MessageExpiryInterval = max(1, int(left))
+        limit = self._broker_max_packet
+        if limit is not None:
+            size = _packet_size(row.topic, row.payload, props)
+            if size > limit:  # the broker told us (CONNACK) it would drop the connection over it: set it aside
+                self._cursor = row.seq
+                self._acks.put((-row.seq, True, "packet too large", 0.0, 0x95))
+                return True
         mid, rc = self._publish_locked(row.topic, row.payload, row.qos, row.retain, props)
         if rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
             return False  # paho's RAM queue is full (mqtt.max_queued): try again when acks arrive
@@ -848,13 +941,12 @@ class MqttSink(Sink):
         if row.qos == 0 and rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
             # QoS 0 has no acknowledgement and paho does not keep it across a reconnect, so it must not hold
             # the in-flight window: handed over is as delivered as it gets
-            self._acks.put((-row.seq, False, "qos0", 0.0))
+            self._acks.put((-row.seq, False, "qos0", 0.0, 0))
             return True
         if mid is None or rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             # paho refused it for good (invalid topic, payload too large): it will never be sent
-            self._rejected += 1
             self._last_error = f"message {row.msg_id or row.seq} on {row.topic} refused by the MQTT client: {rc}"
-            self._acks.put((-row.seq, True, "refused by the client", 0.0))  # deleted by _process_acks
+            self._acks.put((-row.seq, True, f"refused by the MQTT client: {rc}", 0.0, 0))  # set aside by _process_acks
             return True
         self._inflight[mid] = (row.seq, self._generation)
         captured = self._capture_ts.pop(row.msg_id, None) if row.msg_id else None
@@ -899,18 +991,31 @@ class MqttSink(Sink):
         """
         rejected: list[str] = []
         batch: list[int] = []
+        dead: list[tuple[int, str, int]] = []  # (outbox seq, reason, reason code) to set aside
         with self._lock:
             done = self._to_delete
             while True:
                 try:
-                    mid, failed, reason, acked_at = self._acks.get_nowait()
+                    mid, failed, reason, acked_at, code = self._acks.get_nowait()
                 except queue.Empty:
                     break
                 if mid < 0:  # a row paho refused outright or a QoS 0 row handed over (see _publish_row_locked)
-                    done.append(-mid)
+                    if failed:
+                        dead.append((-mid, reason, code))
+                    else:
+                        done.append(-mid)
                     continue
                 entry = self._inflight.pop(mid, None)
                 if entry is not None:
+                    if not failed and self._single_left > 0:
+                        self._single_left -= 1
+                        if self._suspect is not None and self._suspect[0] == entry[0]:
+                            self._suspect = None  # it got through after all
+                    if failed:  # MQTT 5: a failing PUBACK reason code; set the row aside, go on with the next
+                        self._broker_refused += 1
+                        self._mid_capture.pop(mid, None)
+                        dead.append((entry[0], reason, code))
+                        continue
                     done.append(entry[0])
                 elif self._direct.pop(mid, None) is None:
                     continue  # a QoS0 direct message (stats, snapshot): nothing to account
@@ -931,12 +1036,91 @@ class MqttSink(Sink):
                 batch, self._to_delete, self._to_delete_since = done, [], 0.0
         if batch:
             self._outbox.ack(batch)
+        for seq, reason, code in dead:
+            self._set_aside(seq, reason, code)
         if rejected:
             now = time.monotonic()
             if now - self._last_reject_log >= WARN_INTERVAL:
                 self._last_reject_log = now
                 log.error("MQTT: broker %s refused %d message(s) (%s); they are dropped", self.broker, len(rejected),
                           rejected[-1])
+
+    def _check_refusal(self) -> None:
+        """Find the message a broker refuses by closing the connection, and set it aside.
+
+        MQTT 3.1.1 has no way to refuse one message: mosquitto closes the connection (a packet over its
+        max_packet_size), and paho sends the same message again on the next connection, for ever.  Which
+        one it was is not the lowest in flight: the broker resets the connection, which discards the
+        PUBACKs it had just sent for the messages before.  So a short connection that drops with messages
+        in flight switches the publisher to single steps: paho keeps only the lowest of them (the others
+        stay in the outbox and are published again after it), and one message is in flight at a time.
+        The same single message in flight at DISCONNECT_STRIKES drops in a row (MQTT 5: one DISCONNECT
+        whose reason code is permanent, e.g. 0x95 packet too large) is set aside in the dead-letter table.
+        Single steps end after ``max_inflight`` acknowledgements in a row.
+        """
+        with self._lock:
+            drops, self._drops = self._drops, []
+        for generation, lasted, code in drops:
+            forget: list[int] = []
+            with self._lock:
+                # in flight when that connection dropped (paho re-sends them, they keep their first generation)
+                old = sorted((seq, mid) for mid, (seq, gen) in self._inflight.items() if gen <= generation)
+                if not old or lasted > SHORT_CONNECTION:
+                    self._suspect = None
+                    continue
+                seq, mid = old[0]
+                single = self._single_left > 0 and len(old) == 1
+                self._single_left = self._window
+                if not single:  # isolate the lowest: the rest go back to the outbox's queue
+                    for _, other in old[1:]:
+                        self._inflight.pop(other, None)
+                        self._mid_capture.pop(other, None)
+                        forget.append(other)
+                    self._published -= len(forget)  # taken back from paho: published again later
+                    self._cursor = seq
+                    self._suspect = (seq, 0)
+                else:
+                    strikes = self._suspect[1] + 1 if self._suspect is not None and self._suspect[0] == seq else 1
+                    self._suspect = (seq, strikes)
+                    if code in PERMANENT_REFUSALS or strikes >= DISCONNECT_STRIKES:
+                        self._suspect = None
+                        self._inflight.pop(mid, None)
+                        self._mid_capture.pop(mid, None)
+                        self._broker_refused += 1
+                        forget.append(mid)
+            for other in forget:
+                _forget_in_paho(self._client, other)
+            if single and self._suspect is None:
+                reason = (str(ReasonCode(PacketTypes.DISCONNECT, identifier=code)) if code in PERMANENT_REFUSALS else
+                          f"the broker closed the connection right after receiving it, {strikes} times in a row")
+                self._set_aside(seq, reason, code)
+            self._wake.set()
+
+    def _set_aside(self, seq: int, reason: str, code: int) -> None:
+        """Move one refused outbox row to the dead-letter table and say why, in words a technician can act on."""
+        row = self._outbox.dead_letter(seq, reason)
+        if row is None:
+            return
+        size = len(row.payload)
+        if code == 0x87 or "authori" in reason.lower():
+            who = f"user {self.cfg.username!r}" if self.cfg.username else "an anonymous client"
+            hint = f"the broker's ACL does not let {who} publish on {row.topic}: allow that topic for this client"
+        elif code == 0x95 or "too large" in reason.lower():
+            limit = f" (the broker accepts at most {self._broker_max_packet} bytes)" if self._broker_max_packet else ""
+            hint = (f"the message is {size} bytes, too large for the broker{limit}: raise max_packet_size on the "
+                    "broker or set mqtt.max_message_bytes below it")
+        elif code in PERMANENT_REFUSALS:
+            hint = f"the broker refuses it ({PERMANENT_REFUSALS[code]})"
+        else:
+            hint = (f"MQTT {self.cfg.protocol} gives no reason; the message is {size} bytes: most likely it is larger "
+                    f"than the broker's max_packet_size, or the broker's ACL denies {row.topic} (see the broker's log)")
+        with self._lock:
+            self._last_error = f"message on {row.topic} set aside: {reason}"
+        log.error("MQTT: broker %s refused message %s on %s (%d bytes): %s; %s. It is set aside in the outbox's "
+                  "dead-letter table (%d there now) and delivery goes on with the next message. Once the broker is "
+                  "fixed, send it again: python -m edgelabel.edge.sinks.outbox requeue %s (with the daemon stopped)",
+                  self.broker, row.msg_id or row.seq, row.topic, size, reason, hint, self._outbox.stats()["dead_letter"],
+                  self._outbox.where)
 
     def _wait_drained(self, timeout: float, outbox: bool = True) -> bool:
         """Wait until the outbox (if ``outbox``) is empty and direct messages are acknowledged.
@@ -972,7 +1156,12 @@ class MqttSink(Sink):
                 self._outage_kind = kind
                 self._last_outage_warning = now
         if first or changed:
-            if kind in ("auth", "tls"):
+            if kind == "lost":
+                log.error("MQTT: broker %s: %s. Reconnecting; if this repeats right after publishing, the broker "
+                          "refuses a message (larger than its max_packet_size, or denied by its ACL): it is set "
+                          "aside after %d tries in a row and delivery goes on. Labels are kept in the outbox.",
+                          self.broker, reason, DISCONNECT_STRIKES)
+            elif kind in ("auth", "tls"):
                 log.error("MQTT: broker %s: %s. Retrying; labels are kept in the outbox until it accepts us.",
                           self.broker, reason)
             else:
@@ -1027,11 +1216,20 @@ class MqttSink(Sink):
             self._connected = True
             self._refused = False
             self._generation += 1
+            self._connected_at = time.monotonic()
+            limit = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
+            new_limit = isinstance(limit, int) and limit != self._broker_max_packet
+            self._broker_max_packet = limit if isinstance(limit, int) else None
             since, self._outage_since, self._outage_kind = self._outage_since, None, None
             self._outage_since_wall = None
             sources = dict(self._source_status)
             alarm = self._alarm_payload
         waiting = self._outbox.depth
+        if new_limit and isinstance(limit, int) and limit < self.cfg.max_message_bytes + 1024:
+            log.warning("MQTT: broker %s accepts packets of at most %d bytes (its max_packet_size), less than "
+                        "mqtt.max_message_bytes=%d allows: a larger message cannot be delivered and is set aside in "
+                        "the outbox's dead-letter table. Set mqtt.max_message_bytes below %d, or raise the broker's "
+                        "max_packet_size", self.broker, limit, self.cfg.max_message_bytes, limit - 1024)
         if since is not None:
             log.warning("MQTT: connected to %s again after %.0f s; sending %d stored message(s)",
                         self.broker, time.monotonic() - since, waiting)
@@ -1070,6 +1268,8 @@ class MqttSink(Sink):
         with self._lock:
             was_connected, self._connected = self._connected, False
             closing, refused = self._closing, self._refused
+            if was_connected and not closing:
+                self._drops.append((self._generation, time.monotonic() - self._connected_at, int(reason_code.value)))
         if closing and not reason_code.is_failure:
             log.debug("MQTT: disconnected from %s", self.broker)
             return
@@ -1079,6 +1279,10 @@ class MqttSink(Sink):
             alert, self._tls_alert = self._tls_alert, None
         if alert is not None:
             self._report_outage(describe_tls_alert(alert), "tls")
+            return
+        if was_connected:
+            self._report_outage(f"the broker closed the connection: {reason_code}", "lost")
+            self._wake.set()
             return
         self._report_outage(f"connection lost: {reason_code}", "connect")
 
@@ -1102,5 +1306,5 @@ class MqttSink(Sink):
         properties: Properties | None,
     ) -> None:
         # runs under paho's message mutex: must not take self._lock (see module doc)
-        self._acks.put((mid, bool(reason_code.is_failure), str(reason_code), time.time()))
+        self._acks.put((mid, bool(reason_code.is_failure), str(reason_code), time.time(), int(reason_code.value)))
         self._wake.set()

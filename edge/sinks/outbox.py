@@ -37,6 +37,16 @@ Design decisions:
   Every row that is dropped (evicted, expired, refused) is counted and logged.
 * **A broken file must not stop the daemon.**  A file SQLite cannot read is
   renamed ``<name>.corrupt-<time>`` with an ERROR and a new outbox is started.
+* **A refused message does not block the line.**  A message the broker
+  refuses for good (too large, not authorised) is moved with its reason into
+  the ``dead_letter`` table (:meth:`dead_letter`), counted and kept, and the
+  publisher goes on with the next one; ``python -m edgelabel.edge.sinks.outbox
+  list|export|requeue <file>`` shows, exports or re-sends them.
+* **Corruption costs what is corrupt.**  A file SQLite cannot open, or one
+  whose rows stop reading ("database disk image is malformed"), is moved
+  aside and its readable rows are copied row by row into a new file
+  (:func:`_salvage`); what could not be read is counted in ``lost`` and
+  logged as an ERROR (an alarm, see ``edge/health.py``).
 * ``path=None`` keeps the table in memory: same behaviour, nothing durable.
 * **Checkpoints off the write path.**  SQLite normally copies the WAL back
   into the database file (with an ``fsync``) inside whichever commit makes
@@ -79,7 +89,22 @@ CREATE TABLE IF NOT EXISTS outbox (
     created_at REAL    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_created_at ON outbox (created_at);
+CREATE TABLE IF NOT EXISTS dead_letter (
+    seq        INTEGER PRIMARY KEY,
+    source     TEXT    NOT NULL,
+    topic      TEXT    NOT NULL,
+    payload    BLOB    NOT NULL,
+    qos        INTEGER NOT NULL,
+    retain     INTEGER NOT NULL,
+    msg_id     TEXT,
+    created_at REAL    NOT NULL,
+    reason     TEXT    NOT NULL,
+    failed_at  REAL    NOT NULL
+);
 """
+_COLUMNS = "source, topic, payload, qos, retain, msg_id, created_at"
+#: at most this many row ids are probed one by one inside a corrupt region of the table (see _salvage)
+SALVAGE_PROBE_MAX = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -152,12 +177,22 @@ class Outbox:
         self.evicted = 0
         self.expired = 0
         self.refused = 0
+        self.lost = 0  # rows a corrupt file took with it (salvage could not read them)
+        self.last_loss: str | None = None  # what was lost, in words, and when (last_loss_at, wall clock)
+        self.last_loss_at: float | None = None
+        self.dead_lettered = 0  # rows moved to the dead-letter table by this process
+        self._head: tuple[int, float] | None = None  # (lowest seq, monotonic time it became the head)
         self._unlogged: dict[str, int] = {}
         self._last_drop_log: dict[str, float] = {}
         self._db = self._open()
         self._checkpoint_db: sqlite3.Connection | None = None  # the publisher's own connection (checkpoint())
         self._commits_since_checkpoint = 0
         self._count = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        self._dead = int(self._db.execute("SELECT COUNT(*) FROM dead_letter").fetchone()[0])
+        if self._dead:
+            log.warning("outbox %s: %d message(s) the broker refused are set aside in its dead-letter table; see "
+                        "them with `python -m edgelabel.edge.sinks.outbox list %s`, send them again with `requeue`",
+                        self.where, self._dead, self.where)
         if self._count:
             log.info("outbox %s: %d message(s) from a previous run will be sent first", self.where, self._count)
 
@@ -180,12 +215,30 @@ class Outbox:
         except sqlite3.OperationalError:
             raise  # cannot open, locked, I/O error: not the file's fault, do not move it
         except sqlite3.DatabaseError as exc:  # not a database, malformed, unknown schema version
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
-            log.error("outbox %s cannot be read (%s); moved it to %s and started an empty outbox", self.path, exc, aside)
-            self.path.rename(aside)
-            for suffix in ("-wal", "-shm"):
-                Path(str(self.path) + suffix).unlink(missing_ok=True)
-            return self._connect(str(self.path))
+            return self._replace_corrupt(exc, expected=None)
+
+    def _replace_corrupt(self, exc: BaseException, expected: int | None) -> sqlite3.Connection:
+        """Move the unreadable file aside, start a new one with every row that can still be read, count the rest.
+
+        ``expected``: the rows the file held, when known (this process counted them); else it is estimated
+        from the damaged file.  Returns the new connection.
+        """
+        assert self.path is not None
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+        self.path.rename(aside)
+        for suffix in ("-wal", "-shm"):
+            side = Path(str(self.path) + suffix)
+            if side.exists():
+                side.rename(Path(str(aside) + suffix))
+        db = self._connect(str(self.path))
+        salvaged, lost, dead = _salvage(aside, db, expected)
+        self.lost += lost
+        self._dead = int(db.execute("SELECT COUNT(*) FROM dead_letter").fetchone()[0])
+        what = (f"outbox {self.path} was corrupt ({exc}): moved it to {aside}, kept {salvaged} readable message(s) "
+                f"(+{dead} set aside) in a new file, {lost} message(s) could not be read and are lost")
+        self.last_loss, self.last_loss_at = what, time.time()
+        log.error("%s; delivery goes on. Check the disk (dmesg, smartctl) if this happens again.", what)
+        return db
 
     @staticmethod
     def _connect(target: str) -> sqlite3.Connection:
@@ -313,6 +366,8 @@ class Outbox:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        if self._count == 0 and rows:
+            self._head = (-1, time.monotonic())
         self._count += len(rows) - deleted
         self._commits_since_checkpoint += 1
         if deleted or evict_buf:
@@ -327,12 +382,102 @@ class Outbox:
         with self._cond:
             if self._closed:
                 return []
-            cur = self._db.execute(
-                "SELECT seq, source, topic, payload, qos, retain, msg_id, created_at FROM outbox"
-                " WHERE seq > ? ORDER BY seq LIMIT ?",
-                (after_seq, limit),
-            )
-            return [StoredMessage(r[0], r[1], r[2], bytes(r[3]), r[4], bool(r[5]), r[6], r[7]) for r in cur]
+            query = ("SELECT seq, source, topic, payload, qos, retain, msg_id, created_at FROM outbox"
+                     " WHERE seq > ? ORDER BY seq LIMIT ?")
+            try:
+                rows = self._db.execute(query, (after_seq, limit)).fetchall()
+            except sqlite3.DatabaseError as exc:
+                if not _is_corrupt(exc):
+                    raise
+                self._recover_locked(exc)
+                rows = self._db.execute(query, (after_seq, limit)).fetchall()
+            return [StoredMessage(r[0], r[1], r[2], bytes(r[3]), r[4], bool(r[5]), r[6], r[7]) for r in rows]
+
+    def _recover_locked(self, exc: BaseException) -> None:
+        """The open file went corrupt under us: salvage it into a new one (in memory: nothing to salvage)."""
+        if self.path is None:
+            raise exc
+        expected = self._count
+        self._db.close()
+        if self._checkpoint_db is not None:
+            self._checkpoint_db.close()
+            self._checkpoint_db = None
+        self._db = self._replace_corrupt(exc, expected=expected)
+        self._count = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        self._cond.notify_all()
+
+    def _note_head_locked(self, head: int | None) -> None:
+        """Remember since when the lowest row has been the head (for ``head_wait_s``: a head that never goes)."""
+        if head is None:
+            self._head = None
+        elif self._head is not None and self._head[0] == -1:  # stored into an empty outbox: waiting since then
+            self._head = (head, self._head[1])
+        elif self._head is None or self._head[0] != head:
+            self._head = (head, time.monotonic())
+
+    def head_wait(self) -> float | None:
+        """Seconds the current head row has been waiting to be acknowledged (None when empty)."""
+        with self._cond:
+            if self._closed or not self._count:
+                self._head = None
+                return None
+            row = self._db.execute("SELECT MIN(seq) FROM outbox").fetchone()
+            self._note_head_locked(None if row is None else row[0])
+            return None if self._head is None else time.monotonic() - self._head[1]
+
+    # ------------------------------------------------------------------ dead letters
+
+    def dead_letter(self, seq: int, reason: str) -> StoredMessage | None:
+        """Move row ``seq`` into the dead-letter table with ``reason``; returns it (None if already gone)."""
+        with self._cond:
+            if self._closed:
+                return None
+            db = self._db
+            row = db.execute(f"SELECT seq, {_COLUMNS} FROM outbox WHERE seq = ?", (int(seq),)).fetchone()
+            if row is None:
+                return None
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute(f"INSERT OR REPLACE INTO dead_letter (seq, {_COLUMNS}, reason, failed_at) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (*row, reason, self._clock()))
+                db.execute("DELETE FROM outbox WHERE seq = ?", (int(seq),))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self._count -= 1
+            self._dead += 1
+            self.dead_lettered += 1
+            self._commits_since_checkpoint += 1
+            self._cond.notify_all()
+            return StoredMessage(row[0], row[1], row[2], bytes(row[3]), row[4], bool(row[5]), row[6], row[7])
+
+    def dead_letters(self, limit: int = 1000) -> list[dict[str, Any]]:
+        """The set-aside rows, oldest first, with their reason (for ``list``/``export``)."""
+        with self._cond:
+            cur = self._db.execute(f"SELECT seq, {_COLUMNS}, reason, failed_at FROM dead_letter ORDER BY seq LIMIT ?",
+                                   (limit,))
+            return [{"seq": r[0], "source": r[1], "topic": r[2], "payload": bytes(r[3]), "qos": r[4],
+                     "retain": bool(r[5]), "msg_id": r[6], "created_at": r[7], "reason": r[8], "failed_at": r[9]}
+                    for r in cur]
+
+    def requeue(self) -> int:
+        """Put every dead letter back at the end of the outbox (after the broker was fixed); returns how many."""
+        with self._cond:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                n = db.execute(f"INSERT INTO outbox ({_COLUMNS}) SELECT source, topic, payload, qos, retain, msg_id, "
+                               "? FROM dead_letter ORDER BY seq", (self._clock(),)).rowcount
+                db.execute("DELETE FROM dead_letter")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self._count += n
+            self._dead = 0
+            self._cond.notify_all()
+            return n
 
     def ack(self, seqs: Iterable[int]) -> int:
         """Delete acknowledged rows in one transaction; returns how many were still there."""
@@ -344,13 +489,21 @@ class Outbox:
                 return 0
             db = self._db
             before = db.total_changes
-            db.execute("BEGIN IMMEDIATE")
             try:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    db.executemany("DELETE FROM outbox WHERE seq = ?", keys)
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+            except sqlite3.DatabaseError as exc:
+                if not _is_corrupt(exc):
+                    raise
+                self._recover_locked(exc)
+                db = self._db
+                before = db.total_changes
                 db.executemany("DELETE FROM outbox WHERE seq = ?", keys)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
             deleted = db.total_changes - before
             self._count -= deleted
             self._commits_since_checkpoint += 1
@@ -405,9 +558,9 @@ class Outbox:
 
     @property
     def dropped(self) -> int:
-        """Every message this outbox lost on purpose: evicted + expired + refused."""
+        """Every message this outbox lost: evicted + expired + refused (on purpose) + lost (corrupt file)."""
         with self._cond:
-            return self.evicted + self.expired + self.refused
+            return self.evicted + self.expired + self.refused + self.lost
 
     def oldest_age(self) -> float | None:
         """Seconds since the oldest stored row was written (None when empty)."""
@@ -420,6 +573,7 @@ class Outbox:
     def stats(self) -> dict[str, Any]:
         """A JSON-able snapshot for status pages and the stats topic."""
         age = self.oldest_age()
+        head_wait = self.head_wait()
         with self._cond:
             return {
                 "path": self.where,
@@ -434,6 +588,12 @@ class Outbox:
                 "evicted": self.evicted,
                 "expired": self.expired,
                 "refused": self.refused,
+                "lost": self.lost,
+                "last_loss": self.last_loss,
+                "last_loss_at": self.last_loss_at,
+                "dead_letter": self._dead,
+                "dead_lettered": self.dead_lettered,
+                "head_wait_s": None if head_wait is None else round(head_wait, 1),
             }
 
     def _note_drop_locked(self, kind: str, n: int) -> None:
@@ -475,3 +635,144 @@ class Outbox:
             except sqlite3.Error as exc:  # a checkpoint is an optimisation; the WAL is replayed on open anyway
                 log.debug("outbox checkpoint failed: %s", exc)
             self._db.close()
+
+
+def _is_corrupt(exc: BaseException) -> bool:
+    """SQLITE_CORRUPT / SQLITE_NOTADB (the file's fault), not a lock, I/O or full-disk error (OperationalError)."""
+    return isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError)
+
+
+def _salvage(src: Path, dst: sqlite3.Connection, expected: int | None) -> tuple[int, int, int]:
+    """Copy every readable row of a damaged outbox file into ``dst``, row by row, keeping each ``seq``.
+
+    A corrupt page breaks a table scan where it lies, so the table is scanned from both ends and the
+    row ids in between are read one by one (a lookup only fails when it lands on the bad page).  Returns
+    (rows kept, rows lost, dead letters kept).  ``expected`` is the rows the file held when known; without
+    it the loss is estimated from the ids that failed to read, or from the file's leaf pages when SQLite
+    cannot read it at all.
+    """
+    try:
+        old = sqlite3.connect(f"file:{src}?mode=ro", uri=True, isolation_level=None)
+    except sqlite3.Error:
+        return 0, expected if expected is not None else _estimate_rows(src), 0
+    seqs: set[int] = set()
+    lo_end, hi_end = 0, None
+    failed = 0
+    try:
+        for order in ("ASC", "DESC"):
+            try:
+                for (seq,) in old.execute(f"SELECT seq FROM outbox ORDER BY seq {order}"):
+                    seqs.add(seq)
+                    if order == "ASC":
+                        lo_end = seq
+                    else:
+                        hi_end = seq
+            except sqlite3.DatabaseError:
+                failed += 1  # the scan stopped at a bad page
+        if failed:
+            top = hi_end
+            if top is None:
+                try:
+                    top = old.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()[0]
+                except (sqlite3.DatabaseError, TypeError):
+                    top = lo_end
+            seqs.update(range(max(lo_end + 1, int(top) - SALVAGE_PROBE_MAX), int(top)))
+        kept = unreadable = 0
+        rows = []
+        for seq in sorted(seqs):
+            try:
+                row = old.execute(f"SELECT seq, {_COLUMNS} FROM outbox WHERE seq = ?", (seq,)).fetchone()
+            except sqlite3.DatabaseError:
+                unreadable += 1
+                continue
+            if row is not None:
+                rows.append(row)
+        dead_rows = []
+        try:
+            dead_rows = old.execute(f"SELECT seq, {_COLUMNS}, reason, failed_at FROM dead_letter").fetchall()
+        except sqlite3.DatabaseError:
+            pass  # an old file without the table, or its page is bad: set-aside rows are already counted
+    finally:
+        old.close()
+    dst.execute("BEGIN IMMEDIATE")
+    dst.executemany(f"INSERT OR IGNORE INTO outbox (seq, {_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    dst.executemany(f"INSERT OR IGNORE INTO dead_letter (seq, {_COLUMNS}, reason, failed_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", dead_rows)
+    dst.execute("COMMIT")
+    kept = len(rows)
+    if expected is not None:
+        lost = max(0, expected - kept)
+    elif unreadable or seqs or failed == 0:
+        lost = unreadable
+    else:
+        lost = _estimate_rows(src)
+    return kept, lost, len(dead_rows)
+
+
+def _estimate_rows(path: Path) -> int:
+    """Rows in a file SQLite cannot open: the cell counts of its table leaf pages (page 1, the schema, left out).
+
+    An estimate (freed pages may still look like leaves; a file cut short is extrapolated to the page count
+    its header declares), used only to say roughly how much was lost.
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(100)
+            size = int.from_bytes(head[16:18], "big") if len(head) >= 18 else 0
+            page = 65536 if size == 1 else size if size >= 512 and size & (size - 1) == 0 else 4096
+            declared = int.from_bytes(head[28:32], "big") if head[:16] == b"SQLite format 3\x00" else 0
+            fh.seek(page)
+            rows, pages = 0, 1
+            while chunk := fh.read(page):
+                pages += 1
+                if len(chunk) >= 5 and chunk[0] == 0x0D:
+                    rows += int.from_bytes(chunk[3:5], "big")
+    except OSError:
+        return 0
+    if declared > pages:  # cut off: the header still says how many pages there were
+        rows = round(rows * (declared - 1) / max(1, pages - 1))
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m edgelabel.edge.sinks.outbox list|export|requeue FILE``: the dead-letter table of an outbox.
+
+    ``list`` prints one line per set-aside message (topic, size, reason); ``export`` writes them as JSON
+    lines (payload as text when it is UTF-8, else base64) to stdout; ``requeue`` puts them back at the end
+    of the outbox, to be sent again (stop the daemon first: it counts its rows when it starts).
+    """
+    import argparse
+    import base64
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m edgelabel.edge.sinks.outbox", description=main.__doc__)
+    parser.add_argument("action", choices=("list", "export", "requeue"))
+    parser.add_argument("file", type=Path, help="the outbox file (state_dir/outbox.sqlite by default)")
+    args = parser.parse_args(argv)
+    if not args.file.is_file():
+        sys.stderr.write(f"{args.file}: no such outbox file (mqtt.outbox.path inside state_dir)\n")
+        return 2
+    ob = Outbox(args.file)
+    try:
+        if args.action == "requeue":
+            n = ob.requeue()
+            sys.stdout.write(f"{n} message(s) put back into {args.file}; they are sent on the next start\n")
+            return 0
+        for d in ob.dead_letters(limit=10**9):
+            if args.action == "list":
+                sys.stdout.write(f"{d['seq']}\t{d['topic']}\t{len(d['payload'])} bytes\t{d['reason']}\n")
+                continue
+            try:
+                payload: Any = d["payload"].decode("utf-8")
+                enc = "utf-8"
+            except UnicodeDecodeError:
+                payload, enc = base64.b64encode(d["payload"]).decode(), "base64"
+            sys.stdout.write(json.dumps({**d, "payload": payload, "encoding": enc}) + "\n")
+    finally:
+        ob.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
