@@ -40,7 +40,7 @@ import cv2
 from edgelabel.edge.config import SourceConfig
 from edgelabel.edge.frame import Frame
 from edgelabel.edge.sources.base import Source, SourceError
-from edgelabel.edge.sources.imageio import ensure_bgr
+from edgelabel.edge.sources.imageio import MAX_IMAGE_PIXELS, ensure_bgr
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,9 @@ class VideoSource(Source):
         self._start = 0.0  # epoch seconds of media time 0 (see the module docstring)
         self._announced = False  # the INFO line about the file was logged
         self._reported_corrupt = False  # the rejected-inputs report lists a corrupt file once, not once per loop
+        #: why the file is not decoded at all (declared frame size over the pixel limit), reported on first read
+        self._refused: str | None = None
+        self._reported_refused = False
 
     def describe(self) -> str:
         return f"VideoSource({self.path}{', loop' if self.cfg.loop else ''})"
@@ -86,6 +89,7 @@ class VideoSource(Source):
             raise SourceError(f"video {self.path}: permission denied")
         self.close()
         self._cap = self._open_capture()
+        self._refused = self._check_size(self._cap)
         count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         self._frame_count = count if count > 0 else None
         fps = float(self._cap.get(cv2.CAP_PROP_FPS) or 0.0)
@@ -99,6 +103,19 @@ class VideoSource(Source):
         self._announced = True
         logger.log(level, "%s: %s frames at %s fps", self.describe(), self._frame_count or "unknown",
                    self.fps or "unknown")
+
+    def _check_size(self, cap: cv2.VideoCapture) -> str | None:
+        """Why the stream's declared frame size is refused (over ``MAX_IMAGE_PIXELS``, as for images), else None.
+
+        Read from the container at open, before any frame is decoded: one 12000x12000 frame is 400 MB of BGR
+        and FFmpeg keeps several in flight.
+        """
+        w = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0)
+        h = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
+        if w * h > MAX_IMAGE_PIXELS:
+            return (f"video frame size {w}x{h} exceeds limit ({MAX_IMAGE_PIXELS / 1e6:g} MP); no frame was decoded "
+                    "(scale the video down, or raise EDGELABEL_MAX_IMAGE_PIXELS)")
+        return None
 
     def duration(self) -> float | None:
         """Seconds of media in the file, when the container declares its frame count and rate."""
@@ -128,6 +145,8 @@ class VideoSource(Source):
         return max(float(self._cap.get(cv2.CAP_PROP_POS_MSEC) or 0.0), 0.0) / 1000.0
 
     def total(self) -> int | None:
+        if self._refused is not None:
+            return 0
         return None if self.cfg.loop else self._frame_count
 
     def close(self) -> None:
@@ -161,6 +180,12 @@ class VideoSource(Source):
     def read(self) -> Frame | None:
         if self._cap is None:
             raise SourceError(f"video {self.path}: not open")
+        if self._refused is not None:  # listed in rejected.csv once; the source finishes without decoding
+            if not self._reported_refused:
+                self._reported_refused = True
+                logger.warning("%s: %s: %s", self.name, self.path, self._refused)
+                self.on_reject(self.path, self._refused)
+            return None
         restarted_empty = False
         loop = self.cfg.loop
         while True:
