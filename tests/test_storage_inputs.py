@@ -6,6 +6,9 @@ Every fault is made for real in tmp_path (a real MJPG written by OpenCV, real JP
 
 from __future__ import annotations
 
+import os
+import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -22,6 +25,7 @@ from edgelabel.edge.sources.hub import FrameHub
 from edgelabel.edge.sources.imageio import MAX_IMAGE_PIXELS
 from edgelabel.edge.sources.runner import SourceRunner
 from edgelabel.edge.sources.video import VideoSource
+from tests.helpers import run_edgelabel
 
 
 def cfg(uri: str, name: str = "src", **kw: Any) -> SourceConfig:
@@ -107,3 +111,52 @@ def test_the_runner_finishes_an_oversized_video_with_one_rejection(huge_mjpg: Pa
     assert stats.status == "finished" and stats.frames_in == 0 and stats.rejected == 1
     assert reported and "exceeds limit" in reported[0][2]
     assert hub.get(timeout=0) is None
+
+
+# --------------------------------------------------------------------------- a file name reused for new content
+
+
+def _ids_by_key(out: Path) -> dict[str, str]:
+    db = sqlite3.connect(str(out / "index.sqlite"))
+    try:
+        return {Path(key).name: rid for rid, key in db.execute("SELECT id, frame_key FROM records")}
+    finally:
+        db.close()
+
+
+def test_a_new_picture_under_an_old_name_is_labeled_with_a_new_record_id(tmp_path: Path, assets: Path) -> None:
+    images = assets / "images"
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(images / "bus.jpg", folder / "a.jpg")
+    shutil.copy(images / "zidane.jpg", folder / "b.jpg")
+    out = tmp_path / "out"
+    model = str(assets / "models" / "yolox_nano.onnx")
+
+    def label(*extra: str) -> str:
+        proc = run_edgelabel("label", str(folder), "--model", model, "--out", str(out), *extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    assert "labeled 2 frame(s)" in label()
+    first = _ids_by_key(out)
+    assert set(first) == {"a.jpg", "b.jpg"}
+
+    # the same name, another picture (a camera that reuses its file names, a re-upload)
+    (folder / "a.jpg").write_bytes((images / "dog.jpg").read_bytes())
+    assert "labeled 1 frame(s)" in label()  # was: labeled 0 (the ledger said a.jpg was done)
+    second = _ids_by_key(out)
+    new_keys = set(second) - set(first)
+    assert len(new_keys) == 1 and next(iter(new_keys)).startswith("a.jpg#"), second
+    assert second[next(iter(new_keys))] not in first.values()  # a consumer de-duplicating by id keeps it
+    assert "labeled 0 frame(s)" in label()  # unchanged files are not labeled twice
+
+    # touched (new mtime, same bytes): still the same file
+    os.utime(folder / "b.jpg", (time.time() + 60, time.time() + 60))
+    assert "labeled 0 frame(s)" in label()
+
+    # --fresh labels everything again: b.jpg keeps its id, the new a.jpg keeps its own (not the old picture's)
+    assert "labeled 2 frame(s)" in label("--fresh")
+    fresh = _ids_by_key(out)
+    assert fresh["b.jpg"] == first["b.jpg"]
+    assert fresh[next(iter(new_keys))] == second[next(iter(new_keys))]

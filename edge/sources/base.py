@@ -28,6 +28,10 @@ def _ignore_reject(path: str, reason: str) -> None:
     return None
 
 
+def _no_identity(key: str) -> str | None:
+    return None
+
+
 class Source(abc.ABC):
     """One input of frames.
 
@@ -48,6 +52,8 @@ class Source(abc.ABC):
         self.skip: Callable[[str], bool] = _never_done
         #: called with (path, reason) for every input that cannot be decoded
         self.on_reject: Callable[[str, str], None] = _ignore_reject
+        #: called with a file's plain key: the content (``size:mtime_ns:sha256``) that was labeled under it, if any
+        self.identity_of: Callable[[str], str | None] = _no_identity
 
     @abc.abstractmethod
     def open(self) -> None:

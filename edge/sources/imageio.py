@@ -308,6 +308,11 @@ def decode_image_bytes(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple
     return ensure_bgr(image), fmt
 
 
+def read_image_bytes(path: str) -> tuple[bytes, os.stat_result]:
+    """The file's bytes and its stat (of the open file), or ImageRejected (FIFO, unreadable, too large...)."""
+    return _read_bytes(path)
+
+
 def decode_image_file(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> DecodedImage:
     """Read and decode one file; every way it can be unusable becomes ImageRejected (never another error)."""
     data, st = _read_bytes(path)

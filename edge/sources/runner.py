@@ -289,6 +289,7 @@ class SourceRunner:
                            exc_info=True)
             return old
         new.skip = old.skip
+        new.identity_of = old.identity_of
         self._prepare(new)
         return new
 
