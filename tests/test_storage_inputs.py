@@ -21,6 +21,7 @@ import cv2
 import pytest
 
 from edgelabel.edge.config import SourceConfig
+from edgelabel.edge.sources.folder import FolderSource
 from edgelabel.edge.sources.hub import FrameHub
 from edgelabel.edge.sources.imageio import MAX_IMAGE_PIXELS
 from edgelabel.edge.sources.runner import SourceRunner
@@ -160,3 +161,55 @@ def test_a_new_picture_under_an_old_name_is_labeled_with_a_new_record_id(tmp_pat
     fresh = _ids_by_key(out)
     assert fresh["b.jpg"] == first["b.jpg"]
     assert fresh[next(iter(new_keys))] == second[next(iter(new_keys))]
+
+
+# --------------------------------------------------------------------------- watched folders: paused copies, rewrites
+
+
+def _watching(folder: Path) -> tuple[SourceRunner, FrameHub, threading.Event, list[tuple[str, str, str]]]:
+    hub, stop = FrameHub(), threading.Event()
+    rejects: list[tuple[str, str, str]] = []
+    src = FolderSource("w", cfg(str(folder), name="w", watch=True, watch_interval=0.05), str(folder))
+    runner = SourceRunner(src, hub, lambda n, s: None, stop, on_reject=lambda *a: rejects.append(a))
+    runner.start()
+    return runner, hub, stop, rejects
+
+
+def test_a_copy_that_pauses_half_way_is_labeled_once_it_completes(tmp_path: Path, assets: Path) -> None:
+    data = (assets / "images" / "bus.jpg").read_bytes()
+    target = tmp_path / "slow.jpg"
+    runner, hub, stop, rejects = _watching(tmp_path)
+    try:
+        target.write_bytes(data[: len(data) // 2])  # the link stalls here for longer than two polls
+        assert wait_for(lambda: bool(rejects)), "the half file was never read"
+        assert "cut off" in rejects[0][2], rejects
+        assert hub.get(timeout=0) is None
+        with open(target, "ab") as fh:  # the copy resumes and completes
+            fh.write(data[len(data) // 2 :])
+        frame = hub.get(timeout=10)  # was: never (retried only after a restart)
+        assert frame is not None and frame.key == str(target) and frame.image.shape == (1080, 810, 3)
+        assert len(rejects) == 1
+    finally:
+        stop.set()
+        assert runner.join(5)
+
+
+def test_a_watched_file_rewritten_with_a_new_picture_is_labeled_again(tmp_path: Path, assets: Path) -> None:
+    images = assets / "images"
+    target = tmp_path / "cam.jpg"
+    shutil.copy(images / "bus.jpg", target)
+    runner, hub, stop, rejects = _watching(tmp_path)
+    try:
+        first = hub.get(timeout=10)
+        assert first is not None and first.key == str(target)
+        os.utime(target, (time.time() + 5, time.time() + 5))  # touched: the same picture, not labeled again
+        assert hub.get(timeout=0.5) is None  # ten polls
+        tmp = tmp_path / ".cam.jpg.part"
+        shutil.copy(images / "dog.jpg", tmp)
+        os.replace(tmp, target)  # the camera saves its next picture under the same name
+        second = hub.get(timeout=10)  # was: never (a path was read once per run)
+        assert second is not None and second.key.startswith(f"{target}#") and second.image.shape == (576, 768, 3)
+        assert hub.get(timeout=0.5) is None and not rejects
+    finally:
+        stop.set()
+        assert runner.join(5)

@@ -101,6 +101,7 @@ class FolderSource(Source):
         self._read_sig: dict[str, tuple[int, int] | None] = {}
         #: plain key -> content emitted under it in this run (before the ledger has it)
         self._emitted: dict[str, str] = {}
+        self._emitted_keys: set[str] = set()  # frame keys returned in this run (never twice)
         self._empty_since: dict[str, float] = {}  # monotonic time a pending file was first seen empty
         self._ignored: set[str] = set()
         self._walk_errors: set[str] = set()
@@ -259,7 +260,7 @@ class FolderSource(Source):
                 self._note_read(path)
                 try:
                     key, data, st = self._identify(path, path_key)
-                    if self.skip(key):
+                    if key in self._emitted_keys or self.skip(key):  # a touched file: the same picture
                         continue
                     if data is None or st is None:
                         data, st = read_image_bytes(path)
@@ -269,6 +270,7 @@ class FolderSource(Source):
                     self.on_reject(path_key, exc.reason)
                     continue
                 content = f"{len(data)}:{st.st_mtime_ns}:{hashlib.sha256(data).hexdigest()}"
+                self._emitted_keys.add(key)
                 if key == path_key:
                     self._emitted.setdefault(path_key, content)
                 else:
