@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import numpy as np
 import pytest
 
 from edgelabel.edge.config import SourceConfig
@@ -213,3 +214,49 @@ def test_a_watched_file_rewritten_with_a_new_picture_is_labeled_again(tmp_path: 
     finally:
         stop.set()
         assert runner.join(5)
+
+
+# --------------------------------------------------------------------------- a video still being written
+
+
+def _numbered_frame(i: int, rng: np.random.Generator) -> np.ndarray:
+    """Noise (so each MJPG frame is ~100 KB and reaches the disk at once) with a block whose grey level is i."""
+    frame = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)
+    frame[:64, :64] = 8 * i
+    return frame
+
+
+def test_a_video_still_being_written_is_followed_to_its_real_end(tmp_path: Path) -> None:
+    path = tmp_path / "recording.avi"
+    total, written = 30, threading.Event()
+    writer = cv2.VideoWriter(str(path), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*"MJPG"), 10, (320, 240))
+    assert writer.isOpened()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        writer.write(_numbered_frame(i, rng))
+
+    def record_on() -> None:  # the recorder keeps writing while the file is labeled
+        for i in range(10, total):
+            time.sleep(0.05)
+            writer.write(_numbered_frame(i, rng))
+        writer.release()
+        written.set()
+
+    src = VideoSource("v", cfg(str(path), name="v"), str(path))
+    src.grow_grace = 3.0  # the recorder writes every 0.05 s; this is how long a pause may last
+    rejects: list[tuple[str, str]] = []
+    src.on_reject = lambda p, r: rejects.append((p, r))
+    src.open()
+    assert src.total() is None  # a file being written declares no frame count
+    threading.Thread(target=record_on, daemon=True).start()
+    frames = []
+    while (frame := src.read()) is not None:
+        frames.append(frame)
+    src.close()
+    assert written.is_set()
+    # was: the 10 frames present at open, then "finished" without a word
+    assert [f.index for f in frames] == list(range(total))
+    levels = [int(round(float(f.image[16:48, 16:48].mean()) / 8)) for f in frames]
+    assert levels == list(range(total)), levels  # each frame once, in order: nothing skipped or repeated
+    assert [f.key for f in frames] == [f"{path}#{i}" for i in range(total)]
+    assert not rejects

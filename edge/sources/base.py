@@ -41,6 +41,9 @@ class Source(abc.ABC):
     """
 
     live: ClassVar[bool] = False
+    #: True while ``read()`` waits for input on purpose (a watched folder between polls, a video still being
+    #: written): the runner's stall check does not count that time
+    idle: bool = False
     #: the frames are separate pictures rather than a sequence (folders, single images): not tracked by default
     stills: ClassVar[bool] = False
 

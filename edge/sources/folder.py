@@ -290,11 +290,15 @@ class FolderSource(Source):
                 )
             if not self.cfg.watch:
                 return None
-            while not self._stopped():
-                (self.stop_event or self._closed).wait(self.cfg.watch_interval)
-                if self._stopped():
-                    break
-                if self._poll():
-                    break
+            self.idle = True  # waiting for new files is not a stall
+            try:
+                while not self._stopped():
+                    (self.stop_event or self._closed).wait(self.cfg.watch_interval)
+                    if self._stopped():
+                        break
+                    if self._poll():
+                        break
+            finally:
+                self.idle = False
             if self._stopped():
                 return None
