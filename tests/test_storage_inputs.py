@@ -22,11 +22,13 @@ import numpy as np
 import pytest
 
 from edgelabel.edge.config import SourceConfig
+from edgelabel.edge.health import device_alarms
 from edgelabel.edge.sources.folder import FolderSource
 from edgelabel.edge.sources.hub import FrameHub
-from edgelabel.edge.sources.imageio import MAX_IMAGE_PIXELS
+from edgelabel.edge.sources.imageio import MAX_IMAGE_PIXELS, MAX_JPEG_SCANS, jpeg_scan_count
 from edgelabel.edge.sources.runner import SourceRunner
 from edgelabel.edge.sources.video import VideoSource
+from tests.conftest import IMAGES
 from tests.helpers import run_edgelabel
 
 
@@ -260,3 +262,48 @@ def test_a_video_still_being_written_is_followed_to_its_real_end(tmp_path: Path)
     assert levels == list(range(total)), levels  # each frame once, in order: nothing skipped or repeated
     assert [f.key for f in frames] == [f"{path}#{i}" for i in range(total)]
     assert not rejects
+
+
+# --------------------------------------------------------------------------- a read that makes no progress
+
+
+def _slow_jpeg() -> bytes:
+    """A legal progressive JPEG (4000x4000, exactly MAX_JPEG_SCANS scans) that takes about a second to decode."""
+    image = cv2.resize(cv2.imread(str(IMAGES / "bus.jpg")), (4000, 4000))
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1, cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    data = buf.tobytes()
+    sos, eoi = data.index(b"\xff\xda"), data.rindex(b"\xff\xd9")
+    per_file = jpeg_scan_count(data, sos)
+    return data[:sos] + data[sos:eoi] * (MAX_JPEG_SCANS // per_file) + data[eoi:]
+
+
+def test_a_storage_read_without_progress_raises_an_alarm_that_clears(tmp_path: Path) -> None:
+    hub, stop = FrameHub(), threading.Event()
+    src = FolderSource("w", cfg(str(tmp_path), name="w", watch=True, watch_interval=0.05, read_timeout=0.1),
+                       str(tmp_path))
+    runner = SourceRunner(src, hub, lambda n, s: None, stop)
+
+    def alarms() -> list[dict[str, Any]]:
+        return device_alarms({"sources": {"w": runner.stats().__dict__}})
+
+    runner.start()
+    try:
+        time.sleep(0.5)  # five read timeouts waiting for files: waiting is not a stall
+        assert runner.stats().stalled_s is None and alarms() == []
+        hidden = tmp_path / ".slow.jpg.part"
+        hidden.write_bytes(_slow_jpeg())
+        os.replace(hidden, tmp_path / "slow.jpg")
+        seen: list[list[dict[str, Any]]] = []
+        assert wait_for(lambda: bool(seen.append(alarms()) or seen[-1]) or hub.pending("w") > 0, 30)
+        raised = [a for a in seen if a]
+        assert raised, "no alarm while the decode ran past read_timeout"  # was: "online", nothing else
+        alarm = raised[0][0]
+        assert alarm["id"] == "source_stalled:w" and alarm["severity"] == "error"
+        assert "slow.jpg" in alarm["message"] and "stalled" in alarm["message"]
+        frame = hub.get(timeout=30)  # the decode finishes: the frame comes and the alarm clears
+        assert frame is not None and frame.image.shape == (4000, 4000, 3)
+        assert runner.stats().stalled_s is None and alarms() == []
+    finally:
+        stop.set()
+        assert runner.join(5)

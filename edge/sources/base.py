@@ -9,6 +9,7 @@ reconnects live in ``edge.sources.runner`` so each source file stays small.
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -41,9 +42,6 @@ class Source(abc.ABC):
     """
 
     live: ClassVar[bool] = False
-    #: True while ``read()`` waits for input on purpose (a watched folder between polls, a video still being
-    #: written): the runner's stall check does not count that time
-    idle: bool = False
     #: the frames are separate pictures rather than a sequence (folders, single images): not tracked by default
     stills: ClassVar[bool] = False
 
@@ -57,6 +55,23 @@ class Source(abc.ABC):
         self.on_reject: Callable[[str, str], None] = _ignore_reject
         #: called with a file's plain key: the content (``size:mtime_ns:sha256``) that was labeled under it, if any
         self.identity_of: Callable[[str], str | None] = _no_identity
+        #: True while ``read()`` waits for input on purpose (a watched folder between polls, a video still being
+        #: written): the runner's stall check (``SourceStats.stalled_s``) does not count that time
+        self._idle = False
+        #: monotonic time ``read()`` last started working (began, or stopped waiting); see ``idle``
+        self.active_since = 0.0
+        #: the file being read, for messages (None: not known)
+        self.current_input: str | None = None
+
+    @property
+    def idle(self) -> bool:
+        return self._idle
+
+    @idle.setter
+    def idle(self, value: bool) -> None:
+        if self._idle and not value:
+            self.active_since = time.monotonic()  # the work after the wait is timed from its own start
+        self._idle = value
 
     @abc.abstractmethod
     def open(self) -> None:

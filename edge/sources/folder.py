@@ -257,6 +257,7 @@ class FolderSource(Source):
                 path = self._files[index]
                 path_key = text_path(path)  # a Latin-1 name from a share: storable text, the same on every run
                 self._pos += 1
+                self.current_input = path_key
                 self._note_read(path)
                 try:
                     key, data, st = self._identify(path, path_key)

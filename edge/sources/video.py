@@ -80,6 +80,7 @@ class VideoSource(Source):
         self._open_sig: tuple[int, int] | None = None  # (size, mtime_ns) when the capture was (re)opened
         self._followed = 0  # times the file had grown at its end and was read further
         self._ahead: tuple[bool, object] | None = None  # the frame read ahead of ``_pos`` (see ``_take``)
+        self.current_input = self.path
         self._cap: cv2.VideoCapture | None = None
         self._frame_count: int | None = None
         self.fps: float | None = None
