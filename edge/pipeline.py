@@ -274,6 +274,7 @@ class Pipeline:
         if not source.live:
             source.skip = lambda key, _n=name: self.ledger is not None and self.ledger.is_done(_n, key)
             source.identity_of = lambda key, _n=name: None if self.ledger is None else self.ledger.identity(_n, key)
+            source.adopt_identity = lambda key, c, _n=name: None if self.ledger is None else self.ledger.note_identity(_n, key, c)
         self._hub.register(name, live=source.live, capacity=1 if source.live else 4)
         stop = threading.Event()
         if self._stop.is_set():

@@ -307,3 +307,30 @@ def test_a_storage_read_without_progress_raises_an_alarm_that_clears(tmp_path: P
     finally:
         stop.set()
         assert runner.join(5)
+
+
+def test_a_ledger_from_before_identities_keeps_its_ids_and_then_sees_a_replacement(tmp_path: Path, assets: Path) -> None:
+    images = assets / "images"
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(images / "bus.jpg", folder / "a.jpg")
+    out = tmp_path / "out"
+    model = str(assets / "models" / "yolox_nano.onnx")
+
+    def label() -> str:
+        proc = run_edgelabel("label", str(folder), "--model", model, "--out", str(out))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    assert "labeled 1 frame(s)" in label()
+    ledgers = list(out.rglob("ledger.sqlite"))
+    assert len(ledgers) == 1
+    db = sqlite3.connect(str(ledgers[0]))
+    db.execute("DROP TABLE identity")  # as a ledger written before identities were kept
+    db.commit()
+    db.close()
+    assert "labeled 0 frame(s)" in label()  # done by name, as before: nothing labeled again, the id unchanged
+    assert set(_ids_by_key(out)) == {"a.jpg"}
+    (folder / "a.jpg").write_bytes((images / "dog.jpg").read_bytes())
+    assert "labeled 1 frame(s)" in label()  # a replacement after the upgrade is seen
+    assert {k.split("#")[0] for k in _ids_by_key(out)} == {"a.jpg"} and len(_ids_by_key(out)) == 2

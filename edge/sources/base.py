@@ -33,6 +33,10 @@ def _no_identity(key: str) -> str | None:
     return None
 
 
+def _ignore_identity(key: str, content: str) -> None:
+    return None
+
+
 class Source(abc.ABC):
     """One input of frames.
 
@@ -55,6 +59,8 @@ class Source(abc.ABC):
         self.on_reject: Callable[[str, str], None] = _ignore_reject
         #: called with a file's plain key: the content (``size:mtime_ns:sha256``) that was labeled under it, if any
         self.identity_of: Callable[[str], str | None] = _no_identity
+        #: called with (plain key, content) to record the content of a file done before identities were kept
+        self.adopt_identity: Callable[[str, str], None] = _ignore_identity
         #: True while ``read()`` waits for input on purpose (a watched folder between polls, a video still being
         #: written): the runner's stall check (``SourceStats.stalled_s``) does not count that time
         self._idle = False

@@ -27,9 +27,10 @@ File policy (so a drop folder full of odd files never stops the daemon):
   picture under an old name) get the key ``<path>#<sha256[:16]>``, hence a new
   record id, and are labeled.  So the first version of every path keeps the
   key, and record id, it had before identities were kept, and ``--fresh`` keeps
-  the identities (a replaced file is never given its predecessor's id).  Paths
-  labeled before identities were kept have none: they are recognised by name
-  until labeled again.
+  the identities (a replaced file is never given its predecessor's id).  A path
+  labeled before identities were kept adopts, when first met, the size and
+  mtime of the file as it is then (``adopt_identity``; no file is read for it):
+  a change after the upgrade is seen; one made before it cannot be.
 
 Time: an image's ``captured_at`` is its file's modification time (what a
 camera, or a copy that keeps times, wrote), not the time we read it, so a
@@ -228,12 +229,17 @@ class FolderSource(Source):
         the same bytes (a ``touch``, a copy that did not keep times) keep the plain key.  Raises ImageRejected.
         """
         known = self.identity_of(path_key) or self._emitted.get(path_key)
-        if known is None:
-            return path_key, None, None
+        if known is None and not self.skip(path_key):
+            return path_key, None, None  # never labeled: the plain key
         try:
             st = os.stat(path)
         except OSError:
             return path_key, None, None  # the read below reports it
+        if known is None:
+            # done before identities were kept: the file as it is now is taken as the one labeled (its size and
+            # mtime only, so an upgrade reads no file); a later change is then seen, and hashed
+            self.adopt_identity(path_key, f"{st.st_size}:{st.st_mtime_ns}:")
+            return path_key, None, None
         if known.startswith(f"{st.st_size}:{st.st_mtime_ns}:"):
             return path_key, None, None
         data, st = read_image_bytes(path)

@@ -307,6 +307,7 @@ class SourceRunner:
             return old
         new.skip = old.skip
         new.identity_of = old.identity_of
+        new.adopt_identity = old.adopt_identity
         self._prepare(new)
         return new
 
