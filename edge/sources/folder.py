@@ -52,7 +52,6 @@ folder is watched (without ``watch``, the next run does it).  Its content decide
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -63,7 +62,13 @@ from edgelabel.edge.config import SourceConfig
 from edgelabel.edge.frame import Frame, text_path
 from edgelabel.edge.sources import IMAGE_EXTENSIONS
 from edgelabel.edge.sources.base import Source, SourceError
-from edgelabel.edge.sources.imageio import ImageRejected, decode_image_bytes, read_image_bytes
+from edgelabel.edge.sources.imageio import (
+    ImageRejected,
+    content_key,
+    decode_image_bytes,
+    file_content,
+    read_image_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -222,29 +227,8 @@ class FolderSource(Source):
     # ------------------------------------------------------------------ reading
 
     def _identify(self, path: str, path_key: str) -> tuple[str, bytes | None, os.stat_result | None]:
-        """The frame key of the file's current content, and its bytes when they had to be read to tell.
-
-        The first content labeled under a name keeps the plain key (the record ids of earlier versions stay);
-        a file whose size or mtime differ from that content's is hashed: other bytes get ``<path>#<sha256[:16]>``,
-        the same bytes (a ``touch``, a copy that did not keep times) keep the plain key.  Raises ImageRejected.
-        """
-        known = self.identity_of(path_key) or self._emitted.get(path_key)
-        if known is None and not self.skip(path_key):
-            return path_key, None, None  # never labeled: the plain key
-        try:
-            st = os.stat(path)
-        except OSError:
-            return path_key, None, None  # the read below reports it
-        if known is None:
-            # done before identities were kept: the file as it is now is taken as the one labeled (its size and
-            # mtime only, so an upgrade reads no file); a later change is then seen, and hashed
-            self.adopt_identity(path_key, f"{st.st_size}:{st.st_mtime_ns}:")
-            return path_key, None, None
-        if known.startswith(f"{st.st_size}:{st.st_mtime_ns}:"):
-            return path_key, None, None
-        data, st = read_image_bytes(path)
-        sha = hashlib.sha256(data).hexdigest()
-        return (path_key if sha == known.rsplit(":", 1)[-1] else f"{path_key}#{sha[:16]}"), data, st
+        """The frame key of the file's current content (``edge.sources.imageio.content_key``)."""
+        return content_key(self, path, path_key, self._emitted.get(path_key))
 
     def _note_read(self, path: str) -> None:
         """Remember the file's size and mtime as read, so a watching poll sees it change afterwards."""
@@ -276,7 +260,7 @@ class FolderSource(Source):
                     logger.debug("%s: rejected %s: %s", self.name, path_key, exc.reason)
                     self.on_reject(path_key, exc.reason)
                     continue
-                content = f"{len(data)}:{st.st_mtime_ns}:{hashlib.sha256(data).hexdigest()}"
+                content = file_content(data, st)
                 self._emitted_keys.add(key)
                 if key == path_key:
                     self._emitted.setdefault(path_key, content)
