@@ -281,15 +281,16 @@ class FolderSource(Source):
                 )
             if not self.cfg.watch:
                 return None
-            self.idle = True  # waiting for new files is not a stall
-            try:
-                while not self._stopped():
+            while not self._stopped():
+                self.idle = True  # waiting for new files is not a stall (listing a hung mount is)
+                try:
                     (self.stop_event or self._closed).wait(self.cfg.watch_interval)
-                    if self._stopped():
-                        break
-                    if self._poll():
-                        break
-            finally:
-                self.idle = False
+                finally:
+                    self.idle = False
+                if self._stopped():
+                    break
+                self.current_input = self.root
+                if self._poll():
+                    break
             if self._stopped():
                 return None
