@@ -93,4 +93,28 @@ def device_alarms(snapshot: dict[str, Any], *, skipped_before: int | None = None
                                   f"({skipped - skipped_before} frame(s) not stored since the last check)",
                        "errors": skipped})
     alarms.extend(outbox_alarms(snapshot))
+    alarms.extend(source_stall_alarms(snapshot))
+    return alarms
+
+
+def source_stall_alarms(snapshot: dict[str, Any]) -> list[dict[str, Any]]:
+    """``source_stalled:<name>``: a source's read has made no progress for longer than its ``read_timeout``.
+
+    Storage sources read on their own thread without a time limit (a file must not be skipped because the
+    machine is slow), so a decode that takes minutes, or a hung network mount, froze the source while it
+    showed ``online``; the runner times the read in progress (``SourceStats.stalled_s``).  Clears when the
+    read returns.
+    """
+    alarms: list[dict[str, Any]] = []
+    for name, src in sorted((snapshot.get("sources") or {}).items()):
+        stalled = src.get("stalled_s") if isinstance(src, dict) else None
+        if not isinstance(stalled, (int, float)):
+            continue
+        what = src.get("stalled_input") or "its input"
+        alarms.append({"id": f"source_stalled:{name}", "severity": "error", "component": f"source {name}",
+                       "message": f"source {name} stalled: reading {what} has taken {stalled:.0f} s without a frame "
+                                  "(files behind it wait); check the file (a huge or hostile image, a video that "
+                                  "decodes slowly) and the disk or network mount it is on; remove or move the "
+                                  "file to let the source go on",
+                       "stalled_s": stalled})
     return alarms

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -69,6 +70,7 @@ class Ledger:
             " at REAL NOT NULL, PRIMARY KEY (source, path))"
         )
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        self._db.execute(IDENTITY_TABLE)
         #: set when this job differs from the one that marked the frames done (they were forgotten)
         self.job_change: JobChange | None = None
         if job is not None:
@@ -130,6 +132,59 @@ class Ledger:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    # ------------------------------------------------------------------ file identity (folder sources)
+
+    def identity(self, source: str, key: str) -> str | None:
+        """The content (``size:mtime_ns:sha256``) of the first file labeled under the plain key ``key``."""
+        with self._lock:
+            row = self._db.execute("SELECT content FROM identity WHERE source=? AND key=?", (source, key)).fetchone()
+        return str(row[0]) if row else None
+
+    def note_identity(self, source: str, key: str, content: object) -> None:
+        """Remember which content owns ``key`` (the first one wins); called after ``mark_done``. No-op for None.
+
+        Kept by ``--fresh`` and by a job change (``forget_done``): a file replaced under its name gets a new key,
+        and so a new record id, even when everything is labeled again.
+        """
+        if not isinstance(content, str) or not content:
+            return
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO identity (source, key, content, at) VALUES (?, ?, ?, ?)",
+                             (source, key, content, time.time()))
+
+
+IDENTITY_TABLE = ("CREATE TABLE IF NOT EXISTS identity (source TEXT NOT NULL, key TEXT NOT NULL, content TEXT NOT NULL,"
+                  " at REAL NOT NULL, PRIMARY KEY (source, key))")
+
+
+def forget_done(path: Path) -> None:
+    """``--fresh``: forget the done frames, rejections and job of the ledger at ``path``, keep file identities.
+
+    A ledger that cannot be opened or changed (corrupt, not a database) is deleted instead, as before.
+    """
+    path = Path(path)
+    if path.exists():
+        try:
+            db = sqlite3.connect(str(path), isolation_level=None)
+            try:
+                db.execute(IDENTITY_TABLE)
+                db.execute("BEGIN")
+                for table in ("done", "rejected", "meta"):
+                    if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone():
+                        db.execute(f"DELETE FROM {table}")  # noqa: S608 -- fixed table names
+                db.execute("COMMIT")
+            finally:
+                db.close()
+            return
+        except sqlite3.DatabaseError as exc:
+            log.warning("--fresh: the ledger %s cannot be cleared (%s); deleting it (file identities are lost)",
+                        path, exc)
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.unlink(str(path) + suffix)
+        except FileNotFoundError:
+            pass
 
 
 def _job_from(text: str) -> Job | None:

@@ -34,7 +34,7 @@ from typing import Any
 
 from edgelabel.edge.config import Config, ConfigError, SourceConfig
 from edgelabel.edge.frame import Frame, text_path
-from edgelabel.edge.ledger import Job, Ledger
+from edgelabel.edge.ledger import Job, Ledger, forget_done
 from edgelabel.edge.loader import load_model, worker_count
 from edgelabel.edge.progress import Progress
 from edgelabel.edge.records import DetectionRecord, LabelRecord, ModelInfo, iso_utc, record_id
@@ -217,8 +217,7 @@ class Pipeline:
         self._state_lock = lock_state_dir(state_dir)
         ledger_path = state_dir / "ledger.sqlite"
         if self.fresh:
-            for suffix in ("", "-wal", "-shm"):
-                Path(str(ledger_path) + suffix).unlink(missing_ok=True)
+            forget_done(ledger_path)  # keeps which content owns each file name (edge.sources.folder)
         info = self._model_info
         self.ledger = Ledger(ledger_path, Job(info.sha256, cfg.model.conf, cfg.model.iou, info.name))
         for sink in self.sinks:
@@ -274,6 +273,8 @@ class Pipeline:
         source = create_source(scfg)
         if not source.live:
             source.skip = lambda key, _n=name: self.ledger is not None and self.ledger.is_done(_n, key)
+            source.identity_of = lambda key, _n=name: None if self.ledger is None else self.ledger.identity(_n, key)
+            source.adopt_identity = lambda key, c, _n=name: None if self.ledger is None else self.ledger.note_identity(_n, key, c)
         self._hub.register(name, live=source.live, capacity=1 if source.live else 4)
         stop = threading.Event()
         if self._stop.is_set():
@@ -676,6 +677,7 @@ class Pipeline:
             log.warning("%s frame %s is not marked done; it is labeled again on the next start", frame.source, frame.key)
         elif not frame.live and self.ledger is not None:
             self.ledger.mark_done(frame.source, frame.key, record.id)
+            self.ledger.note_identity(frame.source, frame.key, frame.extra.get("identity"))
         t = self.totals
         t.frames += 1
         t.detections += len(record.detections)

@@ -198,13 +198,13 @@ def test_folder_skip_does_not_decode(assets: Path, monkeypatch: pytest.MonkeyPat
     import edgelabel.edge.sources.folder as folder_mod
 
     decoded: list[str] = []
-    real = folder_mod.decode_image_file
+    real = folder_mod.read_image_bytes
 
     def spy(path: str) -> Any:
         decoded.append(Path(path).name)
         return real(path)
 
-    monkeypatch.setattr(folder_mod, "decode_image_file", spy)
+    monkeypatch.setattr(folder_mod, "read_image_bytes", spy)  # a skipped file is not even read
     src = FolderSource("imgs", cfg(str(assets / "images")), str(assets / "images"))
     done = {str((assets / "images" / n).absolute()) for n in ("bus.jpg", "dog.jpg")}
     src.skip = lambda key: key in done

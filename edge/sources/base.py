@@ -9,6 +9,7 @@ reconnects live in ``edge.sources.runner`` so each source file stays small.
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -25,6 +26,14 @@ def _never_done(key: str) -> bool:
 
 
 def _ignore_reject(path: str, reason: str) -> None:
+    return None
+
+
+def _no_identity(key: str) -> str | None:
+    return None
+
+
+def _ignore_identity(key: str, content: str) -> None:
     return None
 
 
@@ -48,6 +57,27 @@ class Source(abc.ABC):
         self.skip: Callable[[str], bool] = _never_done
         #: called with (path, reason) for every input that cannot be decoded
         self.on_reject: Callable[[str, str], None] = _ignore_reject
+        #: called with a file's plain key: the content (``size:mtime_ns:sha256``) that was labeled under it, if any
+        self.identity_of: Callable[[str], str | None] = _no_identity
+        #: called with (plain key, content) to record the content of a file done before identities were kept
+        self.adopt_identity: Callable[[str, str], None] = _ignore_identity
+        #: True while ``read()`` waits for input on purpose (a watched folder between polls, a video still being
+        #: written): the runner's stall check (``SourceStats.stalled_s``) does not count that time
+        self._idle = False
+        #: monotonic time ``read()`` last started working (began, or stopped waiting); see ``idle``
+        self.active_since = 0.0
+        #: the file being read, for messages (None: not known)
+        self.current_input: str | None = None
+
+    @property
+    def idle(self) -> bool:
+        return self._idle
+
+    @idle.setter
+    def idle(self, value: bool) -> None:
+        if self._idle and not value:
+            self.active_since = time.monotonic()  # the work after the wait is timed from its own start
+        self._idle = value
 
     @abc.abstractmethod
     def open(self) -> None:

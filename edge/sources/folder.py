@@ -19,6 +19,18 @@ File policy (so a drop folder full of odd files never stops the daemon):
 * The frame key is the absolute path (without resolving symlinks, so it does
   not change when a mount point moves); ``skip(key)`` is asked before the file
   is even read, which makes resuming a half-done folder cheap.
+* File identity is content, not name.  The ledger keeps the content
+  (``size:mtime_ns:sha256``) of the first file labeled under each path
+  (``identity_of``, ``Ledger.note_identity``).  A file whose size and mtime
+  still match it is that file (skipped when done, nothing read); otherwise its
+  bytes are hashed: the same bytes keep the plain key, other bytes (a new
+  picture under an old name) get the key ``<path>#<sha256[:16]>``, hence a new
+  record id, and are labeled.  So the first version of every path keeps the
+  key, and record id, it had before identities were kept, and ``--fresh`` keeps
+  the identities (a replaced file is never given its predecessor's id).  A path
+  labeled before identities were kept adopts, when first met, the size and
+  mtime of the file as it is then (``adopt_identity``; no file is read for it):
+  a change after the upgrade is seen; one made before it cannot be.
 
 Time: an image's ``captured_at`` is its file's modification time (what a
 camera, or a copy that keeps times, wrote), not the time we read it, so a
@@ -31,8 +43,11 @@ single images) unless ``tracking.folders`` turns it on.
 listing and never finishes.  A new file is only read once its size and mtime
 were the same on two polls in a row (it is probably still being copied
 otherwise); a new zero-byte file waits until it has content, for at most
-``EMPTY_GRACE`` seconds: then it is read, and rejected as a zero-byte file.  A file is read at
-most once per run, by path: rewriting an already-read file does not re-read it.
+``EMPTY_GRACE`` seconds: then it is read, and rejected as a zero-byte file.  A file that changes
+after it was read, skipped or rejected (its size or mtime differ on a later poll: a copy that paused
+half-way and was rejected as cut off, then resumed; a new picture saved under the same name) is
+treated as a new file: read again once it holds still for two polls, with no time limit while the
+folder is watched (without ``watch``, the next run does it).  Its content decides its key (above).
 """
 
 from __future__ import annotations
@@ -47,7 +62,13 @@ from edgelabel.edge.config import SourceConfig
 from edgelabel.edge.frame import Frame, text_path
 from edgelabel.edge.sources import IMAGE_EXTENSIONS
 from edgelabel.edge.sources.base import Source, SourceError
-from edgelabel.edge.sources.imageio import ImageRejected, decode_image_file
+from edgelabel.edge.sources.imageio import (
+    ImageRejected,
+    content_key,
+    decode_image_bytes,
+    file_content,
+    read_image_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +103,11 @@ class FolderSource(Source):
         self._files: list[str] = []
         self._seen: set[str] = set()
         self._pending: dict[str, object] = {}
+        #: watch mode: (size, mtime_ns) of each file when it was read, skipped or rejected (None: stat failed)
+        self._read_sig: dict[str, tuple[int, int] | None] = {}
+        #: plain key -> content emitted under it in this run (before the ledger has it)
+        self._emitted: dict[str, str] = {}
+        self._emitted_keys: set[str] = set()  # frame keys returned in this run (never twice)
         self._empty_since: dict[str, float] = {}  # monotonic time a pending file was first seen empty
         self._ignored: set[str] = set()
         self._walk_errors: set[str] = set()
@@ -106,6 +132,7 @@ class FolderSource(Source):
         self._files = self._scan()
         self._seen = set(self._files)
         self._pending = {}
+        self._read_sig = {}
         self._pos = 0
         self._total = len(self._files)
         # the pipeline opens a folder once to count its files, then the runner opens it: say it once
@@ -150,7 +177,14 @@ class FolderSource(Source):
         present = set(current)
         for path in current:
             if path in self._seen:
-                continue
+                if path not in self._read_sig or self._changed_since_read(path) is False:
+                    continue
+                # rewritten after it was read (a new picture under the name, a copy that paused and resumed):
+                # treated as a new file, read once it stops changing
+                del self._read_sig[path]
+                self._seen.discard(path)
+                logger.info("%s: %s changed after it was read; reading it again once it stops changing",
+                            self.name, text_path(path))
             try:
                 st = os.stat(path)
                 sig: object = (st.st_size, st.st_mtime_ns)
@@ -179,42 +213,83 @@ class FolderSource(Source):
             logger.debug("%s: %d new file(s)", self.name, len(ready))
         return len(ready)
 
+    def _changed_since_read(self, path: str) -> bool:
+        try:
+            st = os.stat(path)
+            sig: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            sig = None
+        return sig != self._read_sig.get(path)
+
     def _stopped(self) -> bool:
         return self._closed.is_set() or (self.stop_event is not None and self.stop_event.is_set())
 
     # ------------------------------------------------------------------ reading
+
+    def _identify(self, path: str, path_key: str) -> tuple[str, bytes | None, os.stat_result | None]:
+        """The frame key of the file's current content (``edge.sources.imageio.content_key``)."""
+        return content_key(self, path, path_key, self._emitted.get(path_key))
+
+    def _note_read(self, path: str) -> None:
+        """Remember the file's size and mtime as read, so a watching poll sees it change afterwards."""
+        if not self.cfg.watch:
+            return
+        try:
+            st = os.stat(path)
+            self._read_sig[path] = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            self._read_sig[path] = None
 
     def read(self) -> Frame | None:
         while True:
             while self._pos < len(self._files):
                 index = self._pos
                 path = self._files[index]
-                key = text_path(path)  # a Latin-1 name from a share: storable text, the same on every run
+                path_key = text_path(path)  # a Latin-1 name from a share: storable text, the same on every run
                 self._pos += 1
-                if self.skip(key):
-                    continue
+                self.current_input = path_key
+                self._note_read(path)
                 try:
-                    decoded = decode_image_file(path)
+                    key, data, st = self._identify(path, path_key)
+                    if key in self._emitted_keys or self.skip(key):  # a touched file: the same picture
+                        continue
+                    if data is None or st is None:
+                        data, st = read_image_bytes(path)
+                    image, fmt = decode_image_bytes(data)
                 except ImageRejected as exc:
-                    logger.debug("%s: rejected %s: %s", self.name, key, exc.reason)
-                    self.on_reject(key, exc.reason)
+                    logger.debug("%s: rejected %s: %s", self.name, path_key, exc.reason)
+                    self.on_reject(path_key, exc.reason)
                     continue
+                content = file_content(data, st)
+                self._emitted_keys.add(key)
+                if key == path_key:
+                    self._emitted.setdefault(path_key, content)
+                else:
+                    logger.info("%s: %s has new content under a name labeled before; labeled as %s",
+                                self.name, path_key, key)
                 return Frame(
                     source=self.name,
                     index=index,
-                    image=decoded.image,
-                    captured_at=decoded.mtime,  # the file's time, not ours (module docstring)
+                    image=image,
+                    captured_at=st.st_mtime,  # the file's time, not ours (module docstring)
                     key=key,
                     path=path,
                     live=False,
-                    extra={"mtime": decoded.mtime, "format": decoded.format, "bytes": decoded.size_bytes},
+                    extra={"mtime": st.st_mtime, "format": fmt, "bytes": len(data),
+                           # the ledger keeps it: which content owns the plain key (``Ledger.note_identity``)
+                           "identity": content if key == path_key else None},
                 )
             if not self.cfg.watch:
                 return None
             while not self._stopped():
-                (self.stop_event or self._closed).wait(self.cfg.watch_interval)
+                self.idle = True  # waiting for new files is not a stall (listing a hung mount is)
+                try:
+                    (self.stop_event or self._closed).wait(self.cfg.watch_interval)
+                finally:
+                    self.idle = False
                 if self._stopped():
                     break
+                self.current_input = self.root
                 if self._poll():
                     break
             if self._stopped():

@@ -4,7 +4,9 @@ The same decoding and rejection rules as a folder (``edge.sources.imageio``):
 a file that exists but cannot be used is reported through ``on_reject`` and
 the source finishes without a frame; only a missing file is a SourceError,
 because that is a configuration mistake rather than bad input.  Like a
-folder's images, the frame's ``captured_at`` is the file's modification time.
+folder's images, the frame's ``captured_at`` is the file's modification time,
+and the file is known by its content (a new picture under the same name gets
+its own key, see ``edge.sources.folder``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ import os
 from edgelabel.edge.config import SourceConfig
 from edgelabel.edge.frame import Frame
 from edgelabel.edge.sources.base import Source, SourceError
-from edgelabel.edge.sources.imageio import ImageRejected, decode_image_file
+from edgelabel.edge.sources.imageio import (
+    ImageRejected,
+    content_key,
+    decode_image_bytes,
+    file_content,
+    read_image_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +54,14 @@ class ImageSource(Source):
         if self._done:
             return None
         self._done = True
-        if self.skip(self.path):
-            return None
         try:
-            decoded = decode_image_file(self.path)
+            # a new picture under the name of one labeled before gets its own key (edge.sources.folder)
+            key, data, st = content_key(self, self.path, self.path)
+            if self.skip(key):
+                return None
+            if data is None or st is None:
+                data, st = read_image_bytes(self.path)
+            image, fmt = decode_image_bytes(data)
         except ImageRejected as exc:
             logger.debug("%s: rejected %s: %s", self.name, self.path, exc.reason)
             self.on_reject(self.path, exc.reason)
@@ -57,10 +69,11 @@ class ImageSource(Source):
         return Frame(
             source=self.name,
             index=0,
-            image=decoded.image,
-            captured_at=decoded.mtime,  # the file's time, not ours (module docstring)
-            key=self.path,
+            image=image,
+            captured_at=st.st_mtime,  # the file's time, not ours (module docstring)
+            key=key,
             path=self.path,
             live=False,
-            extra={"mtime": decoded.mtime, "format": decoded.format, "bytes": decoded.size_bytes},
+            extra={"mtime": st.st_mtime, "format": fmt, "bytes": len(data),
+                   "identity": file_content(data, st) if key == self.path else None},
         )

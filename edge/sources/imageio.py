@@ -17,6 +17,7 @@ GStreamer): they differ only in how the ``cv2.VideoCapture`` is opened.
 from __future__ import annotations
 
 import abc
+import hashlib
 import logging
 import os
 import re
@@ -306,6 +307,43 @@ def decode_image_bytes(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple
     if image is None or image.size == 0:
         raise ImageRejected(f"{CORRUPT} ({fmt} decoder failed)")
     return ensure_bgr(image), fmt
+
+
+def read_image_bytes(path: str) -> tuple[bytes, os.stat_result]:
+    """The file's bytes and its stat (of the open file), or ImageRejected (FIFO, unreadable, too large...)."""
+    return _read_bytes(path)
+
+
+def file_content(data: bytes, st: os.stat_result) -> str:
+    """A file's identity as the ledger keeps it: ``size:mtime_ns:sha256``."""
+    return f"{len(data)}:{st.st_mtime_ns}:{hashlib.sha256(data).hexdigest()}"
+
+
+def content_key(src: Source, path: str, path_key: str,
+                seen: str | None = None) -> tuple[str, bytes | None, os.stat_result | None]:
+    """The frame key of the file's current content, and its bytes when they had to be read to tell.
+
+    The first content labeled under a name (``src.identity_of``, else ``seen``: emitted earlier in this run)
+    keeps the plain key, so the record ids of files labeled before stay; a file whose size or mtime differ
+    from it is hashed: other bytes get ``<key>#<sha256[:16]>`` (a new record id), the same bytes (a ``touch``,
+    a copy that did not keep times) keep the plain key.  A path done before identities were kept adopts the
+    file's size and mtime as they are now (``src.adopt_identity``; nothing is read).  Raises ImageRejected.
+    """
+    known = src.identity_of(path_key) or seen
+    if known is None and not src.skip(path_key):
+        return path_key, None, None  # never labeled: the plain key
+    try:
+        st = os.stat(path)
+    except OSError:
+        return path_key, None, None  # the read reports it
+    if known is None:
+        src.adopt_identity(path_key, f"{st.st_size}:{st.st_mtime_ns}:")
+        return path_key, None, None
+    if known.startswith(f"{st.st_size}:{st.st_mtime_ns}:"):
+        return path_key, None, None
+    data, st = read_image_bytes(path)
+    sha = hashlib.sha256(data).hexdigest()
+    return (path_key if sha == known.rsplit(":", 1)[-1] else f"{path_key}#{sha[:16]}"), data, st
 
 
 def decode_image_file(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> DecodedImage:

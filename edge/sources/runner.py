@@ -73,7 +73,10 @@ class SourceStats:
     (live only).  ``fps_in`` is the smoothed read rate, 0 when frames stopped.
     ``reconnects`` counts attempts to reopen after a failure.  ``last_frame_at``
     is the wall-clock time the last frame was read (not its media time).  ``paused``:
-    an operator paused the source (``status`` keeps its value meanwhile).
+    an operator paused the source (``status`` keeps its value meanwhile).  ``stalled_s``: a storage source's
+    ``read()`` has worked for longer than ``read_timeout`` without returning (a decode that takes minutes, a
+    hung network mount): seconds so far, with the file in ``stalled_input``; None otherwise.  Time a read
+    spends waiting on purpose (``Source.idle``: a watched folder between polls) does not count.
     """
 
     name: str
@@ -89,6 +92,8 @@ class SourceStats:
     total: int | None
     last_error: str | None
     paused: bool = False
+    stalled_s: float | None = None
+    stalled_input: str | None = None
 
 
 class _Stopped(Exception):
@@ -195,6 +200,7 @@ class SourceRunner:
         self._recent_rejects: deque[tuple[str, str]] = deque(maxlen=reject_history)
         self._next_due = 0.0
         self._paused = threading.Event()
+        self._read_started: float | None = None  # monotonic start of the storage read in progress
         self._prepare(source)
         if self.name not in hub:
             hub.register(self.name, live=self.live)
@@ -251,6 +257,7 @@ class SourceRunner:
 
     def stats(self) -> SourceStats:
         now = time.monotonic()
+        stalled = self._stalled_for(now)
         with self._lock:
             fps = 0.0
             if self._interval_ewma and self._last_frame_mono is not None:
@@ -271,7 +278,17 @@ class SourceRunner:
                 total=self._total,
                 last_error=self._last_error,
                 paused=self._paused.is_set(),
+                stalled_s=stalled,
+                stalled_input=self.source.current_input if stalled is not None else None,
             )
+
+    def _stalled_for(self, now: float) -> float | None:
+        """Seconds the storage read in progress has worked without returning, once past ``read_timeout``."""
+        started, src = self._read_started, self.source
+        if started is None or self.live or src.idle:
+            return None
+        elapsed = now - max(started, src.active_since)
+        return round(elapsed, 1) if elapsed > self.cfg.read_timeout else None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -289,6 +306,8 @@ class SourceRunner:
                            exc_info=True)
             return old
         new.skip = old.skip
+        new.identity_of = old.identity_of
+        new.adopt_identity = old.adopt_identity
         self._prepare(new)
         return new
 
@@ -386,11 +405,14 @@ class SourceRunner:
             while self._wait_while_paused():
                 if not self._throttle(fps):  # before the read, so a paced frame is fresh when it is emitted
                     return
+                self._read_started = time.monotonic()
                 try:
                     frame = src.read()
                 except Exception as exc:
                     self._storage_failed("read failed", exc)
                     return
+                finally:
+                    self._read_started = None
                 if frame is None:
                     if not self._stop.is_set():  # a watching folder returns None only at shutdown
                         self._set_status(FINISHED)
