@@ -723,6 +723,8 @@ class MqttSink(Sink):
                 "reconnects": int(s.get("reconnects") or 0),
                 "inference_ms": round(acc[0] / acc[1], 2) if acc and acc[1] else None,
             }
+            if isinstance(s.get("stalled_s"), (int, float)):  # a read without progress past read_timeout
+                sources[name]["stalled_s"] = round(float(s["stalled_s"]), 1)
         sums = [v for v in inf.values() if v[1]]
         ob = mine["outbox"]
         return {
