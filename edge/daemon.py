@@ -9,7 +9,9 @@ place that wires the pipeline, the optional web page (imported lazily, so
 * While the model loads (a TensorRT engine build can take minutes on a Jetson),
   EXTEND_TIMEOUT_USEC keeps systemd's start timeout from firing.
 * WATCHDOG=1 is sent only while the pipeline's worker threads keep turning
-  (``Pipeline.alive``), so a stuck inference call gets the service restarted.
+  (``Pipeline.alive``), so a stuck inference call gets the service restarted.  A worker
+  thread that dies (an exception no loop expected) ends the daemon with status 1 at once,
+  after the alarm naming it is published: systemd restarts the service.
 * SIGHUP re-reads the config; an invalid one is rejected with its errors and the
   running one continues.  SIGTERM/SIGINT finish the frame in flight and flush.
 * When every finite source is done, the daemon keeps delivering what is left in
@@ -145,6 +147,8 @@ def run_daemon(
         interval = notifier.watchdog_interval
         next_ping = 0.0
         while not pipeline.wait(0.25):
+            if pipeline.died:  # logged by the thread; shutdown publishes the alarm, exit_code() is 1
+                break
             now = time.monotonic()
             if interval is not None and now >= next_ping:
                 if pipeline.alive(max_age=interval * 2):

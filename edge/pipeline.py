@@ -28,13 +28,14 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgelabel.edge.config import Config, ConfigError, SourceConfig
 from edgelabel.edge.frame import Frame, text_path
-from edgelabel.edge.ledger import Job, Ledger
+from edgelabel.edge.ledger import Job, Ledger, storage_fault
 from edgelabel.edge.loader import load_model, worker_count
 from edgelabel.edge.progress import Progress
 from edgelabel.edge.records import DetectionRecord, LabelRecord, ModelInfo, iso_utc, record_id
@@ -50,6 +51,9 @@ log = logging.getLogger("edgelabel.pipeline")
 _STOP = object()
 #: this many frames in a row failing in the engine means the engine, not the frames, is broken
 ENGINE_FAILURE_LIMIT = 100
+#: first and longest wait between two tries of a write that failed on storage (disk full, read-only, I/O error)
+STORAGE_RETRY_FIRST_S = 0.5
+STORAGE_RETRY_MAX_S = 5.0
 
 
 @dataclass
@@ -102,6 +106,16 @@ def lock_state_dir(state_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()}\n".encode())
     return fd
+
+
+def _sink_where(sink: Sink) -> str:
+    """Where a sink stores (the outbox file, the dataset folder) for a storage alarm; its name when unknown."""
+    try:
+        st = sink.status()
+    except Exception:
+        return f"the {sink.name} sink's storage"
+    where = (st.get("outbox") or {}).get("path") if isinstance(st.get("outbox"), dict) else st.get("path")
+    return str(where) if where else f"the {sink.name} sink's storage"
 
 
 def _gate_status(result: Any) -> dict[str, Any] | None:
@@ -194,6 +208,11 @@ class Pipeline:
         self.heartbeats: dict[str, float] = {}
         self.ledger: Ledger | None = None
         self._state_lock: int | None = None  # fd holding the state_dir lock while running
+        #: writes waiting for storage to come back, by component ("ledger", a sink's name): what and since when
+        self._storage_faults: dict[str, dict[str, Any]] = {}
+        #: worker threads that ended on an exception: name -> "Type: message" (the daemon exits 1)
+        self._died: dict[str, str] = {}
+        self._next_stats = 0.0  # monotonic time of the sink worker's next stats snapshot
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -254,10 +273,10 @@ class Pipeline:
             log.info("%d inference workers share the engine", self._workers)
         self._prepared = queue.Queue(maxsize=self._workers + 1)
         self._threads = [
-            threading.Thread(target=self._prepare_loop, name="prepare", daemon=True),
-            *(threading.Thread(target=self._inference_loop, args=(i,), name=f"inference-{i}", daemon=True)
-              for i in range(self._workers)),
-            threading.Thread(target=self._sink_loop, name="sinks", daemon=True),
+            threading.Thread(target=self._guarded, args=("prepare", self._prepare_loop), name="prepare", daemon=True),
+            *(threading.Thread(target=self._guarded, args=(f"inference-{i}", self._inference_loop, i),
+                               name=f"inference-{i}", daemon=True) for i in range(self._workers)),
+            threading.Thread(target=self._guarded, args=("sinks", self._sink_loop), name="sinks", daemon=True),
         ]
         # everything loaded so far (model, config, sinks) lives for the whole run: take it out of the
         # collector's generations so a full collection does not walk it again and stall a frame
@@ -305,15 +324,19 @@ class Pipeline:
         """Start, block until done or stopped, shut down; 0 on success, 1 if a source failed."""
         try:
             self.start()
-            while not self._finished.wait(0.5):
+            while not self._finished.wait(0.5) and not self._died:
                 pass
         finally:
             self.shutdown()
         return self.exit_code()
 
     def exit_code(self) -> int:
-        """1 when a source failed (offline at the end of a run that was not stopped) or when frames were read
-        and every one failed (a job of zero labels is not a success), else 0."""
+        """1 when a worker thread died, when a source failed (offline at the end of a run that was not stopped)
+        or when frames were read and every one failed (a job of zero labels is not a success), else 0."""
+        if self._died:
+            log.error("exit status 1: worker thread(s) died (%s); a restart starts them again",
+                      "; ".join(f"{k}: {v}" for k, v in self._died.items()))
+            return 1
         failed = [n for n, s in self._source_status.items() if s == "offline"]
         if failed and not self._stop.is_set():
             return 1
@@ -330,6 +353,13 @@ class Pipeline:
             runner.join(5.0)
         for t in self._threads:
             t.join(30.0)
+        if "sinks" in self._died:  # its final stats (the alarm saying why) and flush never ran: do them here
+            self._emit_stats(self.sinks or [])
+            for sink in self.sinks or []:
+                try:
+                    sink.flush()
+                except Exception:
+                    log.exception("flushing sink %s failed", sink.name)
         if self._progress is not None:
             self._progress.close()
         for sink in self.sinks or []:
@@ -337,7 +367,10 @@ class Pipeline:
                 sink.close()
             except Exception:
                 log.exception("closing sink %s failed", sink.name)
-        self._write_rejected_report()
+        try:
+            self._write_rejected_report()
+        except OSError as exc:
+            log.error("cannot write %s (%s); the rejected inputs stay listed in the ledger", self.rejected_report, exc)
         if self.ledger is not None:
             self.ledger.close()
             self.ledger = None
@@ -399,7 +432,80 @@ class Pipeline:
     def _on_reject(self, source: str, path: str, reason: str) -> None:
         self.totals.rejected += 1  # the runner has logged it
         if self.ledger is not None:
-            self.ledger.mark_rejected(source, path, reason)
+            try:
+                self.ledger.mark_rejected(source, path, reason)
+            except Exception as exc:  # the source's thread must go on; the file is rejected again on the next start
+                if storage_fault(exc) is None:
+                    raise
+                log.error("ledger %s: cannot note the rejected input %s (%s)", self.ledger.path, path, exc)
+
+    # ------------------------------------------------------------------ thread liveness and storage faults
+
+    def _guarded(self, name: str, loop: Callable[..., None], *args: Any) -> None:
+        """Run a worker loop; an exception that escapes it is recorded, logged and stops the pipeline.
+
+        Every loop catches what one frame or one sink can throw; what still escapes is a bug or a state the
+        loop cannot recover from.  A silently dead thread would leave a daemon that looks alive and labels
+        nothing, so the watchdog is withheld (``alive``), the alarm names the thread, and ``exit_code`` is 1:
+        systemd restarts the service.
+        """
+        try:
+            loop(*args)
+        except BaseException as exc:
+            self._died[name] = f"{type(exc).__name__}: {exc}"
+            log.critical("worker thread %s died (%s: %s); labeling stops and the daemon exits with status 1 "
+                         "so that systemd restarts it", name, type(exc).__name__, exc, exc_info=True)
+            self.stop()
+
+    @property
+    def died(self) -> dict[str, str]:
+        """Worker threads that ended on an exception (name -> error); empty while all run."""
+        return dict(self._died)
+
+    def _stats_tick(self, sinks: list[Sink]) -> None:
+        """Emit the stats snapshot (and with it the alarm) when due; the sink worker calls this."""
+        now = time.monotonic()
+        if now >= self._next_stats:
+            self._next_stats = now + self.cfg.mqtt.stats_interval
+            self._emit_stats(sinks)
+
+    def _retry_storage(self, component: str, where: Callable[[], str], op: Callable[[], None],
+                       sinks: list[Sink]) -> bool:
+        """Run ``op`` until it succeeds (True) or a stop is requested while storage fails (False).
+
+        A write that fails because the disk is full, read-only or failing (``storage_fault``) succeeds again
+        once space is freed or the file system remounted, so the record waits here instead of being lost or
+        killing the thread: the alarm says what and where (``storage_faults`` in the status), the stats keep
+        going out, the heartbeat stays fresh (the thread waits on purpose), and SIGTERM ends the wait at once.
+        Other errors propagate unchanged.
+        """
+        delay = STORAGE_RETRY_FIRST_S
+        while True:
+            try:
+                op()
+            except Exception as exc:
+                cause = storage_fault(exc)
+                if cause is None:
+                    raise
+                fault = self._storage_faults.get(component)
+                if fault is None or fault["error"] != cause:
+                    path = where() if fault is None else fault["where"]
+                    self._storage_faults[component] = {"component": component, "where": path, "error": cause,
+                                                       "since": iso_utc(time.time()) if fault is None else fault["since"]}
+                    self._last_error = f"{component}: {cause}"
+                    log.error("%s cannot write %s (%s); the record waits and is retried every %g s at most: free "
+                              "space there, or remount it read-write, or check the disk (dmesg)",
+                              component, path, cause, STORAGE_RETRY_MAX_S)
+                self.heartbeats["sinks"] = time.monotonic()
+                self._stats_tick(sinks)
+                if self._stop.wait(delay):
+                    return False
+                delay = min(delay * 2, STORAGE_RETRY_MAX_S)
+                continue
+            gone = self._storage_faults.pop(component, None)
+            if gone is not None:
+                log.warning("%s writes again (%s): the waiting record went through", component, gone["where"])
+            return True
 
     # ------------------------------------------------------------------ workers
 
@@ -407,8 +513,14 @@ class Pipeline:
         return any(r.is_alive() for r in self._runners.values())
 
     def _put(self, q: queue.Queue[Any], item: Any, beat: str) -> None:
-        """Blocking put that keeps the worker's heartbeat fresh while it waits on back-pressure."""
+        """Blocking put that keeps the worker's heartbeat fresh while it waits on back-pressure.
+
+        Gives up once a worker thread has died and a stop is requested: the consumer may be the dead one,
+        and the daemon is exiting anyway (frames not marked done are labeled again on the next start).
+        """
         while True:
+            if self._died and self._stop.is_set():
+                return
             self.heartbeats[beat] = time.monotonic()
             try:
                 q.put(item, timeout=0.5)
@@ -545,7 +657,9 @@ class Pipeline:
             return
         for sink in sinks:
             try:
-                sink.events(events)
+                if not self._retry_storage(f"sink {sink.name}", lambda s=sink: _sink_where(s),
+                                           lambda s=sink: s.events(events), sinks):
+                    log.warning("stopping while sink %s cannot store %d track event(s)", sink.name, len(events))
             except Exception:
                 log.exception("sink %s failed on track events", sink.name)
 
@@ -559,19 +673,16 @@ class Pipeline:
 
     def _sink_loop(self) -> None:
         sinks = self.sinks or []
-        interval = self.cfg.mqtt.stats_interval
-        next_stats = time.monotonic() + interval
+        self._next_stats = time.monotonic() + self.cfg.mqtt.stats_interval
         pending: dict[int, Inferred | None] = {}  # results that overtook an earlier frame
         next_seq = 0
         stops = 0
         while True:
             now = time.monotonic()
             self.heartbeats["sinks"] = now
-            if now >= next_stats:
-                next_stats = now + interval
-                self._emit_stats(sinks)
+            self._stats_tick(sinks)
             try:
-                item = self._records.get(timeout=max(0.05, next_stats - now))
+                item = self._records.get(timeout=max(0.05, self._next_stats - now))
             except queue.Empty:
                 continue
             if item is _STOP:
@@ -594,11 +705,16 @@ class Pipeline:
         for source in list(self._trackers):
             self._emit_events(self._finish_source(source), sinks)
         self._emit_stats(sinks)
-        for sink in sinks:
-            try:
-                sink.flush()
-            except Exception:
-                log.exception("flushing sink %s failed", sink.name)
+        if self._stop.is_set() and self._storage_faults:
+            # stopping while storage fails: a flush cannot make progress and would only hold SIGTERM up by its
+            # timeout; close() still delivers what it can, and what is unstored is labeled again on the next start
+            log.warning("stopping while %s cannot write: sinks are not flushed", ", ".join(self._storage_faults))
+        else:
+            for sink in sinks:
+                try:
+                    sink.flush()
+                except Exception:
+                    log.exception("flushing sink %s failed", sink.name)
         self._finished.set()
 
     def _release(self, ready: Inferred | _StatusEvent | None, sinks: list[Sink]) -> None:
@@ -664,7 +780,10 @@ class Pipeline:
         taken = True
         for sink in sinks:
             try:
-                sink.write(record, frame)
+                if not self._retry_storage(f"sink {sink.name}", lambda s=sink: _sink_where(s),
+                                           lambda s=sink: s.write(record, frame), sinks):
+                    taken = False
+                    log.warning("stopping while sink %s cannot store record %s", sink.name, record.id)
             except SinkRefused as exc:
                 taken = False
                 log.warning("sink %s did not take record %s (%s)", sink.name, record.id, exc)
@@ -675,7 +794,11 @@ class Pipeline:
         if not taken and not frame.live:
             log.warning("%s frame %s is not marked done; it is labeled again on the next start", frame.source, frame.key)
         elif not frame.live and self.ledger is not None:
-            self.ledger.mark_done(frame.source, frame.key, record.id)
+            ledger = self.ledger
+            if not self._retry_storage("ledger", lambda: str(ledger.path),
+                                       lambda: ledger.mark_done(frame.source, frame.key, record.id), sinks):
+                log.warning("%s frame %s is not marked done (the ledger cannot write); it is labeled again on the "
+                            "next start", frame.source, frame.key)
         t = self.totals
         t.frames += 1
         t.detections += len(record.detections)
@@ -705,6 +828,8 @@ class Pipeline:
         or when ENGINE_FAILURE_LIMIT frames in a row failed in the engine.
         """
         now = time.monotonic()
+        if self._died:
+            return False  # a thread is gone: only a restart brings it back
         if self._engine_failures >= ENGINE_FAILURE_LIMIT:
             return False  # workers turn, but every frame fails: a restart is the only way out
         workers = [f"inference-{i}" for i in range(self._workers)]
@@ -815,4 +940,6 @@ class Pipeline:
             "sinks": {s.name: s.status() for s in self.sinks or []},
             "zones": self.zone_counts(),
             "last_error": self._last_error,
+            "storage_faults": list(self._storage_faults.values()),
+            "threads_died": dict(self._died),
         }
