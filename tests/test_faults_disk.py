@@ -245,3 +245,60 @@ def test_full_state_dir_holds_the_record_raises_an_alarm_and_resumes_when_space_
     measure("full_state_dir", tmpfs_mib=16, alarm_after_s=round(alarm_after, 2),
             alarm_cleared_after_s=round(cleared_after, 2), sigterm_while_full_s=round(stop_s, 2),
             frames_published=len(indexes), exit_code=code, alarm_message=alarm["message"])
+
+
+def test_ledger_on_a_full_disk_waits_and_the_sink_worker_survives(tmp_path: Path) -> None:
+    """Only the ledger writes to the state_dir (no MQTT): ``mark_done`` meets "database or disk is full".
+
+    Before, the exception escaped and killed the sink worker.  Now the record waits, ``storage_faults``
+    names the ledger (alarm ``storage_blocked_ledger``), and every frame is marked done once space returns.
+    """
+    from edgelabel.edge.config import config_from_dict
+    from edgelabel.edge.pipeline import Pipeline
+    from edgelabel.edge.sinks.base import Sink
+    from tests.conftest import ASSETS
+
+    class Keep(Sink):
+        name = "keep"
+
+        def __init__(self) -> None:
+            self.ids: list[str] = []
+
+        def write(self, record, frame) -> None:  # type: ignore[no-untyped-def]
+            self.ids.append(record.id)
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill a disk for real (needs root/CAP_SYS_ADMIN): {res.stderr.strip()}")
+    cfg = config_from_dict({
+        "device_id": "ldg", "state_dir": str(mnt / "state"),
+        "model": {"path": str(ASSETS / "models" / "yolox_nano.onnx"), "family": "yolox", "threads": 1},
+        "sources": {"clip": {"uri": str(ASSETS / "videos" / "cars.mp4"), "fps": 25}},
+        "mqtt": {"enabled": False, "stats_interval": 0.5}, "dataset": {"enabled": False}})
+    sink = Keep()
+    pipe = Pipeline(cfg, sinks=[sink], show_progress=False)
+    filler = mnt / "filler.bin"
+    try:
+        pipe.start()
+        assert wait_until(lambda: pipe.ledger is not None and pipe.ledger.done_count() >= 5, 60)
+        fill(filler)
+        assert wait_until(lambda: pipe.status()["storage_faults"], 20), "the full ledger is not reported"
+        (fault,) = pipe.status()["storage_faults"]
+        assert fault["component"] == "ledger" and "full" in fault["error"] and fault["where"].endswith("ledger.sqlite")
+        assert [a["id"] for a in device_alarms(pipe.status())] == ["storage_blocked_ledger"]
+        time.sleep(1.5)
+        assert pipe.alive(max_age=10) and not pipe.died
+        filler.unlink()
+        assert wait_until(lambda: not pipe.status()["storage_faults"], 20)
+        assert device_alarms(pipe.status()) == []
+        assert pipe.wait(90), "the job does not finish after space returned"
+        assert pipe.ledger is not None
+        done = pipe.ledger.done_count("clip")
+    finally:
+        pipe.shutdown()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    assert pipe.exit_code() == 0 and not pipe.died
+    assert len(sink.ids) == 268 and len(set(sink.ids)) == 268  # every frame of the clip, once
+    assert done == 268, "every frame is marked done: none was given up while the disk was full"
