@@ -519,14 +519,13 @@ class Pipeline:
         and the daemon is exiting anyway (frames not marked done are labeled again on the next start).
         """
         while True:
-            if self._died and self._stop.is_set():
-                return
             self.heartbeats[beat] = time.monotonic()
             try:
                 q.put(item, timeout=0.5)
                 return
             except queue.Full:
-                continue
+                if self._died and self._stop.is_set():
+                    return
 
     def _prepare_loop(self) -> None:
         """Take frames from the hub and letterbox them, overlapping with the engine's run.
@@ -579,6 +578,8 @@ class Pipeline:
                 try:
                     item = self._prepared.get(timeout=0.5)
                 except queue.Empty:
+                    if self._died and self._stop.is_set():
+                        break  # the thread that would send _STOP may be the dead one
                     continue
                 if item is _STOP:
                     self._put(self._prepared, _STOP, beat)  # for the next worker
