@@ -20,11 +20,14 @@ gets one worker.  The sink worker is the only thread that calls sinks.
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import gc
 import logging
 import os
 import queue
+import sqlite3
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -84,6 +87,70 @@ class Totals:
     by_source: Counter[str] = field(default_factory=Counter)
     rejected: int = 0
     inference_ms_sum: float = 0.0
+
+
+class StateUnavailable(Exception):
+    """The state_dir cannot be written: read-only, full, failing, or its disk is not mounted.
+
+    Not a configuration error: a remount, freed space or a mounted disk fixes it without an edit, so the
+    CLI exits 1 (restarted by the unit) instead of 2 (``RestartPreventExitStatus``).  The message names
+    the path and what to check.
+    """
+
+
+#: the file systems table consulted for a state_dir whose disk is not mounted
+FSTAB = Path("/etc/fstab")
+
+
+def _state_problem(state_dir: Path, exc: BaseException) -> str:
+    cause = storage_fault(exc) or str(exc)
+    return (f"state_dir: {state_dir} cannot be written ({cause}): check that its disk is mounted read-write "
+            f"(`findmnt -T {state_dir}`), has free space (`df -h {state_dir}`) and reports no I/O errors "
+            "(`dmesg`); the service starts again by itself once it can write there")
+
+
+def unmounted_mount_point(path: Path, fstab: Path = FSTAB) -> str | None:
+    """The mount point in ``fstab`` that holds ``path`` but is not mounted now (None when there is none).
+
+    Without this a state_dir on an external disk that failed to mount would silently be created on the
+    root file system: a fresh ledger and outbox, labels done again, the disk's own state hidden.
+    """
+    try:
+        lines = fstab.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    target = os.path.abspath(path)
+    best: str | None = None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 2 or fields[0].startswith("#") or not fields[1].startswith("/") or fields[1] == "/":
+            continue
+        mp = os.path.normpath(fields[1].replace("\\040", " "))
+        if (target == mp or target.startswith(mp + os.sep)) and (best is None or len(mp) > len(best)):
+            best = mp
+    return best if best is not None and not os.path.ismount(best) else None
+
+
+def check_state_dir(state_dir: Path, fstab: Path = FSTAB) -> None:
+    """Create ``state_dir`` and prove it takes a write; StateUnavailable (path, cause, what to check) if not."""
+    missing = unmounted_mount_point(state_dir, fstab)
+    if missing is not None:
+        raise StateUnavailable(f"state_dir: {state_dir} is on {missing}, which {fstab} lists but is not mounted: "
+                               f"mount it (`mount {missing}`; check the disk and `dmesg`); the service starts again "
+                               "by itself once it is there")
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=state_dir)
+        try:
+            os.write(fd, b"edgelabel")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):  # an ownership or permission mistake: fixed by an edit
+            raise ConfigError([f"state_dir: {state_dir}: {exc.strerror}; give the service's user write access "
+                               "(the unit's StateDirectory= does that for /var/lib/edgelabel)"]) from None
+        raise StateUnavailable(_state_problem(state_dir, exc)) from exc
 
 
 def lock_state_dir(state_dir: Path) -> int:
@@ -223,7 +290,7 @@ class Pipeline:
         """
         cfg = self.cfg
         state_dir = cfg.resolve(cfg.state_dir)
-        state_dir.mkdir(parents=True, exist_ok=True)
+        check_state_dir(state_dir)  # read-only, full or unmounted: StateUnavailable before the model loads
         if self.detector is None:
             self.detector = load_model(cfg)
         self._model_info = model_info(self.detector)
@@ -239,7 +306,12 @@ class Pipeline:
             for suffix in ("", "-wal", "-shm"):
                 Path(str(ledger_path) + suffix).unlink(missing_ok=True)
         info = self._model_info
-        self.ledger = Ledger(ledger_path, Job(info.sha256, cfg.model.conf, cfg.model.iou, info.name))
+        try:
+            self.ledger = Ledger(ledger_path, Job(info.sha256, cfg.model.conf, cfg.model.iou, info.name))
+        except (OSError, sqlite3.Error) as exc:
+            if storage_fault(exc) is None:
+                raise
+            raise StateUnavailable(_state_problem(state_dir, exc)) from exc
         for sink in self.sinks:
             sink.open()
 

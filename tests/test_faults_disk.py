@@ -302,3 +302,59 @@ def test_ledger_on_a_full_disk_waits_and_the_sink_worker_survives(tmp_path: Path
     assert pipe.exit_code() == 0 and not pipe.died
     assert len(sink.ids) == 268 and len(set(sink.ids)) == 268  # every frame of the clip, once
     assert done == 268, "every frame is marked done: none was given up while the disk was full"
+
+
+# --------------------------------------------------------------------------- exit codes: a state_dir a remount fixes
+
+
+@pytest.mark.parametrize("fault", ["read-only", "full"])
+def test_a_read_only_or_full_state_dir_exits_1_naming_the_path(tmp_path: Path, broker: Broker, fault: str) -> None:
+    """A state_dir on a read-only (``mount -o remount,ro``) or full file system at start.
+
+    Before: exit 2 ("config error: mqtt.outbox.path: cannot open ..."), which the unit never restarts
+    (``RestartPreventExitStatus=2``) although a remount fixes it.  Now exit 1 (restarted), one line naming
+    the state_dir, the cause and what to check, and no traceback.
+    """
+    from tests.conftest import ASSETS
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root/CAP_SYS_ADMIN): {res.stderr.strip()}")
+    try:
+        (mnt / "state").mkdir()
+        if fault == "read-only":
+            subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        else:
+            fill(mnt / "filler.bin")
+        cfg = write_config(tmp_path, broker.port, {"img": {"uri": str(ASSETS / "images" / "bus.jpg")}},
+                           state_dir=str(mnt / "state"))
+        daemon = DaemonProc(cfg)
+        code = daemon.wait(60)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    log = daemon.log()
+    assert code == 1, log[-3000:]
+    assert "Traceback" not in log and "config error" not in log, log[-3000:]
+    why = "Read-only file system" if fault == "read-only" else "No space left on device"
+    line = next(ln for ln in log.splitlines() if f"state_dir: {mnt / 'state'}" in ln)
+    assert why in line and "df -h" in line and "findmnt" in line, line
+
+
+def test_a_state_dir_whose_disk_is_not_mounted_exits_1(tmp_path: Path) -> None:
+    """The state_dir is on a disk /etc/fstab lists but that is not mounted: not created on the root file system."""
+    from edgelabel.edge.pipeline import StateUnavailable, check_state_dir, unmounted_mount_point
+
+    mp = tmp_path / "ssd"
+    mp.mkdir()
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"# comment\nUUID=1234 / ext4 defaults 0 1\nLABEL=ssd {mp} ext4 defaults,nofail 0 2\n")
+    state = mp / "edgelabel" / "state"
+    assert unmounted_mount_point(state, fstab) == str(mp)
+    with pytest.raises(StateUnavailable, match="is not mounted"):
+        check_state_dir(state, fstab)
+    assert not (mp / "edgelabel").exists(), "nothing created on the file system below the missing mount"
+    assert unmounted_mount_point(tmp_path / "elsewhere", fstab) is None
+    check_state_dir(tmp_path / "elsewhere", fstab)  # an ordinary folder: created, writable
+    assert (tmp_path / "elsewhere").is_dir() and not list((tmp_path / "elsewhere").iterdir())
