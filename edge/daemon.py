@@ -24,6 +24,7 @@ place that wires the pipeline, the optional web page (imported lazily, so
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -47,6 +48,19 @@ SOURCES_READY_TIMEOUT_S = 30.0
 EXIT_UNDELIVERED = 75
 #: seconds between progress lines while the daemon waits for the outbox to empty
 DRAIN_LOG_INTERVAL_S = 10.0
+#: how long start-up waits for a read-only, full or unmounted state_dir before exiting 1 (the unit restarts
+#: it): long enough that restarts stay under the unit's StartLimitBurst=5 per 600 s
+STATE_DIR_WAIT_S = 150.0
+
+
+def state_dir_wait_s() -> float:
+    """STATE_DIR_WAIT_S, or ``EDGELABEL_STATE_DIR_WAIT_S`` from the environment (seconds, 0: exit at once)."""
+    raw = os.environ.get("EDGELABEL_STATE_DIR_WAIT_S")
+    try:
+        return max(float(raw), 0.0) if raw else STATE_DIR_WAIT_S
+    except ValueError:
+        log.warning("EDGELABEL_STATE_DIR_WAIT_S=%r is not a number of seconds; using %g", raw, STATE_DIR_WAIT_S)
+        return STATE_DIR_WAIT_S
 
 
 class _Extender:
@@ -112,6 +126,7 @@ def run_daemon(
         if early_logs is not None:
             early_logs.uninstall()
         raise
+    pipeline.state_wait_s = state_dir_wait_s()
     reload_requested = threading.Event()
 
     if install_signals:

@@ -280,6 +280,8 @@ class Pipeline:
         #: worker threads that ended on an exception: name -> "Type: message" (the daemon exits 1)
         self._died: dict[str, str] = {}
         self._next_stats = 0.0  # monotonic time of the sink worker's next stats snapshot
+        #: how long start() waits for an unwritable state_dir (see _wait_state_dir); the daemon sets it
+        self.state_wait_s = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -290,7 +292,7 @@ class Pipeline:
         """
         cfg = self.cfg
         state_dir = cfg.resolve(cfg.state_dir)
-        check_state_dir(state_dir)  # read-only, full or unmounted: StateUnavailable before the model loads
+        self._wait_state_dir(state_dir)  # read-only, full or unmounted: StateUnavailable before the model loads
         if self.detector is None:
             self.detector = load_model(cfg)
         self._model_info = model_info(self.detector)
@@ -358,6 +360,31 @@ class Pipeline:
             t.start()
         for runner in self._runners.values():
             runner.start()
+
+    def _wait_state_dir(self, state_dir: Path) -> None:
+        """``check_state_dir``, retried for up to ``state_wait_s`` seconds (a stop request ends the wait).
+
+        A disk that mounts late or is being remounted read-write is waited for here rather than by a quick
+        series of restarts, which the unit's ``StartLimitBurst`` would end for good within half a minute.
+        """
+        deadline = time.monotonic() + self.state_wait_s
+        next_log = 0.0
+        while True:
+            try:
+                check_state_dir(state_dir)
+            except StateUnavailable as exc:
+                now = time.monotonic()
+                if now >= deadline or self._stop.is_set():
+                    raise
+                if now >= next_log:
+                    log.error("%s; waiting up to %.0f s more", exc, deadline - now)
+                    next_log = now + 30.0
+                if self._stop.wait(1.0):
+                    raise
+                continue
+            if next_log:
+                log.warning("state_dir %s is writable again: starting", state_dir)
+            return
 
     def _make_runner(self, scfg: SourceConfig) -> SourceRunner:
         """Create (not start) the runner of one source, with its own stop event."""

@@ -330,7 +330,7 @@ def test_a_read_only_or_full_state_dir_exits_1_naming_the_path(tmp_path: Path, b
             fill(mnt / "filler.bin")
         cfg = write_config(tmp_path, broker.port, {"img": {"uri": str(ASSETS / "images" / "bus.jpg")}},
                            state_dir=str(mnt / "state"))
-        daemon = DaemonProc(cfg)
+        daemon = DaemonProc(cfg, env={"EDGELABEL_STATE_DIR_WAIT_S": "0"})  # no start-up wait: exit at once
         code = daemon.wait(60)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
@@ -340,6 +340,47 @@ def test_a_read_only_or_full_state_dir_exits_1_naming_the_path(tmp_path: Path, b
     why = "Read-only file system" if fault == "read-only" else "No space left on device"
     line = next(ln for ln in log.splitlines() if f"state_dir: {mnt / 'state'}" in ln)
     assert why in line and "df -h" in line and "findmnt" in line, line
+
+
+@pytest.mark.parametrize("then", ["remount", "sigterm"])
+def test_start_waits_for_a_read_only_state_dir_to_be_remounted(tmp_path: Path, broker: Broker, then: str) -> None:
+    """The service waits (``EDGELABEL_STATE_DIR_WAIT_S``, 150 s by default) for the state_dir instead of a quick
+    series of restarts that StartLimitBurst would end: a remount read-write lets it start and finish the job;
+    SIGTERM ends the wait at once."""
+    from tests.conftest import ASSETS
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root/CAP_SYS_ADMIN): {res.stderr.strip()}")
+    try:
+        (mnt / "state").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        cfg = write_config(tmp_path, broker.port, {"img": {"uri": str(ASSETS / "images" / "bus.jpg")}},
+                           state_dir=str(mnt / "state"))
+        col = TimedCollector(broker.port)
+        daemon = DaemonProc(cfg, env={"EDGELABEL_STATE_DIR_WAIT_S": "60"})
+        try:
+            assert wait_until(lambda: "waiting up to" in daemon.log(), 30), daemon.log()[-3000:]
+            assert daemon.alive()
+            if then == "remount":
+                subprocess.run(["mount", "-o", "remount,rw", str(mnt)], check=True)
+                code = daemon.wait(60)
+            else:
+                code, stop_s = _sigterm_seconds(daemon)
+        finally:
+            daemon.ensure_dead()
+            col.close()
+        log = daemon.log()
+        if then == "remount":
+            assert code == 0, log[-3000:]
+            assert "writable again" in log and len(col.labels("img")) == 1
+            assert (mnt / "state" / "ledger.sqlite").is_file()
+        else:
+            assert code == 1 and stop_s < 5, log[-3000:]
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_a_state_dir_whose_disk_is_not_mounted_exits_1(tmp_path: Path) -> None:
