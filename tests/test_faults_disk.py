@@ -288,6 +288,11 @@ def test_ledger_on_a_full_disk_waits_and_the_sink_worker_survives(tmp_path: Path
         (fault,) = pipe.status()["storage_faults"]
         assert fault["component"] == "ledger" and "full" in fault["error"] and fault["where"].endswith("ledger.sqlite")
         assert [a["id"] for a in device_alarms(pipe.status())] == ["storage_blocked_ledger"]
+        # /healthz reads the web page's status: the same alarm makes it answer 503 with the reason
+        from edgelabel.web.context import readiness
+
+        web_status = {**pipe.status(), "engine": {"name": "m"}}
+        assert any(r.startswith("storage_blocked_ledger: ") for r in readiness(web_status))
         time.sleep(1.5)
         assert pipe.alive(max_age=10) and not pipe.died
         filler.unlink()
