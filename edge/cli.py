@@ -227,7 +227,7 @@ def _config_errors(exc: ConfigError) -> int:
 
 
 def _run_pipeline(cfg: Config, fresh: bool, show_progress: bool = True) -> tuple[int, Any]:
-    from edgelabel.edge.pipeline import Pipeline
+    from edgelabel.edge.pipeline import Pipeline, StateUnavailable
     from edgelabel.engines.base import EngineError
 
     _resolve_file_sources(cfg)
@@ -235,6 +235,9 @@ def _run_pipeline(cfg: Config, fresh: bool, show_progress: bool = True) -> tuple
     _install_signal_handlers(pipeline)
     try:
         code = pipeline.run()
+    except StateUnavailable as exc:  # a remount or freed space fixes it, not an edit
+        print(f"edgelabel: {exc}", file=sys.stderr)
+        return EXIT_FAILED, None
     except EngineError as exc:
         print(f"edgelabel: {exc}", file=sys.stderr)
         return EXIT_USAGE, pipeline
@@ -251,6 +254,7 @@ def _validated_run_config(args: argparse.Namespace) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from edgelabel.edge.daemon import run_daemon
+    from edgelabel.edge.pipeline import StateUnavailable
     from edgelabel.engines.base import DeviceError, EngineError
 
     try:
@@ -263,6 +267,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         code, pipeline = run_daemon(cfg, fresh=args.fresh, reload_config=reload_config)
     except DeviceError as exc:  # the GPU failed, not the model: worth a restart
         print(f"edgelabel: {exc} (a device error: retrying may help)", file=sys.stderr)
+        return EXIT_FAILED
+    except StateUnavailable as exc:  # read-only, full or unmounted state_dir: the unit restarts on 1
+        print(f"edgelabel: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except EngineError as exc:
         print(f"edgelabel: {exc}", file=sys.stderr)
@@ -311,7 +318,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     setup_logging(cfg.log_level)
     started = time.monotonic()
     code, pipeline = _run_pipeline(cfg, args.fresh)
-    if code == EXIT_USAGE:
+    if code == EXIT_USAGE or pipeline is None:  # nothing ran: the error is printed
         return code
     elapsed = time.monotonic() - started
     t = pipeline.totals

@@ -9,7 +9,9 @@ place that wires the pipeline, the optional web page (imported lazily, so
 * While the model loads (a TensorRT engine build can take minutes on a Jetson),
   EXTEND_TIMEOUT_USEC keeps systemd's start timeout from firing.
 * WATCHDOG=1 is sent only while the pipeline's worker threads keep turning
-  (``Pipeline.alive``), so a stuck inference call gets the service restarted.
+  (``Pipeline.alive``), so a stuck inference call gets the service restarted.  A worker
+  thread that dies (an exception no loop expected) ends the daemon with status 1 at once,
+  after the alarm naming it is published: systemd restarts the service.
 * SIGHUP re-reads the config; an invalid one is rejected with its errors and the
   running one continues.  SIGTERM/SIGINT finish the frame in flight and flush.
 * When every finite source is done, the daemon keeps delivering what is left in
@@ -22,6 +24,7 @@ place that wires the pipeline, the optional web page (imported lazily, so
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -45,6 +48,19 @@ SOURCES_READY_TIMEOUT_S = 30.0
 EXIT_UNDELIVERED = 75
 #: seconds between progress lines while the daemon waits for the outbox to empty
 DRAIN_LOG_INTERVAL_S = 10.0
+#: how long start-up waits for a read-only, full or unmounted state_dir before exiting 1 (the unit restarts
+#: it): long enough that restarts stay under the unit's StartLimitBurst=5 per 600 s
+STATE_DIR_WAIT_S = 150.0
+
+
+def state_dir_wait_s() -> float:
+    """STATE_DIR_WAIT_S, or ``EDGELABEL_STATE_DIR_WAIT_S`` from the environment (seconds, 0: exit at once)."""
+    raw = os.environ.get("EDGELABEL_STATE_DIR_WAIT_S")
+    try:
+        return max(float(raw), 0.0) if raw else STATE_DIR_WAIT_S
+    except ValueError:
+        log.warning("EDGELABEL_STATE_DIR_WAIT_S=%r is not a number of seconds; using %g", raw, STATE_DIR_WAIT_S)
+        return STATE_DIR_WAIT_S
 
 
 class _Extender:
@@ -110,6 +126,7 @@ def run_daemon(
         if early_logs is not None:
             early_logs.uninstall()
         raise
+    pipeline.state_wait_s = state_dir_wait_s()
     reload_requested = threading.Event()
 
     if install_signals:
@@ -145,6 +162,8 @@ def run_daemon(
         interval = notifier.watchdog_interval
         next_ping = 0.0
         while not pipeline.wait(0.25):
+            if pipeline.died:  # logged by the thread; shutdown publishes the alarm, exit_code() is 1
+                break
             now = time.monotonic()
             if interval is not None and now >= next_ping:
                 if pipeline.alive(max_age=interval * 2):

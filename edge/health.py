@@ -79,7 +79,8 @@ def device_alarms(snapshot: dict[str, Any], *, skipped_before: int | None = None
     ``dataset_write_failed``: dataset writes fail (disk full, read-only, I/O error);
     ``dataset_disk_low``: the free-space guard refused frames since the previous snapshot
     (``skipped_before`` is its count then), i.e. capture is stopped to keep ``min_free_bytes`` free;
-    the MQTT outbox's alarms (:func:`outbox_alarms`).
+    the MQTT outbox's alarms (:func:`outbox_alarms`), ``source_stalled:<name>`` (:func:`source_stall_alarms`),
+    ``storage_blocked_*`` (``storage_alarms``) and ``worker_thread_died`` (``thread_alarms``).
     """
     alarms: list[dict[str, Any]] = []
     ds = dataset_health(snapshot)
@@ -94,6 +95,8 @@ def device_alarms(snapshot: dict[str, Any], *, skipped_before: int | None = None
                        "errors": skipped})
     alarms.extend(outbox_alarms(snapshot))
     alarms.extend(source_stall_alarms(snapshot))
+    alarms += storage_alarms(snapshot)
+    alarms += thread_alarms(snapshot)
     return alarms
 
 
@@ -118,3 +121,29 @@ def source_stall_alarms(snapshot: dict[str, Any]) -> list[dict[str, Any]]:
                                   "file to let the source go on",
                        "stalled_s": stalled})
     return alarms
+
+
+def storage_alarms(snapshot: dict[str, Any]) -> list[dict[str, Any]]:
+    """``storage_blocked_<component>``: a record waits because the ledger or a sink cannot write (disk full,
+    read-only file system, I/O error); it is retried until the cause goes, and labeling is held meanwhile."""
+    alarms: list[dict[str, Any]] = []
+    for fault in snapshot.get("storage_faults") or []:
+        if not isinstance(fault, dict):
+            continue
+        component = str(fault.get("component") or "storage")
+        alarms.append({"id": "storage_blocked_" + component.replace("sink ", "").replace(" ", "_"),
+                       "severity": "error", "component": component,
+                       "message": f"{component} cannot write {fault.get('where')} ({fault.get('error')}): labeling "
+                                  "waits and retries; free space there, remount it read-write or check the disk"})
+    return alarms
+
+
+def thread_alarms(snapshot: dict[str, Any]) -> list[dict[str, Any]]:
+    """``worker_thread_died``: a pipeline thread ended on an exception; the daemon exits 1 so systemd restarts it."""
+    died = snapshot.get("threads_died")
+    if not isinstance(died, dict) or not died:
+        return []
+    return [{"id": "worker_thread_died", "severity": "error", "component": "pipeline",
+             "message": "worker thread(s) died: " + "; ".join(f"{k}: {v}" for k, v in died.items())
+                        + "; labeling stopped, the daemon exits with status 1 for systemd to restart it "
+                          "(report the error with the log)"}]

@@ -14,6 +14,7 @@ while the dataset's metadata names a model that never saw them.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -24,6 +25,29 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+#: OS errors that a freed disk, a remount or a repaired device cures: the write is retried, not abandoned
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
+#: SQLite's words for the same conditions (sqlite3.OperationalError carries no errno)
+_SQLITE_STORAGE = ("disk is full", "readonly database", "disk i/o error", "unable to open database file")
+
+
+def storage_fault(exc: BaseException | None) -> str | None:
+    """The storage condition behind ``exc`` (its message), or None when it is not one.
+
+    Follows the exception chain: an error raised while handling a full disk (SQLite's "cannot rollback -
+    no transaction is active" after SQLite already rolled back, or a sink's SinkRefused) names its cause
+    there, and it is the cause, not the wrapper, that says the write can succeed again once space returns.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            return str(exc)
+        if isinstance(exc, sqlite3.OperationalError) and any(w in str(exc).lower() for w in _SQLITE_STORAGE):
+            return f"SQLite: {exc}"
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 @dataclass(frozen=True)

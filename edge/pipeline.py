@@ -20,21 +20,25 @@ gets one worker.  The sink worker is the only thread that calls sinks.
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import gc
 import logging
 import os
 import queue
+import sqlite3
+import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgelabel.edge.config import Config, ConfigError, SourceConfig
 from edgelabel.edge.frame import Frame, text_path
-from edgelabel.edge.ledger import Job, Ledger, forget_done
+from edgelabel.edge.ledger import Job, Ledger, forget_done, storage_fault
 from edgelabel.edge.loader import load_model, worker_count
 from edgelabel.edge.progress import Progress
 from edgelabel.edge.records import DetectionRecord, LabelRecord, ModelInfo, iso_utc, record_id
@@ -50,6 +54,9 @@ log = logging.getLogger("edgelabel.pipeline")
 _STOP = object()
 #: this many frames in a row failing in the engine means the engine, not the frames, is broken
 ENGINE_FAILURE_LIMIT = 100
+#: first and longest wait between two tries of a write that failed on storage (disk full, read-only, I/O error)
+STORAGE_RETRY_FIRST_S = 0.5
+STORAGE_RETRY_MAX_S = 5.0
 
 
 @dataclass
@@ -82,6 +89,70 @@ class Totals:
     inference_ms_sum: float = 0.0
 
 
+class StateUnavailable(Exception):
+    """The state_dir cannot be written: read-only, full, failing, or its disk is not mounted.
+
+    Not a configuration error: a remount, freed space or a mounted disk fixes it without an edit, so the
+    CLI exits 1 (restarted by the unit) instead of 2 (``RestartPreventExitStatus``).  The message names
+    the path and what to check.
+    """
+
+
+#: the file systems table consulted for a state_dir whose disk is not mounted
+FSTAB = Path("/etc/fstab")
+
+
+def _state_problem(state_dir: Path, exc: BaseException) -> str:
+    cause = storage_fault(exc) or str(exc)
+    return (f"state_dir: {state_dir} cannot be written ({cause}): check that its disk is mounted read-write "
+            f"(`findmnt -T {state_dir}`), has free space (`df -h {state_dir}`) and reports no I/O errors "
+            "(`dmesg`); the service starts again by itself once it can write there")
+
+
+def unmounted_mount_point(path: Path, fstab: Path = FSTAB) -> str | None:
+    """The mount point in ``fstab`` that holds ``path`` but is not mounted now (None when there is none).
+
+    Without this a state_dir on an external disk that failed to mount would silently be created on the
+    root file system: a fresh ledger and outbox, labels done again, the disk's own state hidden.
+    """
+    try:
+        lines = fstab.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    target = os.path.abspath(path)
+    best: str | None = None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 2 or fields[0].startswith("#") or not fields[1].startswith("/") or fields[1] == "/":
+            continue
+        mp = os.path.normpath(fields[1].replace("\\040", " "))
+        if (target == mp or target.startswith(mp + os.sep)) and (best is None or len(mp) > len(best)):
+            best = mp
+    return best if best is not None and not os.path.ismount(best) else None
+
+
+def check_state_dir(state_dir: Path, fstab: Path = FSTAB) -> None:
+    """Create ``state_dir`` and prove it takes a write; StateUnavailable (path, cause, what to check) if not."""
+    missing = unmounted_mount_point(state_dir, fstab)
+    if missing is not None:
+        raise StateUnavailable(f"state_dir: {state_dir} is on {missing}, which {fstab} lists but is not mounted: "
+                               f"mount it (`mount {missing}`; check the disk and `dmesg`); the service starts again "
+                               "by itself once it is there")
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=state_dir)
+        try:
+            os.write(fd, b"edgelabel")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):  # an ownership or permission mistake: fixed by an edit
+            raise ConfigError([f"state_dir: {state_dir}: {exc.strerror}; give the service's user write access "
+                               "(the unit's StateDirectory= does that for /var/lib/edgelabel)"]) from None
+        raise StateUnavailable(_state_problem(state_dir, exc)) from exc
+
+
 def lock_state_dir(state_dir: Path) -> int:
     """Hold ``<state_dir>/edgelabel.lock`` for this process; ConfigError when another process holds it.
 
@@ -102,6 +173,16 @@ def lock_state_dir(state_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()}\n".encode())
     return fd
+
+
+def _sink_where(sink: Sink) -> str:
+    """Where a sink stores (the outbox file, the dataset folder) for a storage alarm; its name when unknown."""
+    try:
+        st = sink.status()
+    except Exception:
+        return f"the {sink.name} sink's storage"
+    where = (st.get("outbox") or {}).get("path") if isinstance(st.get("outbox"), dict) else st.get("path")
+    return str(where) if where else f"the {sink.name} sink's storage"
 
 
 def _gate_status(result: Any) -> dict[str, Any] | None:
@@ -194,6 +275,13 @@ class Pipeline:
         self.heartbeats: dict[str, float] = {}
         self.ledger: Ledger | None = None
         self._state_lock: int | None = None  # fd holding the state_dir lock while running
+        #: writes waiting for storage to come back, by component ("ledger", a sink's name): what and since when
+        self._storage_faults: dict[str, dict[str, Any]] = {}
+        #: worker threads that ended on an exception: name -> "Type: message" (the daemon exits 1)
+        self._died: dict[str, str] = {}
+        self._next_stats = 0.0  # monotonic time of the sink worker's next stats snapshot
+        #: how long start() waits for an unwritable state_dir (see _wait_state_dir); the daemon sets it
+        self.state_wait_s = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -204,7 +292,7 @@ class Pipeline:
         """
         cfg = self.cfg
         state_dir = cfg.resolve(cfg.state_dir)
-        state_dir.mkdir(parents=True, exist_ok=True)
+        self._wait_state_dir(state_dir)  # read-only, full or unmounted: StateUnavailable before the model loads
         if self.detector is None:
             self.detector = load_model(cfg)
         self._model_info = model_info(self.detector)
@@ -219,7 +307,12 @@ class Pipeline:
         if self.fresh:
             forget_done(ledger_path)  # keeps which content owns each file name (edge.sources.folder)
         info = self._model_info
-        self.ledger = Ledger(ledger_path, Job(info.sha256, cfg.model.conf, cfg.model.iou, info.name))
+        try:
+            self.ledger = Ledger(ledger_path, Job(info.sha256, cfg.model.conf, cfg.model.iou, info.name))
+        except (OSError, sqlite3.Error) as exc:
+            if storage_fault(exc) is None:
+                raise
+            raise StateUnavailable(_state_problem(state_dir, exc)) from exc
         for sink in self.sinks:
             sink.open()
 
@@ -253,10 +346,10 @@ class Pipeline:
             log.info("%d inference workers share the engine", self._workers)
         self._prepared = queue.Queue(maxsize=self._workers + 1)
         self._threads = [
-            threading.Thread(target=self._prepare_loop, name="prepare", daemon=True),
-            *(threading.Thread(target=self._inference_loop, args=(i,), name=f"inference-{i}", daemon=True)
-              for i in range(self._workers)),
-            threading.Thread(target=self._sink_loop, name="sinks", daemon=True),
+            threading.Thread(target=self._guarded, args=("prepare", self._prepare_loop), name="prepare", daemon=True),
+            *(threading.Thread(target=self._guarded, args=(f"inference-{i}", self._inference_loop, i),
+                               name=f"inference-{i}", daemon=True) for i in range(self._workers)),
+            threading.Thread(target=self._guarded, args=("sinks", self._sink_loop), name="sinks", daemon=True),
         ]
         # everything loaded so far (model, config, sinks) lives for the whole run: take it out of the
         # collector's generations so a full collection does not walk it again and stall a frame
@@ -266,6 +359,31 @@ class Pipeline:
             t.start()
         for runner in self._runners.values():
             runner.start()
+
+    def _wait_state_dir(self, state_dir: Path) -> None:
+        """``check_state_dir``, retried for up to ``state_wait_s`` seconds (a stop request ends the wait).
+
+        A disk that mounts late or is being remounted read-write is waited for here rather than by a quick
+        series of restarts, which the unit's ``StartLimitBurst`` would end for good within half a minute.
+        """
+        deadline = time.monotonic() + self.state_wait_s
+        next_log = 0.0
+        while True:
+            try:
+                check_state_dir(state_dir)
+            except StateUnavailable as exc:
+                now = time.monotonic()
+                if now >= deadline or self._stop.is_set():
+                    raise
+                if now >= next_log:
+                    log.error("%s; waiting up to %.0f s more", exc, deadline - now)
+                    next_log = now + 30.0
+                if self._stop.wait(1.0):
+                    raise
+                continue
+            if next_log:
+                log.warning("state_dir %s is writable again: starting", state_dir)
+            return
 
     def _make_runner(self, scfg: SourceConfig) -> SourceRunner:
         """Create (not start) the runner of one source, with its own stop event."""
@@ -306,15 +424,19 @@ class Pipeline:
         """Start, block until done or stopped, shut down; 0 on success, 1 if a source failed."""
         try:
             self.start()
-            while not self._finished.wait(0.5):
+            while not self._finished.wait(0.5) and not self._died:
                 pass
         finally:
             self.shutdown()
         return self.exit_code()
 
     def exit_code(self) -> int:
-        """1 when a source failed (offline at the end of a run that was not stopped) or when frames were read
-        and every one failed (a job of zero labels is not a success), else 0."""
+        """1 when a worker thread died, when a source failed (offline at the end of a run that was not stopped)
+        or when frames were read and every one failed (a job of zero labels is not a success), else 0."""
+        if self._died:
+            log.error("exit status 1: worker thread(s) died (%s); a restart starts them again",
+                      "; ".join(f"{k}: {v}" for k, v in self._died.items()))
+            return 1
         failed = [n for n, s in self._source_status.items() if s == "offline"]
         if failed and not self._stop.is_set():
             return 1
@@ -331,6 +453,13 @@ class Pipeline:
             runner.join(5.0)
         for t in self._threads:
             t.join(30.0)
+        if "sinks" in self._died:  # its final stats (the alarm saying why) and flush never ran: do them here
+            self._emit_stats(self.sinks or [])
+            for sink in self.sinks or []:
+                try:
+                    sink.flush()
+                except Exception:
+                    log.exception("flushing sink %s failed", sink.name)
         if self._progress is not None:
             self._progress.close()
         for sink in self.sinks or []:
@@ -338,7 +467,10 @@ class Pipeline:
                 sink.close()
             except Exception:
                 log.exception("closing sink %s failed", sink.name)
-        self._write_rejected_report()
+        try:
+            self._write_rejected_report()
+        except OSError as exc:
+            log.error("cannot write %s (%s); the rejected inputs stay listed in the ledger", self.rejected_report, exc)
         if self.ledger is not None:
             self.ledger.close()
             self.ledger = None
@@ -400,7 +532,80 @@ class Pipeline:
     def _on_reject(self, source: str, path: str, reason: str) -> None:
         self.totals.rejected += 1  # the runner has logged it
         if self.ledger is not None:
-            self.ledger.mark_rejected(source, path, reason)
+            try:
+                self.ledger.mark_rejected(source, path, reason)
+            except Exception as exc:  # the source's thread must go on; the file is rejected again on the next start
+                if storage_fault(exc) is None:
+                    raise
+                log.error("ledger %s: cannot note the rejected input %s (%s)", self.ledger.path, path, exc)
+
+    # ------------------------------------------------------------------ thread liveness and storage faults
+
+    def _guarded(self, name: str, loop: Callable[..., None], *args: Any) -> None:
+        """Run a worker loop; an exception that escapes it is recorded, logged and stops the pipeline.
+
+        Every loop catches what one frame or one sink can throw; what still escapes is a bug or a state the
+        loop cannot recover from.  A silently dead thread would leave a daemon that looks alive and labels
+        nothing, so the watchdog is withheld (``alive``), the alarm names the thread, and ``exit_code`` is 1:
+        systemd restarts the service.
+        """
+        try:
+            loop(*args)
+        except BaseException as exc:
+            self._died[name] = f"{type(exc).__name__}: {exc}"
+            log.critical("worker thread %s died (%s: %s); labeling stops and the daemon exits with status 1 "
+                         "so that systemd restarts it", name, type(exc).__name__, exc, exc_info=True)
+            self.stop()
+
+    @property
+    def died(self) -> dict[str, str]:
+        """Worker threads that ended on an exception (name -> error); empty while all run."""
+        return dict(self._died)
+
+    def _stats_tick(self, sinks: list[Sink]) -> None:
+        """Emit the stats snapshot (and with it the alarm) when due; the sink worker calls this."""
+        now = time.monotonic()
+        if now >= self._next_stats:
+            self._next_stats = now + self.cfg.mqtt.stats_interval
+            self._emit_stats(sinks)
+
+    def _retry_storage(self, component: str, where: Callable[[], str], op: Callable[[], None],
+                       sinks: list[Sink]) -> bool:
+        """Run ``op`` until it succeeds (True) or a stop is requested while storage fails (False).
+
+        A write that fails because the disk is full, read-only or failing (``storage_fault``) succeeds again
+        once space is freed or the file system remounted, so the record waits here instead of being lost or
+        killing the thread: the alarm says what and where (``storage_faults`` in the status), the stats keep
+        going out, the heartbeat stays fresh (the thread waits on purpose), and SIGTERM ends the wait at once.
+        Other errors propagate unchanged.
+        """
+        delay = STORAGE_RETRY_FIRST_S
+        while True:
+            try:
+                op()
+            except Exception as exc:
+                cause = storage_fault(exc)
+                if cause is None:
+                    raise
+                fault = self._storage_faults.get(component)
+                if fault is None or fault["error"] != cause:
+                    path = where() if fault is None else fault["where"]
+                    self._storage_faults[component] = {"component": component, "where": path, "error": cause,
+                                                       "since": iso_utc(time.time()) if fault is None else fault["since"]}
+                    self._last_error = f"{component}: {cause}"
+                    log.error("%s cannot write %s (%s); the record waits and is retried every %g s at most: free "
+                              "space there, or remount it read-write, or check the disk (dmesg)",
+                              component, path, cause, STORAGE_RETRY_MAX_S)
+                self.heartbeats["sinks"] = time.monotonic()
+                self._stats_tick(sinks)
+                if self._stop.wait(delay):
+                    return False
+                delay = min(delay * 2, STORAGE_RETRY_MAX_S)
+                continue
+            gone = self._storage_faults.pop(component, None)
+            if gone is not None:
+                log.warning("%s writes again (%s): the waiting record went through", component, gone["where"])
+            return True
 
     # ------------------------------------------------------------------ workers
 
@@ -408,14 +613,19 @@ class Pipeline:
         return any(r.is_alive() for r in self._runners.values())
 
     def _put(self, q: queue.Queue[Any], item: Any, beat: str) -> None:
-        """Blocking put that keeps the worker's heartbeat fresh while it waits on back-pressure."""
+        """Blocking put that keeps the worker's heartbeat fresh while it waits on back-pressure.
+
+        Gives up once a worker thread has died and a stop is requested: the consumer may be the dead one,
+        and the daemon is exiting anyway (frames not marked done are labeled again on the next start).
+        """
         while True:
             self.heartbeats[beat] = time.monotonic()
             try:
                 q.put(item, timeout=0.5)
                 return
             except queue.Full:
-                continue
+                if self._died and self._stop.is_set():
+                    return
 
     def _prepare_loop(self) -> None:
         """Take frames from the hub and letterbox them, overlapping with the engine's run.
@@ -468,6 +678,8 @@ class Pipeline:
                 try:
                     item = self._prepared.get(timeout=0.5)
                 except queue.Empty:
+                    if self._died and self._stop.is_set():
+                        break  # the thread that would send _STOP may be the dead one
                     continue
                 if item is _STOP:
                     self._put(self._prepared, _STOP, beat)  # for the next worker
@@ -546,7 +758,9 @@ class Pipeline:
             return
         for sink in sinks:
             try:
-                sink.events(events)
+                if not self._retry_storage(f"sink {sink.name}", lambda s=sink: _sink_where(s),
+                                           lambda s=sink: s.events(events), sinks):
+                    log.warning("stopping while sink %s cannot store %d track event(s)", sink.name, len(events))
             except Exception:
                 log.exception("sink %s failed on track events", sink.name)
 
@@ -560,19 +774,16 @@ class Pipeline:
 
     def _sink_loop(self) -> None:
         sinks = self.sinks or []
-        interval = self.cfg.mqtt.stats_interval
-        next_stats = time.monotonic() + interval
+        self._next_stats = time.monotonic() + self.cfg.mqtt.stats_interval
         pending: dict[int, Inferred | None] = {}  # results that overtook an earlier frame
         next_seq = 0
         stops = 0
         while True:
             now = time.monotonic()
             self.heartbeats["sinks"] = now
-            if now >= next_stats:
-                next_stats = now + interval
-                self._emit_stats(sinks)
+            self._stats_tick(sinks)
             try:
-                item = self._records.get(timeout=max(0.05, next_stats - now))
+                item = self._records.get(timeout=max(0.05, self._next_stats - now))
             except queue.Empty:
                 continue
             if item is _STOP:
@@ -595,11 +806,16 @@ class Pipeline:
         for source in list(self._trackers):
             self._emit_events(self._finish_source(source), sinks)
         self._emit_stats(sinks)
-        for sink in sinks:
-            try:
-                sink.flush()
-            except Exception:
-                log.exception("flushing sink %s failed", sink.name)
+        if self._stop.is_set() and self._storage_faults:
+            # stopping while storage fails: a flush cannot make progress and would only hold SIGTERM up by its
+            # timeout; close() still delivers what it can, and what is unstored is labeled again on the next start
+            log.warning("stopping while %s cannot write: sinks are not flushed", ", ".join(self._storage_faults))
+        else:
+            for sink in sinks:
+                try:
+                    sink.flush()
+                except Exception:
+                    log.exception("flushing sink %s failed", sink.name)
         self._finished.set()
 
     def _release(self, ready: Inferred | _StatusEvent | None, sinks: list[Sink]) -> None:
@@ -665,7 +881,10 @@ class Pipeline:
         taken = True
         for sink in sinks:
             try:
-                sink.write(record, frame)
+                if not self._retry_storage(f"sink {sink.name}", lambda s=sink: _sink_where(s),
+                                           lambda s=sink: s.write(record, frame), sinks):
+                    taken = False
+                    log.warning("stopping while sink %s cannot store record %s", sink.name, record.id)
             except SinkRefused as exc:
                 taken = False
                 log.warning("sink %s did not take record %s (%s)", sink.name, record.id, exc)
@@ -676,8 +895,15 @@ class Pipeline:
         if not taken and not frame.live:
             log.warning("%s frame %s is not marked done; it is labeled again on the next start", frame.source, frame.key)
         elif not frame.live and self.ledger is not None:
-            self.ledger.mark_done(frame.source, frame.key, record.id)
-            self.ledger.note_identity(frame.source, frame.key, frame.extra.get("identity"))
+            ledger = self.ledger
+            if self._retry_storage("ledger", lambda: str(ledger.path),
+                                   lambda: ledger.mark_done(frame.source, frame.key, record.id), sinks):
+                self._retry_storage("ledger", lambda: str(ledger.path),
+                                    lambda: ledger.note_identity(frame.source, frame.key, frame.extra.get("identity")),
+                                    sinks)
+            else:
+                log.warning("%s frame %s is not marked done (the ledger cannot write); it is labeled again on the "
+                            "next start", frame.source, frame.key)
         t = self.totals
         t.frames += 1
         t.detections += len(record.detections)
@@ -707,6 +933,8 @@ class Pipeline:
         or when ENGINE_FAILURE_LIMIT frames in a row failed in the engine.
         """
         now = time.monotonic()
+        if self._died:
+            return False  # a thread is gone: only a restart brings it back
         if self._engine_failures >= ENGINE_FAILURE_LIMIT:
             return False  # workers turn, but every frame fails: a restart is the only way out
         workers = [f"inference-{i}" for i in range(self._workers)]
@@ -817,4 +1045,6 @@ class Pipeline:
             "sinks": {s.name: s.status() for s in self.sinks or []},
             "zones": self.zone_counts(),
             "last_error": self._last_error,
+            "storage_faults": list(self._storage_faults.values()),
+            "threads_died": dict(self._died),
         }

@@ -13,8 +13,10 @@ import pytest
 
 from edgelabel.edge.config import config_from_dict
 from edgelabel.edge.daemon import run_daemon
+from edgelabel.edge.health import device_alarms
 from edgelabel.edge.notify import Notifier
 from edgelabel.edge.pipeline import Pipeline, load_model
+from edgelabel.edge.sinks.base import Sink
 from tests.helpers import Collector, edgelabel
 
 
@@ -175,3 +177,67 @@ def test_sighup_reload_adds_source_rejects_bad_config_swaps_model(tmp_path, asse
     switch = names.index("yolo11n_int8")
     assert set(names[:switch]) == {"yolox_nano"} and set(names[switch:]) == {"yolo11n_int8"}
     col.close()
+
+
+class Unexpected(BaseException):
+    """An exception type no worker loop expects (they catch ``Exception``): a bug that escapes."""
+
+
+class DyingSink(Sink):
+    """Takes two records, then raises :class:`Unexpected` out of ``write``; keeps the stats snapshots."""
+
+    name = "dying"
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.died_at: float | None = None
+        self.snapshots: list[dict] = []
+
+    def write(self, record, frame) -> None:
+        self.written += 1
+        if self.written == 3:
+            self.died_at = time.monotonic()
+            raise Unexpected("a bug in the sink")
+
+    def stats(self, snapshot) -> None:
+        self.snapshots.append(snapshot)
+
+
+def test_a_worker_thread_that_dies_withholds_the_watchdog_raises_an_alarm_and_exits_1(tmp_path, assets, monkeypatch):
+    """Before: the sink worker died silently, the daemon kept running (sources read, nothing labeled) and
+    never ended, even on a stop.  Now the death is recorded, the alarm names it, no WATCHDOG=1 follows, and
+    the daemon exits 1 (systemd's Restart=on-failure restarts it)."""
+    sock = NotifySocket(tmp_path / "notify.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sock.path))
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")  # ping every 0.2 s
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    cfg = config_from_dict(_cfg(tmp_path, assets))  # a looped clip: the daemon never finishes by itself
+    sink = DyingSink()
+    holder: dict = {}
+
+    def factory(c, **kw):
+        holder["p"] = Pipeline(c, sinks=[sink], **kw)
+        return holder["p"]
+
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(
+        r=run_daemon(cfg, notifier=Notifier(), pipeline_factory=factory, install_signals=False)), daemon=True)
+    t.start()
+    t.join(30)
+    ended = not t.is_alive()
+    if not ended and "p" in holder:
+        holder["p"].stop()
+        t.join(10)
+    sock.close()
+    assert ended and "r" in result, "the daemon did not end by itself after its sink worker died"
+    code, pipeline = result["r"]
+    assert code == 1
+    assert "sinks" in pipeline.died and "Unexpected: a bug in the sink" in pipeline.died["sinks"]
+    assert not pipeline.alive(max_age=60)
+    assert sink.died_at is not None
+    late = [x for x in sock.times("WATCHDOG=1") if x > sink.died_at + 0.3]
+    assert late == [], "no watchdog ping after the sink worker died"
+    assert sock.times("STOPPING=1")
+    # the alarm (MQTT alarm topic, /healthz) comes from the last snapshot the sinks were given
+    alarms = device_alarms(sink.snapshots[-1])
+    assert [a["id"] for a in alarms] == ["worker_thread_died"] and "sinks" in alarms[0]["message"]

@@ -30,6 +30,7 @@ import pytest
 from pycocotools.coco import COCO
 
 from edgelabel.edge.config import DatasetConfig
+from edgelabel.edge.daemon import EXIT_UNDELIVERED
 from edgelabel.edge.health import device_alarms
 from tests.conftest import Broker
 from tests.test_faults_support import (
@@ -168,3 +169,238 @@ def test_alarm_rules_from_a_status_snapshot() -> None:
     (low,) = device_alarms(guarded, skipped_before=4)
     assert low["id"] == "dataset_disk_low" and "3 frame(s)" in low["message"]
     assert device_alarms(guarded, skipped_before=7) == [] and device_alarms(guarded) == []
+
+
+# --------------------------------------------------------------------------- the daemon's own state on a full disk
+
+
+def _sigterm_seconds(daemon: DaemonProc) -> tuple[int, float]:
+    t0 = time.monotonic()
+    code = daemon.stop(30)
+    return code, time.monotonic() - t0
+
+
+def test_full_state_dir_holds_the_record_raises_an_alarm_and_resumes_when_space_returns(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """The state_dir (ledger, MQTT outbox) fills up while a storage job runs, and space returns.
+
+    Before: ``ledger.mark_done`` raised "database or disk is full" out of the sink worker, which died: frames
+    were still read, nothing more reached MQTT or the ledger, /healthz stayed 200 and SIGTERM hung.  Now the
+    record waits (retried), a ``storage_blocked_*`` alarm is raised and cleared, every frame is published and
+    marked done once space returns, and SIGTERM ends the daemon within seconds, also while the disk is full.
+    """
+    from tests.conftest import ASSETS
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill a disk for real (needs root/CAP_SYS_ADMIN): {res.stderr.strip()}")
+    cfg = write_config(tmp_path, broker.port, {"clip": {"uri": str(ASSETS / "videos" / "bottle-detection.mp4"), "fps": 6}},
+                       state_dir=str(mnt / "state"))
+    col = TimedCollector(broker.port)
+    daemon = DaemonProc(cfg)
+    filler = mnt / "filler.bin"
+
+    def state() -> tuple[bool, list[str]]:
+        got = alarms(col)
+        return (got[-1][1]["active"], [a["id"] for a in got[-1][1]["alarms"]]) if got else (False, [])
+
+    try:
+        assert wait_until(lambda: len(col.labels("clip")) >= 6 and alarms(col), 60), daemon.log()[-3000:]
+        assert state() == (False, [])
+        fill(filler)
+        full_at = time.monotonic()
+        assert wait_until(lambda: state()[0], 20), "no alarm while the state_dir is full\n" + daemon.log()[-3000:]
+        alarm_after = time.monotonic() - full_at
+        alarm = alarms(col)[-1][1]["alarms"][0]
+        assert alarm["id"].startswith("storage_blocked_") and "full" in alarm["message"], alarm
+        time.sleep(2.0)
+        assert daemon.alive()
+        held_at = len(col.labels("clip"))
+        filler.unlink()
+        freed_at = time.monotonic()
+        assert wait_until(lambda: not state()[0], 20), "the alarm does not clear\n" + daemon.log()[-3000:]
+        cleared_after = time.monotonic() - freed_at
+        assert wait_until(lambda: len(col.labels("clip")) >= held_at + 12, 30), \
+            "labels do not flow again after space returned\n" + daemon.log()[-3000:]
+        # full once more, and SIGTERM while a record waits for the disk: the daemon ends within seconds
+        fill(filler)
+        assert wait_until(lambda: state()[0], 20), daemon.log()[-3000:]
+        code, stop_s = _sigterm_seconds(daemon)
+    finally:
+        daemon.ensure_dead()
+        col.close()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    log = daemon.log()
+    assert stop_s < 10, f"SIGTERM took {stop_s:.1f} s while the state_dir was full\n{log[-4000:]}"
+    assert code in (0, EXIT_UNDELIVERED), log[-3000:]
+    # the sink worker neither died nor gave a record up (the MQTT publisher thread's own retries log apart)
+    assert "worker thread" not in log and "failed to write record" not in log and "failed on track" not in log, log[-3000:]
+    assert "ledger cannot write" not in log.split("received SIGTERM")[0], "a frame was given up before the stop"
+    # nothing was lost: the published frames are one unbroken run from the first frame on
+    indexes = sorted({r["frame_index"] for _, r in col.labels("clip")})
+    assert indexes == list(range(len(indexes))), f"frames missing: {sorted(set(range(indexes[-1] + 1)) - set(indexes))[:10]}"
+    measure("full_state_dir", tmpfs_mib=16, alarm_after_s=round(alarm_after, 2),
+            alarm_cleared_after_s=round(cleared_after, 2), sigterm_while_full_s=round(stop_s, 2),
+            frames_published=len(indexes), exit_code=code, alarm_message=alarm["message"])
+
+
+def test_ledger_on_a_full_disk_waits_and_the_sink_worker_survives(tmp_path: Path) -> None:
+    """Only the ledger writes to the state_dir (no MQTT): ``mark_done`` meets "database or disk is full".
+
+    Before, the exception escaped and killed the sink worker.  Now the record waits, ``storage_faults``
+    names the ledger (alarm ``storage_blocked_ledger``), and every frame is marked done once space returns.
+    """
+    from edgelabel.edge.config import config_from_dict
+    from edgelabel.edge.pipeline import Pipeline
+    from edgelabel.edge.sinks.base import Sink
+    from tests.conftest import ASSETS
+
+    class Keep(Sink):
+        name = "keep"
+
+        def __init__(self) -> None:
+            self.ids: list[str] = []
+
+        def write(self, record, frame) -> None:  # type: ignore[no-untyped-def]
+            self.ids.append(record.id)
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill a disk for real (needs root/CAP_SYS_ADMIN): {res.stderr.strip()}")
+    cfg = config_from_dict({
+        "device_id": "ldg", "state_dir": str(mnt / "state"),
+        "model": {"path": str(ASSETS / "models" / "yolox_nano.onnx"), "family": "yolox", "threads": 1},
+        "sources": {"clip": {"uri": str(ASSETS / "videos" / "cars.mp4"), "fps": 25}},
+        "mqtt": {"enabled": False, "stats_interval": 0.5}, "dataset": {"enabled": False}})
+    sink = Keep()
+    pipe = Pipeline(cfg, sinks=[sink], show_progress=False)
+    filler = mnt / "filler.bin"
+    try:
+        pipe.start()
+        assert wait_until(lambda: pipe.ledger is not None and pipe.ledger.done_count() >= 5, 60)
+        fill(filler)
+        assert wait_until(lambda: pipe.status()["storage_faults"], 20), "the full ledger is not reported"
+        (fault,) = pipe.status()["storage_faults"]
+        assert fault["component"] == "ledger" and "full" in fault["error"] and fault["where"].endswith("ledger.sqlite")
+        assert [a["id"] for a in device_alarms(pipe.status())] == ["storage_blocked_ledger"]
+        # /healthz reads the web page's status: the same alarm makes it answer 503 with the reason
+        from edgelabel.web.context import readiness
+
+        web_status = {**pipe.status(), "engine": {"name": "m"}}
+        assert any(r.startswith("storage_blocked_ledger: ") for r in readiness(web_status))
+        time.sleep(1.5)
+        assert pipe.alive(max_age=10) and not pipe.died
+        filler.unlink()
+        assert wait_until(lambda: not pipe.status()["storage_faults"], 20)
+        assert device_alarms(pipe.status()) == []
+        assert pipe.wait(90), "the job does not finish after space returned"
+        assert pipe.ledger is not None
+        done = pipe.ledger.done_count("clip")
+    finally:
+        pipe.shutdown()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    assert pipe.exit_code() == 0 and not pipe.died
+    assert len(sink.ids) == 268 and len(set(sink.ids)) == 268  # every frame of the clip, once
+    assert done == 268, "every frame is marked done: none was given up while the disk was full"
+
+
+# --------------------------------------------------------------------------- exit codes: a state_dir a remount fixes
+
+
+@pytest.mark.parametrize("fault", ["read-only", "full"])
+def test_a_read_only_or_full_state_dir_exits_1_naming_the_path(tmp_path: Path, broker: Broker, fault: str) -> None:
+    """A state_dir on a read-only (``mount -o remount,ro``) or full file system at start.
+
+    Before: exit 2 ("config error: mqtt.outbox.path: cannot open ..."), which the unit never restarts
+    (``RestartPreventExitStatus=2``) although a remount fixes it.  Now exit 1 (restarted), one line naming
+    the state_dir, the cause and what to check, and no traceback.
+    """
+    from tests.conftest import ASSETS
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root/CAP_SYS_ADMIN): {res.stderr.strip()}")
+    try:
+        (mnt / "state").mkdir()
+        if fault == "read-only":
+            subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        else:
+            fill(mnt / "filler.bin")
+        cfg = write_config(tmp_path, broker.port, {"img": {"uri": str(ASSETS / "images" / "bus.jpg")}},
+                           state_dir=str(mnt / "state"))
+        daemon = DaemonProc(cfg, env={"EDGELABEL_STATE_DIR_WAIT_S": "0"})  # no start-up wait: exit at once
+        code = daemon.wait(60)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    log = daemon.log()
+    assert code == 1, log[-3000:]
+    assert "Traceback" not in log and "config error" not in log, log[-3000:]
+    why = "Read-only file system" if fault == "read-only" else "No space left on device"
+    line = next(ln for ln in log.splitlines() if f"state_dir: {mnt / 'state'}" in ln)
+    assert why in line and "df -h" in line and "findmnt" in line, line
+
+
+@pytest.mark.parametrize("then", ["remount", "sigterm"])
+def test_start_waits_for_a_read_only_state_dir_to_be_remounted(tmp_path: Path, broker: Broker, then: str) -> None:
+    """The service waits (``EDGELABEL_STATE_DIR_WAIT_S``, 150 s by default) for the state_dir instead of a quick
+    series of restarts that StartLimitBurst would end: a remount read-write lets it start and finish the job;
+    SIGTERM ends the wait at once."""
+    from tests.conftest import ASSETS
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root/CAP_SYS_ADMIN): {res.stderr.strip()}")
+    try:
+        (mnt / "state").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        cfg = write_config(tmp_path, broker.port, {"img": {"uri": str(ASSETS / "images" / "bus.jpg")}},
+                           state_dir=str(mnt / "state"))
+        col = TimedCollector(broker.port)
+        daemon = DaemonProc(cfg, env={"EDGELABEL_STATE_DIR_WAIT_S": "60"})
+        try:
+            assert wait_until(lambda: "waiting up to" in daemon.log(), 30), daemon.log()[-3000:]
+            assert daemon.alive()
+            if then == "remount":
+                subprocess.run(["mount", "-o", "remount,rw", str(mnt)], check=True)
+                code = daemon.wait(60)
+            else:
+                code, stop_s = _sigterm_seconds(daemon)
+        finally:
+            daemon.ensure_dead()
+            col.close()
+        log = daemon.log()
+        if then == "remount":
+            assert code == 0, log[-3000:]
+            assert "writable again" in log and len(col.labels("img")) == 1
+            assert (mnt / "state" / "ledger.sqlite").is_file()
+        else:
+            assert code == 1 and stop_s < 5, log[-3000:]
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_state_dir_whose_disk_is_not_mounted_exits_1(tmp_path: Path) -> None:
+    """The state_dir is on a disk /etc/fstab lists but that is not mounted: not created on the root file system."""
+    from edgelabel.edge.pipeline import StateUnavailable, check_state_dir, unmounted_mount_point
+
+    mp = tmp_path / "ssd"
+    mp.mkdir()
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"# comment\nUUID=1234 / ext4 defaults 0 1\nLABEL=ssd {mp} ext4 defaults,nofail 0 2\n")
+    state = mp / "edgelabel" / "state"
+    assert unmounted_mount_point(state, fstab) == str(mp)
+    with pytest.raises(StateUnavailable, match="is not mounted"):
+        check_state_dir(state, fstab)
+    assert not (mp / "edgelabel").exists(), "nothing created on the file system below the missing mount"
+    assert unmounted_mount_point(tmp_path / "elsewhere", fstab) is None
+    check_state_dir(tmp_path / "elsewhere", fstab)  # an ordinary folder: created, writable
+    assert (tmp_path / "elsewhere").is_dir() and not list((tmp_path / "elsewhere").iterdir())

@@ -160,6 +160,8 @@ def build_status(ctx: WebContext, include_device: bool = True) -> dict[str, Any]
         "detections": raw.get("detections"),
         "rejected": raw.get("rejected"),
         "last_error": raw.get("last_error"),
+        "storage_faults": raw.get("storage_faults") or [],  # read by readiness() through edge.health
+        "threads_died": raw.get("threads_died") or {},
         "engine": engine,
         "mqtt": mqtt_summary(sinks, ctx.pipeline.cfg.mqtt.enabled),
         "dataset": sinks.get("dataset"),
