@@ -99,6 +99,7 @@ from edgelabel.edge.frame import Frame
 from edgelabel.edge.health import dataset_health as _dataset_health
 from edgelabel.edge.health import device_alarms
 from edgelabel.edge.health import disk_skipped as _disk_skipped
+from edgelabel.edge.ledger import storage_fault
 from edgelabel.edge.records import LabelRecord, iso_utc
 from edgelabel.edge.sinks.base import Sink, SinkRefused
 from edgelabel.edge.sinks.outbox import Message, Outbox, StoredMessage
@@ -850,10 +851,13 @@ class MqttSink(Sink):
             self._in_put = True
             result = self._outbox.put(msgs, sync=sync, interrupted=lambda: self._closing or self._interrupted)
         except Exception as exc:  # disk full, I/O error: report, keep labeling (the dataset still works)
-            log.error("MQTT: cannot store %d message(s) in the outbox %s: %s (storage frames are labeled again "
-                      "on the next start)", len(msgs), self._outbox.where, exc)
+            retried = storage_fault(exc) is not None  # disk full, read-only: the pipeline holds the record and retries
+            log.error("MQTT: cannot store %d message(s) in the outbox %s: %s (%s)", len(msgs), self._outbox.where, exc,
+                      "held and retried until the disk can be written" if retried
+                      else "storage frames are labeled again on the next start")
             with self._lock:
-                self._store_failed += len(msgs)
+                if not retried:  # a record that waits is not lost: counting each try inflated the drops
+                    self._store_failed += len(msgs)
                 self._last_error = f"outbox write failed: {exc}"
             raise SinkRefused(f"outbox write failed: {exc}") from exc
         finally:

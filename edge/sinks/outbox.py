@@ -364,7 +364,8 @@ class Outbox:
             )
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite may have rolled back already (disk full): keep the real error
+                db.execute("ROLLBACK")
             raise
         if self._count == 0 and rows:
             self._head = (-1, time.monotonic())
@@ -443,7 +444,8 @@ class Outbox:
                 db.execute("DELETE FROM outbox WHERE seq = ?", (int(seq),))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # SQLite may have rolled back already (disk full): keep the real error
+                    db.execute("ROLLBACK")
                 raise
             self._count -= 1
             self._dead += 1
@@ -472,7 +474,8 @@ class Outbox:
                 db.execute("DELETE FROM dead_letter")
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # SQLite may have rolled back already (disk full): keep the real error
+                    db.execute("ROLLBACK")
                 raise
             self._count += n
             self._dead = 0
@@ -495,7 +498,8 @@ class Outbox:
                     db.executemany("DELETE FROM outbox WHERE seq = ?", keys)
                     db.execute("COMMIT")
                 except BaseException:
-                    db.execute("ROLLBACK")
+                    if db.in_transaction:  # SQLite may have rolled back already (disk full): keep the real error
+                        db.execute("ROLLBACK")
                     raise
             except sqlite3.DatabaseError as exc:
                 if not _is_corrupt(exc):
