@@ -722,6 +722,8 @@ def test_stop_capture_writer_is_released_by_close_and_the_refusal_counted(caplog
 
 
 def test_a_failing_outbox_never_stops_labeling_and_is_counted(monkeypatch, caplog) -> None:
+    """A full disk is not a loss: the pipeline holds the record and retries it (edge.pipeline._retry_storage),
+    so it is not counted as dropped on every try.  Any other failure to store is a drop, counted once."""
     import sqlite3
 
     caplog.set_level(logging.ERROR, logger="edgelabel.edge.sinks.mqtt")
@@ -730,12 +732,23 @@ def test_a_failing_outbox_never_stops_labeling_and_is_counted(monkeypatch, caplo
     def disk_full(*a: object, **kw: object) -> None:
         raise sqlite3.OperationalError("database or disk is full")
 
-    monkeypatch.setattr(sink._outbox, "put", disk_full)
+    def broken(*a: object, **kw: object) -> None:
+        raise RuntimeError("the outbox is in a state nobody expected")
+
     rec = make_record("cam1", 0)
-    with pytest.raises(SinkRefused):  # reported to the pipeline, which does not mark the frame done
+    monkeypatch.setattr(sink._outbox, "put", disk_full)
+    for _ in range(3):  # three tries of one waiting record
+        with pytest.raises(SinkRefused):  # reported to the pipeline, which does not mark the frame done
+            sink.write(rec, storage_frame(rec))
+    st = sink.status()
+    assert st["dropped"] == 0 and "disk is full" in st["last_error"]
+    assert any("held and retried" in r.getMessage() for r in caplog.records)
+
+    monkeypatch.setattr(sink._outbox, "put", broken)
+    with pytest.raises(SinkRefused):
         sink.write(rec, storage_frame(rec))
     st = sink.status()
-    assert st["dropped"] == 1 and st["drops"]["outbox_error"] == 1 and "disk is full" in st["last_error"]
+    assert st["dropped"] == 1 and st["drops"]["outbox_error"] == 1 and "nobody expected" in st["last_error"]
     assert any("labeled again on the next start" in r.getMessage() for r in caplog.records)
     monkeypatch.undo()
     sink.close()
