@@ -92,6 +92,7 @@ class IngestService:
         self._generation = 0  # connection count: a PUBACK belongs to the connection that got the message
         self._gen_lock = threading.Lock()
         self.mqtt_connected = False
+        self.subscribed = False  # the broker confirmed the share-group subscriptions (SUBACK)
         self.db_ok = False
         self.last_error: str | None = None
         self.last_commit_at: str | None = None
@@ -247,6 +248,7 @@ class IngestService:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = cfg.session_expiry
         props.ReceiveMaximum = cfg.receive_maximum
@@ -272,9 +274,20 @@ class IngestService:
                  self.cfg.mqtt.port, "resumed" if getattr(flags, "session_present", False) else "new",
                  ", ".join(topics))
 
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        failed = [str(r) for r in reasons if r.is_failure]
+        if failed:
+            self.last_error = (f"broker {self.cfg.mqtt.host}:{self.cfg.mqtt.port} refused the subscriptions "
+                               f"({', '.join(failed)}); check the broker's ACL for the user and that it "
+                               "speaks MQTT 5 with shared subscriptions")
+            self.metrics.errors.labels("mqtt").inc()
+            log.error("ingest: %s", self.last_error)
+            return
+        self.subscribed = True
+
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         was = self.mqtt_connected
-        self.mqtt_connected = False
+        self.mqtt_connected = self.subscribed = False
         self.metrics.mqtt_up.set(0)
         if was and not self._stop.is_set():
             self.last_error = f"broker {self.cfg.mqtt.host}:{self.cfg.mqtt.port}: connection lost ({reason})"
@@ -351,8 +364,9 @@ class IngestService:
 
     def health(self) -> dict[str, Any]:
         oldest = self._oldest_waiting
-        return {"ok": self.mqtt_connected and self.db_ok, "mqtt_connected": self.mqtt_connected,
-                "db_ok": self.db_ok, "schema_version": self.schema_version, "client_id": self.cfg.client_id(),
+        return {"ok": self.mqtt_connected and self.subscribed and self.db_ok,
+                "mqtt_connected": self.mqtt_connected, "subscribed": self.subscribed, "db_ok": self.db_ok,
+                "schema_version": self.schema_version, "client_id": self.cfg.client_id(),
                 "group": self.cfg.mqtt.group, "waiting": self.queue.qsize(),
                 "lag_s": 0.0 if oldest is None else round(time.monotonic() - oldest, 3),
                 "stored": dict(self._totals), "last_commit_at": self.last_commit_at,
