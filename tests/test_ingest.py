@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -30,6 +33,7 @@ psycopg = pytest.importorskip("psycopg", reason="the ingest extra is not install
 
 SCHEMAS = ROOT / "edge" / "schemas"
 ADMIN_DSN = os.environ.get("EDGELABEL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+SECRET = "s3cr3t-Pw-4-ingest"
 MODEL = ModelInfo("yolox_nano", "0" * 64, "yolox", "onnxruntime", "CPUExecutionProvider", "fp32", (416, 416))
 
 
@@ -155,13 +159,14 @@ class Worker:
     """``edgelabel ingest`` as a real process."""
 
     def __init__(self, tmp: Path, broker_port: int, dsn: str, client_id: str, group: str = "plant",
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), user: str = "") -> None:
         self.http = free_port()
         self.log = tmp / f"ingest-{client_id}-{self.http}.log"
-        cmd = [sys.executable, "-m", "edgelabel.edge.cli", "ingest", "--mqtt", f"mqtt://127.0.0.1:{broker_port}",
+        cmd = [sys.executable, "-m", "edgelabel.edge.cli", "ingest", "--mqtt", f"mqtt://{user}127.0.0.1:{broker_port}",
                "--db", dsn, "--group", group, "--client-id", client_id, "--http", f"127.0.0.1:{self.http}", *extra]
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                         env={**os.environ, "EDGELABEL_MQTT_PASSWORD": SECRET, "PGPASSWORD": SECRET})
         wait_for(lambda: (self.proc.poll() is None or self._died()) and (health(self.http) or {}).get("ok"),
                  30, f"ingest {client_id} to be healthy (log: {self.log})")
 
@@ -398,8 +403,8 @@ def test_kill9_mid_stream_then_restart_loses_and_duplicates_nothing(tmp_path, br
 def test_two_workers_in_one_group_split_the_load(tmp_path, broker, pg_dsn):
     n = 1000
     recs = [label(f"cam-{i % 4}", "line", i) for i in range(n)]
-    a = Worker(tmp_path, broker.port, pg_dsn, "ingest-a")
-    b = Worker(tmp_path, broker.port, pg_dsn, "ingest-b")
+    a = Worker(tmp_path, broker.port, pg_dsn, "ingest-a", user="plant@")
+    b = Worker(tmp_path, broker.port, pg_dsn, "ingest-b", user="plant@")
     try:
         pub = Publisher(broker.port)
         for rec in recs:
@@ -412,4 +417,58 @@ def test_two_workers_in_one_group_split_the_load(tmp_path, broker, pg_dsn):
     finally:
         assert a.stop() == 0
         assert b.stop() == 0
-    assert "ingest: stopped (" in a.log.read_text()
+    for w in (a, b):
+        log = w.log.read_text()
+        assert "ingest: stopped (" in log and "ingest: connected to" in log
+        assert SECRET not in log
+
+
+# --- operations -----------------------------------------------------------------------------------------------
+
+
+def test_a_database_that_is_not_there_shows_in_healthz_until_it_is(broker):
+    from edgelabel.ingest.config import load_ingest_config
+    from edgelabel.ingest.service import IngestService
+
+    try:
+        admin = psycopg.connect(ADMIN_DSN, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL not reachable at {ADMIN_DSN} ({exc})")
+    name = f"ingest_test_{uuid.uuid4().hex[:12]}"
+    dsn = ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
+    cfg = load_ingest_config(mqtt_url=f"mqtt://127.0.0.1:{broker.port}", db=dsn, http="127.0.0.1:0")
+    svc = IngestService(cfg)
+    thread = threading.Thread(target=svc.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: svc.last_error, 30, "the database error")
+        assert name in svc.last_error and not svc.health()["ok"]
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"http://127.0.0.1:{svc.http_port}/healthz", timeout=5)
+        assert err.value.code == 503
+        admin.execute(f"CREATE DATABASE {name}")
+        wait_for(lambda: svc.health()["ok"], 60, "the worker to recover once the database exists")
+        assert svc.schema_version is not None
+    finally:
+        svc.stop()
+        thread.join(30)
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+def test_systemd_unit_verifies_and_the_example_config_is_valid(monkeypatch):
+    from edgelabel.ingest.config import load_ingest_config
+
+    cfg = load_ingest_config(ROOT / "systemd" / "ingest.example.yaml")
+    assert (cfg.mqtt.group, cfg.batch.max_rows) == ("edgelabel-ingest", 500)
+    unit = (ROOT / "systemd" / "edgelabel-ingest.service").read_text()
+    assert "edgelabel ingest -c /etc/edgelabel/ingest.yaml" in unit and "RestartPreventExitStatus=2" in unit
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "edgelabel-ingest.service"
+        copy.write_text(re.sub(r"^ExecStart=\S+", f"ExecStart={sys.executable}", unit, flags=re.M))
+        proc = subprocess.run([analyze, "verify", "--man=no", str(copy)], capture_output=True, text=True, timeout=60)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "edgelabel-ingest.service" not in output, output
