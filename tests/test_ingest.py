@@ -472,3 +472,28 @@ def test_systemd_unit_verifies_and_the_example_config_is_valid(monkeypatch):
         proc = subprocess.run([analyze, "verify", "--man=no", str(copy)], capture_output=True, text=True, timeout=60)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "edgelabel-ingest.service" not in output, output
+
+
+def test_a_stopped_workers_share_waits_in_its_session_and_arrives_when_it_returns(tmp_path, broker, pg_dsn):
+    """Mosquitto keeps routing a share group's messages to a member whose session persists while it is away:
+    nothing is lost, that share waits for the same client id (docs/ingest.md, "Workers and sessions")."""
+    n = 200
+    a = Worker(tmp_path, broker.port, pg_dsn, "ingest-a")
+    b = Worker(tmp_path, broker.port, pg_dsn, "ingest-b")
+    b.proc.send_signal(signal.SIGKILL)
+    b.proc.wait(10)
+    try:
+        pub = Publisher(broker.port)
+        recs = [label("cam-1", "line", i) for i in range(n)]
+        for rec in recs:
+            pub.send("edgelabel/cam-1/line/labels", rec)
+        pub.close()
+        wait_for(lambda: a.stored() > 0, 30, "worker a to store its share")
+        back = Worker(tmp_path, broker.port, pg_dsn, "ingest-b")
+        try:
+            wait_for(lambda: count(pg_dsn) == n, 60, f"all {n} records once b is back")
+        finally:
+            assert back.stop() == 0
+    finally:
+        assert a.stop() == 0
+    assert count(pg_dsn, "SELECT count(DISTINCT id) FROM records") == n
