@@ -98,6 +98,7 @@ class IngestService:
         self.last_commit_at: str | None = None
         self.schema_version: int | None = None
         self.http_port: int | None = None
+        self._fatal = False  # a problem restarting cannot fix (the database's schema is newer than the code)
         self._oldest_waiting: float | None = None
         self._conn: psycopg.Connection | None = None
         self._client: mqtt.Client | None = None
@@ -119,7 +120,7 @@ class IngestService:
         self._start_http()
         if not self._connect_db(first=True):
             self._shutdown()
-            return 0
+            return 1 if self._fatal else 0
         self._start_mqtt()
         try:
             self._loop()
@@ -127,7 +128,7 @@ class IngestService:
             self._shutdown()
         log.info("ingest: stopped (%d messages stored: %d new rows, %d duplicates skipped, %d rejected)",
                  self._totals["messages"], self._totals["new"], self._totals["duplicates"], self._totals["rejected"])
-        return 0
+        return 1 if self._fatal else 0
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -155,10 +156,14 @@ class IngestService:
                     kwargs["password"] = self.cfg.database.password
                 conn = psycopg.connect(self.cfg.database.dsn, **kwargs)
                 version = migrate(conn)
-            except (psycopg.Error, OSError, RuntimeError) as exc:
+            except RuntimeError as exc:  # a schema newer than this code: retrying will not help
+                self.last_error = redact(f"database {self.cfg.database.dsn}: {exc}")
+                self.db_ok, self._fatal = False, True
+                log.error("ingest: %s; stopping", self.last_error)
+                self._stop.set()
+                return False
+            except (psycopg.Error, OSError) as exc:
                 self._db_failed(f"database {redact(self.cfg.database.dsn)}: {exc}", "connect")
-                if isinstance(exc, RuntimeError):  # a schema newer than this code: retrying will not help
-                    return False
                 self._stop.wait(delay)
                 delay = min(delay * 2, 30.0)
                 continue

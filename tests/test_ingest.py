@@ -489,6 +489,9 @@ def test_a_stopped_workers_share_waits_in_its_session_and_arrives_when_it_return
             pub.send("edgelabel/cam-1/line/labels", rec)
         pub.close()
         wait_for(lambda: a.stored() > 0, 30, "worker a to store its share")
+        time.sleep(1.0)
+        away = count(pg_dsn)
+        assert away < n, "the broker gave the away worker's share to the other one: update docs/ingest.md"
         back = Worker(tmp_path, broker.port, pg_dsn, "ingest-b")
         try:
             wait_for(lambda: count(pg_dsn) == n, 60, f"all {n} records once b is back")
@@ -497,3 +500,23 @@ def test_a_stopped_workers_share_waits_in_its_session_and_arrives_when_it_return
     finally:
         assert a.stop() == 0
     assert count(pg_dsn, "SELECT count(DISTINCT id) FROM records") == n
+
+
+def test_a_newer_schema_stops_the_worker_with_exit_1(broker, pg_dsn):
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE schema_version (version integer PRIMARY KEY, name text NOT NULL, "
+                     "applied_at timestamptz NOT NULL DEFAULT now())")
+        conn.execute("INSERT INTO schema_version (version, name) VALUES (99, '099_future.sql')")
+    out = subprocess.run([sys.executable, "-m", "edgelabel.edge.cli", "ingest", "--mqtt",
+                          f"mqtt://127.0.0.1:{broker.port}", "--db", pg_dsn, "--http", "off"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 1, out.stderr
+    assert "schema is version 99, newer than this edgelabel" in out.stderr and "upgrade edgelabel" in out.stderr
+
+
+def test_bad_flags_exit_2_and_name_the_problem():
+    out = subprocess.run([sys.executable, "-m", "edgelabel.edge.cli", "ingest", "--mqtt", "mqtt://u:pw@h:1883",
+                          "--db", "postgresql://x@h/db", "--http", "off"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 2
+    assert "--mqtt: the URL holds a password; set EDGELABEL_MQTT_PASSWORD" in out.stderr and ":pw@" not in out.stderr
