@@ -21,7 +21,7 @@ from edgelabel.edge.config import ConfigError, expand_env, read_config_file
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _TOPIC_RE = re.compile(r"^[^#+\s$]+$")
 
-__all__ = ["ConfigError", "IngestConfig", "MqttSection", "DatabaseSection", "BatchSection", "HttpSection",
+__all__ = ["ConfigError", "IngestConfig", "MqttSection", "DatabaseSection", "BatchSection", "HttpSection", "RetentionSection",
            "load_ingest_config", "ingest_config_from_dict", "parse_mqtt_url"]
 
 
@@ -59,6 +59,14 @@ class BatchSection:
 
 
 @dataclass
+class RetentionSection:
+    """How many whole months of records and detections to keep before the current one (0 = keep all)."""
+
+    months: int = 0
+    check_interval: float = 3600.0  # seconds between retention checks
+
+
+@dataclass
 class HttpSection:
     """``/healthz`` and ``/metrics``; ``listen: null`` turns them off."""
 
@@ -71,6 +79,7 @@ class IngestConfig:
     database: DatabaseSection = field(default_factory=DatabaseSection)
     batch: BatchSection = field(default_factory=BatchSection)
     http: HttpSection = field(default_factory=HttpSection)
+    retention: RetentionSection = field(default_factory=RetentionSection)
     log_level: str = "info"
     progress_interval: float = 10.0  # seconds between progress lines in the log
 
@@ -79,11 +88,12 @@ class IngestConfig:
         return self.mqtt.client_id or f"{self.mqtt.group}-{socket.gethostname()}"[:64]
 
 
-_SECTIONS = {"mqtt": MqttSection, "database": DatabaseSection, "batch": BatchSection, "http": HttpSection}
+_SECTIONS = {"mqtt": MqttSection, "database": DatabaseSection, "batch": BatchSection, "http": HttpSection,
+             "retention": RetentionSection}
 _LIMITS: dict[str, tuple[float, float]] = {
     "mqtt.port": (1, 65535), "mqtt.keepalive": (5, 3600), "mqtt.session_expiry": (0, 2**32 - 1),
     "mqtt.receive_maximum": (1, 65535), "batch.max_rows": (1, 100000), "batch.max_wait": (0.001, 60),
-    "progress_interval": (0.1, 86400),
+    "progress_interval": (0.1, 86400), "retention.months": (0, 1200), "retention.check_interval": (1, 86400 * 7),
 }
 
 

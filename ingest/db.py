@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 log = logging.getLogger("edgelabel.ingest.db")
 
@@ -24,6 +25,45 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 _MIGRATION_RE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 #: pg_advisory_xact_lock key: the same for every ingest process, so only one migrates at a time
 _LOCK_KEY = 0x65646765_6C61626C & 0x7FFFFFFFFFFFFFFF
+#: the same for creating partitions (two workers may meet a new month at once)
+_PARTITION_LOCK_KEY = _LOCK_KEY - 1
+#: tables partitioned by month of captured_at (001_init.sql)
+PARTITIONED = ("records", "detections")
+
+
+def month_of(value: str | None) -> tuple[int, int] | None:
+    """(year, month) in UTC of an ISO time, None when it does not parse (the database then rejects the row)."""
+    if not value:
+        return None
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    dt = dt.astimezone(timezone.utc)
+    return dt.year, dt.month
+
+
+def ensure_partitions(conn: psycopg.Connection, months: set[tuple[int, int]], known: set[tuple[int, int]]) -> None:
+    """Create the monthly partitions a batch needs, in a short transaction of their own before the batch's.
+
+    Done apart so that the batch's transaction never waits for the parent table's lock while holding row
+    locks (two workers meeting a new month would deadlock); ``known`` caches what exists in this process.
+    """
+    todo = sorted(months - known)
+    if not todo:
+        return
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PARTITION_LOCK_KEY,))
+        for year, month in todo:
+            start = f"{year:04d}-{month:02d}-01 00:00:00+00"
+            end = f"{year + month // 12:04d}-{month % 12 + 1:02d}-01 00:00:00+00"
+            for table in PARTITIONED:
+                conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})")
+                             .format(sql.Identifier(f"{table}_{year:04d}_{month:02d}"), sql.Identifier(table),
+                                     sql.Literal(start), sql.Literal(end)))
+    known.update(todo)
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -64,6 +104,35 @@ def migrate(conn: psycopg.Connection) -> int:
     return current
 
 
+_PARTITION_RE = re.compile(r"^(records|detections)_(\d{4})_(\d{2})$")
+
+
+def drop_old_partitions(conn: psycopg.Connection, keep_months: int, now: datetime | None = None) -> list[str]:
+    """Retention: drop the monthly partitions that end more than ``keep_months`` whole months before ``now``.
+
+    The current month and the ``keep_months`` before it stay; ``record_keys`` rows of the dropped months go too
+    (a record of a dropped month that arrives again is stored again).  Returns the tables dropped.
+    """
+    if keep_months <= 0:
+        return []
+    now = now or datetime.now(timezone.utc)
+    first_kept = (now.year * 12 + now.month - 1) - keep_months  # months since year 0
+    dropped: list[str] = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PARTITION_LOCK_KEY,))
+        rows = conn.execute("SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                            "WHERE i.inhparent IN ('records'::regclass, 'detections'::regclass)").fetchall()
+        for (name,) in rows:
+            m = _PARTITION_RE.match(name)
+            if m and int(m.group(2)) * 12 + int(m.group(3)) - 1 < first_kept:
+                conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
+                dropped.append(name)
+        if dropped:
+            cutoff = f"{first_kept // 12:04d}-{first_kept % 12 + 1:02d}-01 00:00:00+00"
+            conn.execute("DELETE FROM record_keys WHERE captured_at < %s::timestamptz", (cutoff,))
+    return sorted(dropped)
+
+
 @dataclass
 class Message:
     """One MQTT message waiting for its transaction; ``mid``/``qos`` are what the acknowledgement needs."""
@@ -97,8 +166,10 @@ def _epoch_iso(value: Any) -> str | None:
 class Writer:
     """Turns a batch of messages into rows: one multi-row statement per table, one transaction."""
 
-    def __init__(self, conn: psycopg.Connection | None, prefix: str) -> None:
+    def __init__(self, conn: psycopg.Connection | None, prefix: str,
+                 partitions: set[tuple[int, int]] | None = None) -> None:
         self.conn = conn
+        self.partitions = partitions if partitions is not None else set()  # months known to exist
         self.prefix = prefix.rstrip("/").split("/")
 
     def classify(self, topic: str) -> tuple[str, str, str | None]:
@@ -133,6 +204,9 @@ class Writer:
                 continue
             seen.add(key)
             rows["status" if kind in ("status", "source_status") else kind].append(row)
+        months = {m for m in (month_of(r["captured_at"]) for r in rows["labels"]) if m}
+        if months:
+            ensure_partitions(self.conn, months, self.partitions)
         with self.conn.transaction():
             self._devices(rows)
             result.inserted["labels"] = self._labels(rows["labels"])
@@ -252,12 +326,19 @@ class Writer:
         return len(rows)
 
 
+#: record_keys decides what is new (one row per id, whatever its captured_at); only those go into records
 _LABELS_SQL = """
+WITH input AS (
+    SELECT * FROM jsonb_to_recordset(%s::jsonb) AS x(id uuid, device text, source text, frame_index bigint,
+        frame_key text, captured_at timestamptz, media_time double precision, model text, record jsonb)
+), new AS (
+    INSERT INTO record_keys (id, captured_at) SELECT id, captured_at FROM input
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id
+)
 INSERT INTO records (id, device, source, frame_index, frame_key, captured_at, media_time, model, record)
-SELECT x.id, x.device, x.source, x.frame_index, x.frame_key, x.captured_at, x.media_time, x.model, x.record
-FROM jsonb_to_recordset(%s::jsonb) AS x(id uuid, device text, source text, frame_index bigint, frame_key text,
-     captured_at timestamptz, media_time double precision, model text, record jsonb)
-ON CONFLICT (id) DO NOTHING
+SELECT i.id, i.device, i.source, i.frame_index, i.frame_key, i.captured_at, i.media_time, i.model, i.record
+FROM input i JOIN new USING (id)
 RETURNING id
 """
 
@@ -268,7 +349,7 @@ SELECT r.id, (d.ord - 1)::int, r.device, r.source, r.captured_at, (d.det ->> 'cl
        ARRAY(SELECT jsonb_array_elements_text(d.det -> 'box')::real), (d.det ->> 'track_id')::bigint
 FROM records r, jsonb_array_elements(r.record -> 'detections') WITH ORDINALITY AS d(det, ord)
 WHERE r.id = ANY(%s::uuid[])
-ON CONFLICT (record_id, idx) DO NOTHING
+ON CONFLICT (record_id, idx, captured_at) DO NOTHING
 """
 
 _EVENTS_SQL = """

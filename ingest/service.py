@@ -36,7 +36,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from edgelabel.edge.redact import redact
 from edgelabel.ingest.config import IngestConfig
-from edgelabel.ingest.db import Message, Writer, migrate
+from edgelabel.ingest.db import Message, Writer, drop_old_partitions, migrate
 
 log = logging.getLogger("edgelabel.ingest")
 
@@ -98,6 +98,7 @@ class IngestService:
         self.last_commit_at: str | None = None
         self.schema_version: int | None = None
         self.http_port: int | None = None
+        self._partitions: set[tuple[int, int]] = set()  # months whose partitions exist (db.ensure_partitions)
         self._fatal = False  # a problem restarting cannot fix (the database's schema is newer than the code)
         self._oldest_waiting: float | None = None
         self._conn: psycopg.Connection | None = None
@@ -189,7 +190,7 @@ class IngestService:
                 if not self._connect_db():
                     return False
             assert self._conn is not None
-            writer = Writer(self._conn, self.cfg.mqtt.prefix)
+            writer = Writer(self._conn, self.cfg.mqtt.prefix, self._partitions)
             t0 = time.monotonic()
             try:
                 result = writer.write(batch)
@@ -197,6 +198,7 @@ class IngestService:
                 # one bad message must not block the others: store them one by one, keep the bad one apart
                 log.warning("ingest: a batch of %d failed (%s); storing its messages one by one", len(batch),
                             redact(str(exc).splitlines()[0]))
+                self._partitions.clear()  # a month dropped by retention meanwhile is made again
                 result = writer.write_each(batch)
             except (psycopg.Error, OSError) as exc:
                 self._db_failed(f"database {redact(self.cfg.database.dsn)}: {exc}", "write")
@@ -318,7 +320,11 @@ class IngestService:
     def _loop(self) -> None:
         max_rows, max_wait = self.cfg.batch.max_rows, self.cfg.batch.max_wait
         next_progress = time.monotonic() + self.cfg.progress_interval
+        next_retention = time.monotonic()
         while not self._stop.is_set():
+            if self.cfg.retention.months and time.monotonic() >= next_retention:
+                self._retention()
+                next_retention = time.monotonic() + self.cfg.retention.check_interval
             batch: list[Message] = []
             try:
                 batch.append(self.queue.get(timeout=0.2))
@@ -344,6 +350,22 @@ class IngestService:
             if time.monotonic() >= next_progress:
                 self._progress()
                 next_progress = time.monotonic() + self.cfg.progress_interval
+
+    def _retention(self) -> None:
+        """Drop the months past ``retention.months``; a failure is logged and counted, ingest goes on."""
+        if self._conn is None or self._conn.closed:
+            return
+        try:
+            dropped = drop_old_partitions(self._conn, self.cfg.retention.months)
+        except psycopg.Error as exc:
+            self.metrics.errors.labels("retention").inc()
+            log.error("ingest: retention (retention.months: %d) failed: %s; retrying in %.0f s",
+                      self.cfg.retention.months, redact(" ".join(str(exc).split())), self.cfg.retention.check_interval)
+            return
+        self._partitions.clear()
+        if dropped:
+            log.info("ingest: retention (retention.months: %d): dropped %s", self.cfg.retention.months,
+                     ", ".join(dropped))
 
     def _update_gauges(self) -> None:
         oldest = self._oldest_waiting

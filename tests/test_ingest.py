@@ -520,3 +520,53 @@ def test_bad_flags_exit_2_and_name_the_problem():
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 2
     assert "--mqtt: the URL holds a password; set EDGELABEL_MQTT_PASSWORD" in out.stderr and ":pw@" not in out.stderr
+
+
+def test_records_land_in_monthly_partitions_and_an_id_stays_unique_across_them(broker, pg_dsn, service):
+    nov = label("cam-1", "gate", 1, t0=1_796_083_000.0)  # 2026-11-30 UTC
+    dec = label("cam-1", "gate", 2, t0=1_796_090_000.0)  # 2026-12-01 UTC
+    assert (nov["captured_at"][:7], dec["captured_at"][:7]) == ("2026-11", "2026-12")
+    # the same record again with another captured_at (a file whose mtime changed): still one row
+    moved = {**nov, "captured_at": "2027-01-15T10:00:00.000Z", "captured_ts": 1_799_964_000.0}
+    pub = Publisher(broker.port)
+    for rec in (nov, dec, moved):
+        pub.send("edgelabel/cam-1/gate/labels", rec)
+    pub.close()
+    wait_for(lambda: service.health()["stored"]["messages"] == 3, 30, "three messages")
+    assert count(pg_dsn) == 2 and count(pg_dsn, "SELECT count(*) FROM detections") == 4
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        parts = sorted(r[0] for r in conn.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = 'records'::regclass"))
+        assert parts[:2] == ["records_2026_11", "records_2026_12"]
+        assert count(pg_dsn, "SELECT count(*) FROM records_2026_11") == 1
+        assert count(pg_dsn, "SELECT count(*) FROM detections_2026_12") == 2
+        where = conn.execute("SELECT tableoid::regclass::text FROM records WHERE id = %s", (nov["id"],)).fetchone()[0]
+        assert where == "records_2026_11"
+
+
+def test_retention_drops_whole_months_past_the_setting(pg_dsn):
+    from datetime import datetime, timezone
+
+    from edgelabel.ingest.config import ingest_config_from_dict
+    from edgelabel.ingest.db import Message, Writer, drop_old_partitions, migrate
+
+    assert ingest_config_from_dict({"retention": {"months": 3}}).retention.months == 3
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        migrate(conn)
+        recs = [label("cam-1", "gate", i, t0=t) for i, t in
+                enumerate((1_792_000_000.0, 1_796_083_000.0, 1_796_090_000.0))]  # 2026-10, 2026-11, 2026-12
+        writer = Writer(conn, "edgelabel")
+        result = writer.write([Message("edgelabel/cam-1/gate/labels", json.dumps(r).encode(), i + 1, 1)
+                               for i, r in enumerate(recs)])
+        assert result.inserted["labels"] == 3
+        assert drop_old_partitions(conn, 0) == []
+        dropped = drop_old_partitions(conn, 1, now=datetime(2027, 1, 10, tzinfo=timezone.utc))
+        assert dropped == ["detections_2026_10", "detections_2026_11", "records_2026_10", "records_2026_11"]
+        ids = {str(r[0]) for r in conn.execute("SELECT id FROM label_records")}
+        assert ids == {recs[2]["id"]}
+        assert count(pg_dsn, "SELECT count(*) FROM record_keys") == 1
+        # a dropped month's record arriving again is stored again (its partition is made anew)
+        writer.partitions.clear()
+        again = writer.write([Message("edgelabel/cam-1/gate/labels", json.dumps(recs[0]).encode(), 9, 1)])
+        assert again.inserted["labels"] == 1

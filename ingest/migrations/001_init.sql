@@ -21,9 +21,19 @@ CREATE TABLE sources (
     PRIMARY KEY (device, source)
 );
 
--- one row per label record; the model's boxes stay in record->'detections', a person's in reviewed_detections
+-- the ids of every label record stored: the key that makes a record exactly once, whatever its captured_at
+-- (records are partitioned by captured_at, and a partitioned table's unique keys must include it)
+CREATE TABLE record_keys (
+    id          uuid PRIMARY KEY,
+    captured_at timestamptz NOT NULL
+);
+CREATE INDEX record_keys_time ON record_keys (captured_at);
+
+-- one row per label record; the model's boxes stay in record->'detections', a person's in reviewed_detections.
+-- Partitioned by month of captured_at (records_YYYY_MM, made by ingest ahead of the rows): retention drops
+-- whole months.
 CREATE TABLE records (
-    id                  uuid PRIMARY KEY,        -- uuid5(device, source, frame key): the same frame, the same id
+    id                  uuid NOT NULL,           -- uuid5(device, source, frame key): the same frame, the same id
     device              text NOT NULL,
     source              text NOT NULL,
     frame_index         bigint NOT NULL,
@@ -37,15 +47,16 @@ CREATE TABLE records (
     review_version      integer,
     reviewed_detections jsonb,
     reviewed_by         text,
-    reviewed_at         timestamptz
-);
+    reviewed_at         timestamptz,
+    PRIMARY KEY (id, captured_at)
+) PARTITION BY RANGE (captured_at);
 CREATE INDEX records_device_time ON records (device, captured_at);
 CREATE INDEX records_time ON records (captured_at);
 CREATE INDEX records_review_state ON records (review_state) WHERE review_state IS NOT NULL;
 
--- the model's detections, one row each, for queries by class, score, time and device
+-- the model's detections, one row each, for queries by class, score, time and device; partitioned like records
 CREATE TABLE detections (
-    record_id   uuid NOT NULL REFERENCES records (id) ON DELETE CASCADE,
+    record_id   uuid NOT NULL,
     idx         integer NOT NULL,
     device      text NOT NULL,
     source      text NOT NULL,
@@ -55,8 +66,8 @@ CREATE TABLE detections (
     score       real,
     box         real[] NOT NULL,                 -- x1, y1, x2, y2 in frame pixels
     track_id    bigint,
-    PRIMARY KEY (record_id, idx)
-);
+    PRIMARY KEY (record_id, idx, captured_at)
+) PARTITION BY RANGE (captured_at);
 CREATE INDEX detections_label_time ON detections (label, captured_at);
 CREATE INDEX detections_class_score ON detections (class_id, score);
 CREATE INDEX detections_device_time ON detections (device, captured_at);
