@@ -27,7 +27,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgelabel.edge.records import SCHEMA_VERSION, DetectionRecord, LabelRecord, ModelInfo, iso_utc, record_id
-from tests.conftest import ROOT, free_port
+from tests.conftest import ASSETS, ROOT, free_port
+from tests.helpers import run_edgelabel
 
 psycopg = pytest.importorskip("psycopg", reason="the ingest extra is not installed (pip install '.[ingest]')")
 
@@ -570,3 +571,26 @@ def test_retention_drops_whole_months_past_the_setting(pg_dsn):
         writer.partitions.clear()
         again = writer.write([Message("edgelabel/cam-1/gate/labels", json.dumps(recs[0]).encode(), 9, 1)])
         assert again.inserted["labels"] == 1
+
+
+def test_the_real_daemon_on_shared_images_lands_in_the_database(tmp_path, broker, pg_dsn, service):
+    """edgelabel run on a folder of real images -> Mosquitto -> ingest -> PostgreSQL, every record once."""
+    images = sorted((ASSETS / "images").glob("*.jpg"))
+    proc = run_edgelabel("run", "--source", str(ASSETS / "images"), "--model", str(ASSETS / "models" / "yolox_nano.onnx"),
+                         "--mqtt", f"mqtt://127.0.0.1:{broker.port}", "--state-dir", str(tmp_path / "state"),
+                         "--device", "line1-cam", timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    wait_for(lambda: count(pg_dsn) == len(images)
+             and count(pg_dsn, "SELECT count(*) FROM sources WHERE status = 'finished'") == 1
+             and count(pg_dsn, "SELECT count(*) FROM devices WHERE status = 'stopped'") == 1,
+             60, f"{len(images)} records, the source finished and the device stopped")
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        rows = conn.execute("SELECT device, model, jsonb_array_length(detections), frame_key "
+                            "FROM label_records").fetchall()
+        assert {r[0] for r in rows} == {"line1-cam"} and {r[1] for r in rows} == {"yolox_nano"}
+        assert sorted(Path(r[3]).name for r in rows) == [p.name for p in images]
+        boxes = sum(r[2] for r in rows)
+        assert boxes > 0 and count(pg_dsn, "SELECT count(*) FROM detections") == boxes
+        persons = conn.execute("SELECT count(*) FROM detections WHERE label = 'person' AND score >= 0.3").fetchone()[0]
+        assert persons > 0
+    assert service.health()["stored"]["rejected"] == 0
