@@ -98,6 +98,7 @@ class IngestService:
         self.last_commit_at: str | None = None
         self.schema_version: int | None = None
         self.http_port: int | None = None
+        self._classifier = Writer(None, cfg.mqtt.prefix)  # topic -> kind, for the metrics
         self._partitions: set[tuple[int, int]] = set()  # months whose partitions exist (db.ensure_partitions)
         self._fatal = False  # a problem restarting cannot fix (the database's schema is newer than the code)
         self._oldest_waiting: float | None = None
@@ -227,8 +228,12 @@ class IngestService:
                 m.rows.labels(kind).inc(count)
                 new += count
                 self._window["by_kind"][kind] = self._window["by_kind"].get(kind, 0) + count
+        kinds: dict[str, int] = {}
         for msg in batch:
-            m.messages.labels(Writer(None, self.cfg.mqtt.prefix).classify(msg.topic)[0] or "other").inc()
+            kind = self._classifier.classify(msg.topic)[0] or "other"
+            kinds[kind] = kinds.get(kind, 0) + 1
+        for kind, n in kinds.items():
+            m.messages.labels(kind).inc(n)
         m.duplicates.inc(result.duplicates)
         m.rejected.inc(result.rejected)
         if result.rejected:

@@ -7,6 +7,7 @@ built with the daemon's own classes and checked against its JSON schemas, so the
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -276,6 +277,7 @@ def service(broker, pg_dsn):
     cfg = load_ingest_config(mqtt_url=f"mqtt://127.0.0.1:{broker.port}", db=pg_dsn, group="plant",
                              client_id="ingest-a", http="127.0.0.1:0")
     cfg.batch.max_rows = 50
+    cfg.progress_interval = 0.5
     svc = IngestService(cfg)
     thread = threading.Thread(target=svc.run, daemon=True)
     thread.start()
@@ -286,7 +288,8 @@ def service(broker, pg_dsn):
     assert not thread.is_alive(), "the worker did not stop"
 
 
-def test_duplicates_and_early_reviews_are_stored_exactly_once(broker, pg_dsn, service):
+def test_duplicates_and_early_reviews_are_stored_exactly_once(broker, pg_dsn, service, caplog):
+    caplog.set_level(logging.INFO, logger="edgelabel.ingest")
     n = 300
     recs = [label("line3-cam", "gate", i) for i in range(n)]
     pub = Publisher(broker.port)
@@ -346,6 +349,9 @@ def test_duplicates_and_early_reviews_are_stored_exactly_once(broker, pg_dsn, se
     assert "edgelabel_ingest_batch_seconds_count" in metrics and "edgelabel_ingest_lag_seconds" in metrics
     with urllib.request.urlopen(f"http://127.0.0.1:{service.http_port}/healthz", timeout=5) as r:
         assert r.status == 200 and json.loads(r.read())["db_ok"] is True
+    wait_for(lambda: any("duplicates skipped" in r.getMessage() for r in caplog.records), 10, "a progress line")
+    line = next(r.getMessage() for r in caplog.records if "duplicates skipped" in r.getMessage())
+    assert re.search(r"ingest: \d+ messages in \d+ s \(\d+/s\), new rows: .*labels \d+", line), line
 
 
 def test_bad_messages_are_kept_and_counted_not_dropped(broker, pg_dsn, service):
