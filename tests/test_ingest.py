@@ -600,3 +600,27 @@ def test_the_real_daemon_on_shared_images_lands_in_the_database(tmp_path, broker
         persons = conn.execute("SELECT count(*) FROM detections WHERE label = 'person' AND score >= 0.3").fetchone()[0]
         assert persons > 0
     assert service.health()["stored"]["rejected"] == 0
+
+
+def test_database_connection_killed_mid_stream_loses_nothing(broker, pg_dsn, service):
+    """pg_terminate_backend on the worker's connection while records stream in: it reconnects, nothing is lost."""
+    n = 2000
+    recs = [label(f"cam-{i % 2}", "line", i) for i in range(n)]
+    pub = Publisher(broker.port)
+    for rec in recs[: n // 2]:
+        pub.send(f"edgelabel/{rec['device_id']}/line/labels", rec)
+    wait_for(lambda: count(pg_dsn) > 0, 30, "the first records")
+    name = pg_dsn.rsplit("/", 1)[1]
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+        killed = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                               "WHERE datname = %s", (name,)).fetchone()[0]
+    assert killed >= 1
+    for rec in recs[n // 2:]:
+        pub.send(f"edgelabel/{rec['device_id']}/line/labels", rec)
+    pub.close()
+    wait_for(lambda: count(pg_dsn) == n, 60, f"all {n} records after the reconnect")
+    assert count(pg_dsn, "SELECT count(*) FROM detections") == 2 * n
+    with urllib.request.urlopen(f"http://127.0.0.1:{service.http_port}/metrics", timeout=5) as r:
+        metrics = r.read().decode()
+    assert re.search(r'^edgelabel_ingest_errors_total\{stage="db"\} [1-9]', metrics, re.M), "the failure was not counted"
+    assert service.health()["ok"] and "terminat" in (service.last_error or "")
