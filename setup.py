@@ -13,6 +13,7 @@ What to install:
   pip install .              the daemon and its CLI only (runtime dependencies below)
   pip install ".[jetson]"    plus what a Jetson needs beyond that: pycuda (TensorRT itself comes with
                              JetPack / NVIDIA's wheels); ``gpu`` is the same extra under its old name
+  pip install ".[ingest]"    plus the PostgreSQL driver for `edgelabel ingest` (the plant-side service)
   pip install ".[test]"      plus the test tooling: pytest, hypothesis, ruff, onnx, Playwright (browser
                              tests), Schemathesis (API fuzzing), Datumaro (export read-back, which pulls
                              pandas and pyarrow): close to 1 GB, never needed to run the daemon
@@ -23,7 +24,7 @@ import os
 from setuptools import find_packages, setup
 
 ROOT_PACKAGE = "edgelabel"
-TOP_FOLDERS = ("edge", "engines", "web")
+TOP_FOLDERS = ("edge", "engines", "web", "ingest")
 
 ort_package = os.environ.get("EDGELABEL_ORT_PACKAGE", "onnxruntime").strip()
 system_opencv = os.environ.get("EDGELABEL_SYSTEM_OPENCV", "").strip().lower() in ("1", "true", "yes")
@@ -61,6 +62,7 @@ setup(
     package_data={
         f"{ROOT_PACKAGE}.edge": ["schemas/*.json", "configs/*.yaml"],
         f"{ROOT_PACKAGE}.web": ["templates/*.html", "static/*", "openapi.yaml"],
+        f"{ROOT_PACKAGE}.ingest": ["migrations/*.sql"],
     },
     install_requires=install_requires,
     extras_require={
@@ -68,7 +70,9 @@ setup(
         "gpu": jetson_requires,  # the earlier name of "jetson", kept for existing install commands
         "test": ["pytest>=7", "jsonschema>=4", "ruff>=0.5", "onnx>=1.14", "playwright>=1.40", "cryptography>=41",
                  "hypothesis>=6.100", "schemathesis>=4.0,<5",
-                 "datumaro>=1.13,<2", "motmetrics>=1.4"],
+                 "datumaro>=1.13,<2", "motmetrics>=1.4", "psycopg[binary]>=3.1"],
+        # `edgelabel ingest`: the plant-side service that writes what the appliances publish into PostgreSQL
+        "ingest": ["psycopg[binary]>=3.1"],
         # bench/tracking.py: MOT metrics and a library tracker to compare with (never in the runtime install)
         "bench": ["motmetrics>=1.4", "supervision>=0.26,<0.31"],  # ByteTrack is gone from supervision 0.31
     },

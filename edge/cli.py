@@ -547,6 +547,17 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """The plant-side ingest service; imported only here so the daemon never loads it (nor psycopg)."""
+    setup_logging(args.log_level or "info")
+    try:
+        from edgelabel.ingest.service import main as ingest_main
+    except ImportError as exc:
+        log.error("edgelabel ingest needs the ingest extra (%s): pip install 'edgelabel[ingest]'", exc)
+        return EXIT_USAGE
+    return ingest_main(args)
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgelabel", description="Edge auto-labeling: detectors on cameras and files, "
                                 "labels over MQTT and on disk.")
@@ -626,6 +637,17 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--workspace-mb", type=int, default=1024)
     b.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     b.set_defaults(func=cmd_build_engine)
+
+    i = sub.add_parser("ingest", help="plant side: store what appliances publish over MQTT in PostgreSQL "
+                       "(docs/ingest.md; needs the ingest extra)")
+    i.add_argument("-c", "--config", help="ingest.yaml (the quick flags below override it)")
+    i.add_argument("--mqtt", metavar="URL", help="mqtt://[user@]host:port (password from EDGELABEL_MQTT_PASSWORD)")
+    i.add_argument("--db", metavar="DSN", help="postgresql://[user@]host[:port]/dbname (password from PGPASSWORD)")
+    i.add_argument("--group", metavar="NAME", help="MQTT share group (workers of one group split the load)")
+    i.add_argument("--client-id", metavar="ID", help="this worker's fixed MQTT client id (one per worker)")
+    i.add_argument("--http", metavar="HOST:PORT", help="/healthz and /metrics (default 127.0.0.1:9184; 'off')")
+    i.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    i.set_defaults(func=cmd_ingest)
 
     c = sub.add_parser("check-config", help="validate a config file without starting anything")
     c.add_argument("file")

@@ -24,7 +24,7 @@ import pytest
 from tests.conftest import ROOT
 
 SCRIPT = ROOT / "scripts" / "install.sh"
-PACKAGES = ("edge", "engines", "web")
+PACKAGES = ("edge", "engines", "web", "ingest")
 
 
 def run_script(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -134,6 +134,9 @@ def test_a_plain_install_is_the_daemon_only_and_extras_add_jetson_and_test(tmp_p
     assert names(sections["jetson"]) == {"pycuda"}
     assert sections["gpu"] == sections["jetson"], "gpu stays an alias of jetson"
     assert {"pytest", "playwright", "schemathesis", "datumaro", "hypothesis", "onnx", "ruff"} <= names(sections["test"])
+    # the plant-side ingest service's driver: its own extra (and the tests'), never on an appliance
+    assert names(sections["ingest"]) == {"psycopg"} and "psycopg" in names(sections["test"])
+    assert "psycopg" not in runtime
 
 
 def test_the_main_job_runs_without_any_test_tooling(tmp_path: Path, assets: Path) -> None:
@@ -346,8 +349,8 @@ def test_the_distribution_installs_one_import_root_and_a_console_script(tmp_path
     assert (info / "top_level.txt").read_text().split() == ["edgelabel"]
     assert "[console_scripts]\nedgelabel = edgelabel.edge.cli:main" in (info / "entry_points.txt").read_text()
     # what this environment has installed answers to the same names, from outside the source tree
-    probe = ("import importlib.util as u, edgelabel.edge.cli, edgelabel.engines.base, edgelabel.web.app; "
-             "print([n for n in ('edge', 'engines', 'web') if u.find_spec(n)])")
+    probe = ("import importlib.util as u, edgelabel.edge.cli, edgelabel.engines.base, edgelabel.web.app, "
+             "edgelabel.ingest.db; print([n for n in ('edge', 'engines', 'web', 'ingest') if u.find_spec(n)])")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", f"generic top-level names installed: {out.stdout}"
