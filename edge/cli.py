@@ -547,6 +547,20 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_outbox(args: argparse.Namespace) -> int:
+    """The outbox's dead-letter table: messages the broker refused for good (edgelabel.edge.sinks.outbox)."""
+    from edgelabel.edge.sinks import outbox
+
+    path = args.file
+    if path is None:
+        cfg = _read_config(args.config) if args.config else None
+        if cfg is None:
+            print("edgelabel outbox: give the outbox file or -c CONFIG (it is state_dir/outbox.sqlite)", file=sys.stderr)
+            return EXIT_USAGE
+        path = str(cfg.state_path(cfg.mqtt.outbox.path))
+    return outbox.main([args.action, path])
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     """The plant-side ingest service; imported only here so the daemon never loads it (nor psycopg)."""
     setup_logging(args.log_level or "info")
@@ -648,6 +662,13 @@ def make_parser() -> argparse.ArgumentParser:
     i.add_argument("--http", metavar="HOST:PORT", help="/healthz and /metrics (default 127.0.0.1:9184; 'off')")
     i.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     i.set_defaults(func=cmd_ingest)
+
+    o = sub.add_parser("outbox", help="list, export or requeue the messages the broker refused for good "
+                       "(stop the daemon before requeue)")
+    o.add_argument("action", choices=["list", "export", "requeue"])
+    o.add_argument("file", nargs="?", help="the outbox file (default: state_dir/outbox.sqlite of -c CONFIG)")
+    o.add_argument("-c", "--config", help="the daemon's config file, to find the outbox")
+    o.set_defaults(func=cmd_outbox)
 
     c = sub.add_parser("check-config", help="validate a config file without starting anything")
     c.add_argument("file")

@@ -68,7 +68,7 @@ def outbox_alarms(snapshot: dict[str, Any], *, stuck_after: float = OUTBOX_STUCK
         alarms.append({"id": "outbox_dead_letter", "severity": "warning", "component": "mqtt",
                        "message": f"{ob['dead_letter']} MQTT message(s) refused by the broker are set aside "
                                   f"({last_error or 'see the log'}); fix the broker (max_packet_size, ACL), then "
-                                  f"python -m edgelabel.edge.sinks.outbox requeue {ob.get('path')}",
+                                  f"edgelabel outbox requeue {ob.get('path')}",
                        "errors": ob["dead_letter"]})
     return alarms
 

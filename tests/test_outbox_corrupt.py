@@ -99,3 +99,30 @@ def test_a_bad_header_is_replaced_and_its_messages_counted_as_lost(tmp_path: Pat
     box.put([Message("cam1", "t", b"{}", 1)])
     assert len(box.fetch(0, 10)) == 1
     box.close()
+
+
+def test_edgelabel_outbox_lists_exports_and_requeues_the_dead_letters(tmp_path: Path) -> None:
+    """The set-aside messages are reached with the product's own command, by file or through the config."""
+    from edgelabel.edge.sinks.outbox import Message, Outbox
+    from tests.helpers import run_edgelabel
+
+    state = tmp_path / "state"
+    state.mkdir()
+    ob = Outbox(state / "outbox.sqlite")
+    ob.put([Message("cam", "el/dev/cam/labels", b'{"id": "big"}', 1, msg_id="big"),
+            Message("cam", "el/dev/cam/labels", b'{"id": "ok"}', 1, msg_id="ok")])
+    head = ob.fetch(limit=1)[0]
+    assert ob.dead_letter(head.seq, "packet too large for the broker (0x95)") is not None
+    ob.close()
+    config = tmp_path / "c.yaml"
+    config.write_text(f"state_dir: {state}\nmodel: {{path: m.onnx}}\nsources: {{cam: {{uri: v4l2:///dev/video9}}}}\n")
+
+    listed = run_edgelabel("outbox", "list", "-c", str(config), timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert "el/dev/cam/labels" in listed.stdout and "0x95" in listed.stdout
+    exported = run_edgelabel("outbox", "export", str(state / "outbox.sqlite"), timeout=60)
+    assert exported.returncode == 0 and '"big"' in exported.stdout
+    requeued = run_edgelabel("outbox", "requeue", "-c", str(config), timeout=60)
+    assert requeued.returncode == 0 and "1 message(s) put back" in requeued.stdout, requeued.stdout + requeued.stderr
+    missing = run_edgelabel("outbox", "list", timeout=60)
+    assert missing.returncode == 2 and "-c CONFIG" in missing.stderr

@@ -1124,7 +1124,7 @@ class MqttSink(Sink):
             self._last_error = f"message on {row.topic} set aside: {reason}"
         log.error("MQTT: broker %s refused message %s on %s (%d bytes): %s; %s. It is set aside in the outbox's "
                   "dead-letter table (%d there now) and delivery goes on with the next message. Once the broker is "
-                  "fixed, send it again: python -m edgelabel.edge.sinks.outbox requeue %s (with the daemon stopped)",
+                  "fixed, send it again: edgelabel outbox requeue %s (with the daemon stopped)",
                   self.broker, row.msg_id or row.seq, row.topic, size, reason, hint, self._outbox.stats()["dead_letter"],
                   self._outbox.where)
 

@@ -40,7 +40,7 @@ Design decisions:
 * **A refused message does not block the line.**  A message the broker
   refuses for good (too large, not authorised) is moved with its reason into
   the ``dead_letter`` table (:meth:`dead_letter`), counted and kept, and the
-  publisher goes on with the next one; ``python -m edgelabel.edge.sinks.outbox
+  publisher goes on with the next one; ``edgelabel outbox
   list|export|requeue <file>`` shows, exports or re-sends them.
 * **Corruption costs what is corrupt.**  A file SQLite cannot open, or one
   whose rows stop reading ("database disk image is malformed"), is moved
@@ -191,7 +191,7 @@ class Outbox:
         self._dead = int(self._db.execute("SELECT COUNT(*) FROM dead_letter").fetchone()[0])
         if self._dead:
             log.warning("outbox %s: %d message(s) the broker refused are set aside in its dead-letter table; see "
-                        "them with `python -m edgelabel.edge.sinks.outbox list %s`, send them again with `requeue`",
+                        "them with `edgelabel outbox list %s`, send them again with `requeue`",
                         self.where, self._dead, self.where)
         if self._count:
             log.info("outbox %s: %d message(s) from a previous run will be sent first", self.where, self._count)
@@ -739,7 +739,7 @@ def _estimate_rows(path: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m edgelabel.edge.sinks.outbox list|export|requeue FILE``: the dead-letter table of an outbox.
+    """``edgelabel outbox list|export|requeue FILE``: the dead-letter table of an outbox.
 
     ``list`` prints one line per set-aside message (topic, size, reason); ``export`` writes them as JSON
     lines (payload as text when it is UTF-8, else base64) to stdout; ``requeue`` puts them back at the end
@@ -750,7 +750,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import json
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m edgelabel.edge.sinks.outbox", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="edgelabel outbox", description=main.__doc__)
     parser.add_argument("action", choices=("list", "export", "requeue"))
     parser.add_argument("file", type=Path, help="the outbox file (state_dir/outbox.sqlite by default)")
     args = parser.parse_args(argv)
