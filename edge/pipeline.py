@@ -221,7 +221,8 @@ def build_sinks(cfg: Config, detector: Detector) -> list[Sink]:
     if cfg.mqtt.enabled:
         from edgelabel.edge.sinks.mqtt import MqttSink
 
-        sinks.append(MqttSink(cfg.mqtt, cfg.device_id, state_dir=cfg.resolve(cfg.state_dir)))
+        sinks.append(MqttSink(cfg.mqtt, cfg.device_id, state_dir=cfg.resolve(cfg.state_dir),
+                              sources=[n for n, sc in cfg.sources.items() if sc.enabled]))
     return sinks
 
 

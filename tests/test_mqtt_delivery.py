@@ -163,6 +163,25 @@ def test_clean_stop_leaves_no_source_online(tmp_path: Path, assets: Path, broker
         "device": b"stopped", "cam": b"stopped", "photos": b"finished"}
 
 
+def test_a_clean_close_stops_a_source_that_never_reported(tmp_path: Path, broker: Broker) -> None:
+    """A SIGTERM that comes before a slow camera has opened: its previous run's retained ``online`` must not
+    outlive this run (seen when a loaded machine opened the source after the stop was asked for)."""
+    stale = Collector(broker.port, f"{PREFIX}/#")
+    stale.client.publish(f"{PREFIX}/{DEVICE}/cam/status", b"online", qos=1, retain=True).wait_for_publish(5)
+    stale.close()
+    sink = MqttSink(MqttConfig(host="127.0.0.1", port=broker.port, prefix=PREFIX), DEVICE, state_dir=tmp_path,
+                    sources=["cam"])
+    sink.open()
+    try:
+        deadline = time.time() + 10
+        while not sink.status().get("connected") and time.time() < deadline:
+            time.sleep(0.05)
+        assert sink.status().get("connected"), sink.status().get("last_error")
+    finally:
+        sink.close()
+    assert retained_statuses(broker.port, ["cam"]) == {"device": b"stopped", "cam": b"stopped"}
+
+
 def test_after_kill_9_the_device_last_will_marks_source_statuses_stale(tmp_path: Path, assets: Path,
                                                                        broker: Broker) -> None:
     """kill -9 cannot update the sources: they keep ``online`` and the device's ``offline`` (Last Will) wins.

@@ -84,6 +84,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -237,8 +238,12 @@ class MqttSink(Sink):
 
     name = "mqtt"
 
-    def __init__(self, cfg: MqttConfig, device_id: str, *, state_dir: Path | None = None) -> None:
+    def __init__(self, cfg: MqttConfig, device_id: str, *, state_dir: Path | None = None,
+                 sources: Sequence[str] = ()) -> None:
         self.cfg = cfg
+        #: the enabled sources: a clean close marks each ``stopped``, also one that had not reported yet (a
+        #: previous run's retained ``online`` would otherwise outlive this run)
+        self.sources = list(sources)
         self.device_id = device_id
         self.broker = f"{cfg.host}:{cfg.port}"
         self.base_topic = f"{cfg.prefix}/{device_id}"
@@ -565,6 +570,7 @@ class MqttSink(Sink):
             self._closing = True  # releases a write blocked by stop_capture
             opened = self._opened
             running = [src for src, st in self._source_status.items() if st not in FINAL_SOURCE_STATES]
+            running += [src for src in self.sources if src not in self._source_status]
         for source in running if opened else []:
             # a retained "online" would outlive the daemon: say every running source stopped, in order
             # behind its labels (through the outbox, so a broker that is down gets it on the next start)
