@@ -171,8 +171,8 @@ def create_app(
             log.warning(
                 "web: refused a request for host %r from %s (not one of this appliance's names; "
                 "add it to web.allowed_hosts if it is a proxy or DNS alias)", shown, request.remote_addr)
-        return Response(f"421 Misdirected Request: this appliance does not answer to the host name {shown!r}. "
-                        "Use its IP address or add the name to web.allowed_hosts.\n", status=421, mimetype="text/plain")
+        return Response(f"400 Bad Request: this appliance does not answer to the host name {shown!r}. "
+                        "Use its IP address or add the name to web.allowed_hosts.\n", status=400, mimetype="text/plain")
 
     @app.before_request
     def _bearer() -> Any:

@@ -3,7 +3,7 @@
 A page on any site a plant PC visits can point its own DNS name at the appliance's LAN address and read the
 answers in the browser, with the browser's ``Host`` header still naming the attacker's site.  Answering only
 to the appliance's own names (and to bare IP addresses, which no rebinding can produce) ends that: the
-attacker's page gets a 421 and nothing else.
+attacker's page gets a 400 and nothing else.
 
 Accepted without configuration: any IP address literal, ``localhost``, this machine's host name (short,
 fully qualified and ``.local`` for mDNS) and the configured ``web.host``.  Reverse proxies and DNS aliases
