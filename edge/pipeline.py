@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import errno
-import fcntl
 import gc
 import logging
 import os
@@ -40,6 +39,7 @@ from edgelabel.edge.config import Config, ConfigError, SourceConfig
 from edgelabel.edge.frame import Frame, text_path
 from edgelabel.edge.ledger import Job, Ledger, forget_done, storage_fault
 from edgelabel.edge.loader import load_model, worker_count
+from edgelabel.edge.locks import LockHeld, hold_lock
 from edgelabel.edge.progress import Progress
 from edgelabel.edge.records import DetectionRecord, LabelRecord, ModelInfo, iso_utc, record_id
 from edgelabel.edge.sinks.base import Sink, SinkRefused
@@ -161,18 +161,11 @@ def lock_state_dir(state_dir: Path) -> int:
     released by the kernel when the process dies, so a kill -9 leaves no
     stale lock behind.
     """
-    path = state_dir / "edgelabel.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise ConfigError([f"state_dir: {state_dir} is in use by another edgelabel process ({holder}); "
+        return hold_lock(state_dir)
+    except LockHeld as held:
+        raise ConfigError([f"state_dir: {state_dir} is in use by another edgelabel process ({held.holder}); "
                            "give each daemon its own state_dir"]) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()}\n".encode())
-    return fd
 
 
 def _sink_where(sink: Sink) -> str:

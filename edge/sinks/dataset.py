@@ -69,7 +69,6 @@ a time (the pipeline's sink worker); review decisions arrive on web threads.  Bo
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -93,6 +92,7 @@ import yaml
 from edgelabel.edge.capture import SKIP, CaptureDecision, CaptureSelector
 from edgelabel.edge.config import ConfigError, DatasetConfig
 from edgelabel.edge.frame import Frame, text_path
+from edgelabel.edge.locks import LOCK_FILE, LockHeld, hold_lock
 from edgelabel.edge.records import LabelRecord, iso_utc
 from edgelabel.edge.sinks.base import Sink
 
@@ -100,7 +100,6 @@ log = logging.getLogger(__name__)
 
 COCO_FILE = "annotations.coco.json"
 INDEX_FILE = "index.sqlite"
-LOCK_FILE = "edgelabel.lock"
 REJECTED_DIR = "rejected"
 #: every review state, in the order of the docs
 STATES = ("auto_accepted", "needs_review", "accepted", "corrected", "rejected")
@@ -1027,7 +1026,9 @@ class DatasetSink(Sink):
             record.frame_path, record.frame_sha256 = rel, digest
             return _Plan(rel, f"labels/{source}/{stem}.txt", size, decision)
         if original is not None and named is not None:
-            record.frame_path, record.frame_sha256 = named, _file_sha256(original)
+            # the source hashed the bytes it decoded: the labeled pixels, without reading the file again
+            digest = frame.extra.get("sha256")
+            record.frame_path, record.frame_sha256 = named, digest if isinstance(digest, str) else _file_sha256(original)
             return _Plan(named, f"labels/{source}/{Path(named).stem}_{short}.txt", 0, decision)
         record.frame_path, record.frame_sha256 = None, None
         return _Plan(None, f"labels/{source}/{frame.index:08d}_{short}.txt", 0, decision)
@@ -1195,18 +1196,12 @@ def lock_dataset(root: Path) -> int:
     the review page of the same process) do not lock.  Raises OSError when the folder cannot be created.
     """
     root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown pid"
-        os.close(fd)
-        raise ConfigError([f"dataset.path: {root} is in use by another edgelabel process ({holder}); give each "
-                           "daemon its own dataset.path (with --state-dir and no dataset.path configured, the "
-                           "dataset is <state_dir>/dataset), or stop that process"]) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()}\n".encode())
-    return fd
+        return hold_lock(root)
+    except LockHeld as held:
+        raise ConfigError([f"dataset.path: {root} is in use by another edgelabel process ({held.holder}); give "
+                           "each daemon its own dataset.path (with --state-dir and no dataset.path configured, "
+                           "the dataset is <state_dir>/dataset), or stop that process"]) from None
 
 
 _TMP_NAME = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")

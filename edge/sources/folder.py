@@ -276,6 +276,7 @@ class FolderSource(Source):
                     path=path,
                     live=False,
                     extra={"mtime": st.st_mtime, "format": fmt, "bytes": len(data),
+                           "sha256": content.rsplit(":", 1)[-1],  # of the bytes decoded: sinks need not re-read
                            # the ledger keeps it: which content owns the plain key (``Ledger.note_identity``)
                            "identity": content if key == path_key else None},
                 )

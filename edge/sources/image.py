@@ -66,6 +66,7 @@ class ImageSource(Source):
             logger.debug("%s: rejected %s: %s", self.name, self.path, exc.reason)
             self.on_reject(self.path, exc.reason)
             return None
+        content = file_content(data, st)
         return Frame(
             source=self.name,
             index=0,
@@ -75,5 +76,6 @@ class ImageSource(Source):
             path=self.path,
             live=False,
             extra={"mtime": st.st_mtime, "format": fmt, "bytes": len(data),
-                   "identity": file_content(data, st) if key == self.path else None},
+                   "sha256": content.rsplit(":", 1)[-1],  # of the bytes decoded: sinks need not re-read
+                   "identity": content if key == self.path else None},
         )
