@@ -1,4 +1,4 @@
-"""The ``edgelabel`` command: run, label, export, check-config.
+"""The ``edgelabel`` command: run, label, export, check-config, user, token.
 
 Exit codes: 0 success, 1 the job failed at run time, 2 bad configuration,
 bad input path or a model that cannot be used (one line says which file and why).
@@ -21,6 +21,7 @@ from urllib.parse import unquote, urlparse
 
 import edgelabel.edge.sources.imageio  # noqa: F401  (sets OpenCV's image size limit before cv2 is loaded)
 from edgelabel.edge import __version__
+from edgelabel.edge.accounts_cli import add_parsers as add_account_parsers
 from edgelabel.edge.config import (
     FAMILIES,
     Config,
@@ -669,6 +670,8 @@ def make_parser() -> argparse.ArgumentParser:
     o.add_argument("file", nargs="?", help="the outbox file (default: state_dir/outbox.sqlite of -c CONFIG)")
     o.add_argument("-c", "--config", help="the daemon's config file, to find the outbox")
     o.set_defaults(func=cmd_outbox)
+
+    add_account_parsers(sub)  # user, token: the web accounts (edge/accounts_cli.py)
 
     c = sub.add_parser("check-config", help="validate a config file without starting anything")
     c.add_argument("file")

@@ -15,14 +15,15 @@ an operator's session and live state, neither belongs in a cache.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
-from flask import Flask, Response, has_request_context, jsonify, render_template, request
-from flask.sessions import SecureCookieSessionInterface
+from flask import Flask, Response, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
+from edgelabel.edge.accounts import ACCOUNTS_FILE, AccountStore
 from edgelabel.edge.config import Config
 from edgelabel.web import api, auth, ops, pages, review
 from edgelabel.web.auth import (
@@ -33,7 +34,6 @@ from edgelabel.web.auth import (
     AuthState,
     FailureThrottle,
     Operators,
-    RevokedSessions,
     check_bearer,
     csrf_token,
     current_operator,
@@ -47,6 +47,7 @@ from edgelabel.web.hosts import HostCheck
 from edgelabel.web.logbuffer import RingLogHandler
 from edgelabel.web.metrics import make_registry
 from edgelabel.web.redact import Redactor
+from edgelabel.web.sessions import ServerSessionInterface
 from edgelabel.web.sink import WebSink
 from edgelabel.web.system import DeviceMonitor
 
@@ -61,17 +62,6 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self';
 _OPEN_ENDPOINTS = {"auth.login", "static", "ops.healthz"}
 #: waitress threads kept free for API calls whatever the number of live viewers
 API_HEADROOM = 4
-
-
-class _SessionInterface(SecureCookieSessionInterface):
-    """Flask's signed-cookie sessions, with ``Secure`` whenever the request came over HTTPS.
-
-    ``web.tls`` sets SESSION_COOKIE_SECURE; behind an HTTPS proxy (``web.trusted_proxy`` with
-    X-Forwarded-Proto) the request's scheme says so per request.
-    """
-
-    def get_cookie_secure(self, app: Flask) -> bool:
-        return bool(super().get_cookie_secure(app) or (has_request_context() and request.is_secure))
 
 
 def _mqtt_password_file(cfg: Config) -> str | None:
@@ -92,24 +82,24 @@ def create_app(
     log_handler: RingLogHandler | None = None,
     device: DeviceMonitor | None = None,
     test_config: Mapping[str, Any] | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> Flask:
     """The web app for one daemon.
 
     ``log_handler`` is the ring buffer behind the log panel (``start_web``
     installs one on the root logger; without it the panel stays empty).
     ``test_config`` overrides Flask settings, e.g. ``EDGELABEL_TOKEN`` and
-    ``SECRET_KEY`` so that tests need not write secret files.
+    ``SECRET_KEY`` so that tests need not write secret files.  ``clock`` (default ``time.time``) is the
+    account store's: sessions' idle and absolute lifetimes are measured with it.
     """
     app = Flask(__name__, instance_relative_config=False)
     app.config.update(
         SESSION_COOKIE_NAME="edgelabel_session",
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Strict",
-        PERMANENT_SESSION_LIFETIME=timedelta(hours=12),
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
         SEND_FILE_MAX_AGE_DEFAULT=timedelta(minutes=10),
     )
-    app.session_interface = _SessionInterface()
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the documented field order
     app.jinja_env.policies["json.dumps_kwargs"] = {"sort_keys": False}
     if test_config:
@@ -137,13 +127,15 @@ def create_app(
         device=device,
         logs=log_handler,
         redactor=redactor,
-        throttle=FailureThrottle("token on the login form"),
+        throttle=FailureThrottle("login (password or token)"),
         max_streams=max(1, cfg.web.threads - API_HEADROOM),
     )
     app.extensions["edgelabel"] = ctx
+    accounts = AccountStore(cfg.state_path(ACCOUNTS_FILE), clock or time.time)
+    app.session_interface = ServerSessionInterface(accounts)  # server-side sessions: web/sessions.py
     app.extensions["edgelabel_auth"] = AuthState(
         operators=Operators.from_config(cfg, str(app.config["EDGELABEL_TOKEN"]), str(app.config["SECRET_KEY"])),
-        revoked=RevokedSessions(cfg.state_path("web-sessions-ended.json")),
+        accounts=accounts,
         bearer_throttle=FailureThrottle("bearer token", BEARER_FAILURES, BEARER_WINDOW, GLOBAL_BEARER_FAILURES,
                                         GLOBAL_BEARER_PENALTY),
     )

@@ -1,31 +1,32 @@
-"""Who may do what: operator tokens, named operators with roles, the login form, sessions, CSRF, throttles.
+"""Who may do what: user accounts, tokens, the login form, server-side sessions, CSRF, throttles.
 
 Why this shape:
 
-* Every credential is a token.  ``web.token`` (generated into a 0600 file in
-  the state folder when unset) is the admin ``operator``; ``web.operators``
-  adds named people or scripts, each with a role: ``viewer`` reads (it
-  matters when ``web.public_read`` is false), ``reviewer`` also decides
-  reviews, ``admin`` also pauses and resumes sources.  Tokens are
-  kept as sha256 digests only; a review decision records the authenticated
-  name, never a typed one.
-* A script sends ``Authorization: Bearer <token>``; a person types the token
-  into the login form once and gets a signed session cookie (HttpOnly,
-  SameSite=Strict, Secure over HTTPS).  The session holds a random id and a
-  generation derived from the operator's token digest: changing a token ends
-  every session it opened, logout puts the id on a revocation list kept in
-  the state folder, and a session ends after 12 h idle and 24 h in all.
-* A cookie is sent by the browser on its own, so every POST that relies on
-  the session must also carry the session's CSRF token (a hidden form field or
-  the ``X-CSRF-Token`` header that the page's script adds).  A bearer token is
-  never sent on its own, so bearer requests need no CSRF token.
-* Wrong tokens are throttled per client address and, with a shorter penalty,
-  across all addresses (``FailureThrottle``): a guesser is refused with 429 and
-  ``Retry-After``, and a burst shows as a few log lines, not one per request.
-  Addresses that authenticated recently are exempt from the global penalty,
-  so a spray from many addresses cannot lock the operators out.  Behind a
-  reverse proxy the client address comes from ``X-Forwarded-For`` only when
-  the proxy is ``web.trusted_proxy`` (waitress applies it).
+* Three kinds of credential, each with a role (``viewer`` reads, which matters when ``web.public_read`` is
+  false; ``reviewer`` also decides reviews; ``admin`` also pauses and resumes sources):
+
+  - **users** with passwords (``edgelabel user add NAME --role ROLE``), for people, kept in the account
+    store (``edge/accounts.py``: scrypt hashes in ``<state_dir>/web-accounts.sqlite``, 0600);
+  - **API tokens** (``edgelabel token add NAME --role ROLE``), for scripts, in the same store as sha256
+    digests; revocable one by one;
+  - **configured tokens**: ``web.token`` (generated into a 0600 file in the state folder when unset) is
+    the admin ``operator``, the service credential of the appliance; ``web.operators`` adds named ones.
+
+  A review decision records the authenticated name, never a typed one.
+* A script sends ``Authorization: Bearer <token>`` (any kind of token).  A person logs in through the form
+  with a user name and password, or with a token in its own field, and gets a session: the cookie holds
+  only a random id, the session itself is a row in the account store (``web/sessions.py``).  Logout
+  deletes the row; a password change, disabling or removing the user, revoking the API token or changing
+  the configured token that opened it ends it too; so do 12 h without a request and 24 h after login.
+* A cookie is sent by the browser on its own, so every POST that relies on the session must also carry the
+  session's CSRF token (a hidden form field or the ``X-CSRF-Token`` header that the page's script adds).  A
+  bearer token is never sent on its own, so bearer requests need no CSRF token.
+* Failures are throttled (``web/throttle.py``): wrong tokens and wrong logins per client address and across
+  all addresses, wrong passwords also per user name; a guesser is refused with 429 and ``Retry-After``,
+  and a burst shows as a few log lines, not one per request.  Addresses that authenticated recently are
+  exempt from the global penalty and from a user name's block, so a spray cannot lock the operators out.
+  Behind a reverse proxy the client address comes from ``X-Forwarded-For`` only when the proxy is
+  ``web.trusted_proxy`` (waitress applies it).
 """
 
 from __future__ import annotations
@@ -33,22 +34,33 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
-import json
 import logging
 import os
 import secrets
-import threading
-import time
-from collections import OrderedDict, deque
+import sqlite3
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, abort, current_app, flash, g, jsonify, redirect, render_template, request, session, url_for
 
-from edgelabel.edge.config import WEB_ROLES, Config, ConfigError, web_token_problem
+from edgelabel.edge.accounts import (
+    ABSOLUTE_LIFETIME,
+    KIND_API_TOKEN,
+    KIND_CONFIG_TOKEN,
+    KIND_USER,
+    PASSWORD_MAX_LENGTH,
+    AccountStore,
+    Session,
+)
+from edgelabel.edge.config import WEB_ROLES, WEB_TOKEN_MIN_LENGTH, Config, ConfigError, web_token_problem
+from edgelabel.web.throttle import BEARER_FAILURES as BEARER_FAILURES
+from edgelabel.web.throttle import BEARER_WINDOW as BEARER_WINDOW
+from edgelabel.web.throttle import GLOBAL_BEARER_FAILURES as GLOBAL_BEARER_FAILURES
+from edgelabel.web.throttle import GLOBAL_BEARER_PENALTY as GLOBAL_BEARER_PENALTY
+from edgelabel.web.throttle import CredentialThrottle, FailureThrottle
 
 log = logging.getLogger("edgelabel.web")
 
@@ -58,19 +70,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
-#: failed logins allowed per address and window before that address is refused for the window
-MAX_FAILURES = 5
-FAILURE_WINDOW = 300.0
-#: failed logins from all addresses together per window before new addresses wait GLOBAL_LOGIN_PENALTY s
-GLOBAL_LOGIN_FAILURES = 30
-GLOBAL_LOGIN_PENALTY = 30.0
-#: wrong bearer tokens per address and window; across all addresses; and the global penalty
-BEARER_FAILURES = 20
-BEARER_WINDOW = 60.0
-GLOBAL_BEARER_FAILURES = 200
-GLOBAL_BEARER_PENALTY = 10.0
-#: a session ends this long after login whatever its use (the idle limit is the app's PERMANENT_SESSION_LIFETIME)
-SESSION_ABSOLUTE_LIFETIME = 24 * 3600.0
+#: a session ends this long after login whatever its use (the idle limit: edge/accounts.py IDLE_LIFETIME)
+SESSION_ABSOLUTE_LIFETIME = ABSOLUTE_LIFETIME
 #: the name web.token authenticates as
 DEFAULT_OPERATOR = "operator"
 #: the least role that may change state, per blueprint (others: admin)
@@ -132,12 +133,22 @@ def token_digest(token: str) -> bytes:
 
 @dataclass(frozen=True)
 class Operator:
-    """An authenticated name, its role and its session generation (changes when its token changes)."""
+    """An authenticated name and its role.
+
+    ``kind`` is how it authenticated: ``token`` (web.token or web.operators), ``api-token`` (the account
+    store's API tokens) or ``user`` (a password); ``cred`` ties a session to the credential that opened it
+    (a configured token's generation, which changes with the token; an API token's id).
+    """
 
     name: str
     role: str
-    digest: bytes
-    generation: str
+    kind: str = KIND_CONFIG_TOKEN
+    digest: bytes = b""
+    cred: str = ""
+
+    @property
+    def generation(self) -> str:
+        return self.cred
 
     def may(self, role: str) -> bool:
         """Whether this operator's role is ``role`` or above."""
@@ -145,13 +156,13 @@ class Operator:
 
 
 class Operators:
-    """Every token the page accepts: web.token as the admin ``operator``, plus ``web.operators``."""
+    """The configured tokens: web.token as the admin ``operator``, plus ``web.operators``."""
 
     def __init__(self, entries: list[tuple[str, str, bytes]], secret_key: str) -> None:
         key = secret_key.encode("utf-8")
         self._by_name = {
-            name: Operator(name, role, digest, hmac.new(key, b"gen:" + name.encode() + b":" + digest,
-                                                        hashlib.sha256).hexdigest()[:32])
+            name: Operator(name, role, KIND_CONFIG_TOKEN, digest,
+                           hmac.new(key, b"gen:" + name.encode() + b":" + digest, hashlib.sha256).hexdigest()[:32])
             for name, role, digest in entries}
 
     @classmethod
@@ -179,153 +190,6 @@ class Operators:
         return self._by_name.get(name) if isinstance(name, str) else None
 
 
-# --------------------------------------------------------------------------- revoked sessions
-
-
-class RevokedSessions:
-    """Session ids ended by logout, kept until they would have expired anyway (0600 JSON in the state folder).
-
-    A signed cookie cannot be taken back from the browser; this list is what makes logout final, also across a
-    restart of the daemon.
-    """
-
-    def __init__(self, path: Path | None, max_entries: int = 10000) -> None:
-        self.path = path
-        self.max_entries = max_entries
-        self._lock = threading.Lock()
-        self._ids: dict[str, float] = {}
-        if path is not None:
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-                if isinstance(data, dict):
-                    self._ids = {str(k): float(v) for k, v in data.items() if isinstance(v, (int, float))}
-            except FileNotFoundError:
-                pass
-            except (OSError, ValueError) as exc:
-                log.warning("web: the list of ended sessions in %s could not be read (%s); sessions ended before "
-                            "this start are valid until they expire, at most %.0f h", path, exc,
-                            SESSION_ABSOLUTE_LIFETIME / 3600)
-
-    def revoke(self, sid: str, until: float) -> None:
-        now = time.time()
-        with self._lock:
-            self._ids = {k: v for k, v in self._ids.items() if v > now}
-            self._ids[sid] = until
-            while len(self._ids) > self.max_entries:
-                self._ids.pop(next(iter(self._ids)))
-            snapshot = dict(self._ids)
-        if self.path is None:
-            return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, json.dumps(snapshot).encode("ascii"))
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            log.warning("web: could not record an ended session in %s (%s); it stays ended until the daemon "
-                        "restarts", self.path, exc)
-
-    def __contains__(self, sid: object) -> bool:
-        with self._lock:
-            return isinstance(sid, str) and sid in self._ids
-
-
-# --------------------------------------------------------------------------- throttles
-
-
-class FailureThrottle:
-    """Counts failures per client address and across all addresses; says for how long a client must wait.
-
-    * ``max_failures`` in ``window`` s from one address: that address waits until its oldest failure is out
-      of the window.
-    * ``global_failures`` in ``window`` s from all addresses together: every address that has not
-      authenticated in the last hour waits ``global_penalty`` s (shorter: a spray must not lock everyone out).
-    * Logging is summarized: the first failure of an address in a window, the start of a block, and the start of
-      a global penalty each log one line; the rest are counted.
-    """
-
-    def __init__(self, what: str = "login", max_failures: int = MAX_FAILURES, window: float = FAILURE_WINDOW,
-                 global_failures: int = GLOBAL_LOGIN_FAILURES, global_penalty: float = GLOBAL_LOGIN_PENALTY,
-                 max_addresses: int = 1000) -> None:
-        self.what = what
-        self.max_failures = max_failures
-        self.window = window
-        self.global_failures = global_failures
-        self.global_penalty = global_penalty
-        self.max_addresses = max_addresses
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
-        self._all: deque[float] = deque()
-        self._global_until = 0.0
-        self._good: OrderedDict[str, float] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def _recent(self, addr: str, now: float) -> deque[float]:
-        q = self._failures.get(addr)
-        if q is None:
-            if len(self._failures) >= self.max_addresses:
-                self._failures.popitem(last=False)  # bounded memory, oldest address out
-            q = self._failures[addr] = deque()
-        while q and now - q[0] > self.window:
-            q.popleft()
-        return q
-
-    def retry_after(self, addr: str) -> float:
-        """Seconds this address must wait before its next try; 0 when it may try now."""
-        now = time.monotonic()
-        with self._lock:
-            q = self._recent(addr, now) if addr in self._failures else deque()  # reading adds no entry
-            wait = self.window - (now - q[0]) if len(q) >= self.max_failures else 0.0
-            if now < self._global_until and not self._trusted(addr, now):
-                wait = max(wait, self._global_until - now)
-            return max(0.0, wait)
-
-    def blocked(self, addr: str) -> bool:
-        """Whether this address must wait now."""
-        return self.retry_after(addr) > 0
-
-    def _trusted(self, addr: str, now: float) -> bool:
-        seen = self._good.get(addr)
-        return seen is not None and now - seen < 3600.0
-
-    def failed(self, addr: str) -> None:
-        """Count one failure (and log it when it is the first of its kind in the window)."""
-        now = time.monotonic()
-        with self._lock:
-            q = self._recent(addr, now)
-            q.append(now)
-            self._all.append(now)
-            while self._all and now - self._all[0] > self.window:
-                self._all.popleft()
-            first, blocking = len(q) == 1, len(q) == self.max_failures
-            global_start = len(self._all) >= self.global_failures and now >= self._global_until
-            if global_start:
-                self._global_until = now + self.global_penalty
-                self._all.clear()
-        if first:
-            log.warning("web: wrong %s from %s (further failures from it within %.0f s are counted, not logged)",
-                        self.what, addr, self.window)
-        if blocking:
-            log.warning("web: %d wrong %s tries from %s within %.0f s; it is refused until they age out",
-                        self.max_failures, self.what, addr, self.window)
-        if global_start:
-            log.warning("web: %d wrong %s tries from all addresses within %.0f s; addresses that have not "
-                        "logged in lately wait %.0f s", self.global_failures, self.what, self.window,
-                        self.global_penalty)
-
-    def succeeded(self, addr: str) -> None:
-        """Forget the address's failures and exempt it from the global penalty for an hour."""
-        with self._lock:
-            self._failures.pop(addr, None)
-            self._good[addr] = time.monotonic()
-            self._good.move_to_end(addr)
-            while len(self._good) > self.max_addresses:
-                self._good.popitem(last=False)
-
-
 #: the name the web context knows the login throttle by
 LoginThrottle = FailureThrottle
 
@@ -335,12 +199,51 @@ class AuthState:
     """The app's credentials and counters (``app.extensions["edgelabel_auth"]``)."""
 
     operators: Operators
-    revoked: RevokedSessions
+    accounts: AccountStore
     bearer_throttle: FailureThrottle
+    name_throttle: CredentialThrottle = field(default_factory=CredentialThrottle)
+
+    def resolve_token(self, candidate: str | None) -> Operator | None:
+        """The operator whose token this is: a configured one, else a live API token; None for anything else.
+
+        A token shorter than the configured minimum is refused before any lookup (and counted as a failure by
+        the caller). The account store may raise ``sqlite3.Error`` / ``OSError``.
+        """
+        if not candidate or len(candidate) < WEB_TOKEN_MIN_LENGTH or len(candidate) > 512:
+            return None
+        op = self.operators.match(candidate)
+        if op is not None:
+            return op
+        tok = self.accounts.match_token(candidate)
+        return Operator(tok.name, tok.role, KIND_API_TOKEN, cred=tok.id) if tok is not None else None
+
+    def session_operator(self, record: Session | None) -> Operator | None:
+        """The operator of a live session row (the store has checked its lifetimes, user and API token)."""
+        if record is None:
+            return None
+        if record.kind == KIND_CONFIG_TOKEN:
+            op = self.operators.get(record.name)  # the configured token must still be the one that logged in
+            return op if op is not None and hmac.compare_digest(op.cred.encode(), record.cred.encode()) else None
+        if record.kind in (KIND_USER, KIND_API_TOKEN) and record.role in _RANK:
+            return Operator(record.name, record.role, record.kind, cred=record.cred)
+        return None
 
 
 def auth_state() -> AuthState:
     return current_app.extensions["edgelabel_auth"]  # type: ignore[no-any-return]
+
+
+def store_unavailable(exc: Exception) -> Response:
+    """A 503 naming the account file, when it cannot be read (a full or read-only disk)."""
+    path = auth_state().accounts.path
+    log.error("web: the account store %s cannot be used: %s", path, exc)
+    message = f"the account store {path.name} in the state folder cannot be read ({type(exc).__name__}); see the daemon log"
+    if wants_json() or request.endpoint != "auth.login":
+        resp = jsonify(error=message)
+        resp.status_code = 503
+        return resp
+    return Response(render_template("login.html", next=_safe_next(request.values.get("next")), error=message),
+                    status=503)
 
 
 def client_address() -> str:
@@ -370,7 +273,10 @@ def check_bearer() -> Response | None:
     wait = state.bearer_throttle.retry_after(addr)
     if wait > 0:
         return too_many(wait, "too many wrong tokens")
-    op = state.operators.match(bearer)
+    try:
+        op = state.resolve_token(bearer)
+    except (sqlite3.Error, OSError) as exc:
+        return store_unavailable(exc)
     if op is None:
         state.bearer_throttle.failed(addr)
     else:
@@ -390,16 +296,18 @@ def bearer_token() -> str | None:
 
 
 def _session_operator() -> Operator | None:
-    """The operator of a live session: known name, current token generation, not logged out, not too old."""
+    """The operator of this request's server-side session; a session whose configured token changed is ended."""
+    record = getattr(session, "record", None)
+    if record is None:
+        return None
     state = auth_state()
-    op = state.operators.get(session.get("op"))
-    gen, sid, iat = session.get("gen"), session.get("sid"), session.get("iat")
-    if op is None or not isinstance(gen, str) or not isinstance(sid, str) or not isinstance(iat, (int, float)):
-        return None
-    if not hmac.compare_digest(gen.encode(), op.generation.encode()) or sid in state.revoked:
-        return None
-    if not 0 <= time.time() - iat < SESSION_ABSOLUTE_LIFETIME:
-        return None
+    op = state.session_operator(record)
+    if op is None:
+        try:
+            state.accounts.end_session(session.sid)  # type: ignore[attr-defined]
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("web: a session could not be ended in %s: %s", state.accounts.path, exc)
+        session.end()  # type: ignore[attr-defined]
     return op
 
 
@@ -408,8 +316,11 @@ def current_operator() -> Operator | None:
     if "auth_method" not in g:
         op, method = None, None
         bearer = bearer_token()
-        if bearer is not None:
-            op = auth_state().operators.match(bearer)
+        if bearer is not None:  # check_bearer ran first and set g; this is for requests outside it
+            try:
+                op = auth_state().resolve_token(bearer)
+            except (sqlite3.Error, OSError):
+                op = None
             method = "bearer" if op else None
         else:
             op = _session_operator()
@@ -524,42 +435,88 @@ def _safe_next(target: str | None) -> str:
 # --------------------------------------------------------------------------- views
 
 
+def _login_page(next_url: str, error: str | None, status: int = 200, username: str = "") -> Any:
+    return render_template("login.html", next=next_url, error=error, username=username), status
+
+
+def _start_session(state: AuthState, op: Operator, addr: str, how: str, next_url: str) -> Any:
+    """A new server-side session for ``op`` (a new id: nothing of the anonymous state is kept)."""
+    raw, expires = state.accounts.create_session(op.kind, op.name, op.cred)
+    now = state.accounts.clock()
+    record = Session(digest="", kind=op.kind, name=op.name, cred=op.cred, role=op.role, created=now,
+                     last_seen=now, expires=expires, data={})
+    session.start(raw, record)  # type: ignore[attr-defined]
+    csrf_token()  # a fresh CSRF token for the new session
+    log.info("web: %s (%s) logged in with a %s from %s", op.name, op.role, how, addr)
+    flash(f"Logged in as {op.name} ({op.role}).")
+    return redirect(next_url)
+
+
+def _password_login(state: AuthState, throttle: FailureThrottle, addr: str, username: str, password: str,
+                    next_url: str) -> Any:
+    key = username[:64]
+    wait = state.name_throttle.retry_after(key, addr)
+    if wait > 0:
+        return too_many(wait, "Too many wrong passwords for this user name")
+    user = state.accounts.check_password(username, password[:PASSWORD_MAX_LENGTH + 1])
+    if user is None:
+        throttle.failed(addr)
+        known = len(username) <= 64 and state.accounts.user(username) is not None
+        # an unknown name is not logged: it may be a password typed into the wrong field
+        state.name_throttle.failed(key, f"user {username!r}" if known else "an unknown user name")
+        return _login_page(next_url, "Wrong user name or password.", 401, username if known else "")
+    throttle.succeeded(addr)
+    state.name_throttle.succeeded(key, addr)
+    return _start_session(state, Operator(user.name, user.role, KIND_USER), addr, "password", next_url)
+
+
 @bp.route("/login", methods=("GET", "POST"))
 def login() -> Any:
-    """The token form: a valid token starts a session for its operator."""
+    """The login form: a user name and password, or a token; either starts a server-side session."""
     throttle: FailureThrottle = current_app.extensions["edgelabel"].throttle
     next_url = _safe_next(request.values.get("next"))
-    if request.method == "POST":
-        addr = client_address()
-        if not csrf_ok():
-            return forbidden_csrf()
-        wait = throttle.retry_after(addr)
-        if wait > 0:
-            return too_many(wait, "Too many wrong tokens")
-        op = auth_state().operators.match(request.form.get("token", "").strip())
-        if op is not None:
-            throttle.succeeded(addr)
-            session.clear()
-            session.permanent = True
-            session.update(op=op.name, gen=op.generation, sid=secrets.token_urlsafe(16), iat=int(time.time()))
-            csrf_token()  # a fresh CSRF token for the new session
-            log.info("web: %s (%s) logged in from %s", op.name, op.role, addr)
-            flash(f"Logged in as {op.name} ({op.role}).")
-            return redirect(next_url)
-        throttle.failed(addr)
-        return render_template("login.html", next=next_url, error="Wrong token."), 401
-    return render_template("login.html", next=next_url, error=None)
+    if request.method != "POST":
+        return _login_page(next_url, None)
+    addr = client_address()
+    if not csrf_ok():
+        return forbidden_csrf()
+    username = request.form.get("username", "").strip()
+    password = request.form.get("password", "")
+    token = request.form.get("token", "").strip()
+    if username and token:
+        return _login_page(next_url, "Give a user name and password, or a token, not both.", 400, username)
+    if not username and not token:
+        return _login_page(next_url, "Enter your user name and password, or a token.", 400)
+    wait = throttle.retry_after(addr)
+    if wait > 0:
+        return too_many(wait, "Too many failed logins from this address" if username else "Too many wrong tokens")
+    state = auth_state()
+    try:
+        if username:
+            return _password_login(state, throttle, addr, username, password, next_url)
+        op = state.resolve_token(token)
+        if op is None:
+            throttle.failed(addr)
+            return _login_page(next_url, "Wrong token.", 401)
+        throttle.succeeded(addr)
+        return _start_session(state, op, addr, "token", next_url)
+    except (sqlite3.Error, OSError) as exc:
+        return store_unavailable(exc)
 
 
 @bp.post("/logout")
 def logout() -> Any:
-    """End the session here and server-side (CSRF-checked so another site cannot log the operator out)."""
-    if session.get("sid") and not csrf_ok():
+    """End the session server-side (CSRF-checked so another site cannot log the operator out)."""
+    sid = getattr(session, "sid", None)
+    if sid and not csrf_ok():
         return forbidden_csrf()
-    sid, iat = session.get("sid"), session.get("iat")
-    if isinstance(sid, str) and isinstance(iat, (int, float)):
-        auth_state().revoked.revoke(sid, iat + SESSION_ABSOLUTE_LIFETIME)
-        log.info("web: %s logged out from %s", session.get("op"), client_address())
-    session.clear()
+    if sid:
+        record = session.record  # type: ignore[attr-defined]
+        try:
+            auth_state().accounts.end_session(sid)
+        except (sqlite3.Error, OSError) as exc:
+            return store_unavailable(exc)
+        log.info("web: %s logged out from %s", record.name if record else "?", client_address())
+        session.end()  # type: ignore[attr-defined]
     flash("Logged out.")
     return redirect(url_for("pages.dashboard"))
