@@ -1,0 +1,347 @@
+"""Local web accounts: users made with the real ``edgelabel user`` command, password logins, roles, API tokens,
+server-side sessions that end (logout, password change, disable, removal, revocation, idle and absolute
+lifetime), throttles per user name and per address, and no secret in the log or in a listing.
+
+The app is the real one from its factory over a real dataset (tests/test_review.py's); one test goes through
+the real waitress server.  Time moves through the account store's clock, never by sleeping.
+"""
+
+from __future__ import annotations
+
+import http.cookiejar
+import logging
+import stat
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from flask import Flask
+from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
+
+from edgelabel.edge.accounts import ACCOUNTS_FILE, KIND_USER, AccountError, AccountStore, verify_password
+from edgelabel.web.server import start_web
+from edgelabel.web.sink import WebSink
+from edgelabel.web.throttle import NAME_FAILURES
+from tests.test_review import FakePipeline, build
+from tests.test_web_auth import TOKEN, Clock, bearer, cfg_for, csrf_from, make_app
+
+ALICE_PW = "alice correct horse battery"
+RITA_PW = "rita staple-gun 4711"
+VERA_PW = "vera looks at screens"
+
+
+def write_config(tmp: Path) -> Path:
+    """The same settings as cfg_for, as a file for the command line."""
+    path = tmp / "edgelabel.yaml"
+    path.write_text(yaml.safe_dump({
+        "device_id": "auth-dev", "state_dir": str(tmp / "state"),
+        "model": {"path": "m.onnx"}, "sources": {"cam": {"uri": "v4l2:///dev/video9"}},
+        "mqtt": {"enabled": False}, "dataset": {"path": str(tmp / "ds")}, "web": {"enabled": True},
+    }))
+    return path
+
+
+def cli(config: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edgelabel.edge.cli", *args, "-c", str(config)], input=stdin,
+                          capture_output=True, text=True, timeout=120)
+
+
+def pw_login(client: FlaskClient, name: str, password: str, addr: str = "127.0.0.1") -> TestResponse:
+    env = {"REMOTE_ADDR": addr}
+    page = client.get("/login", environ_base=env)
+    return client.post("/login", data={"username": name, "password": password, "csrf_token": csrf_from(page.text)},
+                       environ_base=env)
+
+
+def authenticated(client: FlaskClient) -> bool:
+    return bool(client.get("/api/status").get_json()["web"]["authenticated"])
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[tuple[Flask, Any, AccountStore, Clock]]:
+    """An app over a real dataset, with alice (admin), rita (reviewer) and vera (viewer) in its account store."""
+    clock = Clock()
+    cfg = cfg_for(tmp_path)
+    store = AccountStore(cfg.state_path(ACCOUNTS_FILE), clock)
+    store.add_user("alice", "admin", ALICE_PW)
+    store.add_user("rita", "reviewer", RITA_PW)
+    store.add_user("vera", "viewer", VERA_PW)
+    sink, recs = build(tmp_path / "ds")
+    yield make_app(cfg, sinks=[sink], clock=clock), recs, store, clock
+    sink.close()
+    store.close()
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def test_users_are_managed_with_the_command_and_the_running_app_sees_every_change_at_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = write_config(tmp_path)
+    app = make_app(cfg_for(tmp_path))  # "the daemon", running before any account exists
+    c = app.test_client()
+    assert pw_login(c, "alice", ALICE_PW).status_code == 401
+
+    added = cli(config, "user", "add", "alice", "--role", "admin", "--password-stdin", stdin=ALICE_PW + "\n")
+    assert added.returncode == 0, added.stderr
+    assert "alice added (admin)" in added.stdout
+    path = tmp_path / "state" / ACCOUNTS_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert ALICE_PW.encode() not in path.read_bytes()  # only the scrypt hash
+    # refused with a clear reason: a short password, no terminal and no --password-stdin, a taken name
+    short = cli(config, "user", "add", "bob", "--role", "viewer", "--password-stdin", stdin="short\n")
+    assert short.returncode == 2 and "at least 12 are required" in short.stderr
+    no_tty = cli(config, "user", "add", "bob", "--role", "viewer", stdin="")
+    assert no_tty.returncode == 2 and "--password-stdin" in no_tty.stderr
+    again = cli(config, "user", "add", "alice", "--role", "viewer", "--password-stdin", stdin="another long one\n")
+    assert again.returncode == 2 and "already used by a user" in again.stderr
+    reserved = cli(config, "user", "add", "operator", "--role", "viewer", "--password-stdin", stdin=ALICE_PW + "\n")
+    assert reserved.returncode == 2 and "web.token" in reserved.stderr
+
+    listed = cli(config, "user", "list")
+    assert listed.returncode == 0 and "alice" in listed.stdout and "admin" in listed.stdout
+    assert "enabled" in listed.stdout and "bob" not in listed.stdout and "scrypt" not in listed.stdout
+
+    # the running app: the new user logs in without a restart
+    assert pw_login(c, "alice", ALICE_PW).status_code == 302 and authenticated(c)
+    # a password change from the command line ends the session at once; the new password works
+    new_pw = "alice NEW horse battery"
+    changed = cli(config, "user", "passwd", "alice", "--password-stdin", stdin=new_pw + "\n")
+    assert changed.returncode == 0 and "1 session(s) ended" in changed.stdout, changed.stderr
+    assert not authenticated(c) and c.get("/api/review/queue").status_code == 401
+    assert pw_login(c, "alice", ALICE_PW).status_code == 401
+    assert pw_login(c, "alice", new_pw).status_code == 302 and authenticated(c)
+    # disabled: the session ends and the password no longer works; enabled: it does again
+    assert cli(config, "user", "disable", "alice").returncode == 0
+    assert not authenticated(c)
+    assert pw_login(c, "alice", new_pw).status_code == 401
+    assert "disabled" in cli(config, "user", "list").stdout
+    assert cli(config, "user", "enable", "alice").returncode == 0
+    assert pw_login(c, "alice", new_pw).status_code == 302 and authenticated(c)
+    # removed: the session ends, the name is gone
+    removed = cli(config, "user", "remove", "alice")
+    assert removed.returncode == 0 and "1 session(s) ended" in removed.stdout
+    assert not authenticated(c)
+    assert "no users yet" in cli(config, "user", "list").stdout
+    gone = cli(config, "user", "remove", "alice")
+    assert gone.returncode == 2 and "no user named 'alice'" in gone.stderr
+    assert ALICE_PW not in caplog.text and new_pw not in caplog.text
+
+
+def test_api_tokens_are_shown_once_scoped_by_role_and_refused_at_once_when_revoked(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = write_config(tmp_path)
+    app = make_app(cfg_for(tmp_path))
+    c = app.test_client()
+    made = cli(config, "token", "add", "wallboard", "--role", "viewer")
+    assert made.returncode == 0, made.stderr
+    secret = made.stdout.strip()
+    assert secret.startswith("elt_") and len(secret) >= 40 and "shown this once" in made.stderr
+    listed = cli(config, "token", "list")
+    assert "wallboard" in listed.stdout and "viewer" in listed.stdout and "live" in listed.stdout
+    assert secret not in listed.stdout and secret[4:20] not in listed.stdout
+    assert secret.encode() not in (tmp_path / "state" / ACCOUNTS_FILE).read_bytes()
+
+    # scoped: a viewer token reads, and is refused what needs more
+    assert c.get("/api/review/queue", headers=bearer(secret)).status_code in (200, 404)  # 404: no dataset sink
+    refused = c.post("/api/sources/cam/pause", headers=bearer(secret))
+    assert refused.status_code == 403 and "wallboard" in refused.get_json()["error"]
+    # it also opens a session through the form's token field
+    page = c.get("/login")
+    assert c.post("/login", data={"token": secret, "csrf_token": csrf_from(page.text)}).status_code == 302
+    assert authenticated(c)
+    assert "last used 20" in cli(config, "token", "list").stdout
+
+    revoked = cli(config, "token", "revoke", "wallboard")
+    assert revoked.returncode == 0, revoked.stderr
+    assert c.get("/api/status", headers=bearer(secret)).status_code == 200  # public read, but:
+    assert c.get("/api/review/queue", headers=bearer(secret)).status_code == 401
+    assert not authenticated(c)  # the session it opened ended with it
+    assert "revoked" in cli(config, "token", "list").stdout
+    assert cli(config, "token", "revoke", "wallboard").returncode == 2  # no live token of that name
+    # an admin token reaches the action; the ids in the listing revoke too
+    admin = cli(config, "token", "add", "ci", "--role", "admin").stdout.strip()
+    assert c.post("/api/sources/cam/pause", headers=bearer(admin)).status_code == 404  # reached: no source "cam"
+    tid = next(line.split()[0] for line in cli(config, "token", "list").stdout.splitlines() if " ci " in line)
+    assert cli(config, "token", "revoke", tid).returncode == 0
+    assert c.post("/api/sources/cam/pause", headers=bearer(admin)).status_code == 401
+    assert secret not in caplog.text and admin not in caplog.text
+
+
+# --------------------------------------------------------------------------- roles and reviews
+
+
+def test_roles_of_password_users_and_the_reviewer_recorded_is_the_logged_in_user(
+        site: tuple[Flask, Any, AccountStore, Clock]) -> None:
+    app, recs, _, _ = site
+    viewer, reviewer, admin = app.test_client(), app.test_client(), app.test_client()
+    for client, name, pw in ((viewer, "vera", VERA_PW), (reviewer, "rita", RITA_PW), (admin, "alice", ALICE_PW)):
+        resp = pw_login(client, name, pw)
+        assert resp.status_code == 302 and resp.headers["Location"] == "/"
+    csrf = {c: csrf_from(c.get("/").text) for c in (viewer, reviewer, admin)}
+    rid = recs[0].id
+    assert viewer.get("/api/review/queue").status_code == 200
+    no = viewer.post(f"/api/review/items/{rid}", json={"action": "accept"}, headers={"X-CSRF-Token": csrf[viewer]})
+    assert no.status_code == 403 and "'vera' has the role viewer" in no.get_json()["error"]
+    ok = reviewer.post(f"/api/review/items/{rid}", json={"action": "accept", "by": "the boss"},
+                       headers={"X-CSRF-Token": csrf[reviewer]})
+    assert ok.status_code == 200 and ok.get_json()["item"]["reviewed_by"] == "rita"
+    pause = reviewer.post("/api/sources/cam/pause", headers={"X-CSRF-Token": csrf[reviewer]})
+    assert pause.status_code == 403 and "needs admin" in pause.get_json()["error"]
+    assert admin.post("/api/sources/cam/pause", headers={"X-CSRF-Token": csrf[admin]}).status_code == 404
+    assert "rita" in reviewer.get("/review").text
+    # the cookie holds the random id only, and a session-bound POST still needs the CSRF token
+    cookie = reviewer.get_cookie("edgelabel_session")
+    assert cookie is not None and cookie.http_only and cookie.same_site == "Strict"
+    assert "rita" not in cookie.value and len(cookie.value) >= 43
+    assert reviewer.post(f"/api/review/items/{rid}", json={"action": "reopen"}).status_code == 403
+
+
+def test_the_form_asks_for_one_way_of_logging_in(site: tuple[Flask, Any, AccountStore, Clock]) -> None:
+    app = site[0]
+    c = app.test_client()
+    page = c.get("/login")
+    assert 'id="username"' in page.text and 'id="password"' in page.text and 'id="token"' in page.text
+    both = c.post("/login", data={"username": "alice", "password": ALICE_PW, "token": TOKEN,
+                                  "csrf_token": csrf_from(page.text)})
+    assert both.status_code == 400 and "not both" in both.text
+    assert c.post("/login", data={"csrf_token": csrf_from(page.text)}).status_code == 400
+    assert c.post("/login", data={"username": "alice", "password": ALICE_PW}).status_code == 403  # no CSRF
+    wrong = pw_login(c, "alice", "not her password")
+    assert wrong.status_code == 401 and "Wrong user name or password." in wrong.text
+    unknown = pw_login(c, "nobody", ALICE_PW)
+    assert unknown.status_code == 401 and "Wrong user name or password." in unknown.text
+    # web.token still logs in through its field, as the admin "operator"
+    page = c.get("/login")
+    assert c.post("/login", data={"token": TOKEN, "csrf_token": csrf_from(page.text)}).status_code == 302
+    assert c.get("/api/review/queue").status_code == 200
+
+
+# --------------------------------------------------------------------------- sessions end
+
+
+def test_sessions_end_at_logout_and_with_their_user_and_the_cookie_alone_is_worthless_after(
+        site: tuple[Flask, Any, AccountStore, Clock]) -> None:
+    app, _, store, _ = site
+    c = app.test_client()
+    assert pw_login(c, "alice", ALICE_PW).status_code == 302
+    stolen = c.get_cookie("edgelabel_session").value
+    assert store.session_count(KIND_USER, "alice") == 1
+    assert c.post("/logout", data={"csrf_token": csrf_from(c.get("/").text)}).status_code == 302
+    assert store.session_count(KIND_USER, "alice") == 0
+    replay = app.test_client()
+    replay.set_cookie("edgelabel_session", stolen)
+    assert not authenticated(replay) and replay.get("/api/review/queue").status_code == 401
+    # a page request with the dead cookie goes to the login form, and the cookie is cleared
+    page = replay.get("/review")
+    assert page.status_code == 302 and page.headers["Location"].startswith("/login")
+    assert replay.get_cookie("edgelabel_session") is None
+
+    # removal and disabling through the store (as the command does) end sessions of that user only
+    r, v = app.test_client(), app.test_client()
+    assert pw_login(r, "rita", RITA_PW).status_code == 302 and pw_login(v, "vera", VERA_PW).status_code == 302
+    store.set_disabled("rita", True)
+    assert not authenticated(r) and authenticated(v)
+    store.remove_user("vera")
+    assert not authenticated(v)
+    with pytest.raises(AccountError, match="at least 12"):
+        store.set_password("alice", "too short")
+
+
+def test_sessions_end_after_12_hours_idle_and_24_hours_in_all(site: tuple[Flask, Any, AccountStore, Clock]) -> None:
+    app, _, store, clock = site
+    idle, busy = app.test_client(), app.test_client()
+    assert pw_login(idle, "alice", ALICE_PW).status_code == 302
+    assert pw_login(busy, "rita", RITA_PW).status_code == 302
+    clock.advance(11.9 * 3600)
+    assert authenticated(busy)  # a request: no longer idle
+    clock.advance(0.2 * 3600)  # alice: 12.1 h without a request
+    assert not authenticated(idle) and authenticated(busy)
+    clock.advance(11.8 * 3600)  # 23.9 h after login
+    assert authenticated(busy)
+    clock.advance(0.2 * 3600)  # 24.1 h
+    assert not authenticated(busy)
+    assert store.session_count() == 0  # both rows are gone, not just refused
+
+
+# --------------------------------------------------------------------------- throttles
+
+
+def test_wrong_passwords_are_throttled_per_user_name_and_per_address_without_locking_the_owner_out(
+        site: tuple[Flask, Any, AccountStore, Clock], caplog: pytest.LogCaptureFixture) -> None:
+    app = site[0]
+    owner = "10.7.0.1"
+    assert pw_login(app.test_client(), "alice", ALICE_PW, addr=owner).status_code == 302
+    typo = "alice correct horse battery!"
+    with caplog.at_level(logging.INFO, logger="edgelabel.web"):
+        # a guesser spread over many addresses: each address stays under its own limit (5)
+        codes = [pw_login(app.test_client(), "alice", f"guess number {i:04d}", addr=f"10.8.0.{i}").status_code
+                 for i in range(NAME_FAILURES)]
+        assert codes == [401] * NAME_FAILURES
+        blocked = pw_login(app.test_client(), "alice", ALICE_PW, addr="10.8.1.1")
+        assert blocked.status_code == 429 and 1 <= int(blocked.headers["Retry-After"]) <= 900
+        # the owner's own desk still gets in, and other users are not affected
+        assert pw_login(app.test_client(), "alice", ALICE_PW, addr=owner).status_code == 302
+        assert pw_login(app.test_client(), "rita", RITA_PW, addr="10.8.1.2").status_code == 302
+        # per address: 5 wrong tries from one address (any names), then even the right password waits
+        one = "10.9.0.9"
+        assert [pw_login(app.test_client(), name, typo, addr=one).status_code
+                for name in ("rita", "vera", "nobody", typo, "rita")] == [401] * 5
+        late = pw_login(app.test_client(), "vera", VERA_PW, addr=one)
+        assert late.status_code == 429 and "from this address" in late.text
+    lines = [r.getMessage() for r in caplog.records if "wrong" in r.getMessage()]
+    per_name = [m for m in lines if "for user 'alice'" in m]
+    assert 1 <= len(per_name) <= 2, lines  # the first failure and the block, not one line per try
+    assert len(lines) <= NAME_FAILURES + 8, lines
+    text = caplog.text
+    assert typo not in text and "guess number" not in text and ALICE_PW not in text  # no password, no typed name
+    assert "an unknown user name" in text
+
+
+# --------------------------------------------------------------------------- the real server
+
+
+class _Browser:
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.jar = http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar))
+
+    def open(self, path: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, str]:
+        req = urllib.request.Request(self.base + path, data=data, headers=headers or {})
+        try:
+            with self.opener.open(req, timeout=10) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+
+def test_a_password_login_through_the_real_server(tmp_path: Path) -> None:
+    cfg = cfg_for(tmp_path, token=TOKEN)
+    store = AccountStore(cfg.state_path(ACCOUNTS_FILE))
+    store.add_user("alice", "admin", ALICE_PW)
+    server = start_web(FakePipeline(cfg), WebSink(cfg), cfg, host="127.0.0.1", port=0)
+    try:
+        b = _Browser(server.url)
+        _, page = b.open("/login")
+        form = f"username=alice&password={ALICE_PW.replace(' ', '+')}&csrf_token={csrf_from(page)}".encode()
+        code, _ = b.open("/login", form)
+        assert code == 200  # followed the redirect to the dashboard
+        assert {c.name for c in b.jar} == {"edgelabel_session"}  # the pre-login cookie is gone
+        code, body = b.open("/api/status")
+        assert code == 200 and '"authenticated":true' in body.replace(" ", "")
+        store.set_password("alice", "alice another long one")
+        code, body = b.open("/api/status")
+        assert '"authenticated":false' in body.replace(" ", "")
+    finally:
+        server.stop()
+        store.close()
+    hashed = AccountStore(cfg.state_path(ACCOUNTS_FILE))._exec("SELECT password FROM users").fetchone()[0]
+    assert hashed.startswith("scrypt$32768$8$1$") and verify_password("alice another long one", hashed)
