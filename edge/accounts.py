@@ -329,8 +329,9 @@ class AccountStore:
     def set_disabled(self, name: str, disabled: bool) -> int:
         """Disable (ending every session) or enable a user; the number of sessions ended."""
         self._need_user(name)
-        stmts: list[tuple[str, tuple[Any, ...]]] = [
-            ("UPDATE users SET disabled = ?, changed = ? WHERE name = ?", (int(disabled), self.clock(), name))]
+        stmts: list[tuple[str, tuple[Any, ...]]] = [  # enabling an enabled user changes nothing (no logout)
+            ("UPDATE users SET disabled = ?, changed = ? WHERE name = ? AND disabled != ?",
+             (int(disabled), self.clock(), name, int(disabled)))]
         if disabled:
             stmts.append(("DELETE FROM sessions WHERE kind = ? AND name = ?", (KIND_USER, name)))
         counts = self._write(stmts)

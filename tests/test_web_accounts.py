@@ -25,7 +25,14 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from edgelabel.edge.accounts import ACCOUNTS_FILE, KIND_USER, AccountError, AccountStore, verify_password
+from edgelabel.edge.accounts import (
+    ACCOUNTS_FILE,
+    KIND_USER,
+    AccountError,
+    AccountStore,
+    hash_password,
+    verify_password,
+)
 from edgelabel.web.server import start_web
 from edgelabel.web.sink import WebSink
 from edgelabel.web.throttle import NAME_FAILURES
@@ -345,3 +352,25 @@ def test_a_password_login_through_the_real_server(tmp_path: Path) -> None:
         store.close()
     hashed = AccountStore(cfg.state_path(ACCOUNTS_FILE))._exec("SELECT password FROM users").fetchone()[0]
     assert hashed.startswith("scrypt$32768$8$1$") and verify_password("alice another long one", hashed)
+
+
+# --------------------------------------------------------------------------- the file
+
+
+def test_older_hash_parameters_are_raised_at_login_and_a_loose_file_mode_is_tightened(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = cfg_for(tmp_path)
+    path = cfg.state_path(ACCOUNTS_FILE)
+    store = AccountStore(path)
+    store.add_user("alice", "admin", ALICE_PW)
+    weaker = hash_password(ALICE_PW, n=2**14)  # as made before the parameters were raised
+    store._write([("UPDATE users SET password = ? WHERE name = 'alice'", (weaker,))])
+    store.close()
+    path.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="edgelabel.accounts"):
+        app = make_app(cfg)
+        assert pw_login(app.test_client(), "alice", ALICE_PW).status_code == 302
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and "was readable by others" in caplog.text
+    stored = AccountStore(path)._exec("SELECT password FROM users").fetchone()[0]
+    assert stored.startswith("scrypt$32768$8$1$") and verify_password(ALICE_PW, stored)
+    assert not verify_password("alice wrong horse battery", stored) and not verify_password(ALICE_PW, "md5$abc")
