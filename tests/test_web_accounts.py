@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import http.cookiejar
 import logging
+import os
+import pty
+import select
 import stat
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -374,3 +378,40 @@ def test_older_hash_parameters_are_raised_at_login_and_a_loose_file_mode_is_tigh
     stored = AccountStore(path)._exec("SELECT password FROM users").fetchone()[0]
     assert stored.startswith("scrypt$32768$8$1$") and verify_password(ALICE_PW, stored)
     assert not verify_password("alice wrong horse battery", stored) and not verify_password(ALICE_PW, "md5$abc")
+
+
+def _on_a_terminal(config: Path, args: list[str], answers: list[str]) -> tuple[int, str]:
+    """Run the command on a pseudo-terminal of its own (as a person at a shell); answer each prompt in turn."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the terminal is its controlling terminal, as getpass expects
+        os.execv(sys.executable, [sys.executable, "-m", "edgelabel.edge.cli", *args, "-c", str(config)])
+    out = b""
+    pending = list(answers)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+            if pending and out.rstrip().endswith(b":"):
+                os.write(fd, pending.pop(0).encode() + b"\n")
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
+
+
+def test_on_a_terminal_the_password_is_asked_twice_and_never_echoed(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    code, out = _on_a_terminal(config, ["user", "add", "dana", "--role", "admin"], [ALICE_PW, ALICE_PW])
+    assert code == 0 and "New password for dana:" in out and "Repeat it:" in out and "dana added" in out, out
+    assert ALICE_PW not in out  # not echoed
+    code, out = _on_a_terminal(config, ["user", "passwd", "dana"], [RITA_PW, VERA_PW])
+    assert code == 2 and "the two passwords differ; nothing was changed" in out, out
+    store = AccountStore(tmp_path / "state" / ACCOUNTS_FILE)
+    assert store.check_password("dana", ALICE_PW) is not None
+    store.close()
