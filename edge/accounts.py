@@ -259,9 +259,14 @@ class AccountStore:
                 self._db.close()
                 self._db = None
 
-    def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+    def _one(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Row | None:
+        """The first row, fetched while holding the lock (the connection is shared by the web threads)."""
         with self._lock:
-            return self._conn().execute(sql, args)
+            return self._conn().execute(sql, args).fetchone()  # type: ignore[no-any-return]
+
+    def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn().execute(sql, args).fetchall()
 
     def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
         """Run statements in one transaction; the row counts."""
@@ -279,9 +284,9 @@ class AccountStore:
     # ---- users
 
     def _taken(self, name: str) -> str | None:
-        if self._exec("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
+        if self._one("SELECT 1 FROM users WHERE name = ?", (name,)):
             return "a user"
-        if self._exec("SELECT 1 FROM tokens WHERE name = ? AND revoked IS NULL", (name,)).fetchone():
+        if self._one("SELECT 1 FROM tokens WHERE name = ? AND revoked IS NULL", (name,)):
             return "an API token"
         return None
 
@@ -303,11 +308,11 @@ class AccountStore:
         return User(name, role, now, now, False)
 
     def user(self, name: str) -> User | None:
-        row = self._exec("SELECT name, role, created, changed, disabled FROM users WHERE name = ?", (name,)).fetchone()
+        row = self._one("SELECT name, role, created, changed, disabled FROM users WHERE name = ?", (name,))
         return User(row["name"], row["role"], row["created"], row["changed"], bool(row["disabled"])) if row else None
 
     def users(self) -> list[User]:
-        rows = self._exec("SELECT name, role, created, changed, disabled FROM users ORDER BY name").fetchall()
+        rows = self._all("SELECT name, role, created, changed, disabled FROM users ORDER BY name")
         return [User(r["name"], r["role"], r["created"], r["changed"], bool(r["disabled"])) for r in rows]
 
     def _need_user(self, name: str) -> None:
@@ -350,7 +355,7 @@ class AccountStore:
         """The user when ``password`` is theirs and the account is enabled; None otherwise (same cost either way)."""
         row = None
         if NAME_RE.match(name) and len(password) <= PASSWORD_MAX_LENGTH:
-            row = self._exec("SELECT * FROM users WHERE name = ?", (name,)).fetchone()
+            row = self._one("SELECT * FROM users WHERE name = ?", (name,))
         ok = verify_password(password[:PASSWORD_MAX_LENGTH], row["password"] if row else _dummy_hash())
         if row is None or not ok or row["disabled"]:
             return None
@@ -377,13 +382,13 @@ class AccountStore:
         return ApiToken(tid, name, role, now, None, None), secret
 
     def tokens(self) -> list[ApiToken]:
-        rows = self._exec("SELECT * FROM tokens ORDER BY created").fetchall()
+        rows = self._all("SELECT * FROM tokens ORDER BY created")
         return [ApiToken(r["id"], r["name"], r["role"], r["created"], r["last_used"], r["revoked"]) for r in rows]
 
     def revoke_token(self, name_or_id: str) -> ApiToken:
         """Revoke the live token with this name or id; its sessions end."""
-        row = self._exec("SELECT * FROM tokens WHERE (id = ? OR name = ?) AND revoked IS NULL",
-                         (name_or_id, name_or_id)).fetchone()
+        row = self._one("SELECT * FROM tokens WHERE (id = ? OR name = ?) AND revoked IS NULL",
+                         (name_or_id, name_or_id))
         if row is None:
             raise AccountError(f"no live API token named or with the id {name_or_id!r} (edgelabel token list)")
         now = self.clock()
@@ -396,8 +401,7 @@ class AccountStore:
         """The live API token whose secret this is (looked up by its sha256, which an attacker cannot steer)."""
         if not secret.startswith(TOKEN_PREFIX):
             return None
-        row = self._exec("SELECT * FROM tokens WHERE digest = ? AND revoked IS NULL",
-                         (token_digest_hex(secret),)).fetchone()
+        row = self._one("SELECT * FROM tokens WHERE digest = ? AND revoked IS NULL", (token_digest_hex(secret),))
         if row is None:
             return None
         now = self.clock()
@@ -428,18 +432,18 @@ class AccountStore:
         if not raw or len(raw) > 100:
             return None
         digest = token_digest_hex(raw)
-        row = self._exec("SELECT * FROM sessions WHERE digest = ?", (digest,)).fetchone()
+        row = self._one("SELECT * FROM sessions WHERE digest = ?", (digest,))
         if row is None:
             return None
         now = self.clock()
         role: str | None = None
         alive = row["created"] <= now < row["expires"] and now - row["last_seen"] < IDLE_LIFETIME
         if alive and row["kind"] == KIND_USER:
-            user = self._exec("SELECT role, changed, disabled FROM users WHERE name = ?", (row["name"],)).fetchone()
+            user = self._one("SELECT role, changed, disabled FROM users WHERE name = ?", (row["name"],))
             alive = user is not None and not user["disabled"] and user["changed"] <= row["created"]
             role = user["role"] if alive else None
         elif alive and row["kind"] == KIND_API_TOKEN:
-            tok = self._exec("SELECT role FROM tokens WHERE id = ? AND revoked IS NULL", (row["cred"],)).fetchone()
+            tok = self._one("SELECT role FROM tokens WHERE id = ? AND revoked IS NULL", (row["cred"],))
             alive = tok is not None
             role = tok["role"] if alive else None
         if not alive:
@@ -469,8 +473,8 @@ class AccountStore:
 
     def session_count(self, kind: str | None = None, name: str | None = None) -> int:
         if kind is None:
-            return int(self._exec("SELECT COUNT(*) FROM sessions").fetchone()[0])
-        return int(self._exec("SELECT COUNT(*) FROM sessions WHERE kind = ? AND name = ?", (kind, name)).fetchone()[0])
+            return int(self._one("SELECT COUNT(*) FROM sessions")[0])  # type: ignore[index]
+        return int(self._one("SELECT COUNT(*) FROM sessions WHERE kind = ? AND name = ?", (kind, name))[0])  # type: ignore[index]
 
 
 def store_for(state_dir: Path, clock: Callable[[], float] = time.time) -> AccountStore:

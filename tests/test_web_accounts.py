@@ -354,7 +354,7 @@ def test_a_password_login_through_the_real_server(tmp_path: Path) -> None:
     finally:
         server.stop()
         store.close()
-    hashed = AccountStore(cfg.state_path(ACCOUNTS_FILE))._exec("SELECT password FROM users").fetchone()[0]
+    hashed = AccountStore(cfg.state_path(ACCOUNTS_FILE))._one("SELECT password FROM users")[0]  # type: ignore[index]
     assert hashed.startswith("scrypt$32768$8$1$") and verify_password("alice another long one", hashed)
 
 
@@ -375,7 +375,7 @@ def test_older_hash_parameters_are_raised_at_login_and_a_loose_file_mode_is_tigh
         app = make_app(cfg)
         assert pw_login(app.test_client(), "alice", ALICE_PW).status_code == 302
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and "was readable by others" in caplog.text
-    stored = AccountStore(path)._exec("SELECT password FROM users").fetchone()[0]
+    stored = AccountStore(path)._one("SELECT password FROM users")[0]  # type: ignore[index]
     assert stored.startswith("scrypt$32768$8$1$") and verify_password(ALICE_PW, stored)
     assert not verify_password("alice wrong horse battery", stored) and not verify_password(ALICE_PW, "md5$abc")
 

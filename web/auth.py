@@ -47,7 +47,6 @@ from urllib.parse import urlsplit
 from flask import Blueprint, Response, abort, current_app, flash, g, jsonify, redirect, render_template, request, session, url_for
 
 from edgelabel.edge.accounts import (
-    ABSOLUTE_LIFETIME,
     KIND_API_TOKEN,
     KIND_CONFIG_TOKEN,
     KIND_USER,
@@ -70,8 +69,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
-#: a session ends this long after login whatever its use (the idle limit: edge/accounts.py IDLE_LIFETIME)
-SESSION_ABSOLUTE_LIFETIME = ABSOLUTE_LIFETIME
 #: the name web.token authenticates as
 DEFAULT_OPERATOR = "operator"
 #: the least role that may change state, per blueprint (others: admin)
