@@ -16,10 +16,12 @@ import select
 import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -415,3 +417,47 @@ def test_on_a_terminal_the_password_is_asked_twice_and_never_echoed(tmp_path: Pa
     store = AccountStore(tmp_path / "state" / ACCOUNTS_FILE)
     assert store.check_password("dana", ALICE_PW) is not None
     store.close()
+
+
+def test_the_command_edits_the_accounts_while_the_served_app_is_busy_with_them(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    cfg = cfg_for(tmp_path, token=TOKEN)
+    secret = cli(config, "token", "add", "ci", "--role", "viewer").stdout.strip()
+    server = start_web(FakePipeline(cfg), WebSink(cfg), cfg, host="127.0.0.1", port=0)
+    revoked = threading.Event()
+    answers: list[list[tuple[bool, int]]] = []
+
+    def hammer() -> None:
+        mine: list[tuple[bool, int]] = []
+        answers.append(mine)
+        while len(mine) < 2000:
+            after = revoked.is_set()
+            req = urllib.request.Request(server.url + "/api/review/queue", headers=bearer(secret))
+            try:
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    mine.append((after, resp.status))
+            except urllib.error.HTTPError as exc:
+                mine.append((after, exc.code))
+            if after:
+                return
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(hammer) for _ in range(4)]
+            for i in range(3):  # writes from another process while every request reads (and touches) the file
+                assert cli(config, "user", "add", f"u{i}", "--role", "viewer", "--password-stdin",
+                           stdin=f"password number {i}\n").returncode == 0
+            assert cli(config, "token", "revoke", "ci").returncode == 0
+            revoked.set()
+            for f in futures:
+                f.result(timeout=60)
+    finally:
+        server.stop()
+    # no error from the shared file: the token works (200; 404 without a dataset) until it is revoked, then
+    # is refused (401, and 429 once the refusals pile up), never accepted again
+    for mine in answers:
+        codes = [code for _, code in mine]
+        assert set(codes) <= {200, 404, 401, 429}, codes
+        first_refusal = next(i for i, c in enumerate(codes) if c in (401, 429))
+        assert codes[0] in (200, 404) and all(c in (401, 429) for c in codes[first_refusal:]), codes
+        assert mine[-1][0] is True and mine[-1][1] in (401, 429)
