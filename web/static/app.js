@@ -123,7 +123,7 @@ const EL = (() => {
             notice(`${name}: ${action === "pause" ? "paused" : "resumed"}.`, "ok");
             if (onDone) onDone(res.data);
           } else if (res.status === 401) {
-            notice(`Refused: to ${action} ${name} you need the operator token.`, "bad",
+            notice(`Refused: to ${action} ${name} you need to log in (as an admin).`, "bad",
               { href: `/login?next=${encodeURIComponent(location.pathname)}`, text: "Log in" });
           } else {
             notice(`Refused: ${(res.data && res.data.error) || `HTTP ${res.status}`}`, "bad");

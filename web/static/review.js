@@ -60,7 +60,7 @@
     let data = null;
     try { data = await r.json(); } catch (e) { data = null; }
     if (r.status === 401) {
-      EL.notice("Reviewing needs the operator token: your session ended.", "bad",
+      EL.notice("Reviewing needs a login: your session ended.", "bad",
         { href: `/login?next=${encodeURIComponent("/review")}`, text: "Log in" });
     }
     return { ok: r.ok, status: r.status, data };
