@@ -331,6 +331,15 @@ class AccountStore:
         log.info("web account %r: password changed, %d session(s) ended", name, ended)
         return ended
 
+    def set_role(self, name: str, role: str) -> None:
+        """A new role; it counts from the user's next request (sessions read the role live, none ends)."""
+        self._need_user(name)
+        why = role_problem(role)
+        if why:
+            raise AccountError(why)
+        self._write([("UPDATE users SET role = ? WHERE name = ?", (role, name))])
+        log.info("web account %r: role set to %s", name, role)
+
     def set_disabled(self, name: str, disabled: bool) -> int:
         """Disable (ending every session) or enable a user; the number of sessions ended."""
         self._need_user(name)

@@ -91,6 +91,9 @@ def cmd_user(args: argparse.Namespace) -> int:
             for u in users:
                 state = "disabled" if u.disabled else "enabled"
                 print(f"{u.name:<24} {u.role:<9} {state:<9} created {_when(u.created)}  changed {_when(u.changed)}")
+        elif args.action == "role":
+            store.set_role(args.name, args.role)
+            print(f"user {args.name} is now {args.role} (from their next request)")
         elif args.action == "remove":
             ended = store.remove_user(args.name)
             print(f"user {args.name} removed; {ended} session(s) ended")
@@ -150,7 +153,7 @@ def _where(p: argparse.ArgumentParser) -> None:
 
 def add_parsers(sub: Any) -> None:
     """Add ``user`` and ``token`` to the ``edgelabel`` command's subparsers."""
-    u = sub.add_parser("user", help="web accounts with passwords: add, passwd, list, remove, disable, enable")
+    u = sub.add_parser("user", help="web accounts with passwords: add, passwd, list, role, remove, disable, enable")
     uact = u.add_subparsers(dest="action", required=True)
     add = uact.add_parser("add", help="add a user (the password is asked twice, or read with --password-stdin)")
     add.add_argument("name")
@@ -160,6 +163,9 @@ def add_parsers(sub: Any) -> None:
     pw.add_argument("name")
     pw.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
     uact.add_parser("list", help="the users, their roles and states (no secrets)")
+    rl = uact.add_parser("role", help="give a user another role (counts from their next request)")
+    rl.add_argument("name")
+    rl.add_argument("role", choices=list(WEB_ROLES))
     for action, text in (("remove", "remove a user (ends their sessions)"),
                          ("disable", "refuse a user's logins and end their sessions"), ("enable", "allow them again")):
         uact.add_parser(action, help=text).add_argument("name")

@@ -131,6 +131,12 @@ def test_users_are_managed_with_the_command_and_the_running_app_sees_every_chang
     assert not authenticated(c) and c.get("/api/review/queue").status_code == 401
     assert pw_login(c, "alice", ALICE_PW).status_code == 401
     assert pw_login(c, "alice", new_pw).status_code == 302 and authenticated(c)
+    # another role counts from the next request, without a new login
+    assert c.post("/api/sources/cam/pause", headers={"X-CSRF-Token": csrf_from(c.get("/").text)}).status_code == 404
+    assert cli(config, "user", "role", "alice", "viewer").returncode == 0
+    demoted = c.post("/api/sources/cam/pause", headers={"X-CSRF-Token": csrf_from(c.get("/").text)})
+    assert demoted.status_code == 403 and "has the role viewer" in demoted.get_json()["error"]
+    assert cli(config, "user", "role", "alice", "admin").returncode == 0
     # disabled: the session ends and the password no longer works; enabled: it does again
     assert cli(config, "user", "disable", "alice").returncode == 0
     assert not authenticated(c)
@@ -186,6 +192,8 @@ def test_api_tokens_are_shown_once_scoped_by_role_and_refused_at_once_when_revok
     assert cli(config, "token", "revoke", tid).returncode == 0
     assert c.post("/api/sources/cam/pause", headers=bearer(admin)).status_code == 401
     assert secret not in caplog.text and admin not in caplog.text
+    # a token shorter than the minimum is refused before any lookup
+    assert c.get("/api/review/queue", headers=bearer("elt_short")).status_code == 401
 
 
 # --------------------------------------------------------------------------- roles and reviews
