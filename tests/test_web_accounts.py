@@ -13,6 +13,7 @@ import logging
 import os
 import pty
 import select
+import signal
 import stat
 import subprocess
 import sys
@@ -397,6 +398,7 @@ def _on_a_terminal(config: Path, args: list[str], answers: list[str]) -> tuple[i
         os.execv(sys.executable, [sys.executable, "-m", "edgelabel.edge.cli", *args, "-c", str(config)])
     out = b""
     pending = list(answers)
+    answered_at = 0  # answer a prompt only once it appears after the previous answer (getpass flushes input)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         ready, _, _ = select.select([fd], [], [], 0.5)
@@ -408,8 +410,11 @@ def _on_a_terminal(config: Path, args: list[str], answers: list[str]) -> tuple[i
             if not chunk:
                 break
             out += chunk
-            if pending and out.rstrip().endswith(b":"):
+            if pending and out[answered_at:].rstrip().endswith(b":"):
                 os.write(fd, pending.pop(0).encode() + b"\n")
+                answered_at = len(out)
+    else:
+        os.kill(pid, signal.SIGKILL)  # stuck at a prompt: fail the test, do not hang it
     _, status = os.waitpid(pid, 0)
     os.close(fd)
     return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
