@@ -117,11 +117,11 @@ def test_dashboard_in_chromium(daemon: Daemon, artifacts: Path, capsys: pytest.C
             assert page.locator(f'{card} [data-f="status"]').inner_text() == "online"
             page.screenshot(path=str(artifacts / "dashboard-1280.png"), full_page=True)
 
-            # pausing without the token is refused, and says how to get it
+            # pausing without a login is refused, and says how to get one
             page.click(f'{card} button[data-action="pause"]')
             notice = page.locator("#notice")
             notice.wait_for(state="visible")
-            assert "operator token" in notice.inner_text() and notice.get_attribute("data-kind") == "bad"
+            assert "need to log in" in notice.inner_text() and notice.get_attribute("data-kind") == "bad"
             assert daemon.source()["paused"] is False
             assert page.locator(f'{card} [data-f="paused"]').is_hidden()
             # a script in the page cannot do it either (no token, no CSRF header)
