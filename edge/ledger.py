@@ -50,6 +50,23 @@ def storage_fault(exc: BaseException | None) -> str | None:
     return None
 
 
+class StateUnavailable(Exception):
+    """The state_dir cannot be written: read-only, full, failing, or its disk is not mounted.
+
+    Not a configuration error: a remount, freed space or a mounted disk fixes it without an edit, so the
+    CLI exits 1 (restarted by the unit) instead of 2 (``RestartPreventExitStatus``).  The message names
+    the path and what to check.
+    """
+
+
+def storage_problem(field: str, path: Path, exc: BaseException) -> str:
+    """The line for a ``StateUnavailable``: which setting, which path, the cause and what to check."""
+    cause = storage_fault(exc) or str(exc)
+    return (f"{field}: {path} cannot be written ({cause}): check that its disk is mounted read-write "
+            f"(`findmnt -T {path}`), has free space (`df -h {path}`) and reports no I/O errors "
+            "(`dmesg`); the service starts again by itself once it can write there")
+
+
 @dataclass(frozen=True)
 class Job:
     """What makes two runs' boxes the same: the model file's sha256 and the thresholds (name: for messages)."""

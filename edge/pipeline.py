@@ -37,7 +37,7 @@ from typing import Any
 
 from edgelabel.edge.config import Config, ConfigError, SourceConfig
 from edgelabel.edge.frame import Frame, text_path
-from edgelabel.edge.ledger import Job, Ledger, forget_done, storage_fault
+from edgelabel.edge.ledger import Job, Ledger, StateUnavailable, forget_done, storage_fault, storage_problem
 from edgelabel.edge.loader import load_model, worker_count
 from edgelabel.edge.locks import LockHeld, hold_lock
 from edgelabel.edge.progress import Progress
@@ -89,24 +89,12 @@ class Totals:
     inference_ms_sum: float = 0.0
 
 
-class StateUnavailable(Exception):
-    """The state_dir cannot be written: read-only, full, failing, or its disk is not mounted.
-
-    Not a configuration error: a remount, freed space or a mounted disk fixes it without an edit, so the
-    CLI exits 1 (restarted by the unit) instead of 2 (``RestartPreventExitStatus``).  The message names
-    the path and what to check.
-    """
-
-
 #: the file systems table consulted for a state_dir whose disk is not mounted
 FSTAB = Path("/etc/fstab")
 
 
 def _state_problem(state_dir: Path, exc: BaseException) -> str:
-    cause = storage_fault(exc) or str(exc)
-    return (f"state_dir: {state_dir} cannot be written ({cause}): check that its disk is mounted read-write "
-            f"(`findmnt -T {state_dir}`), has free space (`df -h {state_dir}`) and reports no I/O errors "
-            "(`dmesg`); the service starts again by itself once it can write there")
+    return storage_problem("state_dir", state_dir, exc)
 
 
 def unmounted_mount_point(path: Path, fstab: Path = FSTAB) -> str | None:

@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import socket
 import sqlite3
@@ -100,7 +101,7 @@ from edgelabel.edge.frame import Frame
 from edgelabel.edge.health import dataset_health as _dataset_health
 from edgelabel.edge.health import device_alarms
 from edgelabel.edge.health import disk_skipped as _disk_skipped
-from edgelabel.edge.ledger import storage_fault
+from edgelabel.edge.ledger import StateUnavailable, storage_fault, storage_problem
 from edgelabel.edge.records import LabelRecord, iso_utc
 from edgelabel.edge.sinks.base import Sink, SinkRefused
 from edgelabel.edge.sinks.outbox import Message, Outbox, StoredMessage
@@ -344,6 +345,10 @@ class MqttSink(Sink):
                 commit_interval=ob.commit_interval,
             )
         except (OSError, ValueError, sqlite3.Error) as exc:
+            if path is not None and storage_fault(exc) is not None:
+                # read-only, full or failing disk (also outside state_dir): a remount or freed space fixes
+                # it, not an edit, so not the configuration error the unit never restarts
+                raise StateUnavailable(storage_problem("mqtt.outbox.path", path, _write_probe(path.parent) or exc)) from exc
             raise ConfigError([f"mqtt.outbox.path: cannot open {path} ({exc})"]) from exc
 
     def _password(self) -> str | None:
@@ -1320,3 +1325,16 @@ class MqttSink(Sink):
         # runs under paho's message mutex: must not take self._lock (see module doc)
         self._acks.put((mid, bool(reason_code.is_failure), str(reason_code), time.time(), int(reason_code.value)))
         self._wake.set()
+
+
+def _write_probe(folder: Path) -> OSError | None:
+    """The OS's own error for a file created in ``folder`` (SQLite only says "unable to open database file")."""
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+    except OSError as exc:
+        return exc
+    os.close(fd)
+    os.unlink(probe)
+    return None
