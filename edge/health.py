@@ -80,7 +80,8 @@ def device_alarms(snapshot: dict[str, Any], *, skipped_before: int | None = None
     ``dataset_disk_low``: the free-space guard refused frames since the previous snapshot
     (``skipped_before`` is its count then), i.e. capture is stopped to keep ``min_free_bytes`` free;
     the MQTT outbox's alarms (:func:`outbox_alarms`), ``source_stalled:<name>`` (:func:`source_stall_alarms`),
-    ``storage_blocked_*`` (``storage_alarms``) and ``worker_thread_died`` (``thread_alarms``).
+    ``storage_blocked_*`` (``storage_alarms``), ``worker_thread_died`` (``thread_alarms``) and
+    ``ledger_lost`` / ``dataset_index_lost`` (``loss_alarms``).
     """
     alarms: list[dict[str, Any]] = []
     ds = dataset_health(snapshot)
@@ -97,6 +98,27 @@ def device_alarms(snapshot: dict[str, Any], *, skipped_before: int | None = None
     alarms.extend(source_stall_alarms(snapshot))
     alarms += storage_alarms(snapshot)
     alarms += thread_alarms(snapshot)
+    alarms += loss_alarms(snapshot)
+    return alarms
+
+
+def loss_alarms(snapshot: dict[str, Any], *, now: float | None = None) -> list[dict[str, Any]]:
+    """``ledger_lost`` / ``dataset_index_lost``: a corrupt job ledger or dataset index was salvaged and rows
+    could not be read, in the last OUTBOX_LOSS_ALARM s (the counts stay in the status and the stats topic)."""
+    alarms: list[dict[str, Any]] = []
+    ds = (snapshot.get("sinks") or {}).get("dataset")
+    found = [("ledger_lost", "ledger", snapshot.get("ledger")),
+             ("dataset_index_lost", "dataset", ds.get("index") if isinstance(ds, dict) else None)]
+    for alarm_id, component, st in found:
+        if not isinstance(st, dict) or not st.get("lost"):
+            continue
+        at = st.get("last_loss_at")
+        if not isinstance(at, (int, float)) or (now or time.time()) - at >= OUTBOX_LOSS_ALARM:
+            continue
+        alarms.append({"id": alarm_id, "severity": "error", "component": component,
+                       "message": f"{st['lost']} row(s) lost to a corrupt file: {st.get('last_loss')}; "
+                                  "check the disk (dmesg, smartctl) and replace it if errors repeat",
+                       "errors": st["lost"]})
     return alarms
 
 

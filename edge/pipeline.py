@@ -1029,4 +1029,5 @@ class Pipeline:
             "last_error": self._last_error,
             "storage_faults": list(self._storage_faults.values()),
             "threads_died": dict(self._died),
+            "ledger": None if self.ledger is None else self.ledger.stats(),
         }

@@ -45,7 +45,7 @@ Design decisions:
 * **Corruption costs what is corrupt.**  A file SQLite cannot open, or one
   whose rows stop reading ("database disk image is malformed"), is moved
   aside and its readable rows are copied row by row into a new file
-  (:func:`_salvage`); what could not be read is counted in ``lost`` and
+  (:mod:`edge.salvage`, shared with the job ledger and the dataset index); what could not be read is counted in ``lost`` and
   logged as an ERROR (an alarm, see ``edge/health.py``).
 * ``path=None`` keeps the table in memory: same behaviour, nothing durable.
 * **Checkpoints off the write path.**  SQLite normally copies the WAL back
@@ -69,6 +69,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from edgelabel.edge.salvage import copy_table, estimate_rows, is_corrupt, move_aside, open_read_only
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +105,6 @@ CREATE TABLE IF NOT EXISTS dead_letter (
 );
 """
 _COLUMNS = "source, topic, payload, qos, retain, msg_id, created_at"
-#: at most this many row ids are probed one by one inside a corrupt region of the table (see _salvage)
-SALVAGE_PROBE_MAX = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -224,12 +224,7 @@ class Outbox:
         from the damaged file.  Returns the new connection.
         """
         assert self.path is not None
-        aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
-        self.path.rename(aside)
-        for suffix in ("-wal", "-shm"):
-            side = Path(str(self.path) + suffix)
-            if side.exists():
-                side.rename(Path(str(aside) + suffix))
+        aside = move_aside(self.path)
         db = self._connect(str(self.path))
         salvaged, lost, dead = _salvage(aside, db, expected)
         self.lost += lost
@@ -388,7 +383,7 @@ class Outbox:
             try:
                 rows = self._db.execute(query, (after_seq, limit)).fetchall()
             except sqlite3.DatabaseError as exc:
-                if not _is_corrupt(exc):
+                if not is_corrupt(exc):
                     raise
                 self._recover_locked(exc)
                 rows = self._db.execute(query, (after_seq, limit)).fetchall()
@@ -502,7 +497,7 @@ class Outbox:
                         db.execute("ROLLBACK")
                     raise
             except sqlite3.DatabaseError as exc:
-                if not _is_corrupt(exc):
+                if not is_corrupt(exc):
                     raise
                 self._recover_locked(exc)
                 db = self._db
@@ -641,101 +636,32 @@ class Outbox:
             self._db.close()
 
 
-def _is_corrupt(exc: BaseException) -> bool:
-    """SQLITE_CORRUPT / SQLITE_NOTADB (the file's fault), not a lock, I/O or full-disk error (OperationalError)."""
-    return isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError)
-
-
 def _salvage(src: Path, dst: sqlite3.Connection, expected: int | None) -> tuple[int, int, int]:
-    """Copy every readable row of a damaged outbox file into ``dst``, row by row, keeping each ``seq``.
+    """Copy every readable row of a damaged outbox file into ``dst`` (:func:`edge.salvage.copy_table`).
 
-    A corrupt page breaks a table scan where it lies, so the table is scanned from both ends and the
-    row ids in between are read one by one (a lookup only fails when it lands on the bad page).  Returns
-    (rows kept, rows lost, dead letters kept).  ``expected`` is the rows the file held when known; without
-    it the loss is estimated from the ids that failed to read, or from the file's leaf pages when SQLite
-    cannot read it at all.
+    Returns (rows kept, rows lost, dead letters kept).  ``expected`` is the rows the file held when known;
+    without it the loss is the ids that failed to read, or the file's leaf pages when SQLite cannot read it.
     """
+    old = open_read_only(src)
+    if old is None:
+        return 0, expected if expected is not None else estimate_rows(src), 0
     try:
-        old = sqlite3.connect(f"file:{src}?mode=ro", uri=True, isolation_level=None)
-    except sqlite3.Error:
-        return 0, expected if expected is not None else _estimate_rows(src), 0
-    seqs: set[int] = set()
-    lo_end, hi_end = 0, None
-    failed = 0
-    try:
-        for order in ("ASC", "DESC"):
-            try:
-                for (seq,) in old.execute(f"SELECT seq FROM outbox ORDER BY seq {order}"):
-                    seqs.add(seq)
-                    if order == "ASC":
-                        lo_end = seq
-                    else:
-                        hi_end = seq
-            except sqlite3.DatabaseError:
-                failed += 1  # the scan stopped at a bad page
-        if failed:
-            top = hi_end
-            if top is None:
-                try:
-                    top = old.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()[0]
-                except (sqlite3.DatabaseError, TypeError):
-                    top = lo_end
-            seqs.update(range(max(lo_end + 1, int(top) - SALVAGE_PROBE_MAX), int(top)))
-        kept = unreadable = 0
-        rows = []
-        for seq in sorted(seqs):
-            try:
-                row = old.execute(f"SELECT seq, {_COLUMNS} FROM outbox WHERE seq = ?", (seq,)).fetchone()
-            except sqlite3.DatabaseError:
-                unreadable += 1
-                continue
-            if row is not None:
-                rows.append(row)
-        dead_rows = []
         try:
-            dead_rows = old.execute(f"SELECT seq, {_COLUMNS}, reason, failed_at FROM dead_letter").fetchall()
-        except sqlite3.DatabaseError:
-            pass  # an old file without the table, or its page is bad: set-aside rows are already counted
+            row = old.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+            top = None if row is None else int(row[0]) + 1
+        except (sqlite3.DatabaseError, TypeError, ValueError):
+            top = None
+        rows = copy_table(old, dst, "outbox", top_hint=top)
+        dead = copy_table(old, dst, "dead_letter")  # an old file without it, or a bad page: already counted
     finally:
         old.close()
-    dst.execute("BEGIN IMMEDIATE")
-    dst.executemany(f"INSERT OR IGNORE INTO outbox (seq, {_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-    dst.executemany(f"INSERT OR IGNORE INTO dead_letter (seq, {_COLUMNS}, reason, failed_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", dead_rows)
-    dst.execute("COMMIT")
-    kept = len(rows)
     if expected is not None:
-        lost = max(0, expected - kept)
-    elif unreadable or seqs or failed == 0:
-        lost = unreadable
+        lost = max(0, expected - rows.kept)
+    elif rows.unreadable or rows.kept or not rows.damaged:
+        lost = rows.unreadable
     else:
-        lost = _estimate_rows(src)
-    return kept, lost, len(dead_rows)
-
-
-def _estimate_rows(path: Path) -> int:
-    """Rows in a file SQLite cannot open: the cell counts of its table leaf pages (page 1, the schema, left out).
-
-    An estimate (freed pages may still look like leaves; a file cut short is extrapolated to the page count
-    its header declares), used only to say roughly how much was lost.
-    """
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(100)
-            size = int.from_bytes(head[16:18], "big") if len(head) >= 18 else 0
-            page = 65536 if size == 1 else size if size >= 512 and size & (size - 1) == 0 else 4096
-            declared = int.from_bytes(head[28:32], "big") if head[:16] == b"SQLite format 3\x00" else 0
-            fh.seek(page)
-            rows, pages = 0, 1
-            while chunk := fh.read(page):
-                pages += 1
-                if len(chunk) >= 5 and chunk[0] == 0x0D:
-                    rows += int.from_bytes(chunk[3:5], "big")
-    except OSError:
-        return 0
-    if declared > pages:  # cut off: the header still says how many pages there were
-        rows = round(rows * (declared - 1) / max(1, pages - 1))
-    return rows
+        lost = estimate_rows(src)
+    return rows.kept, lost, dead.kept
 
 
 def main(argv: Sequence[str] | None = None) -> int:
