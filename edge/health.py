@@ -81,7 +81,7 @@ def device_alarms(snapshot: dict[str, Any], *, skipped_before: int | None = None
     (``skipped_before`` is its count then), i.e. capture is stopped to keep ``min_free_bytes`` free;
     the MQTT outbox's alarms (:func:`outbox_alarms`), ``source_stalled:<name>`` (:func:`source_stall_alarms`),
     ``storage_blocked_*`` (``storage_alarms``), ``worker_thread_died`` (``thread_alarms``) and
-    ``ledger_lost`` / ``dataset_index_lost`` (``loss_alarms``).
+    ``ledger_lost`` / ``dataset_index_lost`` (``loss_alarms``) and ``publisher_stalled`` (``publisher_alarms``).
     """
     alarms: list[dict[str, Any]] = []
     ds = dataset_health(snapshot)
@@ -99,7 +99,33 @@ def device_alarms(snapshot: dict[str, Any], *, skipped_before: int | None = None
     alarms += storage_alarms(snapshot)
     alarms += thread_alarms(snapshot)
     alarms += loss_alarms(snapshot)
+    alarms += publisher_alarms(snapshot)
     return alarms
+
+
+def publisher_alarms(snapshot: dict[str, Any]) -> list[dict[str, Any]]:
+    """``publisher_stalled``: the MQTT outbox publisher is dead, hangs in a call, or is connected with messages
+    waiting and the broker has acknowledged none of them for ``stall_after`` s (``MqttSink.publisher``).
+    Clears as soon as an acknowledgement arrives (or the outbox empties, or the link drops: ``outbox_stuck``)."""
+    mqtt = (snapshot.get("sinks") or {}).get("mqtt")
+    st = mqtt.get("publisher") if isinstance(mqtt, dict) else None
+    if not isinstance(st, dict):
+        return []
+    broker = mqtt.get("broker") or "the broker"
+    loop_age, stalled, limit = st.get("loop_age_s"), st.get("stalled_s"), st.get("stall_after") or 0
+    if st.get("alive") is False:
+        why = ("the MQTT publisher thread has ended: labels are stored in the outbox but nothing is sent; "
+               "the daemon is restarted by its watchdog (report the log's error)")
+    elif isinstance(loop_age, (int, float)) and loop_age >= limit:
+        why = (f"the MQTT publisher has hung in one call for {loop_age:.0f} s: nothing is sent; the daemon is "
+               "restarted by its watchdog; check the disk of the outbox and the network to the broker")
+    elif isinstance(stalled, (int, float)):
+        why = (f"connected to {broker}, but none of the {mqtt.get('pending')} waiting message(s) was acknowledged "
+               f"for {stalled:.0f} s: the broker (or a proxy or firewall between) takes the connection but does "
+               "not answer publishes; check the broker's log and load, then restart the broker")
+    else:
+        return []
+    return [{"id": "publisher_stalled", "severity": "error", "component": "mqtt", "message": why}]
 
 
 def loss_alarms(snapshot: dict[str, Any], *, now: float | None = None) -> list[dict[str, Any]]:

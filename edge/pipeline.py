@@ -259,6 +259,7 @@ class Pipeline:
         self._state_lock: int | None = None  # fd holding the state_dir lock while running
         #: writes waiting for storage to come back, by component ("ledger", a sink's name): what and since when
         self._storage_faults: dict[str, dict[str, Any]] = {}
+        self._stuck_logged: str | None = None  # the last stuck sink thread reported by alive()
         #: worker threads that ended on an exception: name -> "Type: message" (the daemon exits 1)
         self._died: dict[str, str] = {}
         self._next_stats = 0.0  # monotonic time of the sink worker's next stats snapshot
@@ -919,6 +920,13 @@ class Pipeline:
             return False  # a thread is gone: only a restart brings it back
         if self._engine_failures >= ENGINE_FAILURE_LIMIT:
             return False  # workers turn, but every frame fails: a restart is the only way out
+        for sink in self.sinks or []:
+            why = sink.stuck()
+            if why:
+                if why != self._stuck_logged:
+                    log.critical("%s: the watchdog is no longer fed, so systemd restarts the daemon", why)
+                    self._stuck_logged = why
+                return False
         workers = [f"inference-{i}" for i in range(self._workers)]
         stale = [k for k in ("prepare", *workers, "sinks")
                  if self.heartbeats.get(k) is None or now - self.heartbeats[k] > max_age]

@@ -112,6 +112,14 @@ log = logging.getLogger(__name__)
 WARN_INTERVAL = 30.0
 #: how long ``close``/``flush`` wait for the broker to acknowledge what is stored
 ACK_TIMEOUT = 5.0
+#: once the daemon is stopping, every wait for acknowledgements together ends this many seconds after the stop
+#: (what is not acknowledged stays in the outbox for the next start), so SIGTERM ends the daemon within seconds
+STOP_DRAIN_S = 1.5
+#: ... and a wait gives up earlier when nothing was acknowledged for this long (broker silent, disk full)
+DRAIN_STALL_S = 0.5
+#: seconds without an acknowledgement while connected with messages waiting (or without a turn of the
+#: publisher's loop) before the publisher counts as stalled: ``publisher_stalled`` (edge/health.py)
+PUBLISHER_STALL_AFTER = 60.0
 #: how often the publisher looks at the outbox when nothing wakes it
 IDLE_TICK = 0.25
 #: seconds between max_age sweeps of the outbox
@@ -319,6 +327,12 @@ class MqttSink(Sink):
         self._outbox = self._make_outbox(state_dir)
         self._drainer: threading.Thread | None = None
         self._stop_drainer = threading.Event()
+        self._stop_deadline: float | None = None  # monotonic: when waits for acknowledgements end (stopping)
+        #: publisher progress (monotonic): the last turn of its loop, the last acknowledgement or moment with
+        #: nothing to deliver; see publisher_state()
+        self._beat = time.monotonic()
+        self._progress_at = time.monotonic()
+        self.stall_after = PUBLISHER_STALL_AFTER
 
     # ------------------------------------------------------------------ set-up
 
@@ -573,6 +587,8 @@ class MqttSink(Sink):
             if self._closing:
                 return
             self._closing = True  # releases a write blocked by stop_capture
+            if self._stop_deadline is None:
+                self._stop_deadline = time.monotonic() + STOP_DRAIN_S
             opened = self._opened
             running = [src for src, st in self._source_status.items() if st not in FINAL_SOURCE_STATES]
             running += [src for src in self.sources if src not in self._source_status]
@@ -595,6 +611,8 @@ class MqttSink(Sink):
             connected = self._connected
         if connected:  # offline: the broker has published the Last Will already
             self._publish(self.status_topic, b"stopped", 1, retain=True)
+            with self._lock:  # a short wait of its own: the deadline of the stop may be spent by now
+                self._stop_deadline = max(self._stop_deadline or 0.0, time.monotonic() + DRAIN_STALL_S)
             self._wait_drained(2.0, outbox=False)
         self._process_acks(force=True)
         left = self._outbox.depth
@@ -665,9 +683,41 @@ class MqttSink(Sink):
                 "outbox": ob,
                 "last_publish_at": self._last_publish_at,
                 "last_error": self._last_error,
+                "publisher": self._publisher_state_locked(ob["depth"]),
                 "unreachable_since": None if self._outage_since_wall is None else iso_utc(self._outage_since_wall),
                 **self._latency_locked(),
             }
+
+    def _publisher_state_locked(self, depth: int) -> dict[str, Any]:
+        """Whether the outbox publisher makes progress, for ``publisher_stalled`` (edge/health.py).
+
+        ``alive``: its thread runs; ``loop_age_s``: since its loop last turned (it turns every IDLE_TICK, so a
+        large value means it is stuck in a call); ``stalled_s``: how long messages have waited while connected
+        without a single acknowledgement (None while something moves, nothing waits or the link is down --
+        a broker that is down is ``outbox_stuck``'s case); ``stall_after``: the threshold of both.
+        """
+        now = time.monotonic()
+        running = self._opened and not self._closing
+        if not self._connected or not depth:
+            self._progress_at = now
+        waited = now - self._progress_at
+        loop_age = now - self._beat if running else None
+        return {"alive": None if not running else bool(self._drainer is not None and self._drainer.is_alive()),
+                "loop_age_s": None if loop_age is None else round(loop_age, 1),
+                "stalled_s": round(waited, 1) if running and waited >= self.stall_after else None,
+                "stall_after": self.stall_after}
+
+    def stuck(self) -> str | None:
+        """Why the publisher cannot go on without a restart (its thread died or hangs in a call), else None."""
+        depth = self._outbox.depth
+        with self._lock:
+            st = self._publisher_state_locked(depth)
+        if st["alive"] is False:
+            return "the MQTT outbox publisher thread has ended"
+        age = st["loop_age_s"]
+        if isinstance(age, (int, float)) and age >= self.stall_after:
+            return f"the MQTT outbox publisher has been stuck in one call for {age:.0f} s"
+        return None
 
     def backlog(self) -> Backlog:
         """What is left to deliver and whether the broker is reachable (any thread)."""
@@ -843,6 +893,8 @@ class MqttSink(Sink):
     def interrupt(self) -> None:
         """Release a write waiting for room in a full outbox (stop_capture); it raises SinkRefused."""
         self._interrupted = True
+        if self._stop_deadline is None:
+            self._stop_deadline = time.monotonic() + STOP_DRAIN_S
 
     def _store(self, msgs: list[Message], *, sync: bool) -> None:
         """Hand messages to the outbox; drops are counted and logged by the outbox itself.
@@ -892,6 +944,7 @@ class MqttSink(Sink):
         while not self._stop_drainer.is_set():
             self._wake.wait(tick)
             self._wake.clear()
+            self._beat = time.monotonic()
             try:
                 self._outbox.commit_due()
                 self._process_acks()
@@ -1036,6 +1089,7 @@ class MqttSink(Sink):
                     done.append(entry[0])
                 elif self._direct.pop(mid, None) is None:
                     continue  # a QoS0 direct message (stats, snapshot): nothing to account
+                self._progress_at = time.monotonic()
                 if failed:
                     self._rejected += 1
                     self._broker_refused += 1
@@ -1142,18 +1196,27 @@ class MqttSink(Sink):
     def _wait_drained(self, timeout: float, outbox: bool = True) -> bool:
         """Wait until the outbox (if ``outbox``) is empty and direct messages are acknowledged.
 
-        Gives up at ``timeout`` or as soon as the link is down.
+        Gives up at ``timeout`` or as soon as the link is down; while stopping also at the stop's deadline
+        (STOP_DRAIN_S after it) and when nothing moved for DRAIN_STALL_S.
         """
         deadline = time.monotonic() + timeout
+        last: tuple[int, int] | None = None
+        moved_at = time.monotonic()
         while True:
             self._process_acks(force=True)
             with self._lock:
                 connected = self._connected
                 direct = len(self._direct)
-            if (not outbox or self._outbox.depth == 0) and not direct:
+            depth = self._outbox.depth if outbox else 0
+            if not depth and not direct:
                 return True
-            if not connected or time.monotonic() >= deadline:
+            now = time.monotonic()
+            if (depth, direct) != last:
+                last, moved_at = (depth, direct), now
+            if not connected or now >= deadline:
                 return False
+            if self._stop_deadline is not None and (now >= self._stop_deadline or now - moved_at >= DRAIN_STALL_S):
+                return False  # stopping: the broker is silent, the outbox cannot be written, or time is up
             self._wake.set()
             time.sleep(0.02)
 
@@ -1234,6 +1297,7 @@ class MqttSink(Sink):
             self._refused = False
             self._generation += 1
             self._connected_at = time.monotonic()
+            self._progress_at = self._connected_at  # the stall clock starts with the connection
             limit = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
             new_limit = isinstance(limit, int) and limit != self._broker_max_packet
             self._broker_max_packet = limit if isinstance(limit, int) else None
