@@ -45,6 +45,7 @@ from edgelabel.edge.records import DetectionRecord, LabelRecord, ModelInfo, iso_
 from edgelabel.edge.sinks.base import Sink, SinkRefused
 from edgelabel.edge.sources import create_source
 from edgelabel.edge.sources.hub import FrameHub
+from edgelabel.edge.sources.imageio import given_up
 from edgelabel.edge.sources.runner import SourceRunner
 from edgelabel.engines.base import Detection
 from edgelabel.engines.detector import Detector
@@ -373,7 +374,7 @@ class Pipeline:
         name = scfg.name
         source = create_source(scfg)
         if not source.live:
-            source.skip = lambda key, _n=name: self.ledger is not None and self.ledger.is_done(_n, key)
+            source.skip = lambda key, _n=name: self._skip(_n, key)
             source.identity_of = lambda key, _n=name: None if self.ledger is None else self.ledger.identity(_n, key)
             source.adopt_identity = lambda key, c, _n=name: None if self.ledger is None else self.ledger.note_identity(_n, key, c)
         self._hub.register(name, live=source.live, capacity=1 if source.live else 4)
@@ -511,6 +512,15 @@ class Pipeline:
             self._put(self._records, (seq, ev), "prepare")
             seq += 1
         return seq
+
+    def _skip(self, source: str, key: str) -> bool:
+        """Done by this job, or given up (a decode over the budget: the same bytes would take as long again)."""
+        if self.ledger is None:
+            return False
+        if self.ledger.is_done(source, key):
+            return True
+        reason = self.ledger.rejection(source, key)
+        return reason is not None and given_up(reason)
 
     def _on_reject(self, source: str, path: str, reason: str) -> None:
         self.totals.rejected += 1  # the runner has logged it
