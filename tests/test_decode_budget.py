@@ -153,3 +153,32 @@ def test_a_folder_job_rejects_an_over_budget_file_once_and_does_not_retry_it_on_
     assert "slow.jpg: decoding took" not in second.stderr, "decoded again on the next start"
     rows = list(csv.DictReader(open(out / ".edgelabel" / "rejected.csv")))
     assert [Path(r["path"]).name for r in rows] == ["slow.jpg"], "still listed"
+
+
+def test_a_video_frame_over_the_budget_ends_the_file_and_it_is_not_read_again(monkeypatch) -> None:
+    """A frame read cannot be stopped half-way; one that went over the budget ends the video (the frames after it
+    would take as long), listed with its reason; a source told the file was given up does not decode it again."""
+    from edgelabel.edge.config import SourceConfig
+    from edgelabel.edge.sources import imageio
+    from edgelabel.edge.sources.imageio import given_up
+    from edgelabel.edge.sources.video import VideoSource
+    from tests.conftest import ASSETS
+
+    video = str(ASSETS / "videos" / "cars.mp4")
+    first = VideoSource("v", SourceConfig(uri=video, name="v"), video)
+    first.open()
+    assert first.read() is not None  # within the default budget
+    monkeypatch.setattr(imageio, "DECODE_BUDGET_S", 1e-6)  # every frame is over it now
+    rejected: list[tuple[str, str]] = []
+    first.on_reject = lambda p, r: rejected.append((p, r))
+    assert first.read() is None and first.read() is None  # the video ends there
+    first.close()
+    [(path, reason)] = rejected
+    assert path == video and given_up(reason) and "frame 1" in reason, reason
+    monkeypatch.setattr(imageio, "DECODE_BUDGET_S", 10.0)
+    again = VideoSource("v", SourceConfig(uri=video, name="v"), video)
+    again.skip = lambda key: key == video  # what the pipeline answers from the ledger's rejection
+    again.on_reject = lambda p, r: rejected.append((p, r))
+    again.open()
+    assert again.read() is None and len(rejected) == 1  # not decoded, not listed twice
+    again.close()
