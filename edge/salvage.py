@@ -40,7 +40,7 @@ def integrity_problem(db: sqlite3.Connection) -> str | None:
     (about 0.1 s for 100 MB here); callers run it once when they open.
     """
     row = db.execute("PRAGMA quick_check(1)").fetchone()
-    return None if row is None or row[0] == "ok" else str(row[0])
+    return None if row is None or row[0] == "ok" else " ".join(str(row[0]).split())
 
 
 def move_aside(path: Path) -> Path:
