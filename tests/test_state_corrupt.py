@@ -172,3 +172,21 @@ def test_a_folder_job_goes_on_after_its_ledger_and_index_headers_are_destroyed(t
     assert "Traceback" not in err
     again = {r[0] for r in sqlite3.connect(out / "index.sqlite").execute("SELECT id FROM records")}
     assert again == ids, "labeled again under the same record ids"
+
+
+def test_the_losses_are_counted_in_the_stats_message() -> None:
+    import json
+
+    import jsonschema
+
+    from edgelabel.edge.config import MqttConfig
+    from edgelabel.edge.sinks.mqtt import MqttSink
+
+    schema = json.loads((Path(__file__).parent.parent / "edge" / "schemas" / "stats.v1.json").read_text())
+    sink = MqttSink(MqttConfig(), "dev")
+    snap = {"ledger": {"lost": 95, "last_loss": "x", "last_loss_at": 1.0},
+            "sinks": {"dataset": {"ok": True, "errors": 0, "last_error": None, "index": {"lost": 41}}}}
+    doc = sink.build_stats(snap)
+    jsonschema.validate(doc, schema)
+    assert doc["drops"]["ledger_lost"] == 95 and doc["drops"]["dataset_index_lost"] == 41
+    sink.close()

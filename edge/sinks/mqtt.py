@@ -809,6 +809,9 @@ class MqttSink(Sink):
                 "mqtt_rejected": mine["drops"]["rejected"] + mine["drops"]["unserialisable"],
                 "outbox_error": mine["drops"]["outbox_error"],
                 "outbox_lost": ob["lost"],
+                "ledger_lost": int((snapshot.get("ledger") or {}).get("lost") or 0),
+                "dataset_index_lost": int((((snapshot.get("sinks") or {}).get("dataset") or {}).get("index") or {})
+                                          .get("lost") or 0),
             },
             "outbox": {
                 "depth": ob["depth"],
