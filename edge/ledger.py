@@ -252,11 +252,11 @@ class Ledger:
             "INSERT OR REPLACE INTO rejected (source, path, reason, at) VALUES (?, ?, ?, ?)",
             (source, path, reason, time.time())))
 
-    def rejection(self, source: str, path: str) -> str | None:
-        """Why ``path`` of ``source`` was rejected by this job (None if it was not)."""
+    def rejection(self, source: str, path: str) -> tuple[str, float] | None:
+        """Why and when (epoch seconds) ``path`` of ``source`` was rejected by this job (None if it was not)."""
         row = self._guarded(lambda: self._db.execute(
-            "SELECT reason FROM rejected WHERE source=? AND path=?", (source, path)).fetchone())
-        return None if row is None else str(row[0])
+            "SELECT reason, at FROM rejected WHERE source=? AND path=?", (source, path)).fetchone())
+        return None if row is None else (str(row[0]), float(row[1]))
 
     def done_count(self, source: str | None = None) -> int:
         if source is None:

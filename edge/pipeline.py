@@ -514,13 +514,19 @@ class Pipeline:
         return seq
 
     def _skip(self, source: str, key: str) -> bool:
-        """Done by this job, or given up (a decode over the budget: the same bytes would take as long again)."""
+        """Done by this job, or given up (a decode over the budget: the same bytes would take as long again)
+        and not written since."""
         if self.ledger is None:
             return False
         if self.ledger.is_done(source, key):
             return True
-        reason = self.ledger.rejection(source, key)
-        return reason is not None and given_up(reason)
+        rejected = self.ledger.rejection(source, key)
+        if rejected is None or not given_up(rejected[0]):
+            return False
+        try:  # a file written since it was given up is tried again
+            return os.stat(key).st_mtime <= rejected[1]
+        except (OSError, ValueError):
+            return True
 
     def _on_reject(self, source: str, path: str, reason: str) -> None:
         self.totals.rejected += 1  # the runner has logged it

@@ -153,6 +153,14 @@ def test_a_folder_job_rejects_an_over_budget_file_once_and_does_not_retry_it_on_
     assert "slow.jpg: decoding took" not in second.stderr, "decoded again on the next start"
     rows = list(csv.DictReader(open(out / ".edgelabel" / "rejected.csv")))
     assert [Path(r["path"]).name for r in rows] == ["slow.jpg"], "still listed"
+    time.sleep(0.05)
+    shutil.copy(IMAGES / "bus.jpg", folder / "slow.jpg")  # replaced by a file that decodes at once: tried again
+    third = run_edgelabel(*args, env=env, timeout=180)
+    assert third.returncode == 0, third.stderr[-3000:]
+    import sqlite3
+
+    keys = [r[0] for r in sqlite3.connect(out / "index.sqlite").execute("SELECT frame_key FROM records")]
+    assert any("slow.jpg" in k for k in keys), (keys, third.stderr[-2000:])
 
 
 def test_a_video_frame_over_the_budget_ends_the_file_and_it_is_not_read_again(monkeypatch) -> None:
@@ -182,3 +190,26 @@ def test_a_video_frame_over_the_budget_ends_the_file_and_it_is_not_read_again(mo
     again.open()
     assert again.read() is None and len(rejected) == 1  # not decoded, not listed twice
     again.close()
+
+
+def test_a_given_up_file_is_skipped_until_it_is_written_again(tmp_path: Path) -> None:
+    """What the pipeline answers a source from the ledger (``Pipeline._skip``)."""
+    import os
+    from types import SimpleNamespace
+
+    from edgelabel.edge.ledger import Ledger
+    from edgelabel.edge.pipeline import Pipeline
+    from edgelabel.edge.sources.imageio import over_budget
+
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"x")
+    os.utime(video, (time.time() - 60, time.time() - 60))
+    led = Ledger(tmp_path / "ledger.sqlite")
+    me = SimpleNamespace(ledger=led)
+    led.mark_rejected("v", str(video), "corrupt or cut-off video: read failed at frame 3 of 9")
+    assert not Pipeline._skip(me, "v", str(video))  # an ordinary rejection is tried again on every start
+    led.mark_rejected("v", str(video), over_budget("reading and decoding frame 3 of the video", 10))
+    assert Pipeline._skip(me, "v", str(video))
+    video.write_bytes(b"new")  # written after it was given up
+    assert not Pipeline._skip(me, "v", str(video))
+    led.close()

@@ -1072,6 +1072,7 @@ class MqttSink(Sink):
                     mid, failed, reason, acked_at, code = self._acks.get_nowait()
                 except queue.Empty:
                     break
+                self._progress_at = time.monotonic()  # acknowledged, handed over (QoS 0) or set aside: the line moves
                 if mid < 0:  # a row paho refused outright or a QoS 0 row handed over (see _publish_row_locked)
                     if failed:
                         dead.append((-mid, reason, code))
@@ -1092,7 +1093,6 @@ class MqttSink(Sink):
                     done.append(entry[0])
                 elif self._direct.pop(mid, None) is None:
                     continue  # a QoS0 direct message (stats, snapshot): nothing to account
-                self._progress_at = time.monotonic()
                 if failed:
                     self._rejected += 1
                     self._broker_refused += 1

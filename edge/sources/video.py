@@ -94,6 +94,7 @@ class VideoSource(Source):
         #: why the file is not decoded at all (declared frame size over the pixel limit), reported on first read
         self._refused: str | None = None
         self._reported_refused = False
+        self._announced_given_up = False  # the pipeline opens a file twice (count, then read): say it once
 
     def describe(self) -> str:
         return f"VideoSource({self.path}{', loop' if self.cfg.loop else ''})"
@@ -122,8 +123,10 @@ class VideoSource(Source):
         if self._refused is None and not self.cfg.loop and self.skip(self.path):
             # a previous run gave this file up (a frame over the decode budget): listed, not decoded again
             self._refused, self._reported_refused = "given up before", True
-            logger.warning("%s: %s: not read; a frame of it went over the decode budget before (rejected.csv); "
-                           "it is tried again once the file changes or with --fresh", self.name, self.path)
+            (logger.debug if self._announced_given_up else logger.warning)(
+                "%s: %s: not read; a frame of it went over the decode budget before (rejected.csv); it is tried "
+                "again once the file changes, or with --fresh", self.name, self.path)
+            self._announced_given_up = True
         count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         self._frame_count = count if count > 0 else None
         fps = float(self._cap.get(cv2.CAP_PROP_FPS) or 0.0)
@@ -257,7 +260,7 @@ class VideoSource(Source):
             if took > imageio.DECODE_BUDGET_S and not self.cfg.loop and self._refused is None:
                 # a read in progress cannot be stopped; one over the budget ends this file (the frames after it
                 # would take as long), and the file is not read again on the next start
-                self._refused = over_budget(f"decoding frame {self._pos} of the video", imageio.DECODE_BUDGET_S)
+                self._refused = over_budget(f"reading and decoding frame {self._pos} of the video", imageio.DECODE_BUDGET_S)
                 logger.warning("%s: %s: frame %d took %.1f s to decode: %s", self.name, self.path, self._pos, took,
                                self._refused)
                 self._reported_refused = True
