@@ -145,3 +145,30 @@ def test_a_broker_that_never_acknowledges_raises_publisher_stalled_and_it_clears
     finally:
         sink.close()
         server.close()
+
+
+def test_a_publisher_hung_in_a_call_withholds_the_watchdog(tmp_path: Path) -> None:
+    """The publisher's loop blocked for real: the test holds the outbox's lock, as a call that never returns would
+    (an fsync on a dying disk).  ``stuck()`` says so (Pipeline.alive then stops feeding the watchdog), and the
+    alarm names it; both go once the call returns."""
+    server = SilentBroker()
+    server.acking = True
+    cfg = MqttConfig(host="127.0.0.1", port=server.port, prefix="t", qos=1, keepalive=5)
+    sink = MqttSink(cfg, "dev", state_dir=tmp_path)
+    sink.stall_after = 0.5
+    sink.open()
+    try:
+        assert _wait(lambda: sink.status()["connected"], 10)
+        assert sink.stuck() is None
+        with sink._outbox._cond:  # the publisher's next outbox call waits here
+            time.sleep(1.2)
+            why = sink.stuck()
+        assert why is not None and "stuck in one call" in why, why
+        assert _wait(lambda: sink.stuck() is None, 5)
+        # what a snapshot taken during the hang shows (status() itself waits for the outbox's lock)
+        hung = {**sink.status(), "publisher": {"alive": True, "loop_age_s": 5.0, "stalled_s": None, "stall_after": 0.5}}
+        [alarm] = [a for a in device_alarms({"sinks": {"mqtt": hung}}) if a["id"] == "publisher_stalled"]
+        assert "hung in one call" in alarm["message"] and "watchdog" in alarm["message"]
+    finally:
+        sink.close()
+        server.close()

@@ -709,13 +709,14 @@ class MqttSink(Sink):
 
     def stuck(self) -> str | None:
         """Why the publisher cannot go on without a restart (its thread died or hangs in a call), else None."""
-        depth = self._outbox.depth
-        with self._lock:
-            st = self._publisher_state_locked(depth)
-        if st["alive"] is False:
+        with self._lock:  # not the outbox's lock: the call the publisher hangs in may hold it
+            if not self._opened or self._closing:
+                return None
+            alive = self._drainer is not None and self._drainer.is_alive()
+            age = time.monotonic() - self._beat
+        if not alive:
             return "the MQTT outbox publisher thread has ended"
-        age = st["loop_age_s"]
-        if isinstance(age, (int, float)) and age >= self.stall_after:
+        if age >= self.stall_after:
             return f"the MQTT outbox publisher has been stuck in one call for {age:.0f} s"
         return None
 
