@@ -375,6 +375,7 @@ class Pipeline:
         source = create_source(scfg)
         if not source.live:
             source.skip = lambda key, _n=name: self._skip(_n, key)
+            source.given_up = lambda path, _n=name: self._given_up(_n, path)
             source.identity_of = lambda key, _n=name: None if self.ledger is None else self.ledger.identity(_n, key)
             source.adopt_identity = lambda key, c, _n=name: None if self.ledger is None else self.ledger.note_identity(_n, key, c)
         self._hub.register(name, live=source.live, capacity=1 if source.live else 4)
@@ -514,12 +515,15 @@ class Pipeline:
         return seq
 
     def _skip(self, source: str, key: str) -> bool:
-        """Done by this job, or given up (a decode over the budget: the same bytes would take as long again)
-        and not written since."""
+        """Done by this job, or given up (``_given_up``)."""
         if self.ledger is None:
             return False
-        if self.ledger.is_done(source, key):
-            return True
+        return self.ledger.is_done(source, key) or self._given_up(source, key)
+
+    def _given_up(self, source: str, key: str) -> bool:
+        """Rejected by a decode over the budget (the same bytes would take as long again) and not written since."""
+        if self.ledger is None:
+            return False
         rejected = self.ledger.rejection(source, key)
         if rejected is None or not given_up(rejected[0]):
             return False

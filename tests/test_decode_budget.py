@@ -185,7 +185,7 @@ def test_a_video_frame_over_the_budget_ends_the_file_and_it_is_not_read_again(mo
     assert path == video and given_up(reason) and "frame 1" in reason, reason
     monkeypatch.setattr(imageio, "DECODE_BUDGET_S", 10.0)
     again = VideoSource("v", SourceConfig(uri=video, name="v"), video)
-    again.skip = lambda key: key == video  # what the pipeline answers from the ledger's rejection
+    again.given_up = lambda path: path == video  # what the pipeline answers from the ledger's rejection
     again.on_reject = lambda p, r: rejected.append((p, r))
     again.open()
     assert again.read() is None and len(rejected) == 1  # not decoded, not listed twice
@@ -193,7 +193,7 @@ def test_a_video_frame_over_the_budget_ends_the_file_and_it_is_not_read_again(mo
 
 
 def test_a_given_up_file_is_skipped_until_it_is_written_again(tmp_path: Path) -> None:
-    """What the pipeline answers a source from the ledger (``Pipeline._skip``)."""
+    """What the pipeline answers a source from the ledger (``Pipeline._given_up``, part of ``_skip``)."""
     import os
     from types import SimpleNamespace
 
@@ -206,6 +206,7 @@ def test_a_given_up_file_is_skipped_until_it_is_written_again(tmp_path: Path) ->
     os.utime(video, (time.time() - 60, time.time() - 60))
     led = Ledger(tmp_path / "ledger.sqlite")
     me = SimpleNamespace(ledger=led)
+    me._given_up = lambda source, key: Pipeline._given_up(me, source, key)
     led.mark_rejected("v", str(video), "corrupt or cut-off video: read failed at frame 3 of 9")
     assert not Pipeline._skip(me, "v", str(video))  # an ordinary rejection is tried again on every start
     led.mark_rejected("v", str(video), over_budget("reading and decoding frame 3 of the video", 10))

@@ -120,7 +120,7 @@ class VideoSource(Source):
         self._ahead = None
         self._cap = self._open_capture()
         self._refused = self._check_size(self._cap)
-        if self._refused is None and not self.cfg.loop and self.skip(self.path):
+        if self._refused is None and not self.cfg.loop and self.given_up(self.path):
             # a previous run gave this file up (a frame over the decode budget): listed, not decoded again
             self._refused, self._reported_refused = "given up before", True
             (logger.debug if self._announced_given_up else logger.warning)(
