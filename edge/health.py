@@ -19,6 +19,8 @@ from typing import Any
 OUTBOX_STUCK_AFTER = 120.0
 #: seconds ``outbox_lost`` stays raised after a corrupt outbox file lost messages (the count stays in the stats)
 OUTBOX_LOSS_ALARM = 3600.0
+#: seconds the outbox may stay locked by one call before ``outbox_busy`` (a hung disk under it)
+OUTBOX_BUSY_AFTER = 10.0
 
 
 def dataset_health(snapshot: dict[str, Any]) -> dict[str, Any] | None:
@@ -46,6 +48,8 @@ def outbox_status(snapshot: dict[str, Any]) -> dict[str, Any] | None:
 def outbox_alarms(snapshot: dict[str, Any], *, stuck_after: float = OUTBOX_STUCK_AFTER,
                   now: float | None = None) -> list[dict[str, Any]]:
     """``outbox_stuck``: the oldest message has waited ``stuck_after`` s (broker down, or refusing it);
+    ``outbox_busy``: a status request found the outbox locked by a call that has not returned for
+    OUTBOX_BUSY_AFTER s (a write hung on the disk; the counters shown are the last ones read);
     ``outbox_lost``: a corrupt outbox file lost messages in the last OUTBOX_LOSS_ALARM s;
     ``outbox_dead_letter``: messages the broker refused for good wait in the dead-letter table."""
     ob = outbox_status(snapshot)
@@ -64,6 +68,12 @@ def outbox_alarms(snapshot: dict[str, Any], *, stuck_after: float = OUTBOX_STUCK
         alarms.append({"id": "outbox_lost", "severity": "error", "component": "mqtt",
                        "message": f"{ob['lost']} MQTT message(s) lost to a corrupt outbox file: {ob.get('last_loss')}; "
                                   "check the disk (dmesg, smartctl)", "errors": ob["lost"]})
+    busy = ob.get("busy_s")
+    if isinstance(busy, (int, float)) and busy >= OUTBOX_BUSY_AFTER:
+        alarms.append({"id": "outbox_busy", "severity": "error", "component": "mqtt",
+                       "message": f"the MQTT outbox {ob.get('path')} has been locked by a write that does not "
+                                  f"return for {busy:.0f} s: labels are neither stored nor sent; check the disk "
+                                  "holding it (dmesg, mount, a hung network share)", "waiting_s": busy})
     if ob.get("dead_letter"):
         alarms.append({"id": "outbox_dead_letter", "severity": "warning", "component": "mqtt",
                        "message": f"{ob['dead_letter']} MQTT message(s) refused by the broker are set aside "

@@ -129,6 +129,8 @@ ACK_BATCH = 256
 #: label messages whose capture -> PUBACK latency is kept for the percentiles in status()
 LATENCY_WINDOW = 4096
 ACK_DELAY = 0.05
+#: seconds a status or backlog request waits for the outbox before it answers from what it has
+STATUS_WAIT = 0.5
 #: MQTT 3.1.1 has no reason codes: the broker closing the connection this many times in a row, each within
 #: SHORT_CONNECTION seconds and with the same message first in flight, means it refuses that message
 DISCONNECT_STRIKES = 3
@@ -653,8 +655,8 @@ class MqttSink(Sink):
         be sent (outbox full or expired, refused by the broker, unserialisable,
         not storable), broken down in ``drops``.
         """
-        self._process_acks(force=True)
-        ob = self._outbox.stats()
+        self._process_acks(force=True, wait=STATUS_WAIT)
+        ob = self._outbox.stats(wait=STATUS_WAIT)
         with self._lock:
             return {
                 "connected": self._connected,
@@ -722,7 +724,7 @@ class MqttSink(Sink):
 
     def backlog(self) -> Backlog:
         """What is left to deliver and whether the broker is reachable (any thread)."""
-        self._process_acks(force=True)
+        self._process_acks(force=True, wait=STATUS_WAIT)
         with self._lock:
             return Backlog(self._outbox.depth, self._connected, self._outage_since_wall, self._last_error)
 
@@ -1055,7 +1057,7 @@ class MqttSink(Sink):
             self._last_publish_at = time.time()
         return info.mid, info.rc
 
-    def _process_acks(self, force: bool = False) -> None:
+    def _process_acks(self, force: bool = False, wait: float | None = None) -> None:
         """Move acknowledgements from the callback queue into counters and delete the acknowledged rows.
 
         The in-flight window is freed at once; the rows are deleted in batches
@@ -1109,8 +1111,10 @@ class MqttSink(Sink):
                 self._to_delete_since = now
             if done and (force or len(done) >= ACK_BATCH or now - self._to_delete_since >= ACK_DELAY):
                 batch, self._to_delete, self._to_delete_since = done, [], 0.0
-        if batch:
-            self._outbox.ack(batch)
+        if batch and self._outbox.ack(batch, wait=wait) is None:
+            with self._lock:  # the outbox is busy (a writer stuck on the disk): delete them on a later turn
+                self._to_delete[:0] = batch
+                self._to_delete_since = self._to_delete_since or time.monotonic()
         for seq, reason, code in dead:
             self._set_aside(seq, reason, code)
         if rejected:

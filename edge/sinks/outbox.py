@@ -78,6 +78,8 @@ POLICIES = ("drop_oldest", "stop_capture")
 SCHEMA_VERSION = 1
 #: seconds between log lines about drops while they keep happening (the first is logged at once)
 DROP_LOG_INTERVAL = 30.0
+#: seconds stats() waits for the lock before it answers with the last snapshot (and busy_s)
+STATS_WAIT = 0.5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -182,6 +184,8 @@ class Outbox:
         self.last_loss_at: float | None = None
         self.dead_lettered = 0  # rows moved to the dead-letter table by this process
         self._head: tuple[int, float] | None = None  # (lowest seq, monotonic time it became the head)
+        self._last_stats: dict[str, Any] = {}  # stats() answers this while the lock stays taken (busy_s)
+        self._busy_since: float | None = None
         self._unlogged: dict[str, int] = {}
         self._last_drop_log: dict[str, float] = {}
         self._db = self._open()
@@ -195,6 +199,7 @@ class Outbox:
                         self.where, self._dead, self.where)
         if self._count:
             log.info("outbox %s: %d message(s) from a previous run will be sent first", self.where, self._count)
+        self.stats()  # the first snapshot, so a busy answer has every key
 
     # ------------------------------------------------------------------ set-up
 
@@ -477,11 +482,19 @@ class Outbox:
             self._cond.notify_all()
             return n
 
-    def ack(self, seqs: Iterable[int]) -> int:
-        """Delete acknowledged rows in one transaction; returns how many were still there."""
+    def ack(self, seqs: Iterable[int], wait: float | None = None) -> int | None:
+        """Delete acknowledged rows in one transaction; returns how many were still there.
+
+        With ``wait``, gives up after that many seconds without the lock and returns None (nothing
+        deleted): a status request must not hang behind a writer stuck on the disk.
+        """
         keys = [(int(s),) for s in seqs]
         if not keys:
             return 0
+        if wait is not None:
+            if not self._cond.acquire(timeout=wait):
+                return None
+            self._cond.release()
         with self._cond:
             if self._closed:
                 return 0
@@ -551,15 +564,20 @@ class Outbox:
 
     @property
     def depth(self) -> int:
-        """Messages stored and not yet acknowledged (committed rows plus the in-memory batch)."""
-        with self._cond:
-            return self._count + len(self._buffer)
+        """Messages stored and not yet acknowledged (committed rows plus the in-memory batch).
+
+        Read without the lock: a status page must answer while a writer is stuck inside a SQLite call
+        (a hung disk), and two integer reads are at worst one batch out of step.
+        """
+        return self._count + len(self._buffer)
 
     @property
     def dropped(self) -> int:
-        """Every message this outbox lost: evicted + expired + refused (on purpose) + lost (corrupt file)."""
-        with self._cond:
-            return self.evicted + self.expired + self.refused + self.lost
+        """Every message this outbox lost: evicted + expired + refused (on purpose) + lost (corrupt file).
+
+        Lock-free for the same reason as ``depth``.
+        """
+        return self.evicted + self.expired + self.refused + self.lost
 
     def oldest_age(self) -> float | None:
         """Seconds since the oldest stored row was written (None when empty)."""
@@ -569,12 +587,23 @@ class Outbox:
             row = self._db.execute("SELECT created_at FROM outbox ORDER BY seq LIMIT 1").fetchone()
         return None if row is None else max(0.0, self._clock() - float(row[0]))
 
-    def stats(self) -> dict[str, Any]:
-        """A JSON-able snapshot for status pages and the stats topic."""
+    def stats(self, wait: float = STATS_WAIT) -> dict[str, Any]:
+        """A JSON-able snapshot for status pages and the stats topic.
+
+        Waits at most ``wait`` seconds for the lock: when another thread holds it that long (a commit
+        hung on the disk), the last snapshot comes back with ``busy_s``, how long the lock has not been
+        free for us, so /healthz and the stats topic keep answering and show the hang.
+        """
+        if not self._cond.acquire(timeout=wait):
+            if self._busy_since is None:
+                self._busy_since = time.monotonic()
+            return {**self._last_stats, "depth": self.depth, "busy_s": round(time.monotonic() - self._busy_since, 1)}
+        self._cond.release()
+        self._busy_since = None
         age = self.oldest_age()
         head_wait = self.head_wait()
         with self._cond:
-            return {
+            self._last_stats = {
                 "path": self.where,
                 "durable": self.durable,
                 "policy": self.policy,
@@ -593,7 +622,9 @@ class Outbox:
                 "dead_letter": self._dead,
                 "dead_lettered": self.dead_lettered,
                 "head_wait_s": None if head_wait is None else round(head_wait, 1),
+                "busy_s": None,
             }
+            return dict(self._last_stats)
 
     def _note_drop_locked(self, kind: str, n: int) -> None:
         """Log drops: the first of each kind at once, then a summary at most every DROP_LOG_INTERVAL."""
