@@ -566,6 +566,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or "info")
     try:
         from edgelabel.ingest.service import main as ingest_main
+        if args.action == "frames":
+            from edgelabel.ingest.service import frames_command as ingest_main
     except ImportError as exc:
         log.error("edgelabel ingest needs the ingest extra (%s): pip install 'edgelabel[ingest]'", exc)
         return EXIT_USAGE
@@ -654,6 +656,9 @@ def make_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("ingest", help="plant side: store what appliances publish over MQTT in PostgreSQL "
                        "(docs/ingest.md; needs the ingest extra)")
+    i.add_argument("action", nargs="?", choices=["run", "frames"], default="run",
+                   help="run (the default): the service; frames: list the fetched/pending/failed frames, or requeue "
+                   "the failed ones")
     i.add_argument("-c", "--config", help="ingest.yaml (the quick flags below override it)")
     i.add_argument("--mqtt", metavar="URL", help="mqtt://[user@]host:port (password from EDGELABEL_MQTT_PASSWORD)")
     i.add_argument("--db", metavar="DSN", help="postgresql://[user@]host[:port]/dbname (password from PGPASSWORD)")
@@ -661,6 +666,15 @@ def make_parser() -> argparse.ArgumentParser:
     i.add_argument("--client-id", metavar="ID", help="this worker's fixed MQTT client id (one per worker)")
     i.add_argument("--http", metavar="HOST:PORT", help="/healthz and /metrics (default 127.0.0.1:9184; 'off')")
     i.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    f = i.add_mutually_exclusive_group()
+    f.add_argument("--failed", action="store_true", help="frames: list the frames that failed, with the reason")
+    f.add_argument("--pending", action="store_true", help="frames: list the frames waiting to be fetched")
+    f.add_argument("--fetched", action="store_true", help="frames: list the frames in the store")
+    f.add_argument("--requeue", action="store_true", help="frames: put the failed frames back to pending")
+    i.add_argument("--device", help="frames: only this appliance's")
+    i.add_argument("--record", action="append", metavar="ID", help="frames --requeue: only this record (repeat)")
+    i.add_argument("--limit", type=int, default=1000, help="frames: at most this many lines (default 1000)")
+    i.add_argument("--json", action="store_true", help="frames: JSON output")
     i.set_defaults(func=cmd_ingest)
 
     o = sub.add_parser("outbox", help="list, export or requeue the messages the broker refused for good "
