@@ -437,6 +437,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Export the dataset's frames in the chosen review states to a folder or zip (edge/export.py)."""
     from edgelabel.edge.export import ExportError, export_dataset
 
+    if args.db or args.frames or args.ingest_config:
+        return _central_export(args)
     setup_logging(args.log_level or "warning")
     if args.dataset:
         root = Path(args.dataset)
@@ -459,6 +461,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"exported {res.images} image(s), {res.annotations} box(es) as {res.format} "
           f"({', '.join(res.states)}) to {res.path}{skipped}")
     return EXIT_OK
+
+
+def _central_export(args: argparse.Namespace) -> int:
+    """``edgelabel export --db DSN --frames DIR``: the plant store's frames of every appliance (ingest/export.py)."""
+    setup_logging(args.log_level or "info")  # the export's progress is in the log
+    if args.format not in ("yolo", "coco"):
+        print(f"edgelabel export: --format {args.format}: the central export (--db) writes yolo or coco", file=sys.stderr)
+        return EXIT_USAGE
+    if not (args.db or args.ingest_config):
+        print("edgelabel export: the central export needs --db postgresql://... (or --ingest-config ingest.yaml)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        from edgelabel.ingest.export import main as central_main
+    except ImportError as exc:
+        log.error("edgelabel export --db needs the ingest extra (%s): pip install 'edgelabel[ingest]'", exc)
+        return EXIT_USAGE
+    return central_main(args.db, args.frames, args.format, args.out, val=args.val, devices=args.device,
+                        overwrite=args.overwrite, config=args.ingest_config)
 
 
 def _read_config(path: str | None) -> Config | None:
@@ -627,6 +648,12 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--image-prefix", metavar="URL",
                    help="labelstudio: start of every image URL (default /data/local-files/?d=<OUT name>/)")
     e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    e.add_argument("--db", metavar="DSN", help="central export: the plant's ingest database (postgresql://...); "
+                   "one yolo or coco folder merged from every appliance, reviewed boxes preferred")
+    e.add_argument("--frames", metavar="DIR", help="central export: the frame folder ingest fills (frames.folder)")
+    e.add_argument("--ingest-config", metavar="FILE", help="central export: ingest.yaml (database, and the frame "
+                   "store: folder or s3)")
+    e.add_argument("--device", action="append", metavar="ID", help="central export: only this appliance (repeat)")
     e.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     e.set_defaults(func=cmd_export)
 

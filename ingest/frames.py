@@ -153,7 +153,7 @@ class FrameFetcher:
                                 "(fetched, already_stored, failed, retried, deferred)", ["result"], registry=registry)
         self.m_bytes = Counter("edgelabel_ingest_frame_bytes_total", "bytes of frames fetched and stored",
                                registry=registry)
-        self.m_status = Gauge("edgelabel_ingest_frames", "frames in the database by status (pending, fetched, "
+        self.m_status = Gauge("edgelabel_ingest_frame_rows", "frames in the database by status (pending, fetched, "
                               "failed), read every few seconds", ["status"], registry=registry)
         self.m_backoff = Gauge("edgelabel_ingest_frame_appliances_backed_off",
                                "appliances this worker cannot reach now (waiting before the next try)",
