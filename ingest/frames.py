@@ -24,6 +24,7 @@ Tokens go in the ``Authorization`` header only; every text that is logged or sto
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import logging
 import random
@@ -237,6 +238,14 @@ class FrameFetcher:
                     self._error(f"frames: database {self.dsn}: {exc}")
                     conn.close()
                     break  # the claimed rows come due again when their lease ends
+                except Exception as exc:  # noqa: BLE001 - a thread must not die silently on one frame
+                    log.exception("frames: record %s of %s: unexpected error; it is tried again in %.0f s",
+                                  row["record_id"], row["device"], self.cfg.backoff_max)
+                    self.last_error = redact(f"record {row['record_id']}: {type(exc).__name__}: {exc}")
+                    try:
+                        self._release(conn, [row], self.cfg.backoff_max, self.last_error)
+                    except psycopg.Error:
+                        pass  # the lease runs out instead
         if conn is not None:
             conn.close()
 
@@ -341,6 +350,8 @@ class FrameFetcher:
         except (urllib.error.URLError, OSError, ssl.SSLError) as exc:
             reason = getattr(exc, "reason", exc)
             raise _Unreachable(f"{url}: {reason}") from None
+        except http.client.HTTPException as exc:  # a truncated or malformed answer: it may pass
+            raise _Retry(f"{url}: the answer broke off ({type(exc).__name__}: {exc})") from None
         if len(data) > self.cfg.max_bytes:
             raise _Failed(f"{url}: the answer is larger than frames.max_bytes ({self.cfg.max_bytes})")
         return data

@@ -90,6 +90,8 @@ class FolderStore:
             return False
 
     def put(self, location: str, data: bytes, sha256: str) -> None:
+        if not self.root.is_dir():  # never create the root: an unmounted NAS would fill the local disk
+            raise OSError(f"the frame folder {self.root} is not there (is the NAS mounted?); frames wait until it is")
         path = self.path(location)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
@@ -176,4 +178,7 @@ def open_store(cfg: FramesSection) -> FolderStore | S3Store:
         store = S3Store(cfg)
         store.ensure_bucket()
         return store
-    return FolderStore(cfg.folder or ".")
+    folder = FolderStore(cfg.folder or ".")
+    if not folder.root.is_dir():
+        raise OSError(f"frames.folder: {folder.root} is not a folder (mount the NAS there, or create it)")
+    return folder

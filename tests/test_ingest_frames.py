@@ -26,7 +26,7 @@ import pytest
 
 from tests import test_ingest
 from tests.conftest import ROOT, free_port
-from tests.test_ingest import Publisher, Worker, review, wait_for
+from tests.test_ingest import Publisher, Worker, health, review, wait_for
 
 psycopg = pytest.importorskip("psycopg", reason="the ingest extra is not installed (pip install '.[ingest]')")
 
@@ -290,6 +290,11 @@ def test_a_killed_fetcher_resumes_without_fetching_again_what_it_stored(tmp_path
     worker = Worker(tmp_path, broker.port, pg_dsn, "ingest-k", extra=("-c", str(cfg_path)))
     try:
         publish(broker.port, [r.to_dict() for r in a.recs])
+        # the NAS is not mounted yet: nothing is fetched (nor written on the local disk), /healthz says why
+        wait_for(lambda: "is not a folder" in str(((health(worker.http) or {}).get("frames") or {}).get("last_error")),
+                 30, "the missing frame folder in /healthz")
+        assert not a.requests and not nas.exists()
+        nas.mkdir()
         wait_for(lambda: sum(r["status"] == "fetched" for r in frames_rows(pg_dsn).values()) >= 4, 60,
                  "a few frames fetched")
         worker.proc.kill()
