@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from edgelabel.edge.config import expand_env
+from edgelabel.edge.redact import redact
 
 _DEVICE_RE = re.compile(r"^[^/#+\s]{1,128}$")
 
@@ -176,7 +177,7 @@ def _check_url(where: str, url: str | None, problems: list[str]) -> None:
         return
     parts = urlsplit(url.replace("{device}", "device"))
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        problems.append(f"{where}: expected http(s)://host[:port] (the appliance's web address), got {url!r}")
+        problems.append(f"{where}: expected http(s)://host[:port] (the appliance's web address), got {redact(url)!r}")
     elif parts.password is not None or parts.username is not None:
         problems.append(f"{where}: holds user info; give the viewer token in 'token: ${{VAR}}' instead")
 

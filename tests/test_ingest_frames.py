@@ -274,6 +274,42 @@ def test_frames_are_fetched_once_verified_stored_and_failures_listed_then_export
     anns = coco.loadAnns(coco.getAnnIds(imgIds=[img["id"]]))
     assert img["edgelabel_review_state"] == "corrected" and [x["bbox"] for x in anns] == [[1.0, 2.0, 29.0, 38.0]]
     assert anns[0]["category_id"] == 8
+    # asked wrong: a clear line and exit 2
+    bad = run_cli("export", "--db", pg_dsn, "--frames", str(nas), "--format", "voc", str(tmp_path / "v"))
+    assert bad.returncode == 2 and "writes yolo or coco" in bad.stderr
+    bad = run_cli("export", "--db", pg_dsn, "--frames", str(nas), "--format", "yolo", str(out))
+    assert bad.returncode == 2 and "--overwrite" in bad.stderr
+    bad = run_cli("export", "--db", pg_dsn, "--frames", str(tmp_path / "no-nas"), "--format", "yolo", str(tmp_path / "y"))
+    assert bad.returncode == 2 and "is not a folder" in bad.stderr
+
+
+def test_frames_config_errors_name_the_field(monkeypatch):
+    from edgelabel.ingest.config import ConfigError, ingest_config_from_dict
+
+    with pytest.raises(ConfigError) as err:
+        ingest_config_from_dict({"frames": {"enabled": "maybe", "store": "ftp", "rate": 0, "colour": 1,
+                                            "url": "https://admin:pw@{device}:8080",
+                                            "appliances": {"line1": {"url": "ftp://x", "tokn": "t"}},
+                                            "s3": {"secure": "perhaps"}}})
+    text = "\n".join(err.value.problems)
+    for expected in ("frames.enabled: expected true or false", "frames.store: 'ftp' is not one of folder, s3",
+                     "frames.rate: 0.0 is below the minimum", "frames.colour: unknown setting",
+                     "frames.url: holds user info", "frames.appliances.line1.url: expected http(s)://",
+                     "frames.appliances.line1.tokn: unknown setting", "frames.s3.secure: expected true or false"):
+        assert expected in text, (expected, text)
+    assert ":pw@" not in text  # a password in a URL is never repeated
+    with pytest.raises(ConfigError) as err:
+        ingest_config_from_dict({"frames": {"enabled": True, "store": "s3", "s3": {"endpoint": "https://minio:9000"}}})
+    text = "\n".join(err.value.problems)
+    assert "frames.s3.bucket: missing" in text and "frames.s3.endpoint: give host[:port] without a scheme" in text
+    assert "frames.url: missing" in text
+    monkeypatch.setenv("LINE1_TOKEN", "t0ken")
+    cfg = ingest_config_from_dict({"frames": {"enabled": True, "folder": "/mnt/nas", "url": "https://{device}.plant:8080",
+                                              "token": "default-token",
+                                              "appliances": {"line1": {"token": "${LINE1_TOKEN}"}}}})
+    assert cfg.frames.appliance("line1") == ("https://line1.plant:8080", "t0ken")
+    assert cfg.frames.appliance("line2") == ("https://line2.plant:8080", "default-token")
+    assert not ingest_config_from_dict({}).frames.enabled
 
 
 @pytest.mark.faults
