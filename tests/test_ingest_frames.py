@@ -47,8 +47,6 @@ class Appliance:
     """One appliance's web app over its own real dataset, on a real HTTP port; counts the frame requests."""
 
     def __init__(self, tmp: Path, device: str, n: int, token: str, offset: int = 0) -> None:
-        from werkzeug.serving import make_server
-
         self.device, self.token = device, token
         self.root = tmp / device / "ds"
         cfg = config_from_dict({
@@ -85,10 +83,21 @@ class Appliance:
 
             return app(environ, start)
 
+        self._wsgi = counting
         self.port = free_port()
-        self.server = make_server("127.0.0.1", self.port, counting, threaded=True)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.serve()
+
+    def serve(self) -> None:
+        from werkzeug.serving import make_server
+
+        self.server = make_server("127.0.0.1", self.port, self._wsgi, threaded=True)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def unplug(self) -> None:
+        """The appliance goes off the network: its port refuses connections."""
+        self.server.shutdown()
+        self.server.server_close()
 
     def fetches(self, record_id: str) -> int:
         with self._lock:
@@ -98,7 +107,7 @@ class Appliance:
         return self.root / str(rec.frame_path)
 
     def close(self) -> None:
-        self.server.shutdown()
+        self.unplug()
         self.sink.close()
 
 
@@ -434,3 +443,52 @@ def test_frames_into_an_s3_bucket_and_the_export_reads_them_from_there(tmp_path,
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_refused_token_fails_after_max_attempts_and_an_unreachable_appliance_keeps_its_frames(
+        tmp_path, broker, pg_dsn, appliances, caplog):
+    """A wrong viewer token: each try costs an attempt, then the frame is failed with the reason.  An appliance
+    off the network: backed off as a whole, its frames stay pending without using attempts, and are fetched
+    once it is back."""
+    import logging
+
+    from edgelabel.ingest.config import load_ingest_config
+    from edgelabel.ingest.service import IngestService
+
+    caplog.set_level(logging.INFO, logger="edgelabel.ingest")
+    c = appliances("line5-cam", 2, "viewer-token-line5-0123456789")
+    d = appliances("line6-cam", 3, "viewer-token-line6-0123456789", offset=50)
+    d.unplug()
+    wrong = "wrong-token-never-logged-42"
+    nas = tmp_path / "nas"
+    nas.mkdir()
+    cfg_path = ingest_yaml(tmp_path, broker.port, pg_dsn, {
+        "enabled": True, "folder": str(nas), "rate": 50.0, "max_attempts": 3, "backoff_min": 0.2,
+        "backoff_max": 1.0, "appliances": {c.device: {"url": c.url, "token": wrong},
+                                           d.device: {"url": d.url, "token": d.token}}})
+    svc = IngestService(load_ingest_config(cfg_path, client_id="ingest-r", http="127.0.0.1:0"))
+    thread = threading.Thread(target=svc.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: svc.health()["ok"], 30, "ingest to connect")
+        publish(broker.port, [r.to_dict() for r in c.recs + d.recs])
+        wait_for(lambda: len(frames_rows(pg_dsn)) == 5 and all(
+            frames_rows(pg_dsn)[r.id]["status"] == "failed" for r in c.recs), 30, "the refused frames failed")
+        rows = frames_rows(pg_dsn)
+        for rec in c.recs:
+            assert rows[rec.id]["attempts"] == 3 and c.fetches(rec.id) == 3
+            assert "gave up after 3 attempts" in rows[rec.id]["last_error"] and "401" in rows[rec.id]["last_error"]
+            assert "viewer token of line5-cam" in rows[rec.id]["last_error"]
+        backed = wait_for(lambda: (svc.health()["frames"] or {}).get("appliances_backed_off"), 10, "the backoff")
+        assert d.device in backed and "refused" in str(backed[d.device]["error"]).lower()
+        for rec in d.recs:
+            assert rows[rec.id]["status"] == "pending" and rows[rec.id]["attempts"] == 0
+        d.serve()  # back on the network
+        wait_for(lambda: all(frames_rows(pg_dsn)[r.id]["status"] == "fetched" for r in d.recs), 30,
+                 "the frames of the appliance that came back")
+        assert all(frames_rows(pg_dsn)[r.id]["attempts"] == 1 and d.fetches(r.id) == 1 for r in d.recs)
+    finally:
+        svc.stop()
+        thread.join(30)
+    assert "cannot be reached" in caplog.text and "reachable again" in caplog.text
+    assert wrong not in caplog.text and d.token not in caplog.text
