@@ -492,3 +492,13 @@ def test_a_refused_token_fails_after_max_attempts_and_an_unreachable_appliance_k
         thread.join(30)
     assert "cannot be reached" in caplog.text and "reachable again" in caplog.text
     assert wrong not in caplog.text and d.token not in caplog.text
+
+
+def test_the_frame_fetcher_and_the_central_export_do_not_import_the_daemon_runtime():
+    code = ("import sys, edgelabel.ingest.frames, edgelabel.ingest.framestore, edgelabel.ingest.export;"
+            "bad = sorted(m for m in sys.modules if m.startswith(('edgelabel.edge.pipeline', 'edgelabel.edge.sources',"
+            " 'edgelabel.edge.sinks', 'edgelabel.edge.records', 'edgelabel.engines', 'edgelabel.edge.daemon',"
+            " 'edgelabel.web', 'cv2', 'onnxruntime', 'numpy')));"
+            "print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
