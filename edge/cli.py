@@ -588,7 +588,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     try:
         from edgelabel.ingest.service import main as ingest_main
         if args.action == "frames":
-            from edgelabel.ingest.service import frames_command as ingest_main
+            from edgelabel.ingest.frames import frames_command as ingest_main
     except ImportError as exc:
         log.error("edgelabel ingest needs the ingest extra (%s): pip install 'edgelabel[ingest]'", exc)
         return EXIT_USAGE

@@ -516,3 +516,16 @@ def command(args: Any, dsn: str, password: str | None) -> int:
                 _say(f"{r['record_id']}\t{r['device']}\t{r['source']}\t{r['status']}\t{r['attempts']}\t"
                       f"{r['location'] or ''}\t{r['last_error'] or ''}")
         return 0
+
+
+def frames_command(args: Any) -> int:
+    """``edgelabel ingest frames``: the frames table through the product's command (frames.py)."""
+    from edgelabel.ingest.config import ConfigError, load_ingest_config
+
+    try:
+        cfg = load_ingest_config(args.config, db=args.db, log_level=args.log_level)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            _say(f"edgelabel ingest frames: config: {redact(problem)}", err=True)
+        return 2
+    return command(args, cfg.database.dsn, cfg.database.password)

@@ -475,17 +475,3 @@ def main(args: Any) -> int:
     except RuntimeError as exc:
         log.error("ingest: %s", redact(str(exc)))
         return 1
-
-
-def frames_command(args: Any) -> int:
-    """``edgelabel ingest frames``: the frames table through the product's command (frames.py)."""
-    from edgelabel.ingest.config import ConfigError, load_ingest_config
-    from edgelabel.ingest.frames import command
-
-    try:
-        cfg = load_ingest_config(args.config, db=args.db, log_level=args.log_level)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            log.error("config: %s", redact(problem))
-        return 2
-    return command(args, cfg.database.dsn, cfg.database.password)
