@@ -46,15 +46,22 @@ ALL = CaptureSection(live=CaptureConfig(review="all"), storage=CaptureConfig(rev
 class Appliance:
     """One appliance's web app over its own real dataset, on a real HTTP port; counts the frame requests."""
 
-    def __init__(self, tmp: Path, device: str, n: int, token: str, offset: int = 0) -> None:
+    def __init__(self, tmp: Path, device: str, n: int, token: str, offset: int = 0, tls: bool = False) -> None:
         self.device, self.token = device, token
         self.root = tmp / device / "ds"
         cfg = config_from_dict({
             "device_id": device, "state_dir": str(tmp / device / "state"), "model": {"path": "m.onnx"},
             "sources": {"cam": {"uri": "v4l2:///dev/video9"}}, "mqtt": {"enabled": False},
             "dataset": {"path": str(self.root)},
-            "web": {"enabled": True, "operators": {"plant": {"role": "viewer", "token": token}}},
+            "web": {"enabled": True, "operators": {"plant": {"role": "viewer", "token": token}},
+                    **({"tls": "auto"} if tls else {})},
         }, base_dir=tmp / device)
+        self.ssl = None
+        if tls:  # the appliance's own self-signed certificate (web.tls: auto)
+            from edgelabel.web.tls import server_context, tls_files
+
+            self.cert, key = tls_files(cfg)  # type: ignore[misc]
+            self.ssl = server_context(self.cert, key)
         self.sink = DatasetSink(DatasetConfig(path=str(self.root), capture=ALL, min_free_bytes=0), self.root, NAMES,
                                 "yolo11n_int8")
         self.sink.open()
@@ -85,13 +92,13 @@ class Appliance:
 
         self._wsgi = counting
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.serve()
 
     def serve(self) -> None:
         from werkzeug.serving import make_server
 
-        self.server = make_server("127.0.0.1", self.port, self._wsgi, threaded=True)
+        self.server = make_server("127.0.0.1", self.port, self._wsgi, threaded=True, ssl_context=self.ssl)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def unplug(self) -> None:
@@ -115,8 +122,8 @@ class Appliance:
 def appliances(tmp_path: Path) -> Iterator[list[Appliance]]:
     made: list[Appliance] = []
 
-    def make(device: str, n: int, token: str, offset: int = 0) -> Appliance:
-        made.append(Appliance(tmp_path, device, n, token, offset))
+    def make(device: str, n: int, token: str, offset: int = 0, tls: bool = False) -> Appliance:
+        made.append(Appliance(tmp_path, device, n, token, offset, tls))
         return made[-1]
 
     yield make  # type: ignore[misc]
@@ -502,3 +509,40 @@ def test_the_frame_fetcher_and_the_central_export_do_not_import_the_daemon_runti
             "print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_https_appliances_are_verified_against_the_plant_ca(tmp_path, broker, pg_dsn, appliances):
+    """An appliance on HTTPS with its own self-signed certificate (web.tls: auto): refused while ingest does not
+    trust it (the frames wait, the reason in /healthz), fetched with ``frames.ca_file`` naming it."""
+    from edgelabel.ingest.config import load_ingest_config
+    from edgelabel.ingest.service import IngestService
+
+    a = appliances("line7-cam", 2, "viewer-token-line7-0123456789", tls=True)
+    nas = tmp_path / "nas"
+    nas.mkdir()
+    frames = {"enabled": True, "folder": str(nas), "backoff_min": 0.2, "backoff_max": 1.0,
+              "appliances": {a.device: {"url": a.url, "token": a.token}}}
+    svc = IngestService(load_ingest_config(ingest_yaml(tmp_path, broker.port, pg_dsn, frames), client_id="ingest-t",
+                                           http="127.0.0.1:0"))
+    thread = threading.Thread(target=svc.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: svc.health()["ok"], 30, "ingest to connect")
+        publish(broker.port, [r.to_dict() for r in a.recs])
+        backed = wait_for(lambda: svc.health()["frames"]["appliances_backed_off"], 30, "the untrusted appliance")
+        assert "CERTIFICATE_VERIFY_FAILED" in backed[a.device]["error"]
+        assert all(r["status"] == "pending" and r["attempts"] == 0 for r in frames_rows(pg_dsn).values())
+    finally:
+        svc.stop()
+        thread.join(30)
+    frames["ca_file"] = str(a.cert)
+    svc = IngestService(load_ingest_config(ingest_yaml(tmp_path, broker.port, pg_dsn, frames), client_id="ingest-t",
+                                           http="127.0.0.1:0"))
+    thread = threading.Thread(target=svc.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: len(frames_rows(pg_dsn)) == 2 and all(
+            r["status"] == "fetched" for r in frames_rows(pg_dsn).values()), 30, "the frames over verified HTTPS")
+    finally:
+        svc.stop()
+        thread.join(30)
