@@ -120,12 +120,10 @@ class S3Store:
     def __init__(self, cfg: FramesSection) -> None:
         try:
             from minio import Minio
-            from minio.error import S3Error
         except ImportError as exc:  # pragma: no cover - the ingest extra brings it
             raise RuntimeError(f"frames.store: s3 needs the minio client ({exc}): pip install 'edgelabel[ingest]'") \
                 from None
         s3 = cfg.s3
-        self._error = S3Error
         self.client = Minio(s3.endpoint, access_key=s3.access_key, secret_key=s3.secret_key, secure=s3.secure,
                             region=s3.region)
         self.bucket = s3.bucket
