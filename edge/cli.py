@@ -585,6 +585,10 @@ def cmd_outbox(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     """The plant-side ingest service; imported only here so the daemon never loads it (nor psycopg)."""
     setup_logging(args.log_level or "info")
+    frames_flags = [f for f in ("failed", "pending", "fetched", "requeue", "device", "record", "json") if getattr(args, f)]
+    if args.action == "run" and frames_flags:
+        log.error("edgelabel ingest: --%s belongs to 'edgelabel ingest frames ...'", frames_flags[0])
+        return EXIT_USAGE
     try:
         from edgelabel.ingest.service import main as ingest_main
         if args.action == "frames":
