@@ -815,8 +815,8 @@ def test_schemathesis_finds_no_5xx_in_the_review_api_with_a_dataset(web: Web) ->
     config = SchemathesisConfig.from_dict({"checks": {"positive_data_acceptance": {
         "expected-statuses": ["2xx", "400", "401", "403", "404", "409", "429"]}}})
     schema = schemathesis.openapi.from_wsgi("/api/openapi.yaml", web.app, config=config)
-    ops = [r.ok() for r in schema.get_all_operations() if r.ok().path.startswith("/api/review/")]
-    assert len(ops) == 5
+    ops = [r.ok() for r in schema.get_all_operations() if r.ok().path.startswith(("/api/review/", "/api/dataset/"))]
+    assert len(ops) == 6
     failures: list[str] = []
     calls = [0]
 
@@ -844,3 +844,45 @@ def test_schemathesis_finds_no_5xx_in_the_review_api_with_a_dataset(web: Web) ->
     assert not failures, "\n\n".join(failures)
     assert calls[0] > 100
     assert_files_match_index(web.root)  # whatever was thrown at it, the dataset is consistent
+
+
+def test_dataset_frame_serves_the_stored_bytes_to_a_viewer_and_refuses_changed_ones(tmp_path: Path) -> None:
+    """``/api/dataset/frames/<id>``: what the plant's ingest fetches.  The bytes exactly as stored (their sha256
+    is the record's frame_sha256), for a viewer token; ranges and ETags; a changed file is refused, not served."""
+    cfg = config_from_dict({
+        "device_id": DEVICE, "state_dir": str(tmp_path / "state"), "model": {"path": "m.onnx"},
+        "sources": {"cam": {"uri": "v4l2:///dev/video9"}}, "mqtt": {"enabled": False},
+        "dataset": {"path": str(tmp_path / "ds")},
+        "web": {"enabled": True, "operators": {"plant": {"role": "viewer", "token": "plant-viewer-token-0123456789"}}},
+    }, base_dir=tmp_path)
+    sink, recs = build(tmp_path / "ds", n=3)
+    app = create_app(cfg, FakePipeline(cfg, [sink]), WebSink(cfg),
+                     test_config={"TESTING": True, "EDGELABEL_TOKEN": TOKEN, "SECRET_KEY": SECRET_KEY})
+    c = app.test_client()
+    viewer = {"Authorization": "Bearer plant-viewer-token-0123456789"}
+    try:
+        rec = recs[0]
+        url = f"/api/dataset/frames/{rec.id}"
+        assert c.get(url).status_code == 401
+        r = c.get(url, headers=viewer)
+        assert r.status_code == 200 and r.mimetype == "image/jpeg"
+        stored = (tmp_path / "ds" / str(rec.frame_path)).read_bytes()
+        assert r.data == stored and hashlib.sha256(r.data).hexdigest() == rec.frame_sha256
+        assert r.headers["X-Content-SHA256"] == rec.frame_sha256 and r.headers["ETag"] == f'"{rec.frame_sha256}"'
+        assert c.get(url, headers={**viewer, "If-None-Match": f'"{rec.frame_sha256}"'}).status_code == 304
+        part = c.get(url, headers={**viewer, "Range": "bytes=10-19"})
+        assert part.status_code == 206 and part.data == stored[10:20]
+        assert c.get(url, headers={**viewer, "Range": f"bytes={len(stored) + 5}-"}).status_code == 416
+        # unknown and malformed ids
+        missing = c.get("/api/dataset/frames/00000000-0000-4000-8000-000000000000", headers=viewer)
+        assert missing.status_code == 404 and "no such frame" in missing.get_json()["error"]
+        assert c.get("/api/dataset/frames/not-a-uuid", headers=viewer).status_code == 400
+        # the stored copy rewritten behind the dataset's back: refused with a reason, never served
+        (tmp_path / "ds" / str(recs[1].frame_path)).write_bytes(b"other pixels")
+        bad = c.get(f"/api/dataset/frames/{recs[1].id}", headers=viewer)
+        assert bad.status_code == 404 and "no longer matches" in bad.get_json()["error"]
+        # gone from disk (rotated, deleted)
+        (tmp_path / "ds" / str(recs[2].frame_path)).unlink()
+        assert c.get(f"/api/dataset/frames/{recs[2].id}", headers=viewer).status_code == 404
+    finally:
+        sink.close()

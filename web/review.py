@@ -14,10 +14,15 @@ Why these rules:
 * Frames are found by record id only (a canonical UUID); the image file comes from the index (the
   pipeline wrote it), never from the request.
 * An export is built as a zip in ``<state_dir>/exports`` and deleted once sent.
+* ``/api/dataset/frames/<id>`` is how the plant's ingest fetches a frame: the bytes exactly as stored, with
+  their sha256 (``ETag``, ``X-Content-SHA256``) so the fetcher can verify them against the label record.  A
+  ``viewer`` token (one per appliance) may read it.  Bytes that do not match the hash the dataset kept are
+  refused (404), never served.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sqlite3
 import tempfile
@@ -150,6 +155,41 @@ def image(record_id: str) -> Any:
     resp = Response(data, mimetype=_MIMETYPES.get(suffix, "application/octet-stream"))
     resp.headers["Cache-Control"] = "no-store"
     return resp
+
+
+@bp.get("/api/dataset/frames/<record_id>")
+@require_operator
+def dataset_frame(record_id: str) -> Any:
+    """A record's frame bytes exactly as the dataset stored them, for the plant's ingest to fetch and verify.
+
+    The same read as the review image (an original that changed since labeling is refused there); in addition
+    a stored copy whose bytes no longer hash to the recorded sha256 is refused, so what is served always is
+    what the label record names.  ``ETag`` is the sha256; ``If-None-Match`` and ``Range`` are answered.
+    """
+    store = get_store()
+    rid = parse_record_id(record_id)
+    try:
+        found = store.image_bytes(rid)
+        row = store.index.row(rid)
+    except KeyError:
+        abort(404, description="no such frame in the dataset (never stored, or rotated out)")
+    except (OSError, sqlite3.Error) as exc:
+        abort(503, description=f"the dataset could not be read ({exc}); try again when it can")
+    if found is None or row is None:
+        abort(404, description="the image of this frame is no longer there, or changed since it was labeled")
+    data, suffix = found
+    digest = hashlib.sha256(data).hexdigest()
+    expected = row["image_sha256"] if "image_sha256" in row.keys() else None
+    if expected and digest != expected:
+        log.warning("web: the stored image of record %s no longer matches its sha256 (%s, now %s); not served",
+                    rid, expected[:12], digest[:12])
+        abort(404, description="the stored image no longer matches the sha256 recorded when it was labeled; "
+                               "it is not served")
+    resp = Response(data, mimetype=_MIMETYPES.get(suffix, "application/octet-stream"))
+    resp.set_etag(digest)
+    resp.headers["X-Content-SHA256"] = digest
+    resp.headers["Cache-Control"] = "private, max-age=86400, immutable"  # content-addressed: never changes
+    return resp.make_conditional(request, accept_ranges=True, complete_length=len(data))
 
 
 @bp.post("/api/review/items/<record_id>")
