@@ -162,6 +162,8 @@ class SourceConfig:
     loop: bool = False  # video files: start again at the end
     watch: bool = False  # folders: keep running and label new files
     watch_interval: float = field(default=2.0, metadata={"min": 0.05})
+    # folders: read a symlink that leads out of the folder (never one into state_dir/dataset: edge/sources/pathguard.py)
+    follow_symlinks: bool = False
     read_timeout: float = field(default=10.0, metadata={"min": 0.1})  # live sources
     reconnect: ReconnectConfig = field(default_factory=ReconnectConfig)
     width: int = field(default=0, metadata={"min": 0})  # cameras: requested size, 0 = default

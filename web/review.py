@@ -30,6 +30,7 @@ from flask import Blueprint, Response, abort, current_app, jsonify, render_templ
 
 from edgelabel.edge.export import DEFAULT_STATES, EXPORT_FORMATS, ExportError, export_dataset, parse_states
 from edgelabel.edge.review import STATES, ReviewError, ReviewStore, VersionConflict, check_request, clean_reviewer
+from edgelabel.edge.sources.pathguard import protected_paths
 from edgelabel.web.api import parse_record_id
 from edgelabel.web.auth import auth_method, current_operator, require_operator
 from edgelabel.web.context import get_ctx
@@ -73,6 +74,7 @@ def get_store() -> ReviewStore:
                 except (OSError, sqlite3.Error) as exc:
                     log.error("web: cannot open the dataset for review: %s", exc)
                     abort(503, description=f"the dataset cannot be opened: {exc}")
+            store.index.protected = protected_paths(ctx.cfg)  # an original never read from the daemon's files
             ext["edgelabel_review"] = store
     return store
 

@@ -76,6 +76,7 @@ import os
 import re
 import shutil
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -95,6 +96,7 @@ from edgelabel.edge.frame import Frame, text_path
 from edgelabel.edge.locks import LOCK_FILE, LockHeld, hold_lock
 from edgelabel.edge.records import LabelRecord, iso_utc
 from edgelabel.edge.sinks.base import Sink
+from edgelabel.edge.sources.pathguard import PathGuard
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +224,10 @@ class DatasetIndex:
         self._repair = repair
         self.lock = threading.RLock()
         self._counts_lock = threading.Lock()
+        #: real paths of the daemon's own folders and secret files (``edge.sources.pathguard.protected_paths``,
+        #: set by the pipeline and the web page): an original that resolves there is never opened
+        self.protected: tuple[str, ...] = ()
+        self._guard: tuple[tuple[str, ...], PathGuard] | None = None
         self._db: sqlite3.Connection | None = None
         self._dirs: set[Path] = set()
         self._images = 0
@@ -454,7 +460,7 @@ class DatasetIndex:
         if not expected or not Path(row["image_path"] or "").is_absolute():
             return False  # a stored copy, or a row from before hashes were kept
         try:
-            digest = hashlib.sha256(data if data is not None else path.read_bytes()).hexdigest()
+            digest = hashlib.sha256(data if data is not None else self.read_original(path)).hexdigest()
         except OSError:
             return True
         if digest == expected:
@@ -469,10 +475,34 @@ class DatasetIndex:
         if path is None:
             return None
         try:
-            data = path.read_bytes()
+            data = self.read_original(path) if Path(row["image_path"] or "").is_absolute() else path.read_bytes()
         except OSError:
             return None
         return None if self.original_changed(row, path, data) else data
+
+    def read_original(self, path: Path) -> bytes:
+        """The bytes of an original input file; OSError when it is gone, or resolves (now, or as opened) into the
+        dataset, the state folder or a secret file: an input path swapped for a symlink there is never read."""
+        protected = (*self.protected, str(self.root))
+        if self._guard is None or self._guard[0] != protected:
+            self._guard = (protected, PathGuard("/", follow_symlinks=True, protected=protected))
+        guard = self._guard[1]
+        why = guard.refusal(str(path))
+        if why is not None:
+            log.warning("dataset: the original %s %s", text_path(str(path)), why)
+            raise PermissionError(why)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            why = guard.check_fd(fd, str(path), st)
+            if why is not None or not stat.S_ISREG(st.st_mode):
+                why = why or "is not a regular file"
+                log.warning("dataset: the original %s %s", text_path(str(path)), why)
+                raise PermissionError(why)
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                return fh.read()
+        finally:
+            os.close(fd)
 
     # ------------------------------------------------------------------ frames (the sink thread)
 
