@@ -30,12 +30,13 @@ from typing import Any
 from flask import Flask
 from waitress.server import create_server
 
+from edgelabel.edge.certs import certificate_info
 from edgelabel.edge.config import Config
 from edgelabel.web.app import MAX_BODY_BYTES, create_app
 from edgelabel.web.context import PipelineLike, WebContext
 from edgelabel.web.logbuffer import RingLogHandler
 from edgelabel.web.sink import WebSink
-from edgelabel.web.tls import fingerprint, serve_tls, server_context, tls_files
+from edgelabel.web.tls import hsts_seconds, serve_tls, server_context, tls_files
 
 log = logging.getLogger("edgelabel.web")
 
@@ -167,7 +168,10 @@ def start_web(pipeline: PipelineLike, web_sink: WebSink, cfg: Config, *, host: s
     scheme = "https" if tls_context else "http"
     url = f"{scheme}://{_url_host(bind_host)}:{server.effective_port}"
     if files:
-        log.info("web: HTTPS with %s (SHA-256 fingerprint %s)", files[0], fingerprint(files[0]))
+        cert = certificate_info(files[0])
+        hsts = hsts_seconds(cfg)
+        log.info("web: HTTPS with %s (SHA-256 fingerprint %s, valid until %s%s)", files[0], cert.fingerprint,
+                 cert.not_after.strftime("%Y-%m-%d"), f"; HSTS max-age={hsts}" if hsts is not None else "")
     elif not _loopback(bind_host) and not cfg.web.trusted_proxy:
         log.warning("web: the page is served over plain HTTP on %s: the operator token and session cookie cross "
                     "the network readable; set web.tls: auto (or {cert, key}), or put an HTTPS proxy in front",
