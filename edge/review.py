@@ -216,7 +216,8 @@ class ReviewStore:
                 detail["changes"] = changes
             before, after = self.index.update_review(
                 record_id, action=action, state=state, detections=new_boxes, by=reviewer, at=at,
-                expect_version=version, detail=detail or None)
+                expect_version=version, detail=detail or None, write_coco=False)
+        self.index.write_coco()  # the lock is free again: the sink thread indexes frames meanwhile
         log.info("review: %s %s frame %s of %s (%s -> %s, version %d)", reviewer, action, row["frame_index"],
                  row["source"], before["state"], state, after["version"])
         published = False

@@ -891,3 +891,38 @@ def test_a_bad_decision_is_refused_without_waiting_for_the_dataset_lock(web: Web
     ok = c.post(url, headers=BEARER, json={"action": "update", "detections": many, "version": 1})
     assert ok.status_code == 200, ok.text[:300]
     assert len(ok.get_json()["item"]["detections"]) == MAX_BOXES and ok.get_json()["item"]["version"] == 2
+
+
+def test_the_coco_file_is_written_after_the_dataset_lock_is_released(
+        web: Web, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Joining and fsyncing the COCO file was most of a decision's hold on the dataset lock (the sink thread
+    could not index a frame meanwhile): while a decision's COCO file is being written the lock is free, and the
+    file written is the decision's."""
+    import edgelabel.edge.sinks.dataset as dataset_mod
+
+    real = dataset_mod.write_atomic
+    writing, go_on = threading.Event(), threading.Event()
+
+    def slow(path: Path, data: bytes, **kw: Any) -> None:
+        if path.name == "annotations.coco.json" and not go_on.is_set():
+            writing.set()
+            go_on.wait(30)
+        real(path, data, **kw)
+
+    monkeypatch.setattr(dataset_mod, "write_atomic", slow)
+    store = ReviewStore(web.sink.index)
+    rid = web.recs[0].id
+    box = {"class_id": 1, "box": [5, 5, 40, 40]}
+    done: list[Any] = []
+    worker = threading.Thread(target=lambda: done.append(store.decide(rid, "update", detections=[box])))
+    worker.start()
+    try:
+        assert writing.wait(10), "the COCO file was not written"
+        got = web.sink.index.lock.acquire(timeout=5)
+        assert got, "the dataset lock was held while the COCO file was written"
+        web.sink.index.lock.release()
+    finally:
+        go_on.set()
+        worker.join(30)
+    assert done and done[0]["item"]["state"] == "corrected"
+    assert len(coco_images(web.root)[rid]["anns"]) == 1
