@@ -222,3 +222,27 @@ def test_the_daemon_lists_refused_symlinks_in_rejected_csv(tmp_path: Path, asset
     finally:
         index.close()
     assert labeled == {"a.jpg"}, labeled
+
+
+def test_the_frames_api_never_reads_an_original_swapped_for_a_symlink(tmp_path: Path) -> None:
+    """``/api/frames/<id>.jpg`` of a folder job's record reads the original (its ``frame_path``): swapped for a
+    symlink into the state folder it is refused unread, swapped for another picture it is not served."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from edgelabel.web.api import _stored_frame
+
+    lay = Layout(tmp_path)
+    cfg = config_from_dict({"state_dir": str(lay.state), "model": {"path": "m.onnx"},
+                            "sources": {"in": {"uri": str(lay.inputs)}},
+                            "dataset": {"path": str(lay.state / "dataset")}}, base_dir=tmp_path)
+    ctx = SimpleNamespace(cfg=cfg)
+    original = lay.inputs / "a.jpg"
+    sha = hashlib.sha256(original.read_bytes()).hexdigest()
+    assert _stored_frame(ctx, str(original), sha) is not None  # type: ignore[arg-type]
+    original.unlink()
+    original.symlink_to(lay.token)  # a picture too, but the daemon's own file
+    assert _stored_frame(ctx, str(original), None) is None  # type: ignore[arg-type]
+    original.unlink()
+    original.symlink_to(lay.outside / "far.jpg")  # another picture: not the labeled bytes
+    assert _stored_frame(ctx, str(original), sha) is None  # type: ignore[arg-type]

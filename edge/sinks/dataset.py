@@ -76,7 +76,6 @@ import os
 import re
 import shutil
 import sqlite3
-import stat
 import threading
 import time
 import uuid
@@ -96,7 +95,7 @@ from edgelabel.edge.frame import Frame, text_path
 from edgelabel.edge.locks import LOCK_FILE, LockHeld, hold_lock
 from edgelabel.edge.records import LabelRecord, iso_utc
 from edgelabel.edge.sinks.base import Sink
-from edgelabel.edge.sources.pathguard import PathGuard
+from edgelabel.edge.sources.pathguard import PathGuard, read_checked
 
 log = logging.getLogger(__name__)
 
@@ -490,23 +489,11 @@ class DatasetIndex:
         protected = (*self.protected, str(self.root))
         if self._guard is None or self._guard[0] != protected:
             self._guard = (protected, PathGuard("/", follow_symlinks=True, protected=protected))
-        guard = self._guard[1]
-        why = guard.refusal(str(path))
-        if why is not None:
-            log.warning("dataset: the original %s %s", text_path(str(path)), why)
-            raise PermissionError(why)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         try:
-            st = os.fstat(fd)
-            why = guard.check_fd(fd, str(path), st)
-            if why is not None or not stat.S_ISREG(st.st_mode):
-                why = why or "is not a regular file"
-                log.warning("dataset: the original %s %s", text_path(str(path)), why)
-                raise PermissionError(why)
-            with os.fdopen(os.dup(fd), "rb") as fh:
-                return fh.read()
-        finally:
-            os.close(fd)
+            return read_checked(path, self._guard[1])
+        except PermissionError as exc:
+            log.warning("dataset: the original %s %s", text_path(str(path)), exc)
+            raise
 
     # ------------------------------------------------------------------ frames (the sink thread)
 

@@ -21,6 +21,7 @@ between the listing and the read is refused too, never read.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,3 +112,24 @@ class PathGuard:
             return (f"opened {real}, outside the input folder {self._root_real} (a symlink or folder swapped in "
                     f"after the listing?); {FOLLOW_HINT}")
         return None
+
+
+def read_checked(path: str | os.PathLike[str], guard: PathGuard) -> bytes:
+    """A whole regular file, checked by ``guard`` before it is opened and again on the open descriptor before a
+    byte is read.  Raises PermissionError (refused: the message says why) or another OSError."""
+    text = os.fspath(path)
+    why = guard.refusal(text)
+    if why is not None:
+        raise PermissionError(why)
+    fd = os.open(text, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        st = os.fstat(fd)
+        why = guard.check_fd(fd, text, st)
+        if why is None and not stat.S_ISREG(st.st_mode):
+            why = "is not a regular file"
+        if why is not None:
+            raise PermissionError(why)
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            return fh.read()
+    finally:
+        os.close(fd)
