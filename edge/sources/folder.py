@@ -217,7 +217,9 @@ class FolderSource(Source):
                         self._ignored.add(full)
                         logger.debug("%s: ignoring %s (hidden or not an image extension)", self.name, full)
                     continue
-                if os.path.islink(full):
+                # (a path listed before is not looked at again here: each poll would lstat every file; the
+                # read checks what it opens anyway)
+                if full not in self._seen and os.path.islink(full):
                     why = guard.refusal(full)
                     if why is not None and os.path.exists(full):  # a broken one is rejected by the read
                         self._refuse(full, why)
