@@ -14,6 +14,7 @@ import csv
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -246,3 +247,24 @@ def test_the_frames_api_never_reads_an_original_swapped_for_a_symlink(tmp_path: 
     original.unlink()
     original.symlink_to(lay.outside / "far.jpg")  # another picture: not the labeled bytes
     assert _stored_frame(ctx, str(original), sha) is None  # type: ignore[arg-type]
+
+
+def test_a_symlink_to_a_device_is_never_opened_even_when_followed(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening some devices has effects (a watchdog starts counting down, a tape rewinds): refused unopened."""
+    lay = Layout(tmp_path)
+    (lay.inputs / "dev.jpg").symlink_to("/dev/zero")
+    opened: list[str] = []
+    real_open = os.open
+
+    def spy(path: Any, *args: Any, **kwargs: Any) -> int:
+        opened.append(os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    src = lay.source(follow=True)
+    monkeypatch.setattr(os, "open", spy)
+    frames = read_all(src)
+    monkeypatch.undo()
+    assert str(lay.inputs / "dev.jpg") not in opened and str(lay.inputs / "a.jpg") in opened
+    assert [Path(f.path).name for f in frames] == ["a.jpg"]
+    assert lay.rejects == [(str(lay.inputs / "dev.jpg"), "not a regular file (device)")]

@@ -254,6 +254,12 @@ def _read_bytes(path: str, guard: PathGuard | None = None) -> tuple[bytes, os.st
         why = guard.refusal(path)
         if why is not None:
             raise ImageRejected(why)
+        try:  # a device is not even opened (opening some has effects: a watchdog starts, a tape rewinds)
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = 0  # the open below says what is wrong
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            raise ImageRejected("not a regular file (device)")
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except PermissionError:

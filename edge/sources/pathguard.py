@@ -121,6 +121,8 @@ def read_checked(path: str | os.PathLike[str], guard: PathGuard) -> bytes:
     why = guard.refusal(text)
     if why is not None:
         raise PermissionError(why)
+    if not stat.S_ISREG(os.stat(text).st_mode):  # a device is not even opened
+        raise PermissionError("is not a regular file")
     fd = os.open(text, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
         st = os.fstat(fd)
