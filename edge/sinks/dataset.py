@@ -94,6 +94,15 @@ from edgelabel.edge.config import ConfigError, DatasetConfig
 from edgelabel.edge.frame import Frame, text_path
 from edgelabel.edge.locks import LOCK_FILE, LockHeld, hold_lock
 from edgelabel.edge.records import LabelRecord, iso_utc
+from edgelabel.edge.salvage import (
+    TableSalvage,
+    copy_table,
+    estimate_rows,
+    integrity_problem,
+    is_corrupt,
+    move_aside,
+    open_read_only,
+)
 from edgelabel.edge.sinks.base import Sink
 from edgelabel.edge.sources.pathguard import PathGuard, read_checked
 
@@ -242,6 +251,10 @@ class DatasetIndex:
         # rowid -> (record id, version, image JSON, annotations JSON, classes used): COCO rewrites serialise changed
         # rows only.  The record id is part of the key because SQLite may give a deleted row's rowid to a new row.
         self._coco_cache: dict[int, tuple[str, int, bytes, bytes, tuple[tuple[int, str], ...]]] = {}
+        #: rows a corrupt index file took with it (see _replace_corrupt), what that means and when
+        self.lost = 0
+        self.last_loss: str | None = None
+        self.last_loss_at: float | None = None
 
     # ------------------------------------------------------------------ open / close
 
@@ -265,14 +278,8 @@ class DatasetIndex:
             if self._db is not None:
                 return
             self.root.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, check_same_thread=False, timeout=10.0)
-            db.row_factory = sqlite3.Row
+            db = self._connect_checked()
             try:
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=NORMAL")
-                db.executescript(_SCHEMA)
-                _migrate(db)
-                db.executescript(_SCHEMA_EXTRA)
                 self._db = db
                 self._load_meta()
                 if self._given_names is not None:
@@ -302,6 +309,91 @@ class DatasetIndex:
                 finally:
                     self._db = None
                     self._dirs.clear()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, timeout=10.0)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            _migrate(db)
+            db.executescript(_SCHEMA_EXTRA)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _connect_checked(self) -> sqlite3.Connection:
+        """Connect, read every page once (``quick_check``); a corrupt index is salvaged (``repair``) or raised."""
+        db: sqlite3.Connection | None = None
+        try:
+            db = self._connect()
+            problem = integrity_problem(db)
+            if problem is None:
+                db.row_factory = sqlite3.Row
+                return db
+            exc: sqlite3.DatabaseError = sqlite3.DatabaseError(f"integrity check: {problem}")
+        except sqlite3.OperationalError:
+            if db is not None:
+                db.close()
+            raise  # cannot open, locked, I/O error, disk full: not the file's fault, do not move it
+        except sqlite3.DatabaseError as err:  # not a database, malformed
+            exc = err
+        if db is not None:
+            db.close()
+        if not self._repair:  # an export never changes the dataset: the daemon salvages it when it opens
+            raise exc
+        db = self._replace_corrupt(exc)
+        db.row_factory = sqlite3.Row
+        return db
+
+    def _replace_corrupt(self, exc: BaseException) -> sqlite3.Connection:
+        """Move the damaged index aside, start a new one with every readable row, count and explain the rest.
+
+        Never deletes a file of the dataset: the images and labels of rows that could not be read stay
+        where they are (left out of the COCO file until their frames are labeled again).
+        """
+        aside = move_aside(self.path)
+        db = self._connect()
+        old = open_read_only(aside)
+        kept: dict[str, TableSalvage] = {}
+        if old is None:
+            lost = estimate_rows(aside)
+        else:
+            try:
+                kept = {t: copy_table(old, db, t) for t in ("records", "meta", "review_log")}
+            finally:
+                old.close()
+            lost = sum(r.unreadable for r in kept.values())
+        rec = kept.get("records")
+        what = (f"dataset index {self.path} was corrupt ({exc}): moved it to {aside}, kept "
+                f"{rec.kept if rec else 0} record(s) in a new index; {lost} row(s) could not be read")
+        if lost:
+            what += (" -- their image and label files stay in the dataset folder but are left out of the COCO "
+                     "file; a frame labeled again gets its row back (same record id, same file names); "
+                     "review decisions among them are lost")
+        self.lost += lost
+        self.last_loss, self.last_loss_at = what, time.time()
+        log.error("%s; the dataset goes on. Check the disk (dmesg, smartctl) if this happens again.", what)
+        return db
+
+    def salvage(self, exc: BaseException) -> bool:
+        """The open index turned out corrupt while in use: salvage it now (True) instead of failing every write."""
+        if not is_corrupt(exc) or not self._repair:
+            return False
+        with self.lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            self._dirs.clear()
+            self._coco_cache.clear()
+        self.open()
+        return True
+
+    def loss_status(self) -> dict[str, Any]:
+        """Rows lost to a corrupt index file (the ``dataset_index_lost`` alarm, stats)."""
+        return {"path": str(self.path), "lost": self.lost, "last_loss": self.last_loss,
+                "last_loss_at": self.last_loss_at}
 
     def _load_meta(self) -> None:
         """Class names and model: given, else stored in the index, else classes.txt, else what the rows say."""
@@ -924,6 +1016,7 @@ class DatasetSink(Sink):
                                  image_bytes=plan.image_bytes, decision=plan.decision)
         except (OSError, sqlite3.Error) as exc:
             self._report_error("write labels for", label_path if isinstance(exc, OSError) else self.index.path, exc)
+            self._salvage_index(exc)
             return
         with self._lock:
             self._last_write_at = time.time()
@@ -972,6 +1065,7 @@ class DatasetSink(Sink):
                 "bytes": counts["bytes"],
                 "states": counts["states"],
                 "capture": self.capture.status(),
+                "index": self.index.loss_status(),
                 "quota": {
                     "max_images": self.cfg.max_images,
                     "max_bytes": self.cfg.max_bytes,
@@ -1185,6 +1279,13 @@ class DatasetSink(Sink):
         log.debug("dataset: wrote %s in %.3f s", self.root / COCO_FILE, spent)
 
     # ------------------------------------------------------------------ reporting
+
+    def _salvage_index(self, exc: BaseException) -> None:
+        """A malformed page met while writing: salvage the index now, so the next frames are kept again."""
+        try:
+            self.index.salvage(exc)
+        except (OSError, sqlite3.Error) as err:
+            self._report_error("salvage the index", self.index.path, err)
 
     def _report_error(self, what: str, path: Path | str, exc: BaseException) -> None:
         """Count the failure, mark the dataset unhealthy and log it (ERROR, rate-limited while it lasts)."""
