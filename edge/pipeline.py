@@ -46,6 +46,7 @@ from edgelabel.edge.sinks.base import Sink, SinkRefused
 from edgelabel.edge.sources import create_source
 from edgelabel.edge.sources.hub import FrameHub
 from edgelabel.edge.sources.imageio import given_up
+from edgelabel.edge.sources.pathguard import protected_paths
 from edgelabel.edge.sources.runner import SourceRunner
 from edgelabel.engines.base import Detection
 from edgelabel.engines.detector import Detector
@@ -200,6 +201,7 @@ def build_sinks(cfg: Config, detector: Detector) -> list[Sink]:
 
         sinks.append(DatasetSink(cfg.dataset, cfg.resolve(cfg.dataset.path), detector.names, detector.describe()["name"],
                                  zones={n: s.zones for n, s in cfg.sources.items() if s.zones}))
+        sinks[-1].index.protected = protected_paths(cfg)  # type: ignore[attr-defined]  # originals never read there
     if cfg.mqtt.enabled:
         from edgelabel.edge.sinks.mqtt import MqttSink
 
@@ -378,6 +380,7 @@ class Pipeline:
             source.given_up = lambda path, _n=name: self._given_up(_n, path)
             source.identity_of = lambda key, _n=name: None if self.ledger is None else self.ledger.identity(_n, key)
             source.adopt_identity = lambda key, c, _n=name: None if self.ledger is None else self.ledger.note_identity(_n, key, c)
+            source.protected = protected_paths(self.cfg)  # never read the daemon's own files as input
         self._hub.register(name, live=source.live, capacity=1 if source.live else 4)
         stop = threading.Event()
         if self._stop.is_set():

@@ -886,3 +886,85 @@ def test_dataset_frame_serves_the_stored_bytes_to_a_viewer_and_refuses_changed_o
         assert c.get(f"/api/dataset/frames/{recs[2].id}", headers=viewer).status_code == 404
     finally:
         sink.close()
+
+
+def test_a_bad_decision_is_refused_without_waiting_for_the_dataset_lock(web: Web) -> None:
+    """A decision's body (size, box count, box shape, action, version) is checked before the dataset is
+    touched: while the sink thread holds the lock, bad requests still get their 400 at once; the largest
+    valid update (MAX_BOXES boxes) is accepted once the lock is free, one more box is refused."""
+    from edgelabel.edge.review import MAX_BOXES
+
+    c = web.app.test_client()
+    rid = web.recs[0].id
+    url = f"/api/review/items/{rid}"
+    box = {"class_id": 0, "box": [1, 1, 5, 5]}
+    bad = {
+        "one box too many": {"action": "update", "detections": [box] * (MAX_BOXES + 1)},
+        "a box of three numbers": {"action": "update", "detections": [{"class_id": 0, "box": [1, 2, 3]}]},
+        "a class name": {"action": "update", "detections": [{"class_id": "car", "box": [1, 1, 5, 5]}]},
+        "detections as an object": {"action": "update", "detections": {"0": box}},
+        "update without boxes": {"action": "update"},
+        "unknown action": {"action": "approve"},
+        "version as text": {"action": "accept", "version": "1"},
+    }
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with web.sink.index.lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(5)
+        for what, body in bad.items():
+            t0 = time.monotonic()
+            resp = c.post(url, headers=BEARER, json=body)
+            took = time.monotonic() - t0
+            assert resp.status_code == 400, (what, resp.status_code, resp.text[:200])
+            assert resp.get_json()["error"], what
+            assert took < 5.0, f"{what}: answered after {took:.1f} s: it waited for the dataset lock"
+        assert str(MAX_BOXES) in c.post(url, headers=BEARER, json=bad["one box too many"]).get_json()["error"]
+    finally:
+        release.set()
+        holder.join()
+    many = [{"class_id": i % len(NAMES), "box": [i % 100, i // 100, i % 100 + 20, i // 100 + 20]} for i in range(MAX_BOXES)]
+    ok = c.post(url, headers=BEARER, json={"action": "update", "detections": many, "version": 1})
+    assert ok.status_code == 200, ok.text[:300]
+    assert len(ok.get_json()["item"]["detections"]) == MAX_BOXES and ok.get_json()["item"]["version"] == 2
+
+
+def test_the_coco_file_is_written_after_the_dataset_lock_is_released(
+        web: Web, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Joining and fsyncing the COCO file was most of a decision's hold on the dataset lock (the sink thread
+    could not index a frame meanwhile): while a decision's COCO file is being written the lock is free, and the
+    file written is the decision's."""
+    import edgelabel.edge.sinks.dataset as dataset_mod
+
+    real = dataset_mod.write_atomic
+    writing, go_on = threading.Event(), threading.Event()
+
+    def slow(path: Path, data: bytes, **kw: Any) -> None:
+        if path.name == "annotations.coco.json" and not go_on.is_set():
+            writing.set()
+            go_on.wait(30)
+        real(path, data, **kw)
+
+    monkeypatch.setattr(dataset_mod, "write_atomic", slow)
+    store = ReviewStore(web.sink.index)
+    rid = web.recs[0].id
+    box = {"class_id": 1, "box": [5, 5, 40, 40]}
+    done: list[Any] = []
+    worker = threading.Thread(target=lambda: done.append(store.decide(rid, "update", detections=[box])))
+    worker.start()
+    try:
+        assert writing.wait(10), "the COCO file was not written"
+        got = web.sink.index.lock.acquire(timeout=5)
+        assert got, "the dataset lock was held while the COCO file was written"
+        web.sink.index.lock.release()
+    finally:
+        go_on.set()
+        worker.join(30)
+    assert done and done[0]["item"]["state"] == "corrected"
+    assert len(coco_images(web.root)[rid]["anns"]) == 1

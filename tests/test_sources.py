@@ -200,9 +200,9 @@ def test_folder_skip_does_not_decode(assets: Path, monkeypatch: pytest.MonkeyPat
     decoded: list[str] = []
     real = folder_mod.read_image_bytes
 
-    def spy(path: str) -> Any:
+    def spy(path: str, *args: Any) -> Any:
         decoded.append(Path(path).name)
-        return real(path)
+        return real(path, *args)
 
     monkeypatch.setattr(folder_mod, "read_image_bytes", spy)  # a skipped file is not even read
     src = FolderSource("imgs", cfg(str(assets / "images")), str(assets / "images"))

@@ -34,7 +34,8 @@ from typing import Any
 from flask import Blueprint, Response, abort, current_app, jsonify, render_template, request, send_file
 
 from edgelabel.edge.export import DEFAULT_STATES, EXPORT_FORMATS, ExportError, export_dataset, parse_states
-from edgelabel.edge.review import ACTIONS, STATES, ReviewError, ReviewStore, VersionConflict, clean_reviewer
+from edgelabel.edge.review import STATES, ReviewError, ReviewStore, VersionConflict, check_request, clean_reviewer
+from edgelabel.edge.sources.pathguard import protected_paths
 from edgelabel.web.api import parse_record_id
 from edgelabel.web.auth import auth_method, current_operator, require_operator
 from edgelabel.web.context import get_ctx
@@ -78,6 +79,7 @@ def get_store() -> ReviewStore:
                 except (OSError, sqlite3.Error) as exc:
                     log.error("web: cannot open the dataset for review: %s", exc)
                     abort(503, description=f"the dataset cannot be opened: {exc}")
+            store.index.protected = protected_paths(ctx.cfg)  # an original never read from the daemon's files
             ext["edgelabel_review"] = store
     return store
 
@@ -196,27 +198,26 @@ def dataset_frame(record_id: str) -> Any:
 @require_operator
 def decide(record_id: str) -> Any:
     """A decision: ``{"action": accept|update|reject|reopen, "detections"?: [...], "version"?: n, "by"?: name}``."""
-    store = get_store()
     rid = parse_record_id(record_id)
-    try:
-        store.item(rid)  # an unknown frame is 404 whatever the body says
-    except KeyError:
-        abort(404, description="no such frame in the dataset")
-    except (OSError, sqlite3.Error) as exc:
-        abort(503, description=f"the dataset could not be read ({exc}); try again when it can")
+    # the body is read and checked (size, JSON depth and numbers, action, version, box count and shape) before
+    # the dataset is touched: a bad request never waits for, or holds, the dataset lock
     body = json_object()
     action = body.get("action")
-    if action not in ACTIONS:
-        abort(400, description=f"action must be one of {', '.join(ACTIONS)}")
+    detections = body.get("detections")
+    try:
+        check_request(action, detections)
+    except ReviewError as exc:
+        abort(400, description=str(exc))
     version = body.get("version")
     if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
         abort(400, description="version must be an integer")
+    store = get_store()
     method = auth_method()
     operator = current_operator()
     # the authenticated operator's name, never a typed one (a "by" in the body is ignored)
     by = clean_reviewer(operator.name if operator is not None else None)
     try:
-        result = store.decide(rid, action, by=by, detections=body.get("detections"), version=version,
+        result = store.decide(rid, action, by=by, detections=detections, version=version,
                               context={"via": method, "address": request.remote_addr})
     except KeyError:
         abort(404, description="no such frame in the dataset")

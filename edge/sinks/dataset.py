@@ -104,6 +104,7 @@ from edgelabel.edge.salvage import (
     open_read_only,
 )
 from edgelabel.edge.sinks.base import Sink
+from edgelabel.edge.sources.pathguard import PathGuard, read_checked
 
 log = logging.getLogger(__name__)
 
@@ -231,12 +232,20 @@ class DatasetIndex:
         self._repair = repair
         self.lock = threading.RLock()
         self._counts_lock = threading.Lock()
+        #: real paths of the daemon's own folders and secret files (``edge.sources.pathguard.protected_paths``,
+        #: set by the pipeline and the web page): an original that resolves there is never opened
+        self.protected: tuple[str, ...] = ()
+        self._guard: tuple[tuple[str, ...], PathGuard] | None = None
         self._db: sqlite3.Connection | None = None
         self._dirs: set[Path] = set()
         self._images = 0
         self._annotations = 0
         self._bytes = 0
         self._coco_bytes = 0
+        #: COCO snapshots built / written (write_coco writes outside the index lock, in build order)
+        self._coco_write_lock = threading.Lock()
+        self._coco_built = 0
+        self._coco_written = 0
         self._by_state: Counter[str] = Counter()
         self.coco_dirty = True
         # rowid -> (record id, version, image JSON, annotations JSON, classes used): COCO rewrites serialise changed
@@ -546,7 +555,7 @@ class DatasetIndex:
         if not expected or not Path(row["image_path"] or "").is_absolute():
             return False  # a stored copy, or a row from before hashes were kept
         try:
-            digest = hashlib.sha256(data if data is not None else path.read_bytes()).hexdigest()
+            digest = hashlib.sha256(data if data is not None else self.read_original(path)).hexdigest()
         except OSError:
             return True
         if digest == expected:
@@ -561,10 +570,22 @@ class DatasetIndex:
         if path is None:
             return None
         try:
-            data = path.read_bytes()
+            data = self.read_original(path) if Path(row["image_path"] or "").is_absolute() else path.read_bytes()
         except OSError:
             return None
         return None if self.original_changed(row, path, data) else data
+
+    def read_original(self, path: Path) -> bytes:
+        """The bytes of an original input file; OSError when it is gone, or resolves (now, or as opened) into the
+        dataset, the state folder or a secret file: an input path swapped for a symlink there is never read."""
+        protected = (*self.protected, str(self.root))
+        if self._guard is None or self._guard[0] != protected:
+            self._guard = (protected, PathGuard("/", follow_symlinks=True, protected=protected))
+        try:
+            return read_checked(path, self._guard[1])
+        except PermissionError as exc:
+            log.warning("dataset: the original %s %s", text_path(str(path)), exc)
+            raise
 
     # ------------------------------------------------------------------ frames (the sink thread)
 
@@ -626,9 +647,9 @@ class DatasetIndex:
             self.coco_dirty = True
             self._finish_files(after)
             after = db.execute("SELECT rowid, * FROM records WHERE id = ?", (record_id,)).fetchone()
-            if write_coco:
-                self.write_coco()
-            return before, after
+        if write_coco:
+            self.write_coco()  # after the lock (unless the caller holds it): see write_coco
+        return before, after
 
     def _finish_files(self, row: sqlite3.Row) -> None:
         """Make the row's files match its state (idempotent), then clear its unsynced mark and update its size."""
@@ -663,7 +684,8 @@ class DatasetIndex:
 
         Incremental: each row's JSON is kept with its ``version`` (bumped by every change to the row), so a
         rewrite serialises only the rows that changed and splices the rest -- a review decision on a dataset
-        of 20 000 frames costs a fraction of a second, not seconds, and holds the lock as briefly.
+        of 20 000 frames costs a fraction of a second, not seconds; the file itself is written after the index
+        lock is released (``bench/review_lock.py``).
         """
         if "coco" not in self.formats:
             return False
@@ -685,22 +707,42 @@ class DatasetIndex:
                 alive = {h[0] for h in heads}
                 for rowid in [k for k in cache if k not in alive]:
                     del cache[rowid]
-            entries = [cache[h[0]] for h in heads]
-            extra = {cls: name for e in entries for cls, name in e[4]}
-            categories = [{"id": i + 1, "name": n, "supercategory": "object", "edgelabel_class_id": i}
-                          for i, n in enumerate(self._names)]
-            categories += [{"id": c + 1, "name": extra[c], "supercategory": "object", "edgelabel_class_id": c}
-                           for c in sorted(extra) if c >= len(self._names)]
-            data = b"".join((
-                b'{"info":', _json(_coco_info(self.model_name)), b',"licenses":[],"images":[',
-                b",".join(e[2] for e in entries), b'],"annotations":[',
-                b",".join(e[3] for e in entries if e[3]), b'],"categories":', _json(categories), b"}",
-            ))
-            write_atomic(self.root / COCO_FILE, data, fsync=True)
+            entries = [cache[h[0]] for h in heads]  # immutable fragments: joined after the lock is released
+            names, model_name = list(self._names), self.model_name
             self.coco_dirty = False
-            with self._counts_lock:
-                self._coco_bytes = len(data)
-            return True
+            self._coco_built += 1
+            built = self._coco_built
+        extra = {cls: name for e in entries for cls, name in e[4]}
+        categories = [{"id": i + 1, "name": n, "supercategory": "object", "edgelabel_class_id": i}
+                      for i, n in enumerate(names)]
+        categories += [{"id": c + 1, "name": extra[c], "supercategory": "object", "edgelabel_class_id": c}
+                       for c in sorted(extra) if c >= len(names)]
+        data = b"".join((
+            b'{"info":', _json(_coco_info(model_name)), b',"licenses":[],"images":[',
+            b",".join(e[2] for e in entries), b'],"annotations":[',
+            b",".join(e[3] for e in entries if e[3]), b'],"categories":', _json(categories), b"}",
+        ))
+        # Joined and written after the index lock is released (a caller that holds it keeps it, by reentry):
+        # joining and fsyncing a file of many MB was most of a review decision's hold on the lock, during which
+        # the sink thread could not index a frame.  Writers are ordered by their own lock; an older snapshot never
+        # replaces a newer one.
+        # (Whoever holds the write lock takes no other lock: a thread holding the index lock may wait for it.)
+        failed: BaseException | None = None
+        with self._coco_write_lock:
+            if built <= self._coco_written:
+                return True
+            try:
+                write_atomic(self.root / COCO_FILE, data, fsync=True)
+                self._coco_written = built
+            except BaseException as exc:
+                failed = exc
+        if failed is not None:
+            with self.lock:
+                self.coco_dirty = True  # written by the next call
+            raise failed
+        with self._counts_lock:
+            self._coco_bytes = len(data)
+        return True
 
     # ------------------------------------------------------------------ quota
 

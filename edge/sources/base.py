@@ -71,6 +71,9 @@ class Source(abc.ABC):
         self.active_since = 0.0
         #: the file being read, for messages (None: not known)
         self.current_input: str | None = None
+        #: real paths of the daemon's own folders and secret files, which a storage source never reads
+        #: (set by the pipeline: ``edge.sources.pathguard.protected_paths``)
+        self.protected: tuple[str, ...] = ()
 
     @property
     def idle(self) -> bool:

@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 from edgelabel.edge.config import SourceConfig  # noqa: E402
 from edgelabel.edge.frame import Frame  # noqa: E402
 from edgelabel.edge.sources.base import Source, SourceError  # noqa: E402
+from edgelabel.edge.sources.pathguard import PathGuard  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -259,8 +260,21 @@ def check_complete(fmt: str, data: bytes) -> None:
 # --------------------------------------------------------------------------- decoding
 
 
-def _read_bytes(path: str) -> tuple[bytes, os.stat_result]:
-    """The whole file, opened non-blocking so a FIFO named like an image cannot hang us."""
+def _read_bytes(path: str, guard: PathGuard | None = None) -> tuple[bytes, os.stat_result]:
+    """The whole file, opened non-blocking so a FIFO named like an image cannot hang us.
+
+    With a ``guard`` (storage sources), where the path leads is checked before opening it, and what was
+    opened is checked again before a byte is read (``edge.sources.pathguard``)."""
+    if guard is not None:
+        why = guard.refusal(path)
+        if why is not None:
+            raise ImageRejected(why)
+        try:  # a device is not even opened (opening some has effects: a watchdog starts, a tape rewinds)
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = 0  # the open below says what is wrong
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            raise ImageRejected("not a regular file (device)")
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except PermissionError:
@@ -273,6 +287,9 @@ def _read_bytes(path: str) -> tuple[bytes, os.stat_result]:
         raise ImageRejected(f"cannot open ({exc.strerror or exc})") from None
     try:
         st = os.fstat(fd)
+        why = guard.check_fd(fd, path, st) if guard is not None else None
+        if why is not None:
+            raise ImageRejected(why)
         if not stat.S_ISREG(st.st_mode):
             kind = "FIFO" if stat.S_ISFIFO(st.st_mode) else "directory" if stat.S_ISDIR(st.st_mode) else "device"
             raise ImageRejected(f"not a regular file ({kind})")
@@ -421,9 +438,10 @@ class _DecodeChild:
 _CHILD = _DecodeChild()
 
 
-def read_image_bytes(path: str) -> tuple[bytes, os.stat_result]:
-    """The file's bytes and its stat (of the open file), or ImageRejected (FIFO, unreadable, too large...)."""
-    return _read_bytes(path)
+def read_image_bytes(path: str, guard: PathGuard | None = None) -> tuple[bytes, os.stat_result]:
+    """The file's bytes and its stat (of the open file), or ImageRejected (FIFO, unreadable, too large, a
+    symlink the ``guard`` refuses...)."""
+    return _read_bytes(path, guard)
 
 
 def file_content(data: bytes, st: os.stat_result) -> str:
@@ -453,7 +471,7 @@ def content_key(src: Source, path: str, path_key: str,
         return path_key, None, None
     if known.startswith(f"{st.st_size}:{st.st_mtime_ns}:"):
         return path_key, None, None
-    data, st = read_image_bytes(path)
+    data, st = read_image_bytes(path, getattr(src, "guard", None))
     sha = hashlib.sha256(data).hexdigest()
     return (path_key if sha == known.rsplit(":", 1)[-1] else f"{path_key}#{sha[:16]}"), data, st
 

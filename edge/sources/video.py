@@ -55,6 +55,7 @@ from edgelabel.edge.frame import Frame
 from edgelabel.edge.sources import imageio
 from edgelabel.edge.sources.base import Source, SourceError
 from edgelabel.edge.sources.imageio import MAX_IMAGE_PIXELS, ensure_bgr, over_budget
+from edgelabel.edge.sources.pathguard import PathGuard
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,9 @@ class VideoSource(Source):
             raise SourceError(f"video {self.path} not found")
         if not os.access(self.path, os.R_OK):
             raise SourceError(f"video {self.path}: permission denied")
+        why = PathGuard(os.path.dirname(self.path), True, self.protected).protected_reason(os.path.realpath(self.path))
+        if why is not None:  # the configured file may be a symlink anywhere, but never into the daemon's own files
+            raise SourceError(f"video {self.path} {why}")
         self.close()
         self._open_sig = self._file_sig()
         self._followed = 0
