@@ -135,8 +135,8 @@ def test_a_plain_install_is_the_daemon_only_and_extras_add_jetson_and_test(tmp_p
     assert sections["gpu"] == sections["jetson"], "gpu stays an alias of jetson"
     assert {"pytest", "playwright", "schemathesis", "datumaro", "hypothesis", "onnx", "ruff"} <= names(sections["test"])
     # the plant-side ingest service's driver: its own extra (and the tests'), never on an appliance
-    assert names(sections["ingest"]) == {"psycopg"} and "psycopg" in names(sections["test"])
-    assert "psycopg" not in runtime
+    assert names(sections["ingest"]) == {"psycopg", "minio"} and "psycopg" in names(sections["test"])
+    assert "psycopg" not in runtime and "minio" not in runtime
 
 
 def test_the_main_job_runs_without_any_test_tooling(tmp_path: Path, assets: Path) -> None:
