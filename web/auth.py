@@ -407,7 +407,7 @@ def require_operator(view: F) -> F:
         if op is None:
             if bearer_token() is not None:
                 return unauthorized("wrong token")
-            return unauthorized("login required: this action needs an operator token")
+            return unauthorized("login required: log in at /login, or send a token as Authorization: Bearer")
         changes = request.method not in ("GET", "HEAD", "OPTIONS")
         if changes and auth_method() == "session" and not csrf_ok():
             return forbidden_csrf()
