@@ -70,9 +70,11 @@ setup(
         "gpu": jetson_requires,  # the earlier name of "jetson", kept for existing install commands
         "test": ["pytest>=7", "jsonschema>=4", "ruff>=0.5", "onnx>=1.14", "playwright>=1.40", "cryptography>=41",
                  "hypothesis>=6.100", "schemathesis>=4.0,<5",
-                 "datumaro>=1.13,<2", "motmetrics>=1.4", "psycopg[binary]>=3.1"],
+                 "datumaro>=1.13,<2", "motmetrics>=1.4", "psycopg[binary]>=3.1",
+                 "minio>=7.2", "moto[server]>=5"],  # moto_server: the S3-compatible server the frames test runs
         # `edgelabel ingest`: the plant-side service that writes what the appliances publish into PostgreSQL
-        "ingest": ["psycopg[binary]>=3.1"],
+        # (minio: the frame store's S3 client, frames.store: s3)
+        "ingest": ["psycopg[binary]>=3.1", "minio>=7.2"],
         # bench/tracking.py: MOT metrics and a library tracker to compare with (never in the runtime install)
         "bench": ["motmetrics>=1.4", "supervision>=0.26,<0.31"],  # ByteTrack is gone from supervision 0.31
     },

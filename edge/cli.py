@@ -437,6 +437,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Export the dataset's frames in the chosen review states to a folder or zip (edge/export.py)."""
     from edgelabel.edge.export import ExportError, export_dataset
 
+    if args.db or args.frames or args.ingest_config:
+        return _central_export(args)
     setup_logging(args.log_level or "warning")
     if args.dataset:
         root = Path(args.dataset)
@@ -459,6 +461,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"exported {res.images} image(s), {res.annotations} box(es) as {res.format} "
           f"({', '.join(res.states)}) to {res.path}{skipped}")
     return EXIT_OK
+
+
+def _central_export(args: argparse.Namespace) -> int:
+    """``edgelabel export --db DSN --frames DIR``: the plant store's frames of every appliance (ingest/export.py)."""
+    setup_logging(args.log_level or "info")  # the export's progress is in the log
+    if args.format not in ("yolo", "coco"):
+        print(f"edgelabel export: --format {args.format}: the central export (--db) writes yolo or coco", file=sys.stderr)
+        return EXIT_USAGE
+    if not (args.db or args.ingest_config):
+        print("edgelabel export: the central export needs --db postgresql://... (or --ingest-config ingest.yaml)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        from edgelabel.ingest.export import main as central_main
+    except ImportError as exc:
+        log.error("edgelabel export --db needs the ingest extra (%s): pip install 'edgelabel[ingest]'", exc)
+        return EXIT_USAGE
+    return central_main(args.db, args.frames, args.format, args.out, val=args.val, devices=args.device,
+                        overwrite=args.overwrite, config=args.ingest_config)
 
 
 def _read_config(path: str | None) -> Config | None:
@@ -564,8 +585,14 @@ def cmd_outbox(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     """The plant-side ingest service; imported only here so the daemon never loads it (nor psycopg)."""
     setup_logging(args.log_level or "info")
+    frames_flags = [f for f in ("failed", "pending", "fetched", "requeue", "device", "record", "json") if getattr(args, f)]
+    if args.action == "run" and frames_flags:
+        log.error("edgelabel ingest: --%s belongs to 'edgelabel ingest frames ...'", frames_flags[0])
+        return EXIT_USAGE
     try:
         from edgelabel.ingest.service import main as ingest_main
+        if args.action == "frames":
+            from edgelabel.ingest.frames import frames_command as ingest_main
     except ImportError as exc:
         log.error("edgelabel ingest needs the ingest extra (%s): pip install 'edgelabel[ingest]'", exc)
         return EXIT_USAGE
@@ -625,6 +652,12 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--image-prefix", metavar="URL",
                    help="labelstudio: start of every image URL (default /data/local-files/?d=<OUT name>/)")
     e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    e.add_argument("--db", metavar="DSN", help="central export: the plant's ingest database (postgresql://...); "
+                   "one yolo or coco folder merged from every appliance, reviewed boxes preferred")
+    e.add_argument("--frames", metavar="DIR", help="central export: the frame folder ingest fills (frames.folder)")
+    e.add_argument("--ingest-config", metavar="FILE", help="central export: ingest.yaml (database, and the frame "
+                   "store: folder or s3)")
+    e.add_argument("--device", action="append", metavar="ID", help="central export: only this appliance (repeat)")
     e.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     e.set_defaults(func=cmd_export)
 
@@ -654,6 +687,9 @@ def make_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("ingest", help="plant side: store what appliances publish over MQTT in PostgreSQL "
                        "(docs/ingest.md; needs the ingest extra)")
+    i.add_argument("action", nargs="?", choices=["run", "frames"], default="run",
+                   help="run (the default): the service; frames: list the fetched/pending/failed frames, or requeue "
+                   "the failed ones")
     i.add_argument("-c", "--config", help="ingest.yaml (the quick flags below override it)")
     i.add_argument("--mqtt", metavar="URL", help="mqtt://[user@]host:port (password from EDGELABEL_MQTT_PASSWORD)")
     i.add_argument("--db", metavar="DSN", help="postgresql://[user@]host[:port]/dbname (password from PGPASSWORD)")
@@ -661,6 +697,15 @@ def make_parser() -> argparse.ArgumentParser:
     i.add_argument("--client-id", metavar="ID", help="this worker's fixed MQTT client id (one per worker)")
     i.add_argument("--http", metavar="HOST:PORT", help="/healthz and /metrics (default 127.0.0.1:9184; 'off')")
     i.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    f = i.add_mutually_exclusive_group()
+    f.add_argument("--failed", action="store_true", help="frames: list the frames that failed, with the reason")
+    f.add_argument("--pending", action="store_true", help="frames: list the frames waiting to be fetched")
+    f.add_argument("--fetched", action="store_true", help="frames: list the frames in the store")
+    f.add_argument("--requeue", action="store_true", help="frames: put the failed frames back to pending")
+    i.add_argument("--device", help="frames: only this appliance's")
+    i.add_argument("--record", action="append", metavar="ID", help="frames --requeue: only this record (repeat)")
+    i.add_argument("--limit", type=int, default=1000, help="frames: at most this many lines (default 1000)")
+    i.add_argument("--json", action="store_true", help="frames: JSON output")
     i.set_defaults(func=cmd_ingest)
 
     o = sub.add_parser("outbox", help="list, export or requeue the messages the broker refused for good "

@@ -162,6 +162,8 @@ class SourceConfig:
     loop: bool = False  # video files: start again at the end
     watch: bool = False  # folders: keep running and label new files
     watch_interval: float = field(default=2.0, metadata={"min": 0.05})
+    # folders: read a symlink that leads out of the folder (never one into state_dir/dataset: edge/sources/pathguard.py)
+    follow_symlinks: bool = False
     read_timeout: float = field(default=10.0, metadata={"min": 0.1})  # live sources
     reconnect: ReconnectConfig = field(default_factory=ReconnectConfig)
     width: int = field(default=0, metadata={"min": 0})  # cameras: requested size, 0 = default
@@ -393,7 +395,8 @@ class WebConfig:
     operators: dict[str, WebOperatorConfig] = field(default_factory=dict)
     # the one reverse proxy whose X-Forwarded-For / X-Forwarded-Proto is believed (waitress's trusted_proxy)
     trusted_proxy: str | None = None
-    # HTTPS: {cert: file, key: file}, or "auto" for a self-signed certificate kept in state_dir; null: plain HTTP
+    # HTTPS: {cert: file, key: file}, or "auto" ({auto: true}) for a self-signed certificate kept in state_dir;
+    # null: plain HTTP.  A mapping may add hsts: <seconds> (Strict-Transport-Security over HTTPS; default false)
     tls: Any = None
 
     def problems(self) -> list[str]:
@@ -420,9 +423,19 @@ class WebConfig:
                            "print(hashlib.sha256(getpass.getpass().encode()).hexdigest())\")")
         tls = self.tls
         if tls is not None and tls != "auto":
-            if not isinstance(tls, dict) or set(tls) - {"cert", "key"} \
-                    or not all(isinstance(tls.get(k), str) and tls.get(k) for k in ("cert", "key")):
-                out.append(f"web.tls: expected \"auto\" or a mapping {{cert: file, key: file}}, got {_show(tls)}")
+            auto = isinstance(tls, dict) and tls.get("auto") is True
+            files = ("cert", "key")
+            if not isinstance(tls, dict) or set(tls) - {"cert", "key", "hsts", "auto"} or (
+                    set(tls) & set(files) if auto
+                    else not all(isinstance(tls.get(k), str) and tls.get(k) for k in files) or "auto" in tls):
+                out.append(f"web.tls: expected \"auto\", {{auto: true, hsts: ...}} or a mapping {{cert: file, key: file, "
+                           f"hsts: ...}}, got {_show(tls)}")
+            else:
+                hsts = tls.get("hsts")
+                if hsts is not None and hsts is not False and (
+                        isinstance(hsts, bool) or not isinstance(hsts, int) or not 0 <= hsts <= 2 * 365 * 86400):
+                    out.append(f"web.tls.hsts: expected seconds (0..63072000, e.g. 31536000 for a year) or false, "
+                               f"got {_show(hsts)}")
         return out
 
 

@@ -26,6 +26,11 @@ FAILs, else 0.  What counts as a FAIL:
 * the broker refuses the connection (CONNACK: bad user name or password, not
   authorized) or the TLS handshake fails: those never heal by waiting.
 
+The ``web`` check (when the page is on) shows the HTTPS certificate's SHA-256
+fingerprint and expiry (also under ``data`` in ``--json``), WARNs of plain
+HTTP bound beyond loopback and of a given certificate that expires within 30
+days, and FAILs one that has expired.
+
 A broker that cannot be reached is only a WARN: the daemon keeps labeling
 into the dataset and buffers messages until the broker is back.  Likewise an
 absent camera or an unreachable RTSP host (the daemon retries them).
@@ -44,6 +49,7 @@ import dataclasses
 import grp
 import importlib
 import importlib.util
+import ipaddress
 import json
 import logging
 import os
@@ -62,6 +68,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from edgelabel.edge.certs import AUTO_CERT_FILE, certificate_info
 from edgelabel.edge.config import MIRROR_ENV, Config, ConfigError, config_from_dict, mirror_folder, mirror_hint, read_config_file
 
 log = logging.getLogger(__name__)
@@ -91,6 +98,8 @@ RTSP_TIMEOUT = 2.0
 COMMAND_TIMEOUT = 5.0
 DISK_WARN = 1 << 30  # 1 GiB
 DISK_FAIL = 100 << 20  # 100 MiB
+#: a given HTTPS certificate that expires within this many days is a WARN
+CERT_WARN_DAYS = 30
 
 #: Jetson module name -> CUDA compute capability (platform notes §0: Orin sm_87, Xavier sm_72, Nano/TX1 sm_53)
 _JETSON_CC = (("orin", "8.7"), ("xavier", "7.2"), ("tx2", "6.2"), ("nano", "5.3"), ("tx1", "5.3"))
@@ -106,9 +115,14 @@ class Check:
     status: str
     detail: str
     fix: str | None = None
+    #: facts for scripts (``--json`` only), e.g. the web page's certificate fingerprint and expiry
+    data: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if out["data"] is None:
+            del out["data"]
+        return out
 
 
 # --------------------------------------------------------------------------- helpers
@@ -263,6 +277,13 @@ def _existing_ancestor(path: Path) -> Path:
     return p
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _inside(path: Path, folders: Sequence[str]) -> bool:
     """Whether ``path`` is one of ``folders`` or below one of them."""
     text = str(path)
@@ -297,8 +318,10 @@ class Doctor:
 
     # ------------------------------------------------------------------ plumbing
 
-    def add(self, name: str, status: str, detail: str, fix: str | None = None) -> Check:
-        check = Check(name, status, _one_line(detail), _one_line(fix) if fix and status in (WARN, FAIL) else None)
+    def add(self, name: str, status: str, detail: str, fix: str | None = None, *,
+            data: dict[str, Any] | None = None) -> Check:
+        check = Check(name, status, _one_line(detail), _one_line(fix) if fix and status in (WARN, FAIL) else None,
+                      data)
         self.checks.append(check)
         return check
 
@@ -337,6 +360,7 @@ class Doctor:
                 ("model", self.check_model),
                 ("sources", self.check_sources),
                 ("mqtt", self.check_mqtt),
+                ("web", self.check_web),
                 ("disk", self.check_disk),
                 ("engine cache", self.check_engine_cache),
             ):
@@ -905,6 +929,61 @@ class Doctor:
                     sock.close()
 
     # ------------------------------------------------------------------ disk
+
+    def check_web(self) -> None:
+        """The web page's transport: the HTTPS certificate's SHA-256 fingerprint and expiry (what an operator
+        compares with the browser's warning on a first visit), or plain HTTP bound beyond loopback."""
+        assert self.cfg is not None
+        web = self.cfg.web
+        if not web.enabled:
+            return
+        where = f"{web.host}:{web.port}"
+        tls = web.tls
+        if tls is None:
+            loopback = web.host == "localhost" or _is_loopback(web.host)
+            data = {"scheme": "http", "bind": where}
+            if loopback:
+                self.add("web", OK, f"plain HTTP on {where} (loopback only)", data=data)
+            elif web.trusted_proxy:
+                self.add("web", INFO, f"plain HTTP on {where} behind the HTTPS proxy {web.trusted_proxy}", data=data)
+            else:
+                self.add("web", WARN, f"plain HTTP on {where}: the operator token and session cookie cross the "
+                         "network readable", "set web.tls: auto (or {cert, key}), or put an HTTPS proxy in front "
+                         "and set web.trusted_proxy", data=data)
+            return
+        auto = tls == "auto" or (isinstance(tls, dict) and tls.get("auto") is True)
+        cert = self.cfg.state_path(AUTO_CERT_FILE) if auto else self.cfg.resolve(tls["cert"])
+        hsts = tls.get("hsts") if isinstance(tls, dict) else None
+        data = {"scheme": "https", "bind": where, "certificate": str(cert), "self_signed": auto,
+                "hsts": None if hsts is None or hsts is False else int(hsts)}
+        if auto and not cert.exists():
+            self.add("web", INFO, f"HTTPS on {where}: the self-signed certificate is made on first start in "
+                     f"{cert.parent} (run the daemon once, then the doctor shows its fingerprint)", data=data)
+            return
+        try:
+            info = certificate_info(cert)
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            status = INFO if auto else FAIL
+            self.add("web", status, f"HTTPS on {where}: cannot read the certificate {cert} "
+                     f"({getattr(exc, 'strerror', None) or exc})",
+                     "give web.tls.cert a PEM certificate the service user can read" if not auto else None, data=data)
+            return
+        data.update(fingerprint_sha256=info.fingerprint, not_after=info.not_after.isoformat(),
+                    days_left=info.days_left)
+        detail = (f"HTTPS on {where} with {cert}{' (self-signed)' if auto else ''}: SHA-256 {info.fingerprint}, "
+                  f"valid until {info.not_after:%Y-%m-%d}")
+        if info.expired:
+            if auto:
+                self.add("web", INFO, f"{detail} (expired: a new one is made at the next start; browsers will "
+                         "show a new fingerprint)", data=data)
+            else:
+                self.add("web", FAIL, f"{detail}: expired", "renew the certificate (web.tls.cert) and restart",
+                         data=data)
+        elif info.days_left < CERT_WARN_DAYS and not auto:
+            self.add("web", WARN, f"{detail}: expires in {info.days_left} day(s)", "renew the certificate "
+                     "(web.tls.cert) before it expires", data=data)
+        else:
+            self.add("web", OK, detail, data=data)
 
     def _unit_writable_paths(self) -> list[str]:
         """Folders the installed unit lets the service write under ProtectSystem=strict."""

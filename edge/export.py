@@ -41,7 +41,7 @@ import shutil
 import time
 import uuid
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -84,6 +84,10 @@ class ExportItem:
     captured_at: str
     reviewed_by: str | None
     reviewed_at: str | None
+    #: an original input file (not a copy the dataset stored): its bytes as labeled, and how to read it
+    #: (``DatasetIndex.read_original``: never through a symlink into the daemon's own files)
+    sha256: str | None = None
+    read: Callable[[Path], bytes] | None = None
 
     @property
     def stem(self) -> str:
@@ -115,6 +119,29 @@ def parse_states(text: str | Iterable[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(parts))
 
 
+def _original(index: DatasetIndex, row: Any) -> dict[str, Any]:
+    """ExportItem fields for a row that references an original input file (empty for a stored copy)."""
+    sha = row["image_sha256"] if "image_sha256" in row.keys() else None
+    if not sha or not Path(row["image_path"] or "").is_absolute():
+        return {}
+    return {"sha256": sha, "read": index.read_original}
+
+
+def _add_image(target: _Target, name: str, it: ExportItem) -> None:
+    """The frame's image into the export.  An original is read once more and its bytes checked again: what was
+    verified when the export began may have been swapped since (a symlink to another file)."""
+    if it.sha256 is None or it.read is None:
+        target.add_file(name, it.image)
+        return
+    try:
+        data = it.read(it.image)
+    except OSError as exc:
+        raise ExportError(f"{it.image} could not be read while it was exported ({exc}); export again") from None
+    if hashlib.sha256(data).hexdigest() != it.sha256:
+        raise ExportError(f"{it.image} changed while it was exported (not the labeled bytes); export again")
+    target.add_bytes(name, data)
+
+
 def collect(index: DatasetIndex, states: Sequence[str]) -> tuple[list[ExportItem], list[str]]:
     """The frames in ``states`` whose image still exists, oldest first; and the ids of those without one."""
     marks = ",".join("?" * len(states))
@@ -137,7 +164,8 @@ def collect(index: DatasetIndex, states: Sequence[str]) -> tuple[list[ExportItem
             width=int(r["width"]), height=int(r["height"]), image=image, name=stem + image.suffix.lower(),
             detections=current,
             model_detections=json.loads(r["model_detections"]) if r["model_detections"] else current,
-            captured_at=r["captured_at"], reviewed_by=r["reviewed_by"], reviewed_at=r["reviewed_at"]))
+            captured_at=r["captured_at"], reviewed_by=r["reviewed_by"], reviewed_at=r["reviewed_at"],
+            **_original(index, r)))
     return items, missing
 
 
@@ -299,7 +327,7 @@ def _write_yolo(items: list[ExportItem], names: list[str], model: str, target: _
     for it in items:
         subset = "val" if opts.val_fraction and _fraction(it.record_id) < opts.val_fraction else "train"
         used.add(subset)
-        target.add_file(f"images/{subset}/{it.name}", it.image)
+        _add_image(target, f"images/{subset}/{it.name}", it)
         target.add_bytes(f"labels/{subset}/{it.stem}.txt", yolo_text(it.detections, it.width, it.height).encode())
         boxes += len(it.detections)
     train = "images/train" if "train" in used or not used else "images/val"
@@ -313,7 +341,7 @@ def _write_yolo(items: list[ExportItem], names: list[str], model: str, target: _
 def _write_coco(items: list[ExportItem], names: list[str], model: str, target: _Target, opts: _Options) -> int:
     images, annotations = [], []
     for image_id, it in enumerate(items, start=1):
-        target.add_file(f"images/default/{it.name}", it.image)
+        _add_image(target, f"images/default/{it.name}", it)
         images.append({"id": image_id, "file_name": it.name, "width": it.width, "height": it.height,
                        "edgelabel_record_id": it.record_id, "edgelabel_source": it.source,
                        "edgelabel_review_state": it.state, "edgelabel_reviewed_by": it.reviewed_by,
@@ -350,7 +378,7 @@ def _voc_box(box: list[float], w: int, h: int) -> tuple[int, int, int, int]:
 def _write_voc(items: list[ExportItem], names: list[str], model: str, target: _Target, opts: _Options) -> int:
     boxes = 0
     for it in items:
-        target.add_file(f"JPEGImages/{it.name}", it.image)
+        _add_image(target, f"JPEGImages/{it.name}", it)
         root = ET.Element("annotation")
         ET.SubElement(root, "folder").text = "JPEGImages"
         ET.SubElement(root, "filename").text = it.name
@@ -400,7 +428,7 @@ def _write_cvat(items: list[ExportItem], names: list[str], model: str, target: _
     ET.SubElement(meta, "dumped").text = now
     boxes = 0
     for frame, it in enumerate(items):
-        target.add_file(f"images/{it.name}", it.image)
+        _add_image(target, f"images/{it.name}", it)
         img = ET.SubElement(root, "image", id=str(frame), name=it.name, width=str(it.width), height=str(it.height))
         model_boxes = {_box_key(d) for d in it.model_detections}
         for d in it.detections:
@@ -439,7 +467,7 @@ def _write_labelstudio(items: list[ExportItem], names: list[str], model: str, ta
     tasks = []
     boxes = 0
     for it in items:
-        target.add_file(f"images/{it.name}", it.image)
+        _add_image(target, f"images/{it.name}", it)
         scored = [d["score"] for d in it.model_detections if d.get("score") is not None]
         prediction: dict[str, Any] = {"model_version": model, "result": _ls_results(it, it.model_detections, True)}
         if scored:

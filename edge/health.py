@@ -19,6 +19,8 @@ from typing import Any
 OUTBOX_STUCK_AFTER = 120.0
 #: seconds ``outbox_lost`` stays raised after a corrupt outbox file lost messages (the count stays in the stats)
 OUTBOX_LOSS_ALARM = 3600.0
+#: seconds the outbox may stay locked by one call before ``outbox_busy`` (a hung disk under it)
+OUTBOX_BUSY_AFTER = 10.0
 
 
 def dataset_health(snapshot: dict[str, Any]) -> dict[str, Any] | None:
@@ -46,6 +48,8 @@ def outbox_status(snapshot: dict[str, Any]) -> dict[str, Any] | None:
 def outbox_alarms(snapshot: dict[str, Any], *, stuck_after: float = OUTBOX_STUCK_AFTER,
                   now: float | None = None) -> list[dict[str, Any]]:
     """``outbox_stuck``: the oldest message has waited ``stuck_after`` s (broker down, or refusing it);
+    ``outbox_busy``: a status request found the outbox locked by a call that has not returned for
+    OUTBOX_BUSY_AFTER s (a write hung on the disk; the counters shown are the last ones read);
     ``outbox_lost``: a corrupt outbox file lost messages in the last OUTBOX_LOSS_ALARM s;
     ``outbox_dead_letter``: messages the broker refused for good wait in the dead-letter table."""
     ob = outbox_status(snapshot)
@@ -64,6 +68,12 @@ def outbox_alarms(snapshot: dict[str, Any], *, stuck_after: float = OUTBOX_STUCK
         alarms.append({"id": "outbox_lost", "severity": "error", "component": "mqtt",
                        "message": f"{ob['lost']} MQTT message(s) lost to a corrupt outbox file: {ob.get('last_loss')}; "
                                   "check the disk (dmesg, smartctl)", "errors": ob["lost"]})
+    busy = ob.get("busy_s")
+    if isinstance(busy, (int, float)) and busy >= OUTBOX_BUSY_AFTER:
+        alarms.append({"id": "outbox_busy", "severity": "error", "component": "mqtt",
+                       "message": f"the MQTT outbox {ob.get('path')} has been locked by a write that does not "
+                                  f"return for {busy:.0f} s: labels are neither stored nor sent; check the disk "
+                                  "holding it (dmesg, mount, a hung network share)", "waiting_s": busy})
     if ob.get("dead_letter"):
         alarms.append({"id": "outbox_dead_letter", "severity": "warning", "component": "mqtt",
                        "message": f"{ob['dead_letter']} MQTT message(s) refused by the broker are set aside "
@@ -80,7 +90,8 @@ def device_alarms(snapshot: dict[str, Any], *, skipped_before: int | None = None
     ``dataset_disk_low``: the free-space guard refused frames since the previous snapshot
     (``skipped_before`` is its count then), i.e. capture is stopped to keep ``min_free_bytes`` free;
     the MQTT outbox's alarms (:func:`outbox_alarms`), ``source_stalled:<name>`` (:func:`source_stall_alarms`),
-    ``storage_blocked_*`` (``storage_alarms``) and ``worker_thread_died`` (``thread_alarms``).
+    ``storage_blocked_*`` (``storage_alarms``), ``worker_thread_died`` (``thread_alarms``) and
+    ``ledger_lost`` / ``dataset_index_lost`` (``loss_alarms``) and ``publisher_stalled`` (``publisher_alarms``).
     """
     alarms: list[dict[str, Any]] = []
     ds = dataset_health(snapshot)
@@ -97,6 +108,53 @@ def device_alarms(snapshot: dict[str, Any], *, skipped_before: int | None = None
     alarms.extend(source_stall_alarms(snapshot))
     alarms += storage_alarms(snapshot)
     alarms += thread_alarms(snapshot)
+    alarms += loss_alarms(snapshot)
+    alarms += publisher_alarms(snapshot)
+    return alarms
+
+
+def publisher_alarms(snapshot: dict[str, Any]) -> list[dict[str, Any]]:
+    """``publisher_stalled``: the MQTT outbox publisher is dead, hangs in a call, or is connected with messages
+    waiting and the broker has acknowledged none of them for ``stall_after`` s (``MqttSink.publisher``).
+    Clears as soon as an acknowledgement arrives (or the outbox empties, or the link drops: ``outbox_stuck``)."""
+    mqtt = (snapshot.get("sinks") or {}).get("mqtt")
+    st = mqtt.get("publisher") if isinstance(mqtt, dict) else None
+    if not isinstance(st, dict):
+        return []
+    broker = mqtt.get("broker") or "the broker"
+    loop_age, stalled, limit = st.get("loop_age_s"), st.get("stalled_s"), st.get("stall_after") or 0
+    if st.get("alive") is False:
+        why = ("the MQTT publisher thread has ended: labels are stored in the outbox but nothing is sent; "
+               "the daemon is restarted by its watchdog (report the log's error)")
+    elif isinstance(loop_age, (int, float)) and loop_age >= limit:
+        why = (f"the MQTT publisher has hung in one call for {loop_age:.0f} s: nothing is sent; the daemon is "
+               "restarted by its watchdog; check the disk of the outbox and the network to the broker")
+    elif isinstance(stalled, (int, float)):
+        why = (f"connected to {broker}, but none of the {mqtt.get('pending')} waiting message(s) was acknowledged "
+               f"for {stalled:.0f} s: the broker (or a proxy or firewall between) takes the connection but does "
+               "not answer publishes; check the broker's log and load, then restart the broker")
+    else:
+        return []
+    return [{"id": "publisher_stalled", "severity": "error", "component": "mqtt", "message": why}]
+
+
+def loss_alarms(snapshot: dict[str, Any], *, now: float | None = None) -> list[dict[str, Any]]:
+    """``ledger_lost`` / ``dataset_index_lost``: a corrupt job ledger or dataset index was salvaged and rows
+    could not be read, in the last OUTBOX_LOSS_ALARM s (the counts stay in the status and the stats topic)."""
+    alarms: list[dict[str, Any]] = []
+    ds = (snapshot.get("sinks") or {}).get("dataset")
+    found = [("ledger_lost", "ledger", snapshot.get("ledger")),
+             ("dataset_index_lost", "dataset", ds.get("index") if isinstance(ds, dict) else None)]
+    for alarm_id, component, st in found:
+        if not isinstance(st, dict) or not st.get("lost"):
+            continue
+        at = st.get("last_loss_at")
+        if not isinstance(at, (int, float)) or (now or time.time()) - at >= OUTBOX_LOSS_ALARM:
+            continue
+        alarms.append({"id": alarm_id, "severity": "error", "component": component,
+                       "message": f"{st['lost']} row(s) lost to a corrupt file: {st.get('last_loss')}; "
+                                  "check the disk (dmesg, smartctl) and replace it if errors repeat",
+                       "errors": st["lost"]})
     return alarms
 
 

@@ -10,6 +10,13 @@ that made the boxes.  The ledger keeps that identity (:class:`Job`); opened
 for another one -- a different model file, ``conf`` or ``iou`` -- it forgets
 the frames done before, so they are labeled again instead of being skipped
 while the dataset's metadata names a model that never saw them.
+
+A damaged file costs only what is damaged (:mod:`edge.salvage`): every page is read
+once at open (``quick_check``) and a read that fails later on a malformed page is
+caught too; the file is moved aside, its readable rows copied into a new one and
+the unreadable ones counted in ``lost`` (the ``ledger_lost`` alarm).  A lost
+"done" row means the frame is labeled again -- with the same record id, so
+consumers and the dataset de-duplicate -- and a lost rejection is tried again.
 """
 
 from __future__ import annotations
@@ -21,10 +28,25 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, TypeVar
+
+from edgelabel.edge.salvage import (
+    TableSalvage,
+    copy_table,
+    estimate_rows,
+    integrity_problem,
+    is_corrupt,
+    move_aside,
+    open_read_only,
+)
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+#: the ledger's tables, salvaged row by row from a corrupt file
+LEDGER_TABLES = ("done", "rejected", "meta", "identity")
 
 #: OS errors that a freed disk, a remount or a repaired device cures: the write is retried, not abandoned
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
@@ -48,6 +70,23 @@ def storage_fault(exc: BaseException | None) -> str | None:
             return f"SQLite: {exc}"
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+class StateUnavailable(Exception):
+    """The state_dir cannot be written: read-only, full, failing, or its disk is not mounted.
+
+    Not a configuration error: a remount, freed space or a mounted disk fixes it without an edit, so the
+    CLI exits 1 (restarted by the unit) instead of 2 (``RestartPreventExitStatus``).  The message names
+    the path and what to check.
+    """
+
+
+def storage_problem(field: str, path: Path, exc: BaseException) -> str:
+    """The line for a ``StateUnavailable``: which setting, which path, the cause and what to check."""
+    cause = storage_fault(exc) or str(exc)
+    return (f"{field}: {path} cannot be written ({cause}): check that its disk is mounted read-write "
+            f"(`findmnt -T {path}`), has free space (`df -h {path}`) and reports no I/O errors "
+            "(`dmesg`); the service starts again by itself once it can write there")
 
 
 @dataclass(frozen=True)
@@ -82,23 +121,98 @@ class Ledger:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS done (source TEXT NOT NULL, key TEXT NOT NULL, record_id TEXT NOT NULL,"
-            " done_at REAL NOT NULL, PRIMARY KEY (source, key))"
-        )
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS rejected (source TEXT NOT NULL, path TEXT NOT NULL, reason TEXT NOT NULL,"
-            " at REAL NOT NULL, PRIMARY KEY (source, path))"
-        )
-        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        self._db.execute(IDENTITY_TABLE)
+        #: rows a corrupt file took with it (see _replace_corrupt), and what that means, in words, and when
+        self.lost = 0
+        self.last_loss: str | None = None
+        self.last_loss_at: float | None = None
+        self._db = self._open()
         #: set when this job differs from the one that marked the frames done (they were forgotten)
         self.job_change: JobChange | None = None
         if job is not None:
-            self._bind(job)
+            self._guarded(lambda: self._bind(job))
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS done (source TEXT NOT NULL, key TEXT NOT NULL, record_id TEXT NOT NULL,"
+                " done_at REAL NOT NULL, PRIMARY KEY (source, key))"
+            )
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS rejected (source TEXT NOT NULL, path TEXT NOT NULL, reason TEXT NOT NULL,"
+                " at REAL NOT NULL, PRIMARY KEY (source, path))"
+            )
+            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            db.execute(IDENTITY_TABLE)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _open(self) -> sqlite3.Connection:
+        """Open the file, read every page once (``quick_check``); a corrupt one is salvaged, not fatal."""
+        db: sqlite3.Connection | None = None
+        try:
+            db = self._connect()
+            problem = integrity_problem(db)
+            if problem is None:
+                return db
+            exc: BaseException = sqlite3.DatabaseError(f"integrity check: {problem}")
+        except sqlite3.OperationalError:
+            if db is not None:
+                db.close()
+            raise  # cannot open, locked, I/O error, disk full: not the file's fault, do not move it
+        except sqlite3.DatabaseError as err:  # not a database, malformed
+            exc = err
+        if db is not None:
+            db.close()
+        return self._replace_corrupt(exc)
+
+    def _replace_corrupt(self, exc: BaseException) -> sqlite3.Connection:
+        """Move the damaged file aside, start a new one with every row still readable, count and explain the rest."""
+        aside = move_aside(self.path)
+        db = self._connect()
+        old = open_read_only(aside)
+        kept: dict[str, TableSalvage] = {}
+        if old is None:
+            lost = estimate_rows(aside)
+        else:
+            try:
+                kept = {t: copy_table(old, db, t) for t in LEDGER_TABLES}
+            finally:
+                old.close()
+            lost = sum(r.unreadable for r in kept.values())
+        done = kept.get("done")
+        what = (f"job ledger {self.path} was corrupt ({exc}): moved it to {aside}, kept "
+                f"{done.kept if done else 0} done frame(s) and "
+                f"{sum(r.kept for t, r in kept.items() if t != 'done')} other row(s) in a new file; "
+                f"{lost} row(s) could not be read")
+        if lost:
+            what += (" -- the frames among them are labeled again when their files are read (the same record ids, "
+                     "so MQTT consumers and the dataset de-duplicate them) and rejected files are tried again")
+        self.lost += lost
+        self.last_loss, self.last_loss_at = what, time.time()
+        log.error("%s; the job goes on. Check the disk (dmesg, smartctl) if this happens again.", what)
+        return db
+
+    def _guarded(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` (under ``self._lock``); a file that turns out corrupt is salvaged and ``fn`` run once more."""
+        with self._lock:
+            try:
+                return fn()
+            except sqlite3.DatabaseError as exc:
+                if not is_corrupt(exc):
+                    raise
+                self._db.close()
+                self._db = self._replace_corrupt(exc)
+                return fn()
+
+    def stats(self) -> dict[str, Any]:
+        """Losses to a corrupt file, for the status snapshot (``ledger_lost`` alarm, stats topic)."""
+        return {"path": str(self.path), "lost": self.lost, "last_loss": self.last_loss,
+                "last_loss_at": self.last_loss_at}
 
     def _bind(self, job: Job) -> None:
         """Tie the done frames to ``job``; frames a different job marked are forgotten (labeled again)."""
@@ -120,38 +234,39 @@ class Ledger:
 
     def job(self) -> Job | None:
         """The job the done frames belong to (None for a ledger that has not recorded one)."""
-        with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key = 'job'").fetchone()
+        row = self._guarded(lambda: self._db.execute("SELECT value FROM meta WHERE key = 'job'").fetchone())
         return _job_from(row[0]) if row else None
 
     def is_done(self, source: str, key: str) -> bool:
-        with self._lock:
-            row = self._db.execute("SELECT 1 FROM done WHERE source=? AND key=?", (source, key)).fetchone()
+        row = self._guarded(
+            lambda: self._db.execute("SELECT 1 FROM done WHERE source=? AND key=?", (source, key)).fetchone())
         return row is not None
 
     def mark_done(self, source: str, key: str, record_id: str) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO done (source, key, record_id, done_at) VALUES (?, ?, ?, ?)",
-                (source, key, record_id, time.time()),
-            )
+        self._guarded(lambda: self._db.execute(
+            "INSERT OR REPLACE INTO done (source, key, record_id, done_at) VALUES (?, ?, ?, ?)",
+            (source, key, record_id, time.time())))
 
     def mark_rejected(self, source: str, path: str, reason: str) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO rejected (source, path, reason, at) VALUES (?, ?, ?, ?)",
-                (source, path, reason, time.time()),
-            )
+        self._guarded(lambda: self._db.execute(
+            "INSERT OR REPLACE INTO rejected (source, path, reason, at) VALUES (?, ?, ?, ?)",
+            (source, path, reason, time.time())))
+
+    def rejection(self, source: str, path: str) -> tuple[str, float] | None:
+        """Why and when (epoch seconds) ``path`` of ``source`` was rejected by this job (None if it was not)."""
+        row = self._guarded(lambda: self._db.execute(
+            "SELECT reason, at FROM rejected WHERE source=? AND path=?", (source, path)).fetchone())
+        return None if row is None else (str(row[0]), float(row[1]))
 
     def done_count(self, source: str | None = None) -> int:
-        with self._lock:
-            if source is None:
-                return int(self._db.execute("SELECT COUNT(*) FROM done").fetchone()[0])
-            return int(self._db.execute("SELECT COUNT(*) FROM done WHERE source=?", (source,)).fetchone()[0])
+        if source is None:
+            return int(self._guarded(lambda: self._db.execute("SELECT COUNT(*) FROM done").fetchone()[0]))
+        return int(self._guarded(
+            lambda: self._db.execute("SELECT COUNT(*) FROM done WHERE source=?", (source,)).fetchone()[0]))
 
     def rejected(self) -> list[tuple[str, str, str, float]]:
-        with self._lock:
-            return list(self._db.execute("SELECT source, path, reason, at FROM rejected ORDER BY source, path"))
+        return self._guarded(
+            lambda: list(self._db.execute("SELECT source, path, reason, at FROM rejected ORDER BY source, path")))
 
     def close(self) -> None:
         with self._lock:
@@ -161,8 +276,8 @@ class Ledger:
 
     def identity(self, source: str, key: str) -> str | None:
         """The content (``size:mtime_ns:sha256``) of the first file labeled under the plain key ``key``."""
-        with self._lock:
-            row = self._db.execute("SELECT content FROM identity WHERE source=? AND key=?", (source, key)).fetchone()
+        row = self._guarded(lambda: self._db.execute(
+            "SELECT content FROM identity WHERE source=? AND key=?", (source, key)).fetchone())
         return str(row[0]) if row else None
 
     def note_identity(self, source: str, key: str, content: object) -> None:
@@ -173,9 +288,9 @@ class Ledger:
         """
         if not isinstance(content, str) or not content:
             return
-        with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO identity (source, key, content, at) VALUES (?, ?, ?, ?)",
-                             (source, key, content, time.time()))
+        self._guarded(lambda: self._db.execute(
+            "INSERT OR IGNORE INTO identity (source, key, content, at) VALUES (?, ?, ?, ?)",
+            (source, key, content, time.time())))
 
 
 IDENTITY_TABLE = ("CREATE TABLE IF NOT EXISTS identity (source TEXT NOT NULL, key TEXT NOT NULL, content TEXT NOT NULL,"

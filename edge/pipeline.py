@@ -37,7 +37,7 @@ from typing import Any
 
 from edgelabel.edge.config import Config, ConfigError, SourceConfig
 from edgelabel.edge.frame import Frame, text_path
-from edgelabel.edge.ledger import Job, Ledger, forget_done, storage_fault
+from edgelabel.edge.ledger import Job, Ledger, StateUnavailable, forget_done, storage_fault, storage_problem
 from edgelabel.edge.loader import load_model, worker_count
 from edgelabel.edge.locks import LockHeld, hold_lock
 from edgelabel.edge.progress import Progress
@@ -45,6 +45,8 @@ from edgelabel.edge.records import DetectionRecord, LabelRecord, ModelInfo, iso_
 from edgelabel.edge.sinks.base import Sink, SinkRefused
 from edgelabel.edge.sources import create_source
 from edgelabel.edge.sources.hub import FrameHub
+from edgelabel.edge.sources.imageio import given_up
+from edgelabel.edge.sources.pathguard import protected_paths
 from edgelabel.edge.sources.runner import SourceRunner
 from edgelabel.engines.base import Detection
 from edgelabel.engines.detector import Detector
@@ -89,24 +91,12 @@ class Totals:
     inference_ms_sum: float = 0.0
 
 
-class StateUnavailable(Exception):
-    """The state_dir cannot be written: read-only, full, failing, or its disk is not mounted.
-
-    Not a configuration error: a remount, freed space or a mounted disk fixes it without an edit, so the
-    CLI exits 1 (restarted by the unit) instead of 2 (``RestartPreventExitStatus``).  The message names
-    the path and what to check.
-    """
-
-
 #: the file systems table consulted for a state_dir whose disk is not mounted
 FSTAB = Path("/etc/fstab")
 
 
 def _state_problem(state_dir: Path, exc: BaseException) -> str:
-    cause = storage_fault(exc) or str(exc)
-    return (f"state_dir: {state_dir} cannot be written ({cause}): check that its disk is mounted read-write "
-            f"(`findmnt -T {state_dir}`), has free space (`df -h {state_dir}`) and reports no I/O errors "
-            "(`dmesg`); the service starts again by itself once it can write there")
+    return storage_problem("state_dir", state_dir, exc)
 
 
 def unmounted_mount_point(path: Path, fstab: Path = FSTAB) -> str | None:
@@ -211,6 +201,7 @@ def build_sinks(cfg: Config, detector: Detector) -> list[Sink]:
 
         sinks.append(DatasetSink(cfg.dataset, cfg.resolve(cfg.dataset.path), detector.names, detector.describe()["name"],
                                  zones={n: s.zones for n, s in cfg.sources.items() if s.zones}))
+        sinks[-1].index.protected = protected_paths(cfg)  # type: ignore[attr-defined]  # originals never read there
     if cfg.mqtt.enabled:
         from edgelabel.edge.sinks.mqtt import MqttSink
 
@@ -271,6 +262,7 @@ class Pipeline:
         self._state_lock: int | None = None  # fd holding the state_dir lock while running
         #: writes waiting for storage to come back, by component ("ledger", a sink's name): what and since when
         self._storage_faults: dict[str, dict[str, Any]] = {}
+        self._stuck_logged: str | None = None  # the last stuck sink thread reported by alive()
         #: worker threads that ended on an exception: name -> "Type: message" (the daemon exits 1)
         self._died: dict[str, str] = {}
         self._next_stats = 0.0  # monotonic time of the sink worker's next stats snapshot
@@ -384,9 +376,11 @@ class Pipeline:
         name = scfg.name
         source = create_source(scfg)
         if not source.live:
-            source.skip = lambda key, _n=name: self.ledger is not None and self.ledger.is_done(_n, key)
+            source.skip = lambda key, _n=name: self._skip(_n, key)
+            source.given_up = lambda path, _n=name: self._given_up(_n, path)
             source.identity_of = lambda key, _n=name: None if self.ledger is None else self.ledger.identity(_n, key)
             source.adopt_identity = lambda key, c, _n=name: None if self.ledger is None else self.ledger.note_identity(_n, key, c)
+            source.protected = protected_paths(self.cfg)  # never read the daemon's own files as input
         self._hub.register(name, live=source.live, capacity=1 if source.live else 4)
         stop = threading.Event()
         if self._stop.is_set():
@@ -522,6 +516,24 @@ class Pipeline:
             self._put(self._records, (seq, ev), "prepare")
             seq += 1
         return seq
+
+    def _skip(self, source: str, key: str) -> bool:
+        """Done by this job, or given up (``_given_up``)."""
+        if self.ledger is None:
+            return False
+        return self.ledger.is_done(source, key) or self._given_up(source, key)
+
+    def _given_up(self, source: str, key: str) -> bool:
+        """Rejected by a decode over the budget (the same bytes would take as long again) and not written since."""
+        if self.ledger is None:
+            return False
+        rejected = self.ledger.rejection(source, key)
+        if rejected is None or not given_up(rejected[0]):
+            return False
+        try:  # a file written since it was given up is tried again
+            return os.stat(key).st_mtime <= rejected[1]
+        except (OSError, ValueError):
+            return True
 
     def _on_reject(self, source: str, path: str, reason: str) -> None:
         self.totals.rejected += 1  # the runner has logged it
@@ -931,6 +943,13 @@ class Pipeline:
             return False  # a thread is gone: only a restart brings it back
         if self._engine_failures >= ENGINE_FAILURE_LIMIT:
             return False  # workers turn, but every frame fails: a restart is the only way out
+        for sink in self.sinks or []:
+            why = sink.stuck()
+            if why:
+                if why != self._stuck_logged:
+                    log.critical("%s: the watchdog is no longer fed, so systemd restarts the daemon", why)
+                    self._stuck_logged = why
+                return False
         workers = [f"inference-{i}" for i in range(self._workers)]
         stale = [k for k in ("prepare", *workers, "sinks")
                  if self.heartbeats.get(k) is None or now - self.heartbeats[k] > max_age]
@@ -1041,4 +1060,5 @@ class Pipeline:
             "last_error": self._last_error,
             "storage_faults": list(self._storage_faults.values()),
             "threads_died": dict(self._died),
+            "ledger": None if self.ledger is None else self.ledger.stats(),
         }

@@ -48,19 +48,47 @@ log = logging.getLogger(__name__)
 ACTIONS = ("accept", "update", "reject", "reopen")
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "review.v1.json"
-#: the most boxes one frame may carry (a bound on what a request can make us write)
-MAX_BOXES = 1000
+#: the most boxes one frame may carry: a detector gives at most 300 (``engines.models.nms.MAX_DET``), which
+#: leaves a reviewer room to draw; a bound on what one request can make us check, diff and write under the lock
+MAX_BOXES = 500
 #: a box must be at least this many pixels wide and high
 MIN_BOX = 1.0
 #: boxes within this many pixels count as unchanged
 SAME_BOX_PX = 0.5
 MAX_REVIEWER = 64
 
-__all__ = ["ACTIONS", "REVIEWED", "STATES", "ReviewError", "ReviewStore", "VersionConflict", "load_schema"]
+__all__ = ["ACTIONS", "MAX_BOXES", "REVIEWED", "STATES", "ReviewError", "ReviewStore", "VersionConflict", "check_request",
+           "load_schema"]
 
 
 class ReviewError(ValueError):
     """A decision that cannot be applied as asked (unknown action or class, a bad box); the message says why."""
+
+
+def check_request(action: Any, detections: Any) -> None:
+    """What a decision must look like, checked without the dataset (so before any lock): a known action, and
+    for a box list at most MAX_BOXES objects with an integer ``class_id`` and four finite numbers as ``box``.
+    The class range and the frame's size are checked by :meth:`ReviewStore.decide`.  Raises ReviewError."""
+    if action not in ACTIONS:
+        raise ReviewError(f"unknown action {action!r} (use {', '.join(ACTIONS)})")
+    if action == "update" and detections is None:
+        raise ReviewError("update needs the frame's detections (the whole list, as it should be)")
+    if detections is None:
+        return
+    if not isinstance(detections, list):
+        raise ReviewError("detections must be a list of {class_id, box: [x1, y1, x2, y2]}")
+    if len(detections) > MAX_BOXES:
+        raise ReviewError(f"detections: {len(detections)} boxes; at most {MAX_BOXES} per frame")
+    for i, d in enumerate(detections):
+        if not isinstance(d, dict):
+            raise ReviewError(f"detections[{i}]: expected an object")
+        cls = d.get("class_id")
+        if isinstance(cls, bool) or not isinstance(cls, int):
+            raise ReviewError(f"detections[{i}].class_id: {cls!r} is not a class number")
+        box = d.get("box")
+        if (not isinstance(box, list) or len(box) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+            raise ReviewError(f"detections[{i}].box: expected [x1, y1, x2, y2] in pixels")
 
 
 def load_schema() -> dict[str, Any]:
@@ -162,34 +190,34 @@ class ReviewStore:
         Raises KeyError (unknown frame), ReviewError (bad request), VersionConflict, or
         OSError/sqlite3.Error (the dataset could not be written; see DatasetIndex.update_review).
         """
-        if action not in ACTIONS:
-            raise ReviewError(f"unknown action {action!r} (use {', '.join(ACTIONS)})")
+        check_request(action, detections)
         reviewer = clean_reviewer(by)
-        with self.index.lock:  # read, derive and write as one step: another decision cannot slip in between
+        # Everything that needs no lock is done first: the boxes are checked and clipped (a frame's size never
+        # changes), the new state and the change summary derived from the row as read now.  Under the lock only
+        # the version is compared and the row written; derived again there only if the row changed meanwhile.
+        seen = self.index.row(record_id)
+        if seen is None:
+            raise KeyError(record_id)
+        boxes = self._validated(detections, seen["width"], seen["height"]) if detections is not None else None
+        plan = self._plan(seen, action, boxes)
+        with self.index.lock:  # read, compare and write as one step: another decision cannot slip in between
             row = self.index.row(record_id)
             if row is None:
                 raise KeyError(record_id)
             if version is not None and row["version"] != version:
                 raise VersionConflict(row["version"])
-            current = json.loads(row["detections"])
-            model = json.loads(row["model_detections"]) if row["model_detections"] else current
-            if action == "update" and detections is None:
-                raise ReviewError("update needs the frame's detections (the whole list, as it should be)")
-            boxes = self._validated(detections, row["width"], row["height"]) if detections is not None else current
-            if action == "reject":
-                state = "rejected"
-            elif action == "reopen":
-                state = "needs_review"
-            else:
-                state = "accepted" if same_boxes(boxes, model) else "corrected"
+            if row["version"] != seen["version"]:  # another decision came between: derive from the row as it is
+                plan = self._plan(row, action, boxes)
+            state, new_boxes, changes = plan
             now = time.time()
             at = iso_utc(now)
             detail = dict(context or {})
-            if boxes is not current:
-                detail["changes"] = diff_boxes(current, boxes)
+            if changes is not None:
+                detail["changes"] = changes
             before, after = self.index.update_review(
-                record_id, action=action, state=state, detections=boxes, by=reviewer, at=at,
-                expect_version=version, detail=detail or None)
+                record_id, action=action, state=state, detections=new_boxes, by=reviewer, at=at,
+                expect_version=version, detail=detail or None, write_coco=False)
+        self.index.write_coco()  # the lock is free again: the sink thread indexes frames meanwhile
         log.info("review: %s %s frame %s of %s (%s -> %s, version %d)", reviewer, action, row["frame_index"],
                  row["source"], before["state"], state, after["version"])
         published = False
@@ -203,12 +231,24 @@ class ReviewStore:
                 log.warning("review: the decision about %s is saved but was not queued for MQTT", record_id)
         return {"item": self._detail(after), "published": published}
 
+    @staticmethod
+    def _plan(row: sqlite3.Row, action: str, boxes: list[dict[str, Any]] | None
+              ) -> tuple[str, list[dict[str, Any]], dict[str, int] | None]:
+        """(new state, the frame's boxes after the decision, the change summary or None) for ``row``."""
+        current = json.loads(row["detections"])
+        model = json.loads(row["model_detections"]) if row["model_detections"] else current
+        new = current if boxes is None else boxes
+        if action == "reject":
+            state = "rejected"
+        elif action == "reopen":
+            state = "needs_review"
+        else:
+            state = "accepted" if same_boxes(new, model) else "corrected"
+        return state, new, (None if boxes is None else diff_boxes(current, boxes))
+
     def _validated(self, detections: Any, width: int, height: int) -> list[dict[str, Any]]:
         """The boxes of a request, checked and clipped to the frame; class names come from the index."""
-        if not isinstance(detections, list):
-            raise ReviewError("detections must be a list of {class_id, box: [x1, y1, x2, y2]}")
-        if len(detections) > MAX_BOXES:
-            raise ReviewError(f"at most {MAX_BOXES} boxes per frame")
+        check_request("update", detections)
         names = self.names
         out: list[dict[str, Any]] = []
         for i, d in enumerate(detections):

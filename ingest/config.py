@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from edgelabel.edge.config import ConfigError, expand_env, read_config_file
+from edgelabel.ingest.frames_config import FramesSection, frames_section
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _TOPIC_RE = re.compile(r"^[^#+\s$]+$")
@@ -80,6 +81,7 @@ class IngestConfig:
     batch: BatchSection = field(default_factory=BatchSection)
     http: HttpSection = field(default_factory=HttpSection)
     retention: RetentionSection = field(default_factory=RetentionSection)
+    frames: FramesSection = field(default_factory=FramesSection)  # frames_config.py
     log_level: str = "info"
     progress_interval: float = 10.0  # seconds between progress lines in the log
 
@@ -154,10 +156,13 @@ def ingest_config_from_dict(data: Any) -> IngestConfig:
     for key, value in data.items():
         if key in _SECTIONS:
             setattr(cfg, key, _section(key, _SECTIONS[key], value, problems))
+        elif key == "frames":
+            cfg.frames = frames_section(value, problems)
         elif key in ("log_level", "progress_interval"):
             setattr(cfg, key, _value(key, value, getattr(cfg, key), problems))
         else:
-            problems.append(f"{key}: unknown section (allowed: {', '.join([*_SECTIONS, 'log_level', 'progress_interval'])})")
+            problems.append(f"{key}: unknown section (allowed: "
+                            f"{', '.join([*_SECTIONS, 'frames', 'log_level', 'progress_interval'])})")
     _check(cfg, problems)
     if problems:
         raise ConfigError(problems)

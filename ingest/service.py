@@ -105,6 +105,7 @@ class IngestService:
         self._conn: psycopg.Connection | None = None
         self._client: mqtt.Client | None = None
         self._http: ThreadingHTTPServer | None = None
+        self.frames: Any = None  # frames.FrameFetcher while frames.enabled (started after the first migration)
         self._totals = {"messages": 0, "new": 0, "duplicates": 0, "rejected": 0}
         self._window: dict[str, Any] = {"t": time.monotonic(), "messages": 0, "new": 0, "duplicates": 0,
                                         "rejected": 0, "batches": [], "by_kind": {}}
@@ -123,6 +124,7 @@ class IngestService:
         if not self._connect_db(first=True):
             self._shutdown()
             return 1 if self._fatal else 0
+        self._start_frames()
         self._start_mqtt()
         try:
             self._loop()
@@ -136,7 +138,19 @@ class IngestService:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop())
 
+    def _start_frames(self) -> None:
+        """The frame fetch threads (frames.py), when ``frames.enabled``; they keep their own connections."""
+        if not self.cfg.frames.enabled:
+            return
+        from edgelabel.ingest.frames import FrameFetcher
+
+        self.frames = FrameFetcher(self.cfg.frames, self.cfg.database.dsn, self.cfg.database.password,
+                                   self.metrics.registry)
+        self.frames.start()
+
     def _shutdown(self) -> None:
+        if self.frames is not None:
+            self.frames.stop()
         if self._client is not None:
             self._client.disconnect()
             self._client.loop_stop()
@@ -402,7 +416,8 @@ class IngestService:
                 "group": self.cfg.mqtt.group, "waiting": self.queue.qsize(),
                 "lag_s": 0.0 if oldest is None else round(time.monotonic() - oldest, 3),
                 "stored": dict(self._totals), "last_commit_at": self.last_commit_at,
-                "last_error": self.last_error}
+                "last_error": self.last_error,
+                **({"frames": self.frames.health()} if self.frames is not None else {})}
 
     def _start_http(self) -> None:
         listen = self.cfg.http.listen

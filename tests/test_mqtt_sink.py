@@ -593,7 +593,7 @@ def test_stats_message_from_the_pipeline_snapshot(broker: Broker) -> None:
     assert cam["inference_ms"] == pytest.approx(11.7)
     assert doc["sources"]["files"]["frames_out"] == 0 and doc["sources"]["files"]["inference_ms"] is None
     assert doc["drops"] == {"hub": 7, "outbox_full": 0, "outbox_expired": 0, "outbox_refused": 0, "mqtt_rejected": 0,
-                            "outbox_error": 0, "outbox_lost": 0}
+                            "outbox_error": 0, "outbox_lost": 0, "ledger_lost": 0, "dataset_index_lost": 0}
     assert doc["outbox"]["policy"] == "drop_oldest" and doc["mqtt"]["connected"] is True
 
 

@@ -815,8 +815,8 @@ def test_schemathesis_finds_no_5xx_in_the_review_api_with_a_dataset(web: Web) ->
     config = SchemathesisConfig.from_dict({"checks": {"positive_data_acceptance": {
         "expected-statuses": ["2xx", "400", "401", "403", "404", "409", "429"]}}})
     schema = schemathesis.openapi.from_wsgi("/api/openapi.yaml", web.app, config=config)
-    ops = [r.ok() for r in schema.get_all_operations() if r.ok().path.startswith("/api/review/")]
-    assert len(ops) == 5
+    ops = [r.ok() for r in schema.get_all_operations() if r.ok().path.startswith(("/api/review/", "/api/dataset/"))]
+    assert len(ops) == 6
     failures: list[str] = []
     calls = [0]
 
@@ -844,3 +844,127 @@ def test_schemathesis_finds_no_5xx_in_the_review_api_with_a_dataset(web: Web) ->
     assert not failures, "\n\n".join(failures)
     assert calls[0] > 100
     assert_files_match_index(web.root)  # whatever was thrown at it, the dataset is consistent
+
+
+def test_dataset_frame_serves_the_stored_bytes_to_a_viewer_and_refuses_changed_ones(tmp_path: Path) -> None:
+    """``/api/dataset/frames/<id>``: what the plant's ingest fetches.  The bytes exactly as stored (their sha256
+    is the record's frame_sha256), for a viewer token; ranges and ETags; a changed file is refused, not served."""
+    cfg = config_from_dict({
+        "device_id": DEVICE, "state_dir": str(tmp_path / "state"), "model": {"path": "m.onnx"},
+        "sources": {"cam": {"uri": "v4l2:///dev/video9"}}, "mqtt": {"enabled": False},
+        "dataset": {"path": str(tmp_path / "ds")},
+        "web": {"enabled": True, "operators": {"plant": {"role": "viewer", "token": "plant-viewer-token-0123456789"}}},
+    }, base_dir=tmp_path)
+    sink, recs = build(tmp_path / "ds", n=3)
+    app = create_app(cfg, FakePipeline(cfg, [sink]), WebSink(cfg),
+                     test_config={"TESTING": True, "EDGELABEL_TOKEN": TOKEN, "SECRET_KEY": SECRET_KEY})
+    c = app.test_client()
+    viewer = {"Authorization": "Bearer plant-viewer-token-0123456789"}
+    try:
+        rec = recs[0]
+        url = f"/api/dataset/frames/{rec.id}"
+        assert c.get(url).status_code == 401
+        r = c.get(url, headers=viewer)
+        assert r.status_code == 200 and r.mimetype == "image/jpeg"
+        stored = (tmp_path / "ds" / str(rec.frame_path)).read_bytes()
+        assert r.data == stored and hashlib.sha256(r.data).hexdigest() == rec.frame_sha256
+        assert r.headers["X-Content-SHA256"] == rec.frame_sha256 and r.headers["ETag"] == f'"{rec.frame_sha256}"'
+        assert c.get(url, headers={**viewer, "If-None-Match": f'"{rec.frame_sha256}"'}).status_code == 304
+        part = c.get(url, headers={**viewer, "Range": "bytes=10-19"})
+        assert part.status_code == 206 and part.data == stored[10:20]
+        assert c.get(url, headers={**viewer, "Range": f"bytes={len(stored) + 5}-"}).status_code == 416
+        # unknown and malformed ids
+        missing = c.get("/api/dataset/frames/00000000-0000-4000-8000-000000000000", headers=viewer)
+        assert missing.status_code == 404 and "no such frame" in missing.get_json()["error"]
+        assert c.get("/api/dataset/frames/not-a-uuid", headers=viewer).status_code == 400
+        # the stored copy rewritten behind the dataset's back: refused with a reason, never served
+        (tmp_path / "ds" / str(recs[1].frame_path)).write_bytes(b"other pixels")
+        bad = c.get(f"/api/dataset/frames/{recs[1].id}", headers=viewer)
+        assert bad.status_code == 404 and "no longer matches" in bad.get_json()["error"]
+        # gone from disk (rotated, deleted)
+        (tmp_path / "ds" / str(recs[2].frame_path)).unlink()
+        assert c.get(f"/api/dataset/frames/{recs[2].id}", headers=viewer).status_code == 404
+    finally:
+        sink.close()
+
+
+def test_a_bad_decision_is_refused_without_waiting_for_the_dataset_lock(web: Web) -> None:
+    """A decision's body (size, box count, box shape, action, version) is checked before the dataset is
+    touched: while the sink thread holds the lock, bad requests still get their 400 at once; the largest
+    valid update (MAX_BOXES boxes) is accepted once the lock is free, one more box is refused."""
+    from edgelabel.edge.review import MAX_BOXES
+
+    c = web.app.test_client()
+    rid = web.recs[0].id
+    url = f"/api/review/items/{rid}"
+    box = {"class_id": 0, "box": [1, 1, 5, 5]}
+    bad = {
+        "one box too many": {"action": "update", "detections": [box] * (MAX_BOXES + 1)},
+        "a box of three numbers": {"action": "update", "detections": [{"class_id": 0, "box": [1, 2, 3]}]},
+        "a class name": {"action": "update", "detections": [{"class_id": "car", "box": [1, 1, 5, 5]}]},
+        "detections as an object": {"action": "update", "detections": {"0": box}},
+        "update without boxes": {"action": "update"},
+        "unknown action": {"action": "approve"},
+        "version as text": {"action": "accept", "version": "1"},
+    }
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with web.sink.index.lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(5)
+        for what, body in bad.items():
+            t0 = time.monotonic()
+            resp = c.post(url, headers=BEARER, json=body)
+            took = time.monotonic() - t0
+            assert resp.status_code == 400, (what, resp.status_code, resp.text[:200])
+            assert resp.get_json()["error"], what
+            assert took < 5.0, f"{what}: answered after {took:.1f} s: it waited for the dataset lock"
+        assert str(MAX_BOXES) in c.post(url, headers=BEARER, json=bad["one box too many"]).get_json()["error"]
+    finally:
+        release.set()
+        holder.join()
+    many = [{"class_id": i % len(NAMES), "box": [i % 100, i // 100, i % 100 + 20, i // 100 + 20]} for i in range(MAX_BOXES)]
+    ok = c.post(url, headers=BEARER, json={"action": "update", "detections": many, "version": 1})
+    assert ok.status_code == 200, ok.text[:300]
+    assert len(ok.get_json()["item"]["detections"]) == MAX_BOXES and ok.get_json()["item"]["version"] == 2
+
+
+def test_the_coco_file_is_written_after_the_dataset_lock_is_released(
+        web: Web, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Joining and fsyncing the COCO file was most of a decision's hold on the dataset lock (the sink thread
+    could not index a frame meanwhile): while a decision's COCO file is being written the lock is free, and the
+    file written is the decision's."""
+    import edgelabel.edge.sinks.dataset as dataset_mod
+
+    real = dataset_mod.write_atomic
+    writing, go_on = threading.Event(), threading.Event()
+
+    def slow(path: Path, data: bytes, **kw: Any) -> None:
+        if path.name == "annotations.coco.json" and not go_on.is_set():
+            writing.set()
+            go_on.wait(30)
+        real(path, data, **kw)
+
+    monkeypatch.setattr(dataset_mod, "write_atomic", slow)
+    store = ReviewStore(web.sink.index)
+    rid = web.recs[0].id
+    box = {"class_id": 1, "box": [5, 5, 40, 40]}
+    done: list[Any] = []
+    worker = threading.Thread(target=lambda: done.append(store.decide(rid, "update", detections=[box])))
+    worker.start()
+    try:
+        assert writing.wait(10), "the COCO file was not written"
+        got = web.sink.index.lock.acquire(timeout=5)
+        assert got, "the dataset lock was held while the COCO file was written"
+        web.sink.index.lock.release()
+    finally:
+        go_on.set()
+        worker.join(30)
+    assert done and done[0]["item"]["state"] == "corrected"
+    assert len(coco_images(web.root)[rid]["anns"]) == 1

@@ -200,9 +200,9 @@ def test_folder_skip_does_not_decode(assets: Path, monkeypatch: pytest.MonkeyPat
     decoded: list[str] = []
     real = folder_mod.read_image_bytes
 
-    def spy(path: str) -> Any:
+    def spy(path: str, *args: Any) -> Any:
         decoded.append(Path(path).name)
-        return real(path)
+        return real(path, *args)
 
     monkeypatch.setattr(folder_mod, "read_image_bytes", spy)  # a skipped file is not even read
     src = FolderSource("imgs", cfg(str(assets / "images")), str(assets / "images"))
@@ -844,3 +844,21 @@ def test_image_rejected_is_an_exception_with_reason() -> None:
     with pytest.raises(ImageRejected) as err:
         decode_image_bytes(b"%PDF-1.4 ...")
     assert err.value.reason == "not an image (PDF document)"
+
+
+def test_a_source_rebuilt_after_a_hang_keeps_what_the_pipeline_told_it(tmp_path: Path) -> None:
+    """A source stuck in a call is replaced by a fresh object: the replacement must keep the pipeline's hooks
+    (files done, identities, files given up after a decode over budget, protected paths), or a rebuilt source
+    would label done files again and decode a given-up file once more."""
+    hub, stop = FrameHub(), threading.Event()
+    src = FolderSource("f", cfg(str(tmp_path), name="f"), str(tmp_path))
+    hooks = {"skip": lambda key: True, "identity_of": lambda path: None, "adopt_identity": lambda *a: None,
+             "given_up": lambda path: True}
+    for name, hook in hooks.items():
+        setattr(src, name, hook)
+    runner = SourceRunner(src, hub, Statuses(), stop)
+    new = runner._replacement(src)
+    assert new is not src
+    for name, hook in hooks.items():
+        assert getattr(new, name) is hook, name
+    assert new.protected == src.protected

@@ -11,8 +11,11 @@ from __future__ import annotations
 import shutil
 import zipfile
 from pathlib import Path
+from typing import Any
 
-from edgelabel.edge.export import export_dataset
+import pytest
+
+from edgelabel.edge.export import ExportError, export_dataset
 from edgelabel.edge.review import ReviewStore
 from tests.conftest import IMAGES
 from tests.helpers import run_edgelabel
@@ -55,5 +58,41 @@ def test_a_swapped_original_is_not_served_or_exported(tmp_path: Path, assets: Pa
 
         shutil.copy(IMAGES / "bus.jpg", inputs / "bus.jpg")  # the labeled bytes again: served again
         assert store.image_bytes(bus) is not None
+    finally:
+        store.close()
+
+
+def test_an_original_swapped_during_an_export_is_not_exported(tmp_path: Path, assets: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The export checked each original when it began and copied (hard-linked) it by path later: a symlink
+    swapped in between put another file's bytes into the zip.  Now the bytes copied are the bytes checked,
+    read again without following a symlink into the daemon's own files."""
+    import edgelabel.edge.export as export_mod
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(IMAGES / "bus.jpg", inputs / "bus.jpg")
+    state = tmp_path / "state"
+    proc = run_edgelabel("run", "--source", str(inputs), "--model", str(assets / "models" / "yolox_nano.onnx"),
+                         "--mqtt", "off", "--state-dir", str(state), timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    secret = state / "web-token"
+    secret.write_bytes(b"Zq9-the-operator-token")
+    store = ReviewStore.open(state / "dataset")
+    real_collect = export_mod.collect
+
+    def collect_then_swap(*args: Any, **kwargs: Any) -> Any:
+        found = real_collect(*args, **kwargs)  # checked: the labeled bytes
+        (inputs / "bus.jpg").unlink()
+        (inputs / "bus.jpg").symlink_to(secret)  # the swap, after the check
+        return found
+
+    monkeypatch.setattr(export_mod, "collect", collect_then_swap)
+    try:
+        store.index.protected = (str(state),)
+        with pytest.raises(ExportError, match="export again"):
+            export_dataset(store.index, "yolo", tmp_path / "export.zip", states=("auto_accepted", "needs_review"))
+        assert not (tmp_path / "export.zip").exists()
+        assert not any(b"Zq9" in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink() and p != secret)
     finally:
         store.close()

@@ -15,6 +15,8 @@ Why these rules:
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import time
 import uuid
@@ -27,6 +29,8 @@ import numpy as np
 from flask import Blueprint, Response, abort, jsonify, request, send_file
 
 from edgelabel.edge.annotate import draw_detections, encode_jpeg
+from edgelabel.edge.frame import text_path
+from edgelabel.edge.sources.pathguard import PathGuard, protected_paths, read_checked
 from edgelabel.web.auth import auth_method, require_operator
 from edgelabel.web.context import WebContext, build_status, get_ctx, source_entry
 from edgelabel.web.params import choice_arg, int_arg, str_arg
@@ -78,8 +82,16 @@ def parse_record_id(raw: str) -> str:
     return str(value)
 
 
-def _stored_frame(ctx: WebContext, frame_path: str) -> np.ndarray | None:
-    """The pixels behind a record's ``frame_path`` (set by the pipeline, never from a request)."""
+@functools.lru_cache(maxsize=4)
+def _original_guard(protected: tuple[str, ...]) -> PathGuard:
+    return PathGuard("/", follow_symlinks=True, protected=protected)
+
+
+def _stored_frame(ctx: WebContext, frame_path: str, sha256: str | None = None) -> np.ndarray | None:
+    """The pixels behind a record's ``frame_path`` (set by the pipeline, never from a request).
+
+    An absolute path is the original input file (a folder job): read without following a symlink into the
+    daemon's own files, and only while its bytes are the labeled ones (``sha256``), as the review page does."""
     p = Path(frame_path)
     if not p.is_absolute():
         root = ctx.cfg.resolve(ctx.cfg.dataset.path).resolve()
@@ -87,9 +99,21 @@ def _stored_frame(ctx: WebContext, frame_path: str) -> np.ndarray | None:
         if not p.is_relative_to(root):
             log.warning("web: record frame path %s leaves the dataset folder; not served", frame_path)
             return None
-    if not p.is_file():
+        if not p.is_file():
+            return None
+        image = cv2.imread(str(p), cv2.IMREAD_COLOR)
+        return image if image is not None and image.size else None
+    try:
+        data = read_checked(p, _original_guard(protected_paths(ctx.cfg)))
+    except PermissionError as exc:
+        log.warning("web: the original %s %s; not served", text_path(str(p)), exc)
         return None
-    image = cv2.imread(str(p), cv2.IMREAD_COLOR)
+    except OSError:
+        return None
+    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+        log.warning("web: %s changed since it was labeled; not served", text_path(str(p)))
+        return None
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     return image if image is not None and image.size else None
 
 
@@ -104,7 +128,7 @@ def frame_jpeg(ctx: WebContext, kept: KeptRecord, boxes: bool) -> bytes | None:
             return None
         return encode_jpeg(draw_detections(image, scale_detections(rec.detections, kept.scale), copy=False), 85)
     if rec.frame_path:
-        image = _stored_frame(ctx, rec.frame_path)
+        image = _stored_frame(ctx, rec.frame_path, rec.frame_sha256)
         if image is None:
             return None
         scale = image.shape[1] / rec.width if rec.width else 1.0

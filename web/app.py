@@ -8,7 +8,8 @@ own metrics registry and their own secrets.  The app reads the daemon through
 
 Every response carries the security headers (nosniff, a self-only
 Content-Security-Policy with no inline script or style, frame denial, no
-referrer) and everything except static files is ``no-store``: pages may show
+referrer; Strict-Transport-Security over HTTPS when ``web.tls.hsts`` asks
+for it) and everything except static files is ``no-store``: pages may show
 an operator's session and live state, neither belongs in a cache.
 """
 
@@ -49,6 +50,7 @@ from edgelabel.web.metrics import make_registry
 from edgelabel.web.redact import Redactor
 from edgelabel.web.sink import WebSink
 from edgelabel.web.system import DeviceMonitor
+from edgelabel.web.tls import hsts_seconds
 
 log = logging.getLogger("edgelabel.web")
 
@@ -158,6 +160,7 @@ def create_app(
     app.register_blueprint(review.bp)
 
     hosts = HostCheck(cfg.web.allowed_hosts, cfg.web.host)
+    hsts = hsts_seconds(cfg)  # web.tls.hsts: sent only on answers that went over HTTPS
     refused_logged: set[str] = set()  # one log line per refused name, not one per request
 
     @app.before_request
@@ -197,6 +200,8 @@ def create_app(
         h["Referrer-Policy"] = "no-referrer"
         h["Cross-Origin-Opener-Policy"] = "same-origin"
         h["Cross-Origin-Resource-Policy"] = "same-origin"
+        if hsts is not None and request.is_secure:
+            h["Strict-Transport-Security"] = f"max-age={hsts}"
         if request.endpoint != "static":
             h["Cache-Control"] = "no-store"
             h["Pragma"] = "no-cache"

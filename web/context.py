@@ -168,10 +168,13 @@ def build_status(ctx: WebContext, include_device: bool = True) -> dict[str, Any]
         "sources": sources,
         "sinks": sinks,
         "zones": raw.get("zones") or {},
+        "ledger": raw.get("ledger"),
         "logs": ctx.logs.summary(),
         "web": {"public_read": ctx.cfg.web.public_read, "stream_fps": ctx.cfg.web.stream_fps,
                 "live_views": ctx.streams, "max_live_views": ctx.max_streams},
     }
+    # what stops labeling or delivery, in the technician's words of edge/health.py (the MQTT alarm topic's list)
+    out["alarms"] = device_alarms(out)
     if include_device:
         out["device"] = ctx.device.snapshot()
     return ctx.redactor.data(out)  # type: ignore[no-any-return]

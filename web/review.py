@@ -14,10 +14,15 @@ Why these rules:
 * Frames are found by record id only (a canonical UUID); the image file comes from the index (the
   pipeline wrote it), never from the request.
 * An export is built as a zip in ``<state_dir>/exports`` and deleted once sent.
+* ``/api/dataset/frames/<id>`` is how the plant's ingest fetches a frame: the bytes exactly as stored, with
+  their sha256 (``ETag``, ``X-Content-SHA256``) so the fetcher can verify them against the label record.  A
+  ``viewer`` token (one per appliance) may read it.  Bytes that do not match the hash the dataset kept are
+  refused (404), never served.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sqlite3
 import tempfile
@@ -29,7 +34,8 @@ from typing import Any
 from flask import Blueprint, Response, abort, current_app, jsonify, render_template, request, send_file
 
 from edgelabel.edge.export import DEFAULT_STATES, EXPORT_FORMATS, ExportError, export_dataset, parse_states
-from edgelabel.edge.review import ACTIONS, STATES, ReviewError, ReviewStore, VersionConflict, clean_reviewer
+from edgelabel.edge.review import STATES, ReviewError, ReviewStore, VersionConflict, check_request, clean_reviewer
+from edgelabel.edge.sources.pathguard import protected_paths
 from edgelabel.web.api import parse_record_id
 from edgelabel.web.auth import auth_method, current_operator, require_operator
 from edgelabel.web.context import get_ctx
@@ -73,6 +79,7 @@ def get_store() -> ReviewStore:
                 except (OSError, sqlite3.Error) as exc:
                     log.error("web: cannot open the dataset for review: %s", exc)
                     abort(503, description=f"the dataset cannot be opened: {exc}")
+            store.index.protected = protected_paths(ctx.cfg)  # an original never read from the daemon's files
             ext["edgelabel_review"] = store
     return store
 
@@ -152,31 +159,65 @@ def image(record_id: str) -> Any:
     return resp
 
 
+@bp.get("/api/dataset/frames/<record_id>")
+@require_operator
+def dataset_frame(record_id: str) -> Any:
+    """A record's frame bytes exactly as the dataset stored them, for the plant's ingest to fetch and verify.
+
+    The same read as the review image (an original that changed since labeling is refused there); in addition
+    a stored copy whose bytes no longer hash to the recorded sha256 is refused, so what is served always is
+    what the label record names.  ``ETag`` is the sha256; ``If-None-Match`` and ``Range`` are answered.
+    """
+    store = get_store()
+    rid = parse_record_id(record_id)
+    try:
+        found = store.image_bytes(rid)
+        row = store.index.row(rid)
+    except KeyError:
+        abort(404, description="no such frame in the dataset (never stored, or rotated out)")
+    except (OSError, sqlite3.Error) as exc:
+        abort(503, description=f"the dataset could not be read ({exc}); try again when it can")
+    if found is None or row is None:
+        abort(404, description="the image of this frame is no longer there, or changed since it was labeled")
+    data, suffix = found
+    digest = hashlib.sha256(data).hexdigest()
+    expected = row["image_sha256"] if "image_sha256" in row.keys() else None
+    if expected and digest != expected:
+        log.warning("web: the stored image of record %s no longer matches its sha256 (%s, now %s); not served",
+                    rid, expected[:12], digest[:12])
+        abort(404, description="the stored image no longer matches the sha256 recorded when it was labeled; "
+                               "it is not served")
+    resp = Response(data, mimetype=_MIMETYPES.get(suffix, "application/octet-stream"))
+    resp.set_etag(digest)
+    resp.headers["X-Content-SHA256"] = digest
+    resp.headers["Cache-Control"] = "private, max-age=86400, immutable"  # content-addressed: never changes
+    return resp.make_conditional(request, accept_ranges=True, complete_length=len(data))
+
+
 @bp.post("/api/review/items/<record_id>")
 @require_operator
 def decide(record_id: str) -> Any:
     """A decision: ``{"action": accept|update|reject|reopen, "detections"?: [...], "version"?: n, "by"?: name}``."""
-    store = get_store()
     rid = parse_record_id(record_id)
-    try:
-        store.item(rid)  # an unknown frame is 404 whatever the body says
-    except KeyError:
-        abort(404, description="no such frame in the dataset")
-    except (OSError, sqlite3.Error) as exc:
-        abort(503, description=f"the dataset could not be read ({exc}); try again when it can")
+    # the body is read and checked (size, JSON depth and numbers, action, version, box count and shape) before
+    # the dataset is touched: a bad request never waits for, or holds, the dataset lock
     body = json_object()
     action = body.get("action")
-    if action not in ACTIONS:
-        abort(400, description=f"action must be one of {', '.join(ACTIONS)}")
+    detections = body.get("detections")
+    try:
+        check_request(action, detections)
+    except ReviewError as exc:
+        abort(400, description=str(exc))
     version = body.get("version")
     if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
         abort(400, description="version must be an integer")
+    store = get_store()
     method = auth_method()
     operator = current_operator()
     # the authenticated operator's name, never a typed one (a "by" in the body is ignored)
     by = clean_reviewer(operator.name if operator is not None else None)
     try:
-        result = store.decide(rid, action, by=by, detections=body.get("detections"), version=version,
+        result = store.decide(rid, action, by=by, detections=detections, version=version,
                               context={"via": method, "address": request.remote_addr})
     except KeyError:
         abort(404, description="no such frame in the dataset")

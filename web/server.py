@@ -30,12 +30,13 @@ from typing import Any
 from flask import Flask
 from waitress.server import create_server
 
+from edgelabel.edge.certs import certificate_info
 from edgelabel.edge.config import Config
 from edgelabel.web.app import MAX_BODY_BYTES, create_app
 from edgelabel.web.context import PipelineLike, WebContext
 from edgelabel.web.logbuffer import RingLogHandler
 from edgelabel.web.sink import WebSink
-from edgelabel.web.tls import fingerprint, serve_tls, server_context, tls_files
+from edgelabel.web.tls import hsts_seconds, serve_tls, server_context, tls_files
 
 log = logging.getLogger("edgelabel.web")
 
@@ -47,6 +48,33 @@ CLEANUP_INTERVAL = 5
 #: open connections before new ones wait in the backlog: far above what operators and live views use, so a
 #: few hundred half-finished requests from the LAN cannot make /healthz time out (waitress: 100)
 CONNECTION_LIMIT = 1000
+#: file descriptors kept for the daemon itself (model, SQLite files, inputs, MQTT, the dataset) whatever the LAN
+#: opens: each connection is one descriptor, and systemd's default soft limit is 1024, so 1000 connections from
+#: the LAN would have left the dataset sink unable to open a file (EMFILE)
+FD_RESERVE = 256
+
+
+def _connection_limit() -> int:
+    """CONNECTION_LIMIT, with the soft descriptor limit raised (within the hard one) to hold it plus FD_RESERVE;
+    lowered, with a warning, where the hard limit does not allow that."""
+    import resource
+
+    inf = resource.RLIM_INFINITY
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = CONNECTION_LIMIT + FD_RESERVE
+    if soft != inf and soft < want:
+        new = want if hard == inf else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError) as exc:
+            log.debug("web: cannot raise the open-file limit to %d: %s", new, exc)
+    limit = CONNECTION_LIMIT if soft == inf else min(CONNECTION_LIMIT, soft - FD_RESERVE)
+    if limit < CONNECTION_LIMIT:
+        limit = max(limit, 32)
+        log.warning("web: at most %d connections at once (the open-file limit is %d); raise it (LimitNOFILE= in "
+                    "the service unit) to %d for the full %d", limit, soft, want, CONNECTION_LIMIT)
+    return limit
 
 
 def _url_host(host: str) -> str:
@@ -141,7 +169,7 @@ def start_web(pipeline: PipelineLike, web_sink: WebSink, cfg: Config, *, host: s
             ident="edgelabel",
             channel_timeout=CHANNEL_TIMEOUT,
             cleanup_interval=CLEANUP_INTERVAL,
-            connection_limit=max(CONNECTION_LIMIT, cfg.web.threads * 4),
+            connection_limit=_connection_limit(),
             # a larger body is refused from its Content-Length (or as it arrives, chunked) before any of it is
             # kept; waitress's own default (1 GiB, spooled to /tmp) applied before Flask's limit could
             max_request_body_size=MAX_BODY_BYTES,
@@ -167,7 +195,10 @@ def start_web(pipeline: PipelineLike, web_sink: WebSink, cfg: Config, *, host: s
     scheme = "https" if tls_context else "http"
     url = f"{scheme}://{_url_host(bind_host)}:{server.effective_port}"
     if files:
-        log.info("web: HTTPS with %s (SHA-256 fingerprint %s)", files[0], fingerprint(files[0]))
+        cert = certificate_info(files[0])
+        hsts = hsts_seconds(cfg)
+        log.info("web: HTTPS with %s (SHA-256 fingerprint %s, valid until %s%s)", files[0], cert.fingerprint,
+                 cert.not_after.strftime("%Y-%m-%d"), f"; HSTS max-age={hsts}" if hsts is not None else "")
     elif not _loopback(bind_host) and not cfg.web.trusted_proxy:
         log.warning("web: the page is served over plain HTTP on %s: the operator token and session cookie cross "
                     "the network readable; set web.tls: auto (or {cert, key}), or put an HTTPS proxy in front",

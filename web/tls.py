@@ -13,14 +13,14 @@ gives each connection a channel that reads and writes through TLS without blocki
 ``web.tls: auto`` makes a self-signed certificate on first start, ``web-tls-cert.pem`` and
 ``web-tls-key.pem`` (0600) in the state folder, kept across restarts, with the machine's names and addresses in
 it.  It is made with the ``cryptography`` package when installed, else with the ``openssl`` command; without
-either, start-up fails and says to install one.  Its SHA-256 fingerprint is logged, so an operator can
-compare it with what the browser shows on the first visit.
+either, start-up fails and says to install one.  Its SHA-256 fingerprint and expiry are logged (and shown by
+``edgelabel doctor``), so an operator can compare it with what the browser shows on the first visit.
+``web.tls: {auto: true, hsts: 31536000}`` (or ``{cert, key, hsts}``) also sends Strict-Transport-Security.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import ipaddress
 import logging
 import os
@@ -35,12 +35,13 @@ from typing import Any
 
 from waitress.channel import HTTPChannel
 
+from edgelabel.edge.certs import AUTO_CERT_FILE, AUTO_KEY_FILE, certificate_info
 from edgelabel.edge.config import Config, ConfigError
 
 log = logging.getLogger("edgelabel.web")
 
-CERT_FILE = "web-tls-cert.pem"
-KEY_FILE = "web-tls-key.pem"
+CERT_FILE = AUTO_CERT_FILE
+KEY_FILE = AUTO_KEY_FILE
 #: how long a generated certificate is valid; it is regenerated when it has expired
 VALID_DAYS = 5 * 365
 
@@ -73,15 +74,12 @@ def certificate_names(cfg: Config) -> tuple[list[str], list[str]]:
 
 def fingerprint(cert_path: Path) -> str:
     """The certificate's SHA-256 fingerprint, as browsers show it (AA:BB:...)."""
-    der = ssl.PEM_cert_to_DER_cert(cert_path.read_text(encoding="ascii"))
-    digest = hashlib.sha256(der).hexdigest().upper()
-    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+    return certificate_info(cert_path).fingerprint
 
 
 def _expired(cert_path: Path) -> bool:
     try:
-        info = ssl._ssl._test_decode_cert(str(cert_path))  # type: ignore[attr-defined]
-        return bool(ssl.cert_time_to_seconds(info["notAfter"]) < time.time())
+        return certificate_info(cert_path).expired
     except (ssl.SSLError, OSError, KeyError, ValueError, AttributeError):
         return False  # let the TLS context say what is wrong with it
 
@@ -165,12 +163,32 @@ def ensure_self_signed(cfg: Config) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+def is_auto(tls: Any) -> bool:
+    """``web.tls: auto`` or ``web.tls: {auto: true, ...}``: a self-signed certificate kept in the state folder."""
+    return tls == "auto" or (isinstance(tls, dict) and tls.get("auto") is True)
+
+
+def certificate_path(cfg: Config) -> Path | None:
+    """The certificate file ``web.tls`` serves (for ``auto``: where it is, or will be, generated); None: HTTP."""
+    tls = cfg.web.tls
+    if tls is None:
+        return None
+    return cfg.state_path(CERT_FILE) if is_auto(tls) else cfg.resolve(tls["cert"])
+
+
+def hsts_seconds(cfg: Config) -> int | None:
+    """``web.tls.hsts``: the Strict-Transport-Security max-age to send over HTTPS; None: no header (the default)."""
+    tls = cfg.web.tls
+    value = tls.get("hsts") if isinstance(tls, dict) else None
+    return None if value is None or value is False else int(value)
+
+
 def tls_files(cfg: Config) -> tuple[Path, Path] | None:
     """(certificate, key) for ``web.tls``, generated for ``auto``; None for plain HTTP."""
     tls = cfg.web.tls
     if tls is None:
         return None
-    if tls == "auto":
+    if is_auto(tls):
         return ensure_self_signed(cfg)
     return cfg.resolve(tls["cert"]), cfg.resolve(tls["key"])
 

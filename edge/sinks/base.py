@@ -43,6 +43,10 @@ class Sink(abc.ABC):
         """True while ``write`` blocks on purpose (back-pressure), so the watchdog does not call it stuck."""
         return False
 
+    def stuck(self) -> str | None:
+        """Why a thread of this sink cannot go on without a restart (the watchdog is then withheld), else None."""
+        return None
+
     def interrupt(self) -> None:
         """The daemon is stopping: release a ``write`` blocked on back-pressure (it raises SinkRefused)."""
 

@@ -94,7 +94,17 @@ from edgelabel.edge.config import ConfigError, DatasetConfig
 from edgelabel.edge.frame import Frame, text_path
 from edgelabel.edge.locks import LOCK_FILE, LockHeld, hold_lock
 from edgelabel.edge.records import LabelRecord, iso_utc
+from edgelabel.edge.salvage import (
+    TableSalvage,
+    copy_table,
+    estimate_rows,
+    integrity_problem,
+    is_corrupt,
+    move_aside,
+    open_read_only,
+)
 from edgelabel.edge.sinks.base import Sink
+from edgelabel.edge.sources.pathguard import PathGuard, read_checked
 
 log = logging.getLogger(__name__)
 
@@ -222,17 +232,29 @@ class DatasetIndex:
         self._repair = repair
         self.lock = threading.RLock()
         self._counts_lock = threading.Lock()
+        #: real paths of the daemon's own folders and secret files (``edge.sources.pathguard.protected_paths``,
+        #: set by the pipeline and the web page): an original that resolves there is never opened
+        self.protected: tuple[str, ...] = ()
+        self._guard: tuple[tuple[str, ...], PathGuard] | None = None
         self._db: sqlite3.Connection | None = None
         self._dirs: set[Path] = set()
         self._images = 0
         self._annotations = 0
         self._bytes = 0
         self._coco_bytes = 0
+        #: COCO snapshots built / written (write_coco writes outside the index lock, in build order)
+        self._coco_write_lock = threading.Lock()
+        self._coco_built = 0
+        self._coco_written = 0
         self._by_state: Counter[str] = Counter()
         self.coco_dirty = True
         # rowid -> (record id, version, image JSON, annotations JSON, classes used): COCO rewrites serialise changed
         # rows only.  The record id is part of the key because SQLite may give a deleted row's rowid to a new row.
         self._coco_cache: dict[int, tuple[str, int, bytes, bytes, tuple[tuple[int, str], ...]]] = {}
+        #: rows a corrupt index file took with it (see _replace_corrupt), what that means and when
+        self.lost = 0
+        self.last_loss: str | None = None
+        self.last_loss_at: float | None = None
 
     # ------------------------------------------------------------------ open / close
 
@@ -256,14 +278,8 @@ class DatasetIndex:
             if self._db is not None:
                 return
             self.root.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, check_same_thread=False, timeout=10.0)
-            db.row_factory = sqlite3.Row
+            db = self._connect_checked()
             try:
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=NORMAL")
-                db.executescript(_SCHEMA)
-                _migrate(db)
-                db.executescript(_SCHEMA_EXTRA)
                 self._db = db
                 self._load_meta()
                 if self._given_names is not None:
@@ -293,6 +309,91 @@ class DatasetIndex:
                 finally:
                     self._db = None
                     self._dirs.clear()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, timeout=10.0)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            _migrate(db)
+            db.executescript(_SCHEMA_EXTRA)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _connect_checked(self) -> sqlite3.Connection:
+        """Connect, read every page once (``quick_check``); a corrupt index is salvaged (``repair``) or raised."""
+        db: sqlite3.Connection | None = None
+        try:
+            db = self._connect()
+            problem = integrity_problem(db)
+            if problem is None:
+                db.row_factory = sqlite3.Row
+                return db
+            exc: sqlite3.DatabaseError = sqlite3.DatabaseError(f"integrity check: {problem}")
+        except sqlite3.OperationalError:
+            if db is not None:
+                db.close()
+            raise  # cannot open, locked, I/O error, disk full: not the file's fault, do not move it
+        except sqlite3.DatabaseError as err:  # not a database, malformed
+            exc = err
+        if db is not None:
+            db.close()
+        if not self._repair:  # an export never changes the dataset: the daemon salvages it when it opens
+            raise exc
+        db = self._replace_corrupt(exc)
+        db.row_factory = sqlite3.Row
+        return db
+
+    def _replace_corrupt(self, exc: BaseException) -> sqlite3.Connection:
+        """Move the damaged index aside, start a new one with every readable row, count and explain the rest.
+
+        Never deletes a file of the dataset: the images and labels of rows that could not be read stay
+        where they are (left out of the COCO file until their frames are labeled again).
+        """
+        aside = move_aside(self.path)
+        db = self._connect()
+        old = open_read_only(aside)
+        kept: dict[str, TableSalvage] = {}
+        if old is None:
+            lost = estimate_rows(aside)
+        else:
+            try:
+                kept = {t: copy_table(old, db, t) for t in ("records", "meta", "review_log")}
+            finally:
+                old.close()
+            lost = sum(r.unreadable for r in kept.values())
+        rec = kept.get("records")
+        what = (f"dataset index {self.path} was corrupt ({exc}): moved it to {aside}, kept "
+                f"{rec.kept if rec else 0} record(s) in a new index; {lost} row(s) could not be read")
+        if lost:
+            what += (" -- their image and label files stay in the dataset folder but are left out of the COCO "
+                     "file; a frame labeled again gets its row back (same record id, same file names); "
+                     "review decisions among them are lost")
+        self.lost += lost
+        self.last_loss, self.last_loss_at = what, time.time()
+        log.error("%s; the dataset goes on. Check the disk (dmesg, smartctl) if this happens again.", what)
+        return db
+
+    def salvage(self, exc: BaseException) -> bool:
+        """The open index turned out corrupt while in use: salvage it now (True) instead of failing every write."""
+        if not is_corrupt(exc) or not self._repair:
+            return False
+        with self.lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            self._dirs.clear()
+            self._coco_cache.clear()
+        self.open()
+        return True
+
+    def loss_status(self) -> dict[str, Any]:
+        """Rows lost to a corrupt index file (the ``dataset_index_lost`` alarm, stats)."""
+        return {"path": str(self.path), "lost": self.lost, "last_loss": self.last_loss,
+                "last_loss_at": self.last_loss_at}
 
     def _load_meta(self) -> None:
         """Class names and model: given, else stored in the index, else classes.txt, else what the rows say."""
@@ -454,7 +555,7 @@ class DatasetIndex:
         if not expected or not Path(row["image_path"] or "").is_absolute():
             return False  # a stored copy, or a row from before hashes were kept
         try:
-            digest = hashlib.sha256(data if data is not None else path.read_bytes()).hexdigest()
+            digest = hashlib.sha256(data if data is not None else self.read_original(path)).hexdigest()
         except OSError:
             return True
         if digest == expected:
@@ -469,10 +570,22 @@ class DatasetIndex:
         if path is None:
             return None
         try:
-            data = path.read_bytes()
+            data = self.read_original(path) if Path(row["image_path"] or "").is_absolute() else path.read_bytes()
         except OSError:
             return None
         return None if self.original_changed(row, path, data) else data
+
+    def read_original(self, path: Path) -> bytes:
+        """The bytes of an original input file; OSError when it is gone, or resolves (now, or as opened) into the
+        dataset, the state folder or a secret file: an input path swapped for a symlink there is never read."""
+        protected = (*self.protected, str(self.root))
+        if self._guard is None or self._guard[0] != protected:
+            self._guard = (protected, PathGuard("/", follow_symlinks=True, protected=protected))
+        try:
+            return read_checked(path, self._guard[1])
+        except PermissionError as exc:
+            log.warning("dataset: the original %s %s", text_path(str(path)), exc)
+            raise
 
     # ------------------------------------------------------------------ frames (the sink thread)
 
@@ -534,9 +647,9 @@ class DatasetIndex:
             self.coco_dirty = True
             self._finish_files(after)
             after = db.execute("SELECT rowid, * FROM records WHERE id = ?", (record_id,)).fetchone()
-            if write_coco:
-                self.write_coco()
-            return before, after
+        if write_coco:
+            self.write_coco()  # after the lock (unless the caller holds it): see write_coco
+        return before, after
 
     def _finish_files(self, row: sqlite3.Row) -> None:
         """Make the row's files match its state (idempotent), then clear its unsynced mark and update its size."""
@@ -571,7 +684,8 @@ class DatasetIndex:
 
         Incremental: each row's JSON is kept with its ``version`` (bumped by every change to the row), so a
         rewrite serialises only the rows that changed and splices the rest -- a review decision on a dataset
-        of 20 000 frames costs a fraction of a second, not seconds, and holds the lock as briefly.
+        of 20 000 frames costs a fraction of a second, not seconds; the file itself is written after the index
+        lock is released (``bench/review_lock.py``).
         """
         if "coco" not in self.formats:
             return False
@@ -593,22 +707,42 @@ class DatasetIndex:
                 alive = {h[0] for h in heads}
                 for rowid in [k for k in cache if k not in alive]:
                     del cache[rowid]
-            entries = [cache[h[0]] for h in heads]
-            extra = {cls: name for e in entries for cls, name in e[4]}
-            categories = [{"id": i + 1, "name": n, "supercategory": "object", "edgelabel_class_id": i}
-                          for i, n in enumerate(self._names)]
-            categories += [{"id": c + 1, "name": extra[c], "supercategory": "object", "edgelabel_class_id": c}
-                           for c in sorted(extra) if c >= len(self._names)]
-            data = b"".join((
-                b'{"info":', _json(_coco_info(self.model_name)), b',"licenses":[],"images":[',
-                b",".join(e[2] for e in entries), b'],"annotations":[',
-                b",".join(e[3] for e in entries if e[3]), b'],"categories":', _json(categories), b"}",
-            ))
-            write_atomic(self.root / COCO_FILE, data, fsync=True)
+            entries = [cache[h[0]] for h in heads]  # immutable fragments: joined after the lock is released
+            names, model_name = list(self._names), self.model_name
             self.coco_dirty = False
-            with self._counts_lock:
-                self._coco_bytes = len(data)
-            return True
+            self._coco_built += 1
+            built = self._coco_built
+        extra = {cls: name for e in entries for cls, name in e[4]}
+        categories = [{"id": i + 1, "name": n, "supercategory": "object", "edgelabel_class_id": i}
+                      for i, n in enumerate(names)]
+        categories += [{"id": c + 1, "name": extra[c], "supercategory": "object", "edgelabel_class_id": c}
+                       for c in sorted(extra) if c >= len(names)]
+        data = b"".join((
+            b'{"info":', _json(_coco_info(model_name)), b',"licenses":[],"images":[',
+            b",".join(e[2] for e in entries), b'],"annotations":[',
+            b",".join(e[3] for e in entries if e[3]), b'],"categories":', _json(categories), b"}",
+        ))
+        # Joined and written after the index lock is released (a caller that holds it keeps it, by reentry):
+        # joining and fsyncing a file of many MB was most of a review decision's hold on the lock, during which
+        # the sink thread could not index a frame.  Writers are ordered by their own lock; an older snapshot never
+        # replaces a newer one.
+        # (Whoever holds the write lock takes no other lock: a thread holding the index lock may wait for it.)
+        failed: BaseException | None = None
+        with self._coco_write_lock:
+            if built <= self._coco_written:
+                return True
+            try:
+                write_atomic(self.root / COCO_FILE, data, fsync=True)
+                self._coco_written = built
+            except BaseException as exc:
+                failed = exc
+        if failed is not None:
+            with self.lock:
+                self.coco_dirty = True  # written by the next call
+            raise failed
+        with self._counts_lock:
+            self._coco_bytes = len(data)
+        return True
 
     # ------------------------------------------------------------------ quota
 
@@ -882,6 +1016,7 @@ class DatasetSink(Sink):
                                  image_bytes=plan.image_bytes, decision=plan.decision)
         except (OSError, sqlite3.Error) as exc:
             self._report_error("write labels for", label_path if isinstance(exc, OSError) else self.index.path, exc)
+            self._salvage_index(exc)
             return
         with self._lock:
             self._last_write_at = time.time()
@@ -930,6 +1065,7 @@ class DatasetSink(Sink):
                 "bytes": counts["bytes"],
                 "states": counts["states"],
                 "capture": self.capture.status(),
+                "index": self.index.loss_status(),
                 "quota": {
                     "max_images": self.cfg.max_images,
                     "max_bytes": self.cfg.max_bytes,
@@ -1143,6 +1279,13 @@ class DatasetSink(Sink):
         log.debug("dataset: wrote %s in %.3f s", self.root / COCO_FILE, spent)
 
     # ------------------------------------------------------------------ reporting
+
+    def _salvage_index(self, exc: BaseException) -> None:
+        """A malformed page met while writing: salvage the index now, so the next frames are kept again."""
+        try:
+            self.index.salvage(exc)
+        except (OSError, sqlite3.Error) as err:
+            self._report_error("salvage the index", self.index.path, err)
 
     def _report_error(self, what: str, path: Path | str, exc: BaseException) -> None:
         """Count the failure, mark the dataset unhealthy and log it (ERROR, rate-limited while it lasts)."""

@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import socket
 import sqlite3
@@ -100,7 +101,7 @@ from edgelabel.edge.frame import Frame
 from edgelabel.edge.health import dataset_health as _dataset_health
 from edgelabel.edge.health import device_alarms
 from edgelabel.edge.health import disk_skipped as _disk_skipped
-from edgelabel.edge.ledger import storage_fault
+from edgelabel.edge.ledger import StateUnavailable, storage_fault, storage_problem
 from edgelabel.edge.records import LabelRecord, iso_utc
 from edgelabel.edge.sinks.base import Sink, SinkRefused
 from edgelabel.edge.sinks.outbox import Message, Outbox, StoredMessage
@@ -111,6 +112,14 @@ log = logging.getLogger(__name__)
 WARN_INTERVAL = 30.0
 #: how long ``close``/``flush`` wait for the broker to acknowledge what is stored
 ACK_TIMEOUT = 5.0
+#: once the daemon is stopping, every wait for acknowledgements together ends this many seconds after the stop
+#: (what is not acknowledged stays in the outbox for the next start), so SIGTERM ends the daemon within seconds
+STOP_DRAIN_S = 1.5
+#: ... and a wait gives up earlier when nothing was acknowledged for this long (broker silent, disk full)
+DRAIN_STALL_S = 0.5
+#: seconds without an acknowledgement while connected with messages waiting (or without a turn of the
+#: publisher's loop) before the publisher counts as stalled: ``publisher_stalled`` (edge/health.py)
+PUBLISHER_STALL_AFTER = 60.0
 #: how often the publisher looks at the outbox when nothing wakes it
 IDLE_TICK = 0.25
 #: seconds between max_age sweeps of the outbox
@@ -120,6 +129,8 @@ ACK_BATCH = 256
 #: label messages whose capture -> PUBACK latency is kept for the percentiles in status()
 LATENCY_WINDOW = 4096
 ACK_DELAY = 0.05
+#: seconds a status or backlog request waits for the outbox before it answers from what it has
+STATUS_WAIT = 0.5
 #: MQTT 3.1.1 has no reason codes: the broker closing the connection this many times in a row, each within
 #: SHORT_CONNECTION seconds and with the same message first in flight, means it refuses that message
 DISCONNECT_STRIKES = 3
@@ -318,6 +329,12 @@ class MqttSink(Sink):
         self._outbox = self._make_outbox(state_dir)
         self._drainer: threading.Thread | None = None
         self._stop_drainer = threading.Event()
+        self._stop_deadline: float | None = None  # monotonic: when waits for acknowledgements end (stopping)
+        #: publisher progress (monotonic): the last turn of its loop, the last acknowledgement or moment with
+        #: nothing to deliver; see publisher_state()
+        self._beat = time.monotonic()
+        self._progress_at = time.monotonic()
+        self.stall_after = PUBLISHER_STALL_AFTER
 
     # ------------------------------------------------------------------ set-up
 
@@ -344,6 +361,10 @@ class MqttSink(Sink):
                 commit_interval=ob.commit_interval,
             )
         except (OSError, ValueError, sqlite3.Error) as exc:
+            if path is not None and storage_fault(exc) is not None:
+                # read-only, full or failing disk (also outside state_dir): a remount or freed space fixes
+                # it, not an edit, so not the configuration error the unit never restarts
+                raise StateUnavailable(storage_problem("mqtt.outbox.path", path, _write_probe(path.parent) or exc)) from exc
             raise ConfigError([f"mqtt.outbox.path: cannot open {path} ({exc})"]) from exc
 
     def _password(self) -> str | None:
@@ -568,6 +589,8 @@ class MqttSink(Sink):
             if self._closing:
                 return
             self._closing = True  # releases a write blocked by stop_capture
+            if self._stop_deadline is None:
+                self._stop_deadline = time.monotonic() + STOP_DRAIN_S
             opened = self._opened
             running = [src for src, st in self._source_status.items() if st not in FINAL_SOURCE_STATES]
             running += [src for src in self.sources if src not in self._source_status]
@@ -590,6 +613,8 @@ class MqttSink(Sink):
             connected = self._connected
         if connected:  # offline: the broker has published the Last Will already
             self._publish(self.status_topic, b"stopped", 1, retain=True)
+            with self._lock:  # a short wait of its own: the deadline of the stop may be spent by now
+                self._stop_deadline = max(self._stop_deadline or 0.0, time.monotonic() + DRAIN_STALL_S)
             self._wait_drained(2.0, outbox=False)
         self._process_acks(force=True)
         left = self._outbox.depth
@@ -630,8 +655,8 @@ class MqttSink(Sink):
         be sent (outbox full or expired, refused by the broker, unserialisable,
         not storable), broken down in ``drops``.
         """
-        self._process_acks(force=True)
-        ob = self._outbox.stats()
+        self._process_acks(force=True, wait=STATUS_WAIT)
+        ob = self._outbox.stats(wait=STATUS_WAIT)
         with self._lock:
             return {
                 "connected": self._connected,
@@ -660,13 +685,46 @@ class MqttSink(Sink):
                 "outbox": ob,
                 "last_publish_at": self._last_publish_at,
                 "last_error": self._last_error,
+                "publisher": self._publisher_state_locked(ob["depth"]),
                 "unreachable_since": None if self._outage_since_wall is None else iso_utc(self._outage_since_wall),
                 **self._latency_locked(),
             }
 
+    def _publisher_state_locked(self, depth: int) -> dict[str, Any]:
+        """Whether the outbox publisher makes progress, for ``publisher_stalled`` (edge/health.py).
+
+        ``alive``: its thread runs; ``loop_age_s``: since its loop last turned (it turns every IDLE_TICK, so a
+        large value means it is stuck in a call); ``stalled_s``: how long messages have waited while connected
+        without a single acknowledgement (None while something moves, nothing waits or the link is down --
+        a broker that is down is ``outbox_stuck``'s case); ``stall_after``: the threshold of both.
+        """
+        now = time.monotonic()
+        running = self._opened and not self._closing
+        if not self._connected or not depth:
+            self._progress_at = now
+        waited = now - self._progress_at
+        loop_age = now - self._beat if running else None
+        return {"alive": None if not running else bool(self._drainer is not None and self._drainer.is_alive()),
+                "loop_age_s": None if loop_age is None else round(loop_age, 1),
+                "stalled_s": round(waited, 1) if running and waited >= self.stall_after else None,
+                "stall_after": self.stall_after}
+
+    def stuck(self) -> str | None:
+        """Why the publisher cannot go on without a restart (its thread died or hangs in a call), else None."""
+        with self._lock:  # not the outbox's lock: the call the publisher hangs in may hold it
+            if not self._opened or self._closing:
+                return None
+            alive = self._drainer is not None and self._drainer.is_alive()
+            age = time.monotonic() - self._beat
+        if not alive:
+            return "the MQTT outbox publisher thread has ended"
+        if age >= self.stall_after:
+            return f"the MQTT outbox publisher has been stuck in one call for {age:.0f} s"
+        return None
+
     def backlog(self) -> Backlog:
         """What is left to deliver and whether the broker is reachable (any thread)."""
-        self._process_acks(force=True)
+        self._process_acks(force=True, wait=STATUS_WAIT)
         with self._lock:
             return Backlog(self._outbox.depth, self._connected, self._outage_since_wall, self._last_error)
 
@@ -754,6 +812,9 @@ class MqttSink(Sink):
                 "mqtt_rejected": mine["drops"]["rejected"] + mine["drops"]["unserialisable"],
                 "outbox_error": mine["drops"]["outbox_error"],
                 "outbox_lost": ob["lost"],
+                "ledger_lost": int((snapshot.get("ledger") or {}).get("lost") or 0),
+                "dataset_index_lost": int((((snapshot.get("sinks") or {}).get("dataset") or {}).get("index") or {})
+                                          .get("lost") or 0),
             },
             "outbox": {
                 "depth": ob["depth"],
@@ -838,6 +899,8 @@ class MqttSink(Sink):
     def interrupt(self) -> None:
         """Release a write waiting for room in a full outbox (stop_capture); it raises SinkRefused."""
         self._interrupted = True
+        if self._stop_deadline is None:
+            self._stop_deadline = time.monotonic() + STOP_DRAIN_S
 
     def _store(self, msgs: list[Message], *, sync: bool) -> None:
         """Hand messages to the outbox; drops are counted and logged by the outbox itself.
@@ -887,6 +950,7 @@ class MqttSink(Sink):
         while not self._stop_drainer.is_set():
             self._wake.wait(tick)
             self._wake.clear()
+            self._beat = time.monotonic()
             try:
                 self._outbox.commit_due()
                 self._process_acks()
@@ -993,7 +1057,7 @@ class MqttSink(Sink):
             self._last_publish_at = time.time()
         return info.mid, info.rc
 
-    def _process_acks(self, force: bool = False) -> None:
+    def _process_acks(self, force: bool = False, wait: float | None = None) -> None:
         """Move acknowledgements from the callback queue into counters and delete the acknowledged rows.
 
         The in-flight window is freed at once; the rows are deleted in batches
@@ -1011,6 +1075,7 @@ class MqttSink(Sink):
                     mid, failed, reason, acked_at, code = self._acks.get_nowait()
                 except queue.Empty:
                     break
+                self._progress_at = time.monotonic()  # acknowledged, handed over (QoS 0) or set aside: the line moves
                 if mid < 0:  # a row paho refused outright or a QoS 0 row handed over (see _publish_row_locked)
                     if failed:
                         dead.append((-mid, reason, code))
@@ -1046,8 +1111,10 @@ class MqttSink(Sink):
                 self._to_delete_since = now
             if done and (force or len(done) >= ACK_BATCH or now - self._to_delete_since >= ACK_DELAY):
                 batch, self._to_delete, self._to_delete_since = done, [], 0.0
-        if batch:
-            self._outbox.ack(batch)
+        if batch and self._outbox.ack(batch, wait=wait) is None:
+            with self._lock:  # the outbox is busy (a writer stuck on the disk): delete them on a later turn
+                self._to_delete[:0] = batch
+                self._to_delete_since = self._to_delete_since or time.monotonic()
         for seq, reason, code in dead:
             self._set_aside(seq, reason, code)
         if rejected:
@@ -1137,18 +1204,27 @@ class MqttSink(Sink):
     def _wait_drained(self, timeout: float, outbox: bool = True) -> bool:
         """Wait until the outbox (if ``outbox``) is empty and direct messages are acknowledged.
 
-        Gives up at ``timeout`` or as soon as the link is down.
+        Gives up at ``timeout`` or as soon as the link is down; while stopping also at the stop's deadline
+        (STOP_DRAIN_S after it) and when nothing moved for DRAIN_STALL_S.
         """
         deadline = time.monotonic() + timeout
+        last: tuple[int, int] | None = None
+        moved_at = time.monotonic()
         while True:
             self._process_acks(force=True)
             with self._lock:
                 connected = self._connected
                 direct = len(self._direct)
-            if (not outbox or self._outbox.depth == 0) and not direct:
+            depth = self._outbox.depth if outbox else 0
+            if not depth and not direct:
                 return True
-            if not connected or time.monotonic() >= deadline:
+            now = time.monotonic()
+            if (depth, direct) != last:
+                last, moved_at = (depth, direct), now
+            if not connected or now >= deadline:
                 return False
+            if self._stop_deadline is not None and (now >= self._stop_deadline or now - moved_at >= DRAIN_STALL_S):
+                return False  # stopping: the broker is silent, the outbox cannot be written, or time is up
             self._wake.set()
             time.sleep(0.02)
 
@@ -1229,6 +1305,7 @@ class MqttSink(Sink):
             self._refused = False
             self._generation += 1
             self._connected_at = time.monotonic()
+            self._progress_at = self._connected_at  # the stall clock starts with the connection
             limit = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
             new_limit = isinstance(limit, int) and limit != self._broker_max_packet
             self._broker_max_packet = limit if isinstance(limit, int) else None
@@ -1320,3 +1397,16 @@ class MqttSink(Sink):
         # runs under paho's message mutex: must not take self._lock (see module doc)
         self._acks.put((mid, bool(reason_code.is_failure), str(reason_code), time.time(), int(reason_code.value)))
         self._wake.set()
+
+
+def _write_probe(folder: Path) -> OSError | None:
+    """The OS's own error for a file created in ``folder`` (SQLite only says "unable to open database file")."""
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+    except OSError as exc:
+        return exc
+    os.close(fd)
+    os.unlink(probe)
+    return None

@@ -45,7 +45,7 @@ Design decisions:
 * **Corruption costs what is corrupt.**  A file SQLite cannot open, or one
   whose rows stop reading ("database disk image is malformed"), is moved
   aside and its readable rows are copied row by row into a new file
-  (:func:`_salvage`); what could not be read is counted in ``lost`` and
+  (:mod:`edge.salvage`, shared with the job ledger and the dataset index); what could not be read is counted in ``lost`` and
   logged as an ERROR (an alarm, see ``edge/health.py``).
 * ``path=None`` keeps the table in memory: same behaviour, nothing durable.
 * **Checkpoints off the write path.**  SQLite normally copies the WAL back
@@ -70,12 +70,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgelabel.edge.salvage import copy_table, estimate_rows, is_corrupt, move_aside, open_read_only
+
 log = logging.getLogger(__name__)
 
 POLICIES = ("drop_oldest", "stop_capture")
 SCHEMA_VERSION = 1
 #: seconds between log lines about drops while they keep happening (the first is logged at once)
 DROP_LOG_INTERVAL = 30.0
+#: seconds stats() waits for the lock before it answers with the last snapshot (and busy_s)
+STATS_WAIT = 0.5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -103,8 +107,6 @@ CREATE TABLE IF NOT EXISTS dead_letter (
 );
 """
 _COLUMNS = "source, topic, payload, qos, retain, msg_id, created_at"
-#: at most this many row ids are probed one by one inside a corrupt region of the table (see _salvage)
-SALVAGE_PROBE_MAX = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,8 @@ class Outbox:
         self.last_loss_at: float | None = None
         self.dead_lettered = 0  # rows moved to the dead-letter table by this process
         self._head: tuple[int, float] | None = None  # (lowest seq, monotonic time it became the head)
+        self._last_stats: dict[str, Any] = {}  # stats() answers this while the lock stays taken (busy_s)
+        self._busy_since: float | None = None
         self._unlogged: dict[str, int] = {}
         self._last_drop_log: dict[str, float] = {}
         self._db = self._open()
@@ -195,6 +199,7 @@ class Outbox:
                         self.where, self._dead, self.where)
         if self._count:
             log.info("outbox %s: %d message(s) from a previous run will be sent first", self.where, self._count)
+        self.stats()  # the first snapshot, so a busy answer has every key
 
     # ------------------------------------------------------------------ set-up
 
@@ -224,12 +229,7 @@ class Outbox:
         from the damaged file.  Returns the new connection.
         """
         assert self.path is not None
-        aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
-        self.path.rename(aside)
-        for suffix in ("-wal", "-shm"):
-            side = Path(str(self.path) + suffix)
-            if side.exists():
-                side.rename(Path(str(aside) + suffix))
+        aside = move_aside(self.path)
         db = self._connect(str(self.path))
         salvaged, lost, dead = _salvage(aside, db, expected)
         self.lost += lost
@@ -388,7 +388,7 @@ class Outbox:
             try:
                 rows = self._db.execute(query, (after_seq, limit)).fetchall()
             except sqlite3.DatabaseError as exc:
-                if not _is_corrupt(exc):
+                if not is_corrupt(exc):
                     raise
                 self._recover_locked(exc)
                 rows = self._db.execute(query, (after_seq, limit)).fetchall()
@@ -482,11 +482,19 @@ class Outbox:
             self._cond.notify_all()
             return n
 
-    def ack(self, seqs: Iterable[int]) -> int:
-        """Delete acknowledged rows in one transaction; returns how many were still there."""
+    def ack(self, seqs: Iterable[int], wait: float | None = None) -> int | None:
+        """Delete acknowledged rows in one transaction; returns how many were still there.
+
+        With ``wait``, gives up after that many seconds without the lock and returns None (nothing
+        deleted): a status request must not hang behind a writer stuck on the disk.
+        """
         keys = [(int(s),) for s in seqs]
         if not keys:
             return 0
+        if wait is not None:
+            if not self._cond.acquire(timeout=wait):
+                return None
+            self._cond.release()
         with self._cond:
             if self._closed:
                 return 0
@@ -502,7 +510,7 @@ class Outbox:
                         db.execute("ROLLBACK")
                     raise
             except sqlite3.DatabaseError as exc:
-                if not _is_corrupt(exc):
+                if not is_corrupt(exc):
                     raise
                 self._recover_locked(exc)
                 db = self._db
@@ -556,15 +564,20 @@ class Outbox:
 
     @property
     def depth(self) -> int:
-        """Messages stored and not yet acknowledged (committed rows plus the in-memory batch)."""
-        with self._cond:
-            return self._count + len(self._buffer)
+        """Messages stored and not yet acknowledged (committed rows plus the in-memory batch).
+
+        Read without the lock: a status page must answer while a writer is stuck inside a SQLite call
+        (a hung disk), and two integer reads are at worst one batch out of step.
+        """
+        return self._count + len(self._buffer)
 
     @property
     def dropped(self) -> int:
-        """Every message this outbox lost: evicted + expired + refused (on purpose) + lost (corrupt file)."""
-        with self._cond:
-            return self.evicted + self.expired + self.refused + self.lost
+        """Every message this outbox lost: evicted + expired + refused (on purpose) + lost (corrupt file).
+
+        Lock-free for the same reason as ``depth``.
+        """
+        return self.evicted + self.expired + self.refused + self.lost
 
     def oldest_age(self) -> float | None:
         """Seconds since the oldest stored row was written (None when empty)."""
@@ -574,12 +587,23 @@ class Outbox:
             row = self._db.execute("SELECT created_at FROM outbox ORDER BY seq LIMIT 1").fetchone()
         return None if row is None else max(0.0, self._clock() - float(row[0]))
 
-    def stats(self) -> dict[str, Any]:
-        """A JSON-able snapshot for status pages and the stats topic."""
+    def stats(self, wait: float = STATS_WAIT) -> dict[str, Any]:
+        """A JSON-able snapshot for status pages and the stats topic.
+
+        Waits at most ``wait`` seconds for the lock: when another thread holds it that long (a commit
+        hung on the disk), the last snapshot comes back with ``busy_s``, how long the lock has not been
+        free for us, so /healthz and the stats topic keep answering and show the hang.
+        """
+        if not self._cond.acquire(timeout=wait):
+            if self._busy_since is None:
+                self._busy_since = time.monotonic()
+            return {**self._last_stats, "depth": self.depth, "busy_s": round(time.monotonic() - self._busy_since, 1)}
+        self._cond.release()
+        self._busy_since = None
         age = self.oldest_age()
         head_wait = self.head_wait()
         with self._cond:
-            return {
+            self._last_stats = {
                 "path": self.where,
                 "durable": self.durable,
                 "policy": self.policy,
@@ -598,7 +622,9 @@ class Outbox:
                 "dead_letter": self._dead,
                 "dead_lettered": self.dead_lettered,
                 "head_wait_s": None if head_wait is None else round(head_wait, 1),
+                "busy_s": None,
             }
+            return dict(self._last_stats)
 
     def _note_drop_locked(self, kind: str, n: int) -> None:
         """Log drops: the first of each kind at once, then a summary at most every DROP_LOG_INTERVAL."""
@@ -641,101 +667,32 @@ class Outbox:
             self._db.close()
 
 
-def _is_corrupt(exc: BaseException) -> bool:
-    """SQLITE_CORRUPT / SQLITE_NOTADB (the file's fault), not a lock, I/O or full-disk error (OperationalError)."""
-    return isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError)
-
-
 def _salvage(src: Path, dst: sqlite3.Connection, expected: int | None) -> tuple[int, int, int]:
-    """Copy every readable row of a damaged outbox file into ``dst``, row by row, keeping each ``seq``.
+    """Copy every readable row of a damaged outbox file into ``dst`` (:func:`edge.salvage.copy_table`).
 
-    A corrupt page breaks a table scan where it lies, so the table is scanned from both ends and the
-    row ids in between are read one by one (a lookup only fails when it lands on the bad page).  Returns
-    (rows kept, rows lost, dead letters kept).  ``expected`` is the rows the file held when known; without
-    it the loss is estimated from the ids that failed to read, or from the file's leaf pages when SQLite
-    cannot read it at all.
+    Returns (rows kept, rows lost, dead letters kept).  ``expected`` is the rows the file held when known;
+    without it the loss is the ids that failed to read, or the file's leaf pages when SQLite cannot read it.
     """
+    old = open_read_only(src)
+    if old is None:
+        return 0, expected if expected is not None else estimate_rows(src), 0
     try:
-        old = sqlite3.connect(f"file:{src}?mode=ro", uri=True, isolation_level=None)
-    except sqlite3.Error:
-        return 0, expected if expected is not None else _estimate_rows(src), 0
-    seqs: set[int] = set()
-    lo_end, hi_end = 0, None
-    failed = 0
-    try:
-        for order in ("ASC", "DESC"):
-            try:
-                for (seq,) in old.execute(f"SELECT seq FROM outbox ORDER BY seq {order}"):
-                    seqs.add(seq)
-                    if order == "ASC":
-                        lo_end = seq
-                    else:
-                        hi_end = seq
-            except sqlite3.DatabaseError:
-                failed += 1  # the scan stopped at a bad page
-        if failed:
-            top = hi_end
-            if top is None:
-                try:
-                    top = old.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()[0]
-                except (sqlite3.DatabaseError, TypeError):
-                    top = lo_end
-            seqs.update(range(max(lo_end + 1, int(top) - SALVAGE_PROBE_MAX), int(top)))
-        kept = unreadable = 0
-        rows = []
-        for seq in sorted(seqs):
-            try:
-                row = old.execute(f"SELECT seq, {_COLUMNS} FROM outbox WHERE seq = ?", (seq,)).fetchone()
-            except sqlite3.DatabaseError:
-                unreadable += 1
-                continue
-            if row is not None:
-                rows.append(row)
-        dead_rows = []
         try:
-            dead_rows = old.execute(f"SELECT seq, {_COLUMNS}, reason, failed_at FROM dead_letter").fetchall()
-        except sqlite3.DatabaseError:
-            pass  # an old file without the table, or its page is bad: set-aside rows are already counted
+            row = old.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+            top = None if row is None else int(row[0]) + 1
+        except (sqlite3.DatabaseError, TypeError, ValueError):
+            top = None
+        rows = copy_table(old, dst, "outbox", top_hint=top)
+        dead = copy_table(old, dst, "dead_letter")  # an old file without it, or a bad page: already counted
     finally:
         old.close()
-    dst.execute("BEGIN IMMEDIATE")
-    dst.executemany(f"INSERT OR IGNORE INTO outbox (seq, {_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-    dst.executemany(f"INSERT OR IGNORE INTO dead_letter (seq, {_COLUMNS}, reason, failed_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", dead_rows)
-    dst.execute("COMMIT")
-    kept = len(rows)
     if expected is not None:
-        lost = max(0, expected - kept)
-    elif unreadable or seqs or failed == 0:
-        lost = unreadable
+        lost = max(0, expected - rows.kept)
+    elif rows.unreadable or rows.kept or not rows.damaged:
+        lost = rows.unreadable
     else:
-        lost = _estimate_rows(src)
-    return kept, lost, len(dead_rows)
-
-
-def _estimate_rows(path: Path) -> int:
-    """Rows in a file SQLite cannot open: the cell counts of its table leaf pages (page 1, the schema, left out).
-
-    An estimate (freed pages may still look like leaves; a file cut short is extrapolated to the page count
-    its header declares), used only to say roughly how much was lost.
-    """
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(100)
-            size = int.from_bytes(head[16:18], "big") if len(head) >= 18 else 0
-            page = 65536 if size == 1 else size if size >= 512 and size & (size - 1) == 0 else 4096
-            declared = int.from_bytes(head[28:32], "big") if head[:16] == b"SQLite format 3\x00" else 0
-            fh.seek(page)
-            rows, pages = 0, 1
-            while chunk := fh.read(page):
-                pages += 1
-                if len(chunk) >= 5 and chunk[0] == 0x0D:
-                    rows += int.from_bytes(chunk[3:5], "big")
-    except OSError:
-        return 0
-    if declared > pages:  # cut off: the header still says how many pages there were
-        rows = round(rows * (declared - 1) / max(1, pages - 1))
-    return rows
+        lost = estimate_rows(src)
+    return rows.kept, lost, dead.kept
 
 
 def main(argv: Sequence[str] | None = None) -> int:

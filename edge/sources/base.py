@@ -57,6 +57,9 @@ class Source(abc.ABC):
         self.skip: Callable[[str], bool] = _never_done
         #: called with (path, reason) for every input that cannot be decoded
         self.on_reject: Callable[[str, str], None] = _ignore_reject
+        #: called with a file's path: True when a previous run gave it up (a decode over the budget) and it was not
+        #: written since; a storage source then does not decode it again
+        self.given_up: Callable[[str], bool] = _never_done
         #: called with a file's plain key: the content (``size:mtime_ns:sha256``) that was labeled under it, if any
         self.identity_of: Callable[[str], str | None] = _no_identity
         #: called with (plain key, content) to record the content of a file done before identities were kept
@@ -68,6 +71,9 @@ class Source(abc.ABC):
         self.active_since = 0.0
         #: the file being read, for messages (None: not known)
         self.current_input: str | None = None
+        #: real paths of the daemon's own folders and secret files, which a storage source never reads
+        #: (set by the pipeline: ``edge.sources.pathguard.protected_paths``)
+        self.protected: tuple[str, ...] = ()
 
     @property
     def idle(self) -> bool:

@@ -15,7 +15,15 @@ File policy (so a drop folder full of odd files never stops the daemon):
   reason)`` and the next file is read; one bad file never raises.
 * Order: natural sort of the path relative to the folder (``img2`` before
   ``img10``), so a restart walks the same order and ``frame.index`` is the
-  position in that listing.  Symlinked folders are not followed (no loops).
+  position in that listing.
+* Symlinks (``edge.sources.pathguard``): one that leads out of the folder, to
+  a file or a folder, is refused (a warning and a row in ``rejected.csv``,
+  once per path) unless the source sets ``follow_symlinks: true``; a symlinked
+  folder inside the folder is not walked twice, and with ``follow_symlinks``
+  folder loops are cut.  Anything that resolves into the daemon's state or
+  dataset folder or to one of its secret files is refused whatever the
+  setting.  The read checks the opened file again (a symlink swapped in after
+  the listing is refused, never read).
 * The frame key is the absolute path (without resolving symlinks, so it does
   not change when a mount point moves); ``skip(key)`` is asked before the file
   is even read, which makes resuming a half-done folder cheap.
@@ -69,6 +77,7 @@ from edgelabel.edge.sources.imageio import (
     file_content,
     read_image_bytes,
 )
+from edgelabel.edge.sources.pathguard import PathGuard
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +123,11 @@ class FolderSource(Source):
         self._pos = 0
         self._total: int | None = None
         self._announced = False
+        #: what may be read (built at open, when ``protected`` is set)
+        self.guard: PathGuard | None = None
+        #: path -> why it is refused, not yet reported / already reported (once per path and reason)
+        self._refusals: dict[str, str] = {}
+        self._refused: dict[str, str] = {}
 
     def describe(self) -> str:
         return f"FolderSource({self.root}{', watch' if self.cfg.watch else ''})"
@@ -128,6 +142,10 @@ class FolderSource(Source):
             raise SourceError(f"folder {self.root}: permission denied (the daemon's user cannot list it)") from None
         except OSError as exc:
             raise SourceError(f"folder {self.root}: cannot list it ({exc.strerror or exc})") from None
+        self.guard = PathGuard(self.root, self.cfg.follow_symlinks, self.protected)
+        inside = self.guard.protected_reason(os.path.realpath(self.root))
+        if inside is not None:
+            raise SourceError(f"folder {self.root} {inside}; point the source at another folder")
         self._closed.clear()
         self._files = self._scan()
         self._seen = set(self._files)
@@ -154,11 +172,44 @@ class FolderSource(Source):
             self._walk_errors.add(where)
             logger.warning("%s: cannot list %s (%s); its files are skipped", self.name, where, exc.strerror or exc)
 
+    def _refuse(self, path: str, why: str) -> None:
+        """A file or folder the guard refuses: reported (``on_reject``) by the next ``read``, once per reason."""
+        if self._refused.get(path) != why:
+            self._refusals[path] = why
+
+    def _report_refusals(self) -> None:
+        while self._refusals:
+            path, why = self._refusals.popitem()
+            self._refused[path] = why
+            self.on_reject(text_path(path), why)
+
     def _scan(self) -> list[str]:
         """Absolute paths of the candidate image files, in natural order of their relative path."""
+        guard = self.guard or PathGuard(self.root, self.cfg.follow_symlinks, self.protected)
+        follow = self.cfg.follow_symlinks
+        walked: set[str] = set()  # real paths of the folders walked (follow_symlinks: loops end here)
         found: list[tuple[tuple[tuple[tuple[object, ...], ...], str], str]] = []
-        for dirpath, dirnames, filenames in os.walk(self.root, onerror=self._walk_error):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for dirpath, dirnames, filenames in os.walk(self.root, onerror=self._walk_error, followlinks=follow):
+            if follow:
+                real = os.path.realpath(dirpath)
+                if real in walked:
+                    dirnames[:] = []
+                    continue
+                walked.add(real)
+            keep = []
+            for d in dirnames:
+                if d.startswith("."):
+                    continue
+                full = os.path.join(dirpath, d)
+                link = os.path.islink(full)
+                why = guard.refusal(full, is_dir=True)  # also a real folder: the state folder may lie inside
+                if why is not None:
+                    self._refuse(full, why)
+                    continue
+                if link and not follow:
+                    continue  # leads back inside the folder: its files are listed where they really are
+                keep.append(d)
+            dirnames[:] = keep
             for fn in filenames:
                 full = os.path.join(dirpath, fn)
                 if fn.startswith(".") or os.path.splitext(fn)[1].lower() not in IMAGE_EXTENSIONS:
@@ -166,6 +217,14 @@ class FolderSource(Source):
                         self._ignored.add(full)
                         logger.debug("%s: ignoring %s (hidden or not an image extension)", self.name, full)
                     continue
+                # (a path listed before is not looked at again here: each poll would lstat every file; the
+                # read checks what it opens anyway)
+                if full not in self._seen and os.path.islink(full):
+                    why = guard.refusal(full)
+                    if why is not None and os.path.exists(full):  # a broken one is rejected by the read
+                        self._refuse(full, why)
+                        continue
+                self._refused.pop(full, None)  # a refused path that is fine now may be refused again later
                 found.append((natural_key(os.path.relpath(full, self.root)), full))
         found.sort()
         return [full for _, full in found]
@@ -242,6 +301,7 @@ class FolderSource(Source):
 
     def read(self) -> Frame | None:
         while True:
+            self._report_refusals()
             while self._pos < len(self._files):
                 index = self._pos
                 path = self._files[index]
@@ -254,7 +314,7 @@ class FolderSource(Source):
                     if key in self._emitted_keys or self.skip(key):  # a touched file: the same picture
                         continue
                     if data is None or st is None:
-                        data, st = read_image_bytes(path)
+                        data, st = read_image_bytes(path, self.guard)
                     image, fmt = decode_image_bytes(data)
                 except ImageRejected as exc:
                     logger.debug("%s: rejected %s: %s", self.name, path_key, exc.reason)

@@ -24,6 +24,7 @@ from edgelabel.edge.sources.imageio import (
     file_content,
     read_image_bytes,
 )
+from edgelabel.edge.sources.pathguard import PathGuard
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class ImageSource(Source):
         super().__init__(name, cfg, target)
         self.path = os.path.abspath(os.path.expanduser(target))
         self._done = False
+        self.guard: PathGuard | None = None
 
     def describe(self) -> str:
         return f"ImageSource({self.path})"
@@ -45,6 +47,11 @@ class ImageSource(Source):
     def open(self) -> None:
         if not os.path.lexists(self.path):
             raise SourceError(f"image {self.path} not found")
+        # the configured file may be a symlink anywhere, but never into the daemon's own files
+        self.guard = PathGuard(os.path.dirname(self.path), follow_symlinks=True, protected=self.protected)
+        why = self.guard.protected_reason(os.path.realpath(self.path))
+        if why is not None:
+            raise SourceError(f"image {self.path} {why}")
         self._done = False
 
     def total(self) -> int | None:
@@ -60,7 +67,7 @@ class ImageSource(Source):
             if self.skip(key):
                 return None
             if data is None or st is None:
-                data, st = read_image_bytes(self.path)
+                data, st = read_image_bytes(self.path, self.guard)
             image, fmt = decode_image_bytes(data)
         except ImageRejected as exc:
             logger.debug("%s: rejected %s: %s", self.name, self.path, exc.reason)

@@ -19,11 +19,14 @@ from __future__ import annotations
 import abc
 import hashlib
 import logging
+import multiprocessing
 import os
 import re
 import stat
+import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 # OpenCV reads this limit once, when the library is loaded: it only takes effect
 # if this module is the first to import cv2.  The header check below is the
@@ -38,6 +41,7 @@ import numpy as np  # noqa: E402
 from edgelabel.edge.config import SourceConfig  # noqa: E402
 from edgelabel.edge.frame import Frame  # noqa: E402
 from edgelabel.edge.sources.base import Source, SourceError  # noqa: E402
+from edgelabel.edge.sources.pathguard import PathGuard  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,18 @@ MAX_FILE_BYTES = 512 * 1024 * 1024
 #: buffer again, so a small file of thousands of nearly empty scans takes minutes to decode.  Encoders write
 #: far fewer (OpenCV/libjpeg's progressive script: 10 for colour; mozjpeg's searched scripts: a few dozen).
 MAX_JPEG_SCANS = 100
+#: wall-clock seconds one image file or one video frame may take to decode (``EDGELABEL_DECODE_BUDGET_S``).
+#: A file over it is rejected with that reason (``rejected.csv``) and not tried again on the next start
+#: (:func:`given_up`); a video stops at the frame that went over it.
+DECODE_BUDGET_S = float(os.environ.get("EDGELABEL_DECODE_BUDGET_S", "10"))
+#: an image whose estimated decode work (pixels x progressive scans) reaches this, or whose size its header
+#: does not say, is decoded in a child process that is killed at the budget: a decode in a thread cannot be
+#: stopped, and would go on taking a core and up to 300 MB after the source moved on.  Smaller ones (a
+#: 20 MP baseline or a 12 MP progressive JPEG of libjpeg's 10 scans: well under a second here) are decoded in
+#: the source's thread: a child costs a copy of the pixels each way.
+CHILD_DECODE_WORK = 200_000_000
+#: the first words of the reason of a decode over the budget (:func:`given_up`)
+OVER_BUDGET = "decoding took longer than the decode budget"
 
 
 class ImageRejected(Exception):
@@ -244,8 +260,21 @@ def check_complete(fmt: str, data: bytes) -> None:
 # --------------------------------------------------------------------------- decoding
 
 
-def _read_bytes(path: str) -> tuple[bytes, os.stat_result]:
-    """The whole file, opened non-blocking so a FIFO named like an image cannot hang us."""
+def _read_bytes(path: str, guard: PathGuard | None = None) -> tuple[bytes, os.stat_result]:
+    """The whole file, opened non-blocking so a FIFO named like an image cannot hang us.
+
+    With a ``guard`` (storage sources), where the path leads is checked before opening it, and what was
+    opened is checked again before a byte is read (``edge.sources.pathguard``)."""
+    if guard is not None:
+        why = guard.refusal(path)
+        if why is not None:
+            raise ImageRejected(why)
+        try:  # a device is not even opened (opening some has effects: a watchdog starts, a tape rewinds)
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = 0  # the open below says what is wrong
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            raise ImageRejected("not a regular file (device)")
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except PermissionError:
@@ -258,6 +287,9 @@ def _read_bytes(path: str) -> tuple[bytes, os.stat_result]:
         raise ImageRejected(f"cannot open ({exc.strerror or exc})") from None
     try:
         st = os.fstat(fd)
+        why = guard.check_fd(fd, path, st) if guard is not None else None
+        if why is not None:
+            raise ImageRejected(why)
         if not stat.S_ISREG(st.st_mode):
             kind = "FIFO" if stat.S_ISFIFO(st.st_mode) else "directory" if stat.S_ISDIR(st.st_mode) else "device"
             raise ImageRejected(f"not a regular file ({kind})")
@@ -282,8 +314,25 @@ def _read_bytes(path: str) -> tuple[bytes, os.stat_result]:
         os.close(fd)
 
 
-def decode_image_bytes(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[np.ndarray, str]:
-    """Decode by content (the extension is not trusted) into HxWx3 uint8 BGR, or raise ImageRejected."""
+def over_budget(what: str, budget: float) -> str:
+    """The rejection reason of a decode that went over ``budget`` seconds (starts with OVER_BUDGET)."""
+    return (f"{OVER_BUDGET} ({what} took over {budget:g} s, EDGELABEL_DECODE_BUDGET_S); not tried again "
+            "until the file changes: re-encode it (smaller, baseline JPEG) or raise the budget")
+
+
+def given_up(reason: str) -> bool:
+    """A rejection that is not tried again on the next start (the same bytes would take as long again)."""
+    return reason.startswith(OVER_BUDGET)
+
+
+def decode_image_bytes(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS,
+                       budget: float | None = None) -> tuple[np.ndarray, str]:
+    """Decode by content (the extension is not trusted) into HxWx3 uint8 BGR, or raise ImageRejected.
+
+    ``budget``: wall-clock seconds (default DECODE_BUDGET_S); an image that may need long is decoded in a
+    child process killed at the budget (CHILD_DECODE_WORK), and rejected with ``over_budget``'s reason.
+    """
+    budget = DECODE_BUDGET_S if budget is None else budget
     if not data:
         raise ImageRejected("zero-byte file")
     fmt = sniff_format(data)
@@ -297,6 +346,16 @@ def decode_image_bytes(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple
         if w * h > max_pixels:
             raise ImageRejected(f"declared size {w}x{h} exceeds limit ({max_pixels / 1e6:g} MP)")
     check_complete(fmt, data)
+    work = None if size is None else size[0] * size[1]
+    if fmt == "jpeg" and work is not None:
+        work *= max(1, jpeg_scan_count(data, _jpeg_header(data)[2]))
+    if work is None or work >= CHILD_DECODE_WORK:
+        return _CHILD.decode(data, fmt, budget)
+    return _decode_here(data, fmt)
+
+
+def _decode_here(data: bytes, fmt: str) -> tuple[np.ndarray, str]:
+    """cv2.imdecode with its failures as ImageRejected (the checks before it are done)."""
     try:
         image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     except cv2.error as exc:
@@ -309,9 +368,80 @@ def decode_image_bytes(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple
     return ensure_bgr(image), fmt
 
 
-def read_image_bytes(path: str) -> tuple[bytes, os.stat_result]:
-    """The file's bytes and its stat (of the open file), or ImageRejected (FIFO, unreadable, too large...)."""
-    return _read_bytes(path)
+def _child_main(conn: Any) -> None:
+    """The decode child's loop: (bytes, format) in, ("ok", pixels) or ("rejected", reason) out."""
+    conn.send(("ready", None))
+    while True:
+        try:
+            data, fmt = conn.recv()
+        except EOFError:
+            return
+        try:
+            conn.send(("ok", _decode_here(data, fmt)[0]))
+        except ImageRejected as exc:
+            conn.send(("rejected", exc.reason))
+
+
+class _DecodeChild:
+    """One child process (started on first use, kept) that decodes the costly images; killed at the budget.
+
+    One decode at a time (a lock): at most one costly decode's memory and one core, however many sources.
+    ``spawn``, not ``fork``: the daemon has threads (an inference runtime's among them) a fork would copy.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: Any = None
+        self._conn: Any = None
+
+    def _start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_child_main, args=(child,), name="edgelabel-decode", daemon=True)
+        proc.start()
+        child.close()
+        if not parent.poll(60.0):  # start-up (imports) is not the file's time: waited for apart
+            proc.kill()
+            raise ImageRejected("decode process did not start (see the log)")
+        parent.recv()
+        self._proc, self._conn = proc, parent
+
+    def _kill(self) -> None:
+        proc, conn, self._proc, self._conn = self._proc, self._conn, None, None
+        if conn is not None:
+            conn.close()
+        if proc is not None:
+            proc.kill()
+            proc.join(5.0)
+
+    def decode(self, data: bytes, fmt: str, budget: float) -> tuple[np.ndarray, str]:
+        with self._lock:
+            if self._proc is None or not self._proc.is_alive():
+                self._kill()
+                self._start()
+            started = time.monotonic()
+            try:
+                self._conn.send((data, fmt))
+                if not self._conn.poll(budget):
+                    self._kill()  # the only way to stop a decode; the next costly file starts a new child
+                    raise ImageRejected(over_budget(f"decoding this {fmt}", budget))
+                kind, value = self._conn.recv()
+            except (EOFError, OSError) as exc:  # the child died (killed for memory, a decoder crash)
+                self._kill()
+                raise ImageRejected(f"{CORRUPT} ({fmt}: the decoder process ended: {exc or 'killed'})") from None
+        logger.debug("decoded a costly %s in a child process in %.2f s", fmt, time.monotonic() - started)
+        if kind == "rejected":
+            raise ImageRejected(value)
+        return ensure_bgr(value), fmt
+
+
+_CHILD = _DecodeChild()
+
+
+def read_image_bytes(path: str, guard: PathGuard | None = None) -> tuple[bytes, os.stat_result]:
+    """The file's bytes and its stat (of the open file), or ImageRejected (FIFO, unreadable, too large, a
+    symlink the ``guard`` refuses...)."""
+    return _read_bytes(path, guard)
 
 
 def file_content(data: bytes, st: os.stat_result) -> str:
@@ -341,7 +471,7 @@ def content_key(src: Source, path: str, path_key: str,
         return path_key, None, None
     if known.startswith(f"{st.st_size}:{st.st_mtime_ns}:"):
         return path_key, None, None
-    data, st = read_image_bytes(path)
+    data, st = read_image_bytes(path, getattr(src, "guard", None))
     sha = hashlib.sha256(data).hexdigest()
     return (path_key if sha == known.rsplit(":", 1)[-1] else f"{path_key}#{sha[:16]}"), data, st
 

@@ -308,6 +308,8 @@ class SourceRunner:
         new.skip = old.skip
         new.identity_of = old.identity_of
         new.adopt_identity = old.adopt_identity
+        new.given_up = old.given_up
+        new.protected = old.protected
         self._prepare(new)
         return new
 

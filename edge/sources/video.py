@@ -52,8 +52,10 @@ import cv2
 
 from edgelabel.edge.config import SourceConfig
 from edgelabel.edge.frame import Frame
+from edgelabel.edge.sources import imageio
 from edgelabel.edge.sources.base import Source, SourceError
-from edgelabel.edge.sources.imageio import MAX_IMAGE_PIXELS, ensure_bgr
+from edgelabel.edge.sources.imageio import MAX_IMAGE_PIXELS, ensure_bgr, over_budget
+from edgelabel.edge.sources.pathguard import PathGuard
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +95,7 @@ class VideoSource(Source):
         #: why the file is not decoded at all (declared frame size over the pixel limit), reported on first read
         self._refused: str | None = None
         self._reported_refused = False
+        self._announced_given_up = False  # the pipeline opens a file twice (count, then read): say it once
 
     def describe(self) -> str:
         return f"VideoSource({self.path}{', loop' if self.cfg.loop else ''})"
@@ -112,12 +115,22 @@ class VideoSource(Source):
             raise SourceError(f"video {self.path} not found")
         if not os.access(self.path, os.R_OK):
             raise SourceError(f"video {self.path}: permission denied")
+        why = PathGuard(os.path.dirname(self.path), True, self.protected).protected_reason(os.path.realpath(self.path))
+        if why is not None:  # the configured file may be a symlink anywhere, but never into the daemon's own files
+            raise SourceError(f"video {self.path} {why}")
         self.close()
         self._open_sig = self._file_sig()
         self._followed = 0
         self._ahead = None
         self._cap = self._open_capture()
         self._refused = self._check_size(self._cap)
+        if self._refused is None and not self.cfg.loop and self.given_up(self.path):
+            # a previous run gave this file up (a frame over the decode budget): listed, not decoded again
+            self._refused, self._reported_refused = "given up before", True
+            (logger.debug if self._announced_given_up else logger.warning)(
+                "%s: %s: not read; a frame of it went over the decode budget before (rejected.csv); it is tried "
+                "again once the file changes, or with --fresh", self.name, self.path)
+            self._announced_given_up = True
         count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         self._frame_count = count if count > 0 else None
         fps = float(self._cap.get(cv2.CAP_PROP_FPS) or 0.0)
@@ -242,10 +255,21 @@ class VideoSource(Source):
         """One read or grab with the retry rule for failures before the declared end."""
         assert self._cap is not None
         for attempt in range(READ_RETRIES + 1):
+            started = time.monotonic()
             if want_pixels:
                 ok, image = self._cap.read()
             else:
                 ok, image = self._cap.grab(), None
+            took = time.monotonic() - started
+            if took > imageio.DECODE_BUDGET_S and not self.cfg.loop and self._refused is None:
+                # a read in progress cannot be stopped; one over the budget ends this file (the frames after it
+                # would take as long), and the file is not read again on the next start
+                self._refused = over_budget(f"reading and decoding frame {self._pos} of the video", imageio.DECODE_BUDGET_S)
+                logger.warning("%s: %s: frame %d took %.1f s to decode: %s", self.name, self.path, self._pos, took,
+                               self._refused)
+                self._reported_refused = True
+                self.on_reject(self.path, self._refused)
+                return False, None
             if ok:
                 return True, image
             if self._frame_count is None or self._pos >= self._frame_count:

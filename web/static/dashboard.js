@@ -156,6 +156,21 @@
     $("#no-sources").hidden = names.length > 0;
   }
 
+  function renderAlarms(alarms) {
+    const box = $("#alarms");
+    const list = Array.isArray(alarms) ? alarms : [];
+    box.replaceChildren(...list.map((a) => {
+      const p = document.createElement("p");
+      p.className = `notice ${a.severity === "error" ? "bad" : "warn"}`;
+      p.dataset.alarm = a.id;
+      const id = document.createElement("b");
+      id.textContent = `${a.severity === "error" ? "Alarm" : "Warning"}: ${a.id.replace(/_/g, " ")}`;
+      p.append(id, document.createTextNode(` — ${a.message}`));
+      return p;
+    }));
+    box.hidden = list.length === 0;
+  }
+
   function render(s) {
     const now = s.time;
     const line = $("#statusline");
@@ -168,6 +183,7 @@
     $("#updated").classList.remove("error-text");
     renderDevice(s.device);
     renderEngine(s.engine);
+    renderAlarms(s.alarms);
     renderMqtt(s.mqtt, now);
     renderSources(s.sources, now);
   }
