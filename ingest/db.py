@@ -27,8 +27,9 @@ _MIGRATION_RE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 _LOCK_KEY = 0x65646765_6C61626C & 0x7FFFFFFFFFFFFFFF
 #: the same for creating partitions (two workers may meet a new month at once)
 _PARTITION_LOCK_KEY = _LOCK_KEY - 1
-#: tables partitioned by month of captured_at (001_init.sql)
-PARTITIONED = ("records", "detections")
+#: tables partitioned by month: records and detections by captured_at (001_init.sql), track_events and alarms
+#: by at, device_status by received_at (003_history_partitions.sql); every month a batch needs gets all five
+PARTITIONED = ("records", "detections", "track_events", "alarms", "device_status")
 
 
 def month_of(value: str | None) -> tuple[int, int] | None:
@@ -104,7 +105,7 @@ def migrate(conn: psycopg.Connection) -> int:
     return current
 
 
-_PARTITION_RE = re.compile(r"^(records|detections)_(\d{4})_(\d{2})$")
+_PARTITION_RE = re.compile(r"^(records|detections|track_events|alarms|device_status)_(\d{4})_(\d{2})$")
 
 
 def drop_old_partitions(conn: psycopg.Connection, keep_months: int, now: datetime | None = None) -> list[str]:
@@ -121,7 +122,7 @@ def drop_old_partitions(conn: psycopg.Connection, keep_months: int, now: datetim
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PARTITION_LOCK_KEY,))
         rows = conn.execute("SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-                            "WHERE i.inhparent IN ('records'::regclass, 'detections'::regclass)").fetchall()
+                            "WHERE i.inhparent = ANY(%s::regclass[])", (list(PARTITIONED),)).fetchall()
         for (name,) in rows:
             m = _PARTITION_RE.match(name)
             if m and int(m.group(2)) * 12 + int(m.group(3)) - 1 < first_kept:
@@ -155,6 +156,14 @@ class BatchResult:
 
 def _ts(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
+
+
+def _required_ts(data: dict[str, Any], key: str) -> str:
+    """A time the row is partitioned by: a message without it cannot be placed in a month and is rejected."""
+    value = _ts(data.get(key))
+    if value is None or month_of(value) is None:
+        raise ValueError(f"{key}: {data.get(key)!r} is not an ISO 8601 time (the message's schema requires it)")
+    return value
 
 
 def _epoch_iso(value: Any) -> str | None:
@@ -205,6 +214,10 @@ class Writer:
             seen.add(key)
             rows["status" if kind in ("status", "source_status") else kind].append(row)
         months = {m for m in (month_of(r["captured_at"]) for r in rows["labels"]) if m}
+        months |= {m for m in (month_of(r["at"]) for r in rows["events"] + rows["alarm"]) if m}
+        if rows["status"]:  # received_at is the transaction's now(): this month, and the next near its end
+            now = time.time()
+            months |= {month_of(datetime.fromtimestamp(t, timezone.utc).isoformat()) for t in (now, now + 120)}
         if months:
             ensure_partitions(self.conn, months, self.partitions)
         with self.conn.transaction():
@@ -276,7 +289,7 @@ class Writer:
         if kind == "events":
             return {"id": str(data["id"]), "type": str(data["type"]), "device": str(data.get("device_id") or device),
                     "source": data.get("source"), "record_id": data.get("record_id"),
-                    "track_uid": data.get("track_uid"), "label": data.get("label"), "at": _ts(data.get("at")),
+                    "track_uid": data.get("track_uid"), "label": data.get("label"), "at": _required_ts(data, "at"),
                     "event": data}
         if kind == "review":
             return {"id": str(data["id"]), "record_id": str(data["record_id"]),
@@ -285,7 +298,7 @@ class Writer:
                     "by_name": data.get("by"), "at": _ts(data.get("at")), "detections": data["detections"],
                     "review": data}
         if kind == "alarm":
-            return {"device": str(data.get("device_id") or device), "at": _ts(data["at"]),
+            return {"device": str(data.get("device_id") or device), "at": _required_ts(data, "at"),
                     "active": bool(data.get("active")), "alarms": data.get("alarms") or []}
         raise ValueError(f"unknown kind {kind}")
 
@@ -373,7 +386,7 @@ INSERT INTO track_events (id, type, device, source, record_id, track_uid, label,
 SELECT x.id, x.type, x.device, x.source, x.record_id, x.track_uid, x.label, x.at, x.event
 FROM jsonb_to_recordset(%s::jsonb) AS x(id uuid, type text, device text, source text, record_id uuid,
      track_uid text, label text, at timestamptz, event jsonb)
-ON CONFLICT (id) DO NOTHING
+ON CONFLICT (id, at) DO NOTHING
 """
 
 _REVIEWS_SQL = """
