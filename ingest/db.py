@@ -57,10 +57,13 @@ def ensure_partitions(conn: psycopg.Connection, months: set[tuple[int, int]], kn
         return
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PARTITION_LOCK_KEY,))
+        # TimescaleDB hypertables (003_history_partitions.sql) make their chunks themselves
+        tables = [r[0] for r in conn.execute("SELECT relname FROM pg_class WHERE relkind = 'p' AND relname = ANY(%s) "
+                                             "AND relnamespace = 'public'::regnamespace", (list(PARTITIONED),))]
         for year, month in todo:
             start = f"{year:04d}-{month:02d}-01 00:00:00+00"
             end = f"{year + month // 12:04d}-{month % 12 + 1:02d}-01 00:00:00+00"
-            for table in PARTITIONED:
+            for table in tables:
                 conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})")
                              .format(sql.Identifier(f"{table}_{year:04d}_{month:02d}"), sql.Identifier(table),
                                      sql.Literal(start), sql.Literal(end)))
@@ -128,10 +131,31 @@ def drop_old_partitions(conn: psycopg.Connection, keep_months: int, now: datetim
             if m and int(m.group(2)) * 12 + int(m.group(3)) - 1 < first_kept:
                 conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
                 dropped.append(name)
+        cutoff = f"{first_kept // 12:04d}-{first_kept % 12 + 1:02d}-01 00:00:00+00"
         if dropped:
-            cutoff = f"{first_kept // 12:04d}-{first_kept % 12 + 1:02d}-01 00:00:00+00"
             conn.execute("DELETE FROM record_keys WHERE captured_at < %s::timestamptz", (cutoff,))
+        dropped += _drop_old_chunks(conn, cutoff)
     return sorted(dropped)
+
+
+# --- TimescaleDB (only where the extension is installed; kept apart, see 003_history_partitions.sql) -----------
+
+
+def timescale(conn: psycopg.Connection) -> list[str]:
+    """The history tables that are TimescaleDB hypertables ([] on a server without the extension)."""
+    if not conn.execute("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')").fetchone()[0]:
+        return []
+    return [r[0] for r in conn.execute("SELECT hypertable_name::text FROM timescaledb_information.hypertables "
+                                       "WHERE hypertable_name::text = ANY(%s) ORDER BY 1", (list(PARTITIONED),))]
+
+
+def _drop_old_chunks(conn: psycopg.Connection, cutoff: str) -> list[str]:
+    """Retention for hypertables: ``drop_chunks`` older than the first month kept; returns the chunks dropped."""
+    dropped: list[str] = []
+    for table in timescale(conn):
+        rows = conn.execute("SELECT drop_chunks(%s::regclass, older_than => %s::timestamptz)", (table, cutoff))
+        dropped += [str(r[0]) for r in rows]
+    return dropped
 
 
 @dataclass

@@ -624,6 +624,28 @@ def test_history_tables_move_into_monthly_partitions_in_place_and_retention_drop
         assert {str(r[0]) for r in conn.execute("SELECT id FROM track_events")} == {evs[1]["id"]}
 
 
+def test_timescaledb_hypertables_when_the_extension_is_installed(pg_dsn):
+    """The TimescaleDB path of migration 003: the history tables become hypertables, retention drops chunks."""
+    from datetime import datetime, timezone
+
+    from edgelabel.ingest.db import Message, Writer, drop_old_partitions, migrate, timescale
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        available = conn.execute("SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'").fetchone()[0]
+        if not available:
+            migrate(conn)  # the other path: CREATE EXTENSION fails, plain partitions, nothing reports hypertables
+            assert timescale(conn) == []
+            pytest.skip("TimescaleDB extension not installed on this PostgreSQL server (declarative partitions used)")
+        migrate(conn)
+        assert timescale(conn) == ["alarms", "device_status", "track_events"]
+        recs = [label("cam-1", "gate", i, t0=t) for i, t in enumerate((1_792_000_000.0, 1_796_090_000.0))]
+        evs = [track_event(r) for r in recs]
+        Writer(conn, "edgelabel").write([Message("edgelabel/cam-1/events", json.dumps(e).encode(), i + 1, 1)
+                                         for i, e in enumerate(evs)])
+        assert drop_old_partitions(conn, 1, now=datetime(2027, 1, 10, tzinfo=timezone.utc))
+        assert {str(r[0]) for r in conn.execute("SELECT id FROM track_events")} == {evs[1]["id"]}
+
+
 def test_the_real_daemon_on_shared_images_lands_in_the_database(tmp_path, broker, pg_dsn, service):
     """edgelabel run on a folder of real images -> Mosquitto -> ingest -> PostgreSQL, every record once."""
     images = sorted((ASSETS / "images").glob("*.jpg"))

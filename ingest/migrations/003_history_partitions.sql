@@ -19,46 +19,41 @@ ALTER TABLE device_status RENAME TO device_status_v2;
 -- expected: ingest stored at from the message, and event.v1 requires it)
 UPDATE track_events_v2 SET at = received_at WHERE at IS NULL;
 
--- the partition key is part of every unique key: an event is (id, at); a redelivered event carries the
--- same at, so ON CONFLICT (id, at) still stores it once
-CREATE TABLE track_events (
-    id          uuid NOT NULL,
-    type        text NOT NULL,
-    device      text NOT NULL,
-    source      text,
-    record_id   uuid,
-    track_uid   text,
-    label       text,
-    at          timestamptz NOT NULL,
-    event       jsonb NOT NULL,
-    received_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (id, at)
-) PARTITION BY RANGE (at);
-
-CREATE TABLE alarms (
-    device      text NOT NULL,
-    at          timestamptz NOT NULL,
-    active      boolean NOT NULL,
-    alarms      jsonb NOT NULL,
-    received_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (device, at)
-) PARTITION BY RANGE (at);
-
-CREATE TABLE device_status (
-    device      text NOT NULL,
-    source      text NOT NULL DEFAULT '',
-    status      text NOT NULL,
-    received_at timestamptz NOT NULL DEFAULT now()
-) PARTITION BY RANGE (received_at);
-
--- one partition per month that existing rows cover (the worker makes the later ones ahead of each batch)
+-- TimescaleDB when the server has it: the three tables become hypertables (one-month chunks, dropped by
+-- retention with drop_chunks).  Without it (CREATE EXTENSION fails: not installed, or not in
+-- shared_preload_libraries) they are PostgreSQL declarative partitions, one per month.  records and
+-- detections are declarative partitions since version 1 either way (a partitioned table cannot become a
+-- hypertable).  ingest.db.timescale() tells which; a NOTICE says which was chosen.
 DO $$
 DECLARE
+    ts boolean := false;
     t record;
     m timestamptz;
+    cols text;
 BEGIN
-    FOR t IN SELECT * FROM (VALUES ('track_events', 'at'), ('alarms', 'at'), ('device_status', 'received_at'))
-             AS x(name, col) LOOP
+    BEGIN
+        CREATE EXTENSION IF NOT EXISTS timescaledb;
+        ts := true;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE NOTICE 'TimescaleDB not available (%): declarative partitions by month', SQLERRM;
+    END;
+    FOR t IN SELECT * FROM (VALUES
+        ('track_events', 'at', 'id uuid NOT NULL, type text NOT NULL, device text NOT NULL, source text, '
+         'record_id uuid, track_uid text, label text, at timestamptz NOT NULL, event jsonb NOT NULL, '
+         'received_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (id, at)'),
+        ('alarms', 'at', 'device text NOT NULL, at timestamptz NOT NULL, active boolean NOT NULL, '
+         'alarms jsonb NOT NULL, received_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (device, at)'),
+        ('device_status', 'received_at', 'device text NOT NULL, source text NOT NULL DEFAULT '''', '
+         'status text NOT NULL, received_at timestamptz NOT NULL DEFAULT now()')
+    ) AS x(name, col, cols) LOOP
+        IF ts THEN
+            EXECUTE format('CREATE TABLE %I (%s)', t.name, t.cols);
+            EXECUTE format('SELECT create_hypertable(%L, %L, chunk_time_interval => interval ''1 month'')',
+                           t.name, t.col);
+            CONTINUE;
+        END IF;
+        EXECUTE format('CREATE TABLE %I (%s) PARTITION BY RANGE (%I)', t.name, t.cols, t.col);
+        -- one partition per month the existing rows cover (the worker makes the later ones ahead of each batch)
         FOR m IN EXECUTE format('SELECT DISTINCT date_trunc(''month'', %I AT TIME ZONE ''UTC'') AT TIME ZONE ''UTC'' '
                                 'FROM %I', t.col, t.name || '_v2') LOOP
             EXECUTE format('CREATE TABLE %I PARTITION OF %I FOR VALUES FROM (%L) TO (%L)',
