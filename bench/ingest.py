@@ -77,14 +77,17 @@ def metric(port: int, name: str) -> float:
 
 
 def start_workers(n: int, port: int, dsn: str, work: Path, tag: str) -> list[tuple[subprocess.Popen[bytes], int]]:
-    """n ``edgelabel ingest`` processes (client ids bench-0, bench-1, ...) and wait until each is healthy."""
+    """n ``edgelabel ingest`` processes (client ids bench-<run>-0, -1, ...) and wait until each is healthy."""
     workers: list[tuple[subprocess.Popen[bytes], int]] = []
+    # a share group of this run only: a stopped worker's session left by an earlier run on the same broker
+    # stays a member and keeps its share of this run's records (docs/ingest.md, "Workers and sessions")
+    run = uuid.uuid4().hex[:6]
     for w in range(n):
         http = free_port()
         log = open(work / f"worker-{w}-{tag}.log", "wb")  # noqa: SIM115 (closed with the process)
         proc = subprocess.Popen([sys.executable, "-m", "edgelabel.edge.cli", "ingest", "--mqtt",
-                                 f"mqtt://127.0.0.1:{port}", "--db", dsn, "--group", "bench", "--client-id",
-                                 f"bench-{w}", "--http", f"127.0.0.1:{http}"], stdout=log, stderr=log, cwd=ROOT)
+                                 f"mqtt://127.0.0.1:{port}", "--db", dsn, "--group", f"bench-{run}", "--client-id",
+                                 f"bench-{run}-{w}", "--http", f"127.0.0.1:{http}"], stdout=log, stderr=log, cwd=ROOT)
         workers.append((proc, http))
     for proc, http in workers:
         deadline = time.monotonic() + 30
