@@ -27,8 +27,9 @@ _MIGRATION_RE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 _LOCK_KEY = 0x65646765_6C61626C & 0x7FFFFFFFFFFFFFFF
 #: the same for creating partitions (two workers may meet a new month at once)
 _PARTITION_LOCK_KEY = _LOCK_KEY - 1
-#: tables partitioned by month of captured_at (001_init.sql)
-PARTITIONED = ("records", "detections")
+#: tables partitioned by month: records and detections by captured_at (001_init.sql), track_events and alarms
+#: by at, device_status by received_at (003_history_partitions.sql); every month a batch needs gets all five
+PARTITIONED = ("records", "detections", "track_events", "alarms", "device_status")
 
 
 def month_of(value: str | None) -> tuple[int, int] | None:
@@ -56,10 +57,13 @@ def ensure_partitions(conn: psycopg.Connection, months: set[tuple[int, int]], kn
         return
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PARTITION_LOCK_KEY,))
+        # TimescaleDB hypertables (003_history_partitions.sql) make their chunks themselves
+        tables = [r[0] for r in conn.execute("SELECT relname FROM pg_class WHERE relkind = 'p' AND relname = ANY(%s) "
+                                             "AND relnamespace = 'public'::regnamespace", (list(PARTITIONED),))]
         for year, month in todo:
             start = f"{year:04d}-{month:02d}-01 00:00:00+00"
             end = f"{year + month // 12:04d}-{month % 12 + 1:02d}-01 00:00:00+00"
-            for table in PARTITIONED:
+            for table in tables:
                 conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})")
                              .format(sql.Identifier(f"{table}_{year:04d}_{month:02d}"), sql.Identifier(table),
                                      sql.Literal(start), sql.Literal(end)))
@@ -104,7 +108,7 @@ def migrate(conn: psycopg.Connection) -> int:
     return current
 
 
-_PARTITION_RE = re.compile(r"^(records|detections)_(\d{4})_(\d{2})$")
+_PARTITION_RE = re.compile(r"^(records|detections|track_events|alarms|device_status)_(\d{4})_(\d{2})$")
 
 
 def drop_old_partitions(conn: psycopg.Connection, keep_months: int, now: datetime | None = None) -> list[str]:
@@ -121,16 +125,37 @@ def drop_old_partitions(conn: psycopg.Connection, keep_months: int, now: datetim
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PARTITION_LOCK_KEY,))
         rows = conn.execute("SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-                            "WHERE i.inhparent IN ('records'::regclass, 'detections'::regclass)").fetchall()
+                            "WHERE i.inhparent = ANY(%s::regclass[])", (list(PARTITIONED),)).fetchall()
         for (name,) in rows:
             m = _PARTITION_RE.match(name)
             if m and int(m.group(2)) * 12 + int(m.group(3)) - 1 < first_kept:
                 conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
                 dropped.append(name)
+        cutoff = f"{first_kept // 12:04d}-{first_kept % 12 + 1:02d}-01 00:00:00+00"
         if dropped:
-            cutoff = f"{first_kept // 12:04d}-{first_kept % 12 + 1:02d}-01 00:00:00+00"
             conn.execute("DELETE FROM record_keys WHERE captured_at < %s::timestamptz", (cutoff,))
+        dropped += _drop_old_chunks(conn, cutoff)
     return sorted(dropped)
+
+
+# --- TimescaleDB (only where the extension is installed; kept apart, see 003_history_partitions.sql) -----------
+
+
+def timescale(conn: psycopg.Connection) -> list[str]:
+    """The history tables that are TimescaleDB hypertables ([] on a server without the extension)."""
+    if not conn.execute("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')").fetchone()[0]:
+        return []
+    return [r[0] for r in conn.execute("SELECT hypertable_name::text FROM timescaledb_information.hypertables "
+                                       "WHERE hypertable_name::text = ANY(%s) ORDER BY 1", (list(PARTITIONED),))]
+
+
+def _drop_old_chunks(conn: psycopg.Connection, cutoff: str) -> list[str]:
+    """Retention for hypertables: ``drop_chunks`` older than the first month kept; returns the chunks dropped."""
+    dropped: list[str] = []
+    for table in timescale(conn):
+        rows = conn.execute("SELECT drop_chunks(%s::regclass, older_than => %s::timestamptz)", (table, cutoff))
+        dropped += [str(r[0]) for r in rows]
+    return dropped
 
 
 @dataclass
@@ -155,6 +180,14 @@ class BatchResult:
 
 def _ts(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
+
+
+def _required_ts(data: dict[str, Any], key: str) -> str:
+    """A time the row is partitioned by: a message without it cannot be placed in a month and is rejected."""
+    value = _ts(data.get(key))
+    if value is None or month_of(value) is None:
+        raise ValueError(f"{key}: {data.get(key)!r} is not an ISO 8601 time (the message's schema requires it)")
+    return value
 
 
 def _epoch_iso(value: Any) -> str | None:
@@ -205,6 +238,10 @@ class Writer:
             seen.add(key)
             rows["status" if kind in ("status", "source_status") else kind].append(row)
         months = {m for m in (month_of(r["captured_at"]) for r in rows["labels"]) if m}
+        months |= {m for m in (month_of(r["at"]) for r in rows["events"] + rows["alarm"]) if m}
+        if rows["status"]:  # received_at is the transaction's now(): this month, and the next near its end
+            now = time.time()
+            months |= {month_of(datetime.fromtimestamp(t, timezone.utc).isoformat()) for t in (now, now + 120)}
         if months:
             ensure_partitions(self.conn, months, self.partitions)
         with self.conn.transaction():
@@ -271,11 +308,12 @@ class Writer:
                     "frame_index": int(data["frame_index"]), "frame_key": str(data["frame_key"]),
                     "captured_at": _ts(data["captured_at"]) or _epoch_iso(data.get("captured_ts")),
                     "media_time": data.get("media_time"),
-                    "model": model.get("name") if isinstance(model, dict) else None, "record": data}
+                    "model": model.get("name") if isinstance(model, dict) else None, "record": data,
+                    "_boxes": [_box_row(n, d) for n, d in enumerate(dets)]}
         if kind == "events":
             return {"id": str(data["id"]), "type": str(data["type"]), "device": str(data.get("device_id") or device),
                     "source": data.get("source"), "record_id": data.get("record_id"),
-                    "track_uid": data.get("track_uid"), "label": data.get("label"), "at": _ts(data.get("at")),
+                    "track_uid": data.get("track_uid"), "label": data.get("label"), "at": _required_ts(data, "at"),
                     "event": data}
         if kind == "review":
             return {"id": str(data["id"]), "record_id": str(data["record_id"]),
@@ -284,7 +322,7 @@ class Writer:
                     "by_name": data.get("by"), "at": _ts(data.get("at")), "detections": data["detections"],
                     "review": data}
         if kind == "alarm":
-            return {"device": str(data.get("device_id") or device), "at": _ts(data["at"]),
+            return {"device": str(data.get("device_id") or device), "at": _required_ts(data, "at"),
                     "active": bool(data.get("active")), "alarms": data.get("alarms") or []}
         raise ValueError(f"unknown kind {kind}")
 
@@ -297,12 +335,25 @@ class Writer:
         return cur.rowcount if cur.rowcount >= 0 else 0
 
     def _labels(self, rows: list[dict[str, Any]]) -> int:
+        """Insert the new label records, then COPY their boxes into ``detections``.
+
+        The boxes were parsed in Python with the message (``_box_row``) and go in by ``COPY``: building them
+        in SQL from each record's JSONB took 58 % of a batch's time (docs/ingest.md, "Throughput").  Only
+        records that were new in this transaction get boxes, so no box can exist yet and COPY needs no
+        ``ON CONFLICT``.
+        """
         if not rows:
             return 0
+        boxes = {r["id"]: r.pop("_boxes") for r in rows}
         cur = self.conn.execute(_LABELS_SQL, (json.dumps(rows),))
-        new = [r[0] for r in cur.fetchall()]
+        new = [str(r[0]) for r in cur.fetchall()]
         if new:
-            self.conn.execute(_DETECTIONS_SQL, ([str(i) for i in new],))
+            by_id = {r["id"]: r for r in rows}
+            with self.conn.cursor().copy(_DETECTIONS_COPY) as copy:
+                for rid in new:
+                    r = by_id[rid]
+                    for box in boxes[rid]:
+                        copy.write_row((rid, box[0], r["device"], r["source"], r["captured_at"], *box[1:]))
         return len(new)
 
     def _devices(self, rows: dict[str, list[dict[str, Any]]]) -> None:
@@ -342,22 +393,24 @@ FROM input i JOIN new USING (id)
 RETURNING id
 """
 
-_DETECTIONS_SQL = """
-INSERT INTO detections (record_id, idx, device, source, captured_at, class_id, label, score, box, track_id)
-SELECT r.id, (d.ord - 1)::int, r.device, r.source, r.captured_at, (d.det ->> 'class_id')::int,
-       COALESCE(d.det ->> 'label', ''), (d.det ->> 'score')::real,
-       ARRAY(SELECT jsonb_array_elements_text(d.det -> 'box')::real), (d.det ->> 'track_id')::bigint
-FROM records r, jsonb_array_elements(r.record -> 'detections') WITH ORDINALITY AS d(det, ord)
-WHERE r.id = ANY(%s::uuid[])
-ON CONFLICT (record_id, idx, captured_at) DO NOTHING
-"""
+_DETECTIONS_COPY = ("COPY detections (record_id, idx, device, source, captured_at, class_id, label, score, box, "
+                    "track_id) FROM STDIN")
+
+
+def _box_row(idx: int, det: Any) -> tuple[int, int, str, float | None, list[float], int | None]:
+    """(idx, class_id, label, score, box, track_id) of one detection; a malformed one rejects its message."""
+    if not isinstance(det, dict):
+        raise TypeError(f"detections[{idx}]: expected an object")
+    score, track = det.get("score"), det.get("track_id")
+    return (idx, int(det["class_id"]), str(det.get("label") or ""), None if score is None else float(score),
+            [float(v) for v in det.get("box") or []], None if track is None else int(track))
 
 _EVENTS_SQL = """
 INSERT INTO track_events (id, type, device, source, record_id, track_uid, label, at, event)
 SELECT x.id, x.type, x.device, x.source, x.record_id, x.track_uid, x.label, x.at, x.event
 FROM jsonb_to_recordset(%s::jsonb) AS x(id uuid, type text, device text, source text, record_id uuid,
      track_uid text, label text, at timestamptz, event jsonb)
-ON CONFLICT (id) DO NOTHING
+ON CONFLICT (id, at) DO NOTHING
 """
 
 _REVIEWS_SQL = """

@@ -569,7 +569,8 @@ def test_retention_drops_whole_months_past_the_setting(pg_dsn):
         assert result.inserted["labels"] == 3
         assert drop_old_partitions(conn, 0) == []
         dropped = drop_old_partitions(conn, 1, now=datetime(2027, 1, 10, tzinfo=timezone.utc))
-        assert dropped == ["detections_2026_10", "detections_2026_11", "records_2026_10", "records_2026_11"]
+        assert dropped == [f"{t}_2026_{m}" for t in ("alarms", "detections", "device_status", "records", "track_events")
+                           for m in ("10", "11")]
         ids = {str(r[0]) for r in conn.execute("SELECT id FROM label_records")}
         assert ids == {recs[2]["id"]}
         assert count(pg_dsn, "SELECT count(*) FROM record_keys") == 1
@@ -577,6 +578,72 @@ def test_retention_drops_whole_months_past_the_setting(pg_dsn):
         writer.partitions.clear()
         again = writer.write([Message("edgelabel/cam-1/gate/labels", json.dumps(recs[0]).encode(), 9, 1)])
         assert again.inserted["labels"] == 1
+
+
+def test_history_tables_move_into_monthly_partitions_in_place_and_retention_drops_them(pg_dsn):
+    """Migration 003 on a database with version-2 rows: every row kept, in its month's partition."""
+    from datetime import datetime, timezone
+
+    from edgelabel.ingest.db import Message, Writer, drop_old_partitions, migrate, migrations
+
+    old = [m for m in migrations() if m[0] <= 2]
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        with conn.transaction():  # a database at version 2, as an earlier edgelabel left it
+            conn.execute("CREATE TABLE schema_version (version integer PRIMARY KEY, name text NOT NULL, "
+                         "applied_at timestamptz NOT NULL DEFAULT now())")
+            for version, name, text in old:
+                conn.execute(text)
+                conn.execute("INSERT INTO schema_version (version, name) VALUES (%s, %s)", (version, name))
+        recs = [label("cam-1", "gate", i, t0=t) for i, t in enumerate((1_792_000_000.0, 1_796_090_000.0))]
+        evs = [track_event(r) for r in recs]
+        for ev in evs:
+            conn.execute("INSERT INTO track_events (id, type, device, at, event) VALUES (%s, %s, %s, %s, %s)",
+                         (ev["id"], ev["type"], ev["device_id"], ev["at"], json.dumps(ev)))
+        conn.execute("INSERT INTO alarms (device, at, active, alarms) VALUES ('cam-1', '2026-10-05T10:00:00Z', true, "
+                     "'[]'), ('cam-1', '2026-12-01T00:00:00Z', false, '[]')")
+        conn.execute("INSERT INTO device_status (device, status, received_at) VALUES ('cam-1', 'online', "
+                     "'2026-10-05T10:00:00Z'), ('cam-1', 'offline', '2026-12-02T00:00:00Z')")
+        assert migrate(conn) == len(migrations())
+        parts = {r[0] for r in conn.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent IN ('track_events'::regclass, 'alarms'::regclass, 'device_status'::regclass)")}
+        assert parts == {f"{t}_2026_{m}" for t in ("track_events", "alarms", "device_status") for m in ("10", "12")}
+        assert {str(r[0]) for r in conn.execute("SELECT id FROM events")} == {e["id"] for e in evs}
+        assert count(pg_dsn, "SELECT count(*) FROM alarms_2026_10") == 1
+        assert count(pg_dsn, "SELECT count(*) FROM device_status_2026_12") == 1
+        # the same event again is stored once; an event without its time is rejected, not dropped
+        writer = Writer(conn, "edgelabel")
+        bad = {**evs[0], "id": str(uuid.uuid4()), "at": None}
+        result = writer.write([Message("edgelabel/cam-1/events", json.dumps(e).encode(), i + 1, 1)
+                               for i, e in enumerate([evs[0], evs[1], bad])])
+        assert result.inserted["events"] == 0 and result.duplicates == 2 and result.rejected == 1
+        err = conn.execute("SELECT error FROM rejected_messages").fetchone()[0]
+        assert err.startswith("at: None is not an ISO 8601 time")
+        dropped = drop_old_partitions(conn, 1, now=datetime(2027, 1, 10, tzinfo=timezone.utc))
+        assert {"track_events_2026_10", "alarms_2026_10", "device_status_2026_10"} <= set(dropped)
+        assert {str(r[0]) for r in conn.execute("SELECT id FROM track_events")} == {evs[1]["id"]}
+
+
+def test_timescaledb_hypertables_when_the_extension_is_installed(pg_dsn):
+    """The TimescaleDB path of migration 003: the history tables become hypertables, retention drops chunks."""
+    from datetime import datetime, timezone
+
+    from edgelabel.ingest.db import Message, Writer, drop_old_partitions, migrate, timescale
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        available = conn.execute("SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'").fetchone()[0]
+        if not available:
+            migrate(conn)  # the other path: CREATE EXTENSION fails, plain partitions, nothing reports hypertables
+            assert timescale(conn) == []
+            pytest.skip("TimescaleDB extension not installed on this PostgreSQL server (declarative partitions used)")
+        migrate(conn)
+        assert timescale(conn) == ["alarms", "device_status", "track_events"]
+        recs = [label("cam-1", "gate", i, t0=t) for i, t in enumerate((1_792_000_000.0, 1_796_090_000.0))]
+        evs = [track_event(r) for r in recs]
+        Writer(conn, "edgelabel").write([Message("edgelabel/cam-1/events", json.dumps(e).encode(), i + 1, 1)
+                                         for i, e in enumerate(evs)])
+        assert drop_old_partitions(conn, 1, now=datetime(2027, 1, 10, tzinfo=timezone.utc))
+        assert {str(r[0]) for r in conn.execute("SELECT id FROM track_events")} == {evs[1]["id"]}
 
 
 def test_the_real_daemon_on_shared_images_lands_in_the_database(tmp_path, broker, pg_dsn, service):
