@@ -77,6 +77,8 @@ def test_a_corrupt_ledger_shows_as_an_alarm_on_the_dashboard(tmp_path: Path, ass
                 text = banner.inner_text()
                 assert text.startswith("Alarm: ledger lost") and "check the disk" in text, text
                 assert "notice bad" in (banner.get_attribute("class") or "")
+                lost = page.locator("#lost")
+                assert lost.is_visible() and int(page.locator('#lost [data-f="lost"]').inner_text()) > 0
                 page.screenshot(path=str(artifacts / "dashboard-alarm.png"), full_page=True)
             finally:
                 browser.close()

@@ -178,6 +178,11 @@
     EL.setF(line, "frames", EL.fmtNum(s.frames));
     EL.setF(line, "detections", EL.fmtNum(s.detections));
     EL.setF(line, "rejected", EL.fmtNum(s.rejected));
+    const ds = (s.sinks || {}).dataset || {};
+    const lost = [(s.ledger || {}).lost, (ds.index || {}).lost, ((s.mqtt || {}).drops || {}).outbox_lost]
+      .reduce((sum, v) => sum + (EL.num(v) || 0), 0);
+    EL.setF(line, "lost", EL.fmtNum(lost));
+    $("#lost").hidden = lost === 0;
     EL.setF(line, "daemon_uptime", EL.fmtDuration(s.uptime_s));
     EL.setF(line, "updated", `updated ${new Date().toLocaleTimeString()}`);
     $("#updated").classList.remove("error-text");
