@@ -12,6 +12,7 @@ import http.cookiejar
 import logging
 import os
 import pty
+import re
 import select
 import signal
 import stat
@@ -474,3 +475,18 @@ def test_the_command_edits_the_accounts_while_the_served_app_is_busy_with_them(t
         first_refusal = next(i for i, c in enumerate(codes) if c in (401, 429))
         assert codes[0] in (200, 404) and all(c in (401, 429) for c in codes[first_refusal:]), codes
         assert mine[-1][0] is True and mine[-1][1] in (401, 429)
+
+
+def test_a_wrong_password_page_is_the_same_for_a_known_and_an_unknown_user_name(
+        site: tuple[Flask, Any, AccountStore, Clock]) -> None:
+    """The answer to a wrong login must not tell whether the name exists (it was echoed back only when it did)."""
+    app = site[0]
+    known = pw_login(app.test_client(), "alice", "not her password at all")
+    unknown = pw_login(app.test_client(), "alicia", "not her password at all")
+    assert known.status_code == unknown.status_code == 401
+
+    def form(text: str) -> str:  # the page without the per-session CSRF token
+        return re.sub(r'(value|content)="[A-Za-z0-9_-]{40,}"', "", text)
+
+    assert 'value="alice"' not in known.text
+    assert form(known.text) == form(unknown.text)

@@ -459,9 +459,10 @@ def _password_login(state: AuthState, throttle: FailureThrottle, addr: str, user
     if user is None:
         throttle.failed(addr)
         known = len(username) <= 64 and state.accounts.user(username) is not None
-        # an unknown name is not logged: it may be a password typed into the wrong field
+        # an unknown name is not logged: it may be a password typed into the wrong field.  No name is put back
+        # into the form either: echoing only known ones would tell a guesser which names exist
         state.name_throttle.failed(key, f"user {username!r}" if known else "an unknown user name")
-        return _login_page(next_url, "Wrong user name or password.", 401, username if known else "")
+        return _login_page(next_url, "Wrong user name or password.", 401)
     throttle.succeeded(addr)
     state.name_throttle.succeeded(key, addr)
     return _start_session(state, Operator(user.name, user.role, KIND_USER), addr, "password", next_url)
