@@ -168,6 +168,11 @@ def role_problem(role: str) -> str | None:
     return None if role in WEB_ROLES else f"role {role!r} is not one of {', '.join(WEB_ROLES)}"
 
 
+def user_cred(changed: float) -> str:
+    """What ties a user's session to the account as it was when the password was checked (its ``changed``)."""
+    return repr(float(changed))
+
+
 def token_digest_hex(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
@@ -449,7 +454,10 @@ class AccountStore:
         alive = row["created"] <= now < row["expires"] and now - row["last_seen"] < IDLE_LIFETIME
         if alive and row["kind"] == KIND_USER:
             user = self._one("SELECT role, changed, disabled FROM users WHERE name = ?", (row["name"],))
-            alive = user is not None and not user["disabled"] and user["changed"] <= row["created"]
+            # cred is the account's "changed" stamp seen when the password was checked (user_cred): a password
+            # change, disable or removal between that check and this row being written still ends the session
+            alive = user is not None and not user["disabled"] and user["changed"] <= row["created"] \
+                and (not row["cred"] or row["cred"] == user_cred(user["changed"]))
             role = user["role"] if alive else None
         elif alive and row["kind"] == KIND_API_TOKEN:
             tok = self._one("SELECT role FROM tokens WHERE id = ? AND revoked IS NULL", (row["cred"],))

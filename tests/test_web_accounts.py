@@ -490,3 +490,27 @@ def test_a_wrong_password_page_is_the_same_for_a_known_and_an_unknown_user_name(
 
     assert 'value="alice"' not in known.text
     assert form(known.text) == form(unknown.text)
+
+
+def test_a_password_change_while_a_login_with_the_old_one_is_under_way_ends_that_login_too(
+        site: tuple[Flask, Any, AccountStore, Clock]) -> None:
+    """The command changes the password after the old one was checked but before the session row is written:
+    the session that the old password opened must not outlive the change."""
+    app, _, store, clock = site
+    accounts = app.extensions["edgelabel_auth"].accounts
+    checked = accounts.check_password
+
+    def check_then_changed(name: str, password: str) -> Any:
+        user = checked(name, password)
+        clock.advance(1.0)
+        store.set_password(name, "alice changed it meanwhile")  # the command, on its own connection
+        return user
+
+    accounts.check_password = check_then_changed
+    c = app.test_client()
+    assert pw_login(c, "alice", ALICE_PW).status_code == 302  # the old password was right when it was checked
+    accounts.check_password = checked
+    assert not authenticated(c) and c.get("/api/review/queue").status_code == 401
+    assert store.session_count(KIND_USER, "alice") == 0
+    # a login with the new password lives on
+    assert pw_login(c, "alice", "alice changed it meanwhile").status_code == 302 and authenticated(c)

@@ -53,6 +53,7 @@ from edgelabel.edge.accounts import (
     PASSWORD_MAX_LENGTH,
     AccountStore,
     Session,
+    user_cred,
 )
 from edgelabel.edge.config import WEB_ROLES, WEB_TOKEN_MIN_LENGTH, Config, ConfigError, web_token_problem
 from edgelabel.web.throttle import BEARER_FAILURES as BEARER_FAILURES
@@ -134,7 +135,8 @@ class Operator:
 
     ``kind`` is how it authenticated: ``token`` (web.token or web.operators), ``api-token`` (the account
     store's API tokens) or ``user`` (a password); ``cred`` ties a session to the credential that opened it
-    (a configured token's generation, which changes with the token; an API token's id).
+    (a configured token's generation, which changes with the token; an API token's id; a user's ``changed``
+    stamp as the password check read it).
     """
 
     name: str
@@ -465,7 +467,9 @@ def _password_login(state: AuthState, throttle: FailureThrottle, addr: str, user
         return _login_page(next_url, "Wrong user name or password.", 401)
     throttle.succeeded(addr)
     state.name_throttle.succeeded(key, addr)
-    return _start_session(state, Operator(user.name, user.role, KIND_USER), addr, "password", next_url)
+    # the session is tied to the account as checked: a change that lands before its row is written ends it
+    return _start_session(state, Operator(user.name, user.role, KIND_USER, cred=user_cred(user.changed)), addr,
+                          "password", next_url)
 
 
 @bp.route("/login", methods=("GET", "POST"))
