@@ -243,6 +243,21 @@ def test_behind_a_trusted_proxy_one_guesser_does_not_lock_out_the_other_operator
         server.stop()
 
 
+def test_without_a_trusted_proxy_a_forged_x_forwarded_for_does_not_escape_the_throttle(tmp_path: Path) -> None:
+    """A LAN client that sends a new X-Forwarded-For with every guess is still counted by its own address."""
+    cfg = cfg_for(tmp_path, token=TOKEN)
+    server = start_web(FakePipeline(cfg), WebSink(cfg), cfg, host="127.0.0.1", port=0)
+    try:
+        codes = [_Browser(server.url, f"10.30.0.{i}").login(f"wrong-{i}-abcdefghijkl") for i in range(6)]
+        assert codes == [401] * 5 + [429]
+        # and X-Forwarded-Proto from it does not make the cookie Secure (nor the request HTTPS)
+        req = urllib.request.Request(server.url + "/login", headers={"X-Forwarded-Proto": "https"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert "; secure" not in resp.headers["Set-Cookie"].lower()
+    finally:
+        server.stop()
+
+
 def test_login_failures_from_many_addresses_cost_new_addresses_a_short_wait_only(tmp_path: Path) -> None:
     app = make_app(cfg_for(tmp_path))
     c = app.test_client()
