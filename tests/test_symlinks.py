@@ -268,3 +268,29 @@ def test_a_symlink_to_a_device_is_never_opened_even_when_followed(tmp_path: Path
     assert str(lay.inputs / "dev.jpg") not in opened and str(lay.inputs / "a.jpg") in opened
     assert [Path(f.path).name for f in frames] == ["a.jpg"]
     assert lay.rejects == [(str(lay.inputs / "dev.jpg"), "not a regular file (device)")]
+
+
+def test_a_hard_link_to_a_secret_made_after_the_guard_or_kept_in_the_state_folder_is_refused(tmp_path: Path) -> None:
+    """The generated TLS key and the account file are secrets too, and a secret file may appear after the source's
+    guard was built (the account file at the first login): a hard link to any of them is never read."""
+    from edgelabel.edge.sources.pathguard import PathGuard, read_checked
+
+    cfg = config_from_dict({
+        "state_dir": str(tmp_path / "state"), "model": {"path": "m.onnx"},
+        "sources": {"in": {"uri": str(tmp_path / "in")}}, "dataset": {"path": str(tmp_path / "ds")},
+        "web": {"enabled": True, "tls": "auto"},
+    }, base_dir=tmp_path)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "state").mkdir()
+    guard = PathGuard(str(tmp_path / "in"), protected=protected_paths(cfg))
+    for name in ("web-tls-key.pem", "web-accounts.sqlite", "web-token"):  # made after the guard, image bytes
+        secret = tmp_path / "state" / name
+        shutil.copy(IMAGES / "bus.jpg", secret)
+        try:
+            os.link(secret, tmp_path / "in" / f"{name}.jpg")
+        except OSError as exc:
+            pytest.skip(f"no hard links here: {exc}")
+        with pytest.raises(PermissionError, match="hard link"):
+            read_checked(tmp_path / "in" / f"{name}.jpg", guard)
+    shutil.copy(IMAGES / "bus.jpg", tmp_path / "in" / "plain.jpg")
+    assert read_checked(tmp_path / "in" / "plain.jpg", guard) == (IMAGES / "bus.jpg").read_bytes()

@@ -39,8 +39,14 @@ def protected_paths(cfg: Config) -> tuple[str, ...]:
     paths: list[Path] = [cfg.resolve(cfg.state_dir)]
     if cfg.dataset.enabled:
         paths.append(cfg.resolve(cfg.dataset.path))
+    from edgelabel.edge.accounts import ACCOUNTS_FILE  # here: the sources load nothing of the web at import
+    from edgelabel.edge.certs import AUTO_KEY_FILE
+
     web = cfg.web
-    paths += [cfg.state_path(web.token_file), cfg.state_path(web.secret_key_file)]
+    # the generated TLS key and the account file are inside state_dir, but a hard link to them is only found by
+    # its inode, so they are named too
+    paths += [cfg.state_path(web.token_file), cfg.state_path(web.secret_key_file), cfg.state_path(AUTO_KEY_FILE),
+              cfg.state_path(ACCOUNTS_FILE)]
     if isinstance(web.tls, dict) and web.tls.get("key"):
         paths.append(cfg.resolve(str(web.tls["key"])))
     if cfg.mqtt.password_file:
@@ -96,9 +102,27 @@ class PathGuard:
             return f"{what} to the {kind} {real}, outside the input folder {self._root_real}; {FOLLOW_HINT}"
         return None
 
+    def _secret_inode(self, st: os.stat_result) -> bool:
+        """Whether ``st`` is one of the protected files: those found at start, or (for a file with more than one
+        link) those made since, such as the account file at the first login or a token generated later."""
+        key = (st.st_dev, st.st_ino)
+        if key in self._inodes:
+            return True
+        if st.st_nlink < 2:
+            return False
+        for p in self._protected:
+            try:
+                other = os.stat(p)
+            except OSError:
+                continue
+            if not stat.S_ISDIR(other.st_mode) and (other.st_dev, other.st_ino) == key:
+                self._inodes.add(key)
+                return True
+        return False
+
     def check_fd(self, fd: int, path: str, st: os.stat_result) -> str | None:
         """Why the file just opened as ``fd`` must not be read (what was opened, not what the path says now)."""
-        if (st.st_dev, st.st_ino) in self._inodes:
+        if self._secret_inode(st):
             return "is one of the daemon's own secret files (a hard link to it); never read as an input"
         try:
             real = os.readlink(f"/proc/self/fd/{fd}")
