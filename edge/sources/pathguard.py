@@ -10,8 +10,8 @@ result.  So:
   a symlink that stays inside the folder is fine;
 * with ``follow_symlinks: true`` symlinks are followed wherever they point (folder loops are cut);
 * either way, anything whose real path is inside the daemon's state folder or dataset folder, or is one
-  of its secret files (web token, cookie key, TLS key, MQTT password file; also as a hard link), is
-  always refused.
+  of its secret files (web token, cookie key, TLS key, MQTT password file, account file; also as a hard
+  link, found by its inode even when the file appeared after the start), is always refused.
 
 The listing checks each symlink's target; the read checks again what was actually opened (the real path
 of the open file descriptor, from ``/proc/self/fd``, and its inode), so a symlink or folder swapped in
