@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -62,6 +63,13 @@ def _read_password(args: argparse.Namespace, name: str) -> str:
     return password
 
 
+def _unusable(store: AccountStore, exc: Exception) -> int:
+    """The account file could not be read or written (SQLite says why: locked, not a database, read-only)."""
+    print(f"edgelabel: the account file {store.path} cannot be used: {exc}. If it is busy, try again; run the "
+          "command as the daemon's service user (sudo -u ...) if it is not writable", file=sys.stderr)
+    return EXIT_FAILED
+
+
 def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
 
@@ -102,9 +110,8 @@ def cmd_user(args: argparse.Namespace) -> int:
             print(f"user {args.name} {args.action}d" + (f"; {ended} session(s) ended" if args.action == "disable" else ""))
     except AccountError as exc:
         return _err(str(exc))
-    except OSError as exc:
-        print(f"edgelabel: the account file {store.path} cannot be used: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    except (OSError, sqlite3.Error) as exc:
+        return _unusable(store, exc)
     finally:
         store.close()
     return EXIT_OK
@@ -138,9 +145,8 @@ def cmd_token(args: argparse.Namespace) -> int:
             print(f"API token {tok.name} (id {tok.id}) revoked; it is refused from now on")
     except AccountError as exc:
         return _err(str(exc))
-    except OSError as exc:
-        print(f"edgelabel: the account file {store.path} cannot be used: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    except (OSError, sqlite3.Error) as exc:
+        return _unusable(store, exc)
     finally:
         store.close()
     return EXIT_OK

@@ -514,3 +514,16 @@ def test_a_password_change_while_a_login_with_the_old_one_is_under_way_ends_that
     assert store.session_count(KIND_USER, "alice") == 0
     # a login with the new password lives on
     assert pw_login(c, "alice", "alice changed it meanwhile").status_code == 302 and authenticated(c)
+
+
+def test_the_command_on_an_unusable_account_file_says_which_file_and_exits_1_without_a_traceback(
+        tmp_path: Path) -> None:
+    """A corrupt (or locked, or unwritable) account file is an SQLite error, not an OSError: still a clear line."""
+    config = write_config(tmp_path)
+    path = tmp_path / "state" / ACCOUNTS_FILE
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not an SQLite file " * 200)
+    for args in (("user", "list"), ("token", "list"), ("user", "remove", "alice"), ("token", "revoke", "ci")):
+        out = cli(config, *args)
+        assert out.returncode == 1, (args, out.stderr)
+        assert "Traceback" not in out.stderr and str(path) in out.stderr and "not a database" in out.stderr
