@@ -399,3 +399,25 @@ def test_without_the_cryptography_package_the_openssl_command_makes_the_certific
     cert.unlink()
     with pytest.raises(ConfigError, match=r"web\.tls: auto needs the cryptography package \(pip install cryptography\)"):
         ensure_self_signed(cfg)
+
+
+def test_a_blocked_address_or_user_name_is_not_forgotten_when_many_others_fail_once() -> None:
+    """The throttles keep a bounded table; failures under throwaway names or addresses must not push a blocked
+    entry out of it (that would give a guesser a fresh allowance)."""
+    from edgelabel.web.throttle import CredentialThrottle
+
+    names = CredentialThrottle(max_failures=10, window=900, max_keys=50)
+    for _ in range(10):
+        names.failed("alice", "user 'alice'")
+    assert names.retry_after("alice", "10.0.0.9") > 0
+    for i in range(500):
+        names.failed(f"junk{i}", "an unknown user name")
+    assert names.retry_after("alice", "10.0.0.9") > 0
+
+    addrs = FailureThrottle("login", max_failures=5, window=300, global_failures=10**6, max_addresses=50)
+    for _ in range(5):
+        addrs.failed("10.0.0.66")
+    assert addrs.retry_after("10.0.0.66") > 0
+    for i in range(500):
+        addrs.failed(f"10.1.{i // 250}.{i % 250}")
+    assert addrs.retry_after("10.0.0.66") > 0

@@ -42,6 +42,23 @@ NAME_TRUST = 30 * 86400.0
 MAX_LINES = 10
 
 
+def _make_room(table: OrderedDict[str, deque[float]], now: float, window: float, max_failures: int) -> None:
+    """Drop one entry from a full table: one whose failures have aged out, else the oldest that is not blocked,
+    else the oldest.  Evicting the oldest blindly would let failures under throwaway names or addresses push a
+    blocked entry out and hand its guesser a fresh allowance."""
+    victim = None
+    for key, q in table.items():
+        if not q or now - q[-1] > window:
+            victim = key
+            break
+        if victim is None and len(q) < max_failures:
+            victim = key
+    if victim is None:
+        table.popitem(last=False)
+    else:
+        del table[victim]
+
+
 class _Lines:
     """At most MAX_LINES first-failure lines per window; the rest counted and reported once."""
 
@@ -97,8 +114,8 @@ class FailureThrottle:
     def _recent(self, addr: str, now: float) -> deque[float]:
         q = self._failures.get(addr)
         if q is None:
-            if len(self._failures) >= self.max_addresses:
-                self._failures.popitem(last=False)  # bounded memory, oldest address out
+            if len(self._failures) >= self.max_addresses:  # bounded memory; a blocked address stays
+                _make_room(self._failures, now, self.window, self.max_failures)
             q = self._failures[addr] = deque()
         while q and now - q[0] > self.window:
             q.popleft()
@@ -181,8 +198,8 @@ class CredentialThrottle:
         if q is None:
             if not create:
                 return deque()
-            if len(self._failures) >= self.max_keys:
-                self._failures.popitem(last=False)
+            if len(self._failures) >= self.max_keys:  # bounded memory; a blocked name stays
+                _make_room(self._failures, now, self.window, self.max_failures)
             q = self._failures[key] = deque()
         while q and now - q[0] > self.window:
             q.popleft()
