@@ -157,7 +157,7 @@ def password_problem(password: str, name: str = "") -> str | None:
 
 def name_problem(name: str, what: str) -> str | None:
     """Why ``name`` cannot name a user or token, or None."""
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         return f"{what} name {name[:80]!r}: use 1-64 letters, digits, '_', '-' or '.'"
     if name in RESERVED_NAMES:
         return f"{what} name {name!r} is taken by web.token (the admin 'operator'); choose another"
@@ -368,7 +368,7 @@ class AccountStore:
     def check_password(self, name: str, password: str) -> User | None:
         """The user when ``password`` is theirs and the account is enabled; None otherwise (same cost either way)."""
         row = None
-        if NAME_RE.match(name) and len(password) <= PASSWORD_MAX_LENGTH:
+        if NAME_RE.fullmatch(name) and len(password) <= PASSWORD_MAX_LENGTH:
             row = self._one("SELECT * FROM users WHERE name = ?", (name,))
         ok = verify_password(password[:PASSWORD_MAX_LENGTH], row["password"] if row else _dummy_hash())
         if row is None or not ok or row["disabled"]:

@@ -527,3 +527,18 @@ def test_the_command_on_an_unusable_account_file_says_which_file_and_exits_1_wit
         out = cli(config, *args)
         assert out.returncode == 1, (args, out.stderr)
         assert "Traceback" not in out.stderr and str(path) in out.stderr and "not a database" in out.stderr
+
+
+def test_a_name_with_a_trailing_newline_is_refused(tmp_path: Path) -> None:
+    """``$`` also matches before a final newline: "bob\\n" passed the name rule, and then could never log in
+    (the form strips it) while it went into review records and log lines."""
+    store = AccountStore(tmp_path / ACCOUNTS_FILE)
+    try:
+        for bad in ("bob\n", "bob\r\n", "\nbob"):
+            with pytest.raises(AccountError, match="use 1-64 letters"):
+                store.add_user(bad, "viewer", ALICE_PW)
+            with pytest.raises(AccountError, match="use 1-64 letters"):
+                store.add_token(bad, "viewer")
+        assert store.users() == [] and store.tokens() == []
+    finally:
+        store.close()
