@@ -401,10 +401,16 @@ class AccountStore:
 
     def revoke_token(self, name_or_id: str) -> ApiToken:
         """Revoke the live token with this name or id; its sessions end."""
-        row = self._one("SELECT * FROM tokens WHERE (id = ? OR name = ?) AND revoked IS NULL",
+        rows = self._all("SELECT * FROM tokens WHERE (id = ? OR name = ?) AND revoked IS NULL",
                          (name_or_id, name_or_id))
-        if row is None:
+        if not rows:
             raise AccountError(f"no live API token named or with the id {name_or_id!r} (edgelabel token list)")
+        if len(rows) > 1:  # one token's name is another's id: revoking either could leave the wrong one live
+            ids = ", ".join(f"{r['id']} ({r['name']})" for r in rows)
+            raise AccountError(f"{name_or_id!r} is both a token's name and another token's id ({ids}); nothing "
+                               "revoked: name the one to revoke by its other value, the id of the named one or the name of the other "
+                               "(edgelabel token list shows both)")
+        row = rows[0]
         now = self.clock()
         self._write([("UPDATE tokens SET revoked = ? WHERE id = ?", (now, row["id"])),
                      ("DELETE FROM sessions WHERE kind = ? AND cred = ?", (KIND_API_TOKEN, row["id"]))])

@@ -542,3 +542,19 @@ def test_a_name_with_a_trailing_newline_is_refused(tmp_path: Path) -> None:
         assert store.users() == [] and store.tokens() == []
     finally:
         store.close()
+
+
+def test_revoking_by_a_name_that_is_also_another_tokens_id_revokes_neither_and_says_so(tmp_path: Path) -> None:
+    """Names and ids share the argument of ``token revoke``: when one value names one token and is the id of
+    another, the command must not pick one of them (the compromised one might stay live)."""
+    store = AccountStore(tmp_path / ACCOUNTS_FILE)
+    try:
+        first, _ = store.add_token("ci", "viewer")
+        named, _ = store.add_token(first.id, "viewer")  # a name that looks like an id: eight hex digits
+        with pytest.raises(AccountError, match="both"):
+            store.revoke_token(first.id)
+        assert all(t.revoked is None for t in store.tokens())
+        assert store.revoke_token("ci").id == first.id  # by the unambiguous name, or by the other's id
+        assert store.revoke_token(named.id).name == first.id
+    finally:
+        store.close()
