@@ -122,22 +122,24 @@ def parse_states(text: str | Iterable[str] | None) -> tuple[str, ...]:
 def _original(index: DatasetIndex, row: Any) -> dict[str, Any]:
     """ExportItem fields for a row that references an original input file (empty for a stored copy)."""
     sha = row["image_sha256"] if "image_sha256" in row.keys() else None
-    if not sha or not Path(row["image_path"] or "").is_absolute():
+    if not Path(row["image_path"] or "").is_absolute():
         return {}
-    return {"sha256": sha, "read": index.read_original}
+    # read the guarded way even without a sha256 (a row from before hashes were kept): a hard link or copy of
+    # the path would follow a symlink swapped in to the daemon's own files
+    return {"sha256": sha or None, "read": index.read_original}
 
 
 def _add_image(target: _Target, name: str, it: ExportItem) -> None:
     """The frame's image into the export.  An original is read once more and its bytes checked again: what was
     verified when the export began may have been swapped since (a symlink to another file)."""
-    if it.sha256 is None or it.read is None:
+    if it.read is None:
         target.add_file(name, it.image)
         return
     try:
         data = it.read(it.image)
     except OSError as exc:
         raise ExportError(f"{it.image} could not be read while it was exported ({exc}); export again") from None
-    if hashlib.sha256(data).hexdigest() != it.sha256:
+    if it.sha256 is not None and hashlib.sha256(data).hexdigest() != it.sha256:
         raise ExportError(f"{it.image} changed while it was exported (not the labeled bytes); export again")
     target.add_bytes(name, data)
 

@@ -96,3 +96,38 @@ def test_an_original_swapped_during_an_export_is_not_exported(tmp_path: Path, as
         assert not any(b"Zq9" in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink() and p != secret)
     finally:
         store.close()
+
+
+def test_an_original_of_a_row_from_before_hashes_is_still_read_through_the_guard(tmp_path: Path,
+                                                                                  assets: Path) -> None:
+    """A dataset row made before the index kept sha256s has nothing to compare with; its original must still
+    be read the guarded way: an export hard-linked or copied the path as it was, so a symlink swapped in to
+    the web token put the token into the zip."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("bus.jpg", "zidane.jpg"):
+        shutil.copy(IMAGES / name, inputs / name)
+    state = tmp_path / "state"
+    proc = run_edgelabel("run", "--source", str(inputs), "--model", str(assets / "models" / "yolox_nano.onnx"),
+                         "--mqtt", "off", "--state-dir", str(state), timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    secret = state / "web-token"
+    secret.write_bytes(b"Zq9-the-operator-token")
+
+    store = ReviewStore.open(state / "dataset")
+    store.index.protected = (str(state.resolve()),)  # as the daemon and the web page set it
+    try:
+        with store.index.lock, store.index.db:
+            store.index.db.execute("UPDATE records SET image_sha256 = NULL")  # rows from before hashes
+        rows = {Path(r["image_path"]).name: r["id"] for r in store.index.select("1", [], order="rowid")}
+        assert store.image_bytes(rows["bus.jpg"]) is not None  # unswapped: still served and exported
+        (inputs / "bus.jpg").unlink()
+        (inputs / "bus.jpg").symlink_to(secret)
+        assert store.image_bytes(rows["bus.jpg"]) is None
+        out = tmp_path / "export.zip"
+        result = export_dataset(store.index, "yolo", out, states=("auto_accepted", "needs_review"))
+        assert result.missing == [rows["bus.jpg"]] and result.images == 1
+        with zipfile.ZipFile(out) as z:
+            assert all(b"Zq9" not in z.read(n) for n in z.namelist())
+    finally:
+        store.close()

@@ -546,18 +546,22 @@ class DatasetIndex:
 
     def original_changed(self, row: sqlite3.Row, path: Path, data: bytes | None = None) -> bool:
         """True when ``row`` references an original file (not a copy the dataset stored) whose bytes are not
-        the ones labeled: replaced, rewritten, or swapped for a symlink to another file.
+        the ones labeled: replaced, rewritten, or swapped for a symlink to another file; also when it cannot be
+        read the guarded way (gone, or a symlink into the daemon's own files), a row without a sha256 included.
 
         Originals live in folders others can write to; serving or exporting whatever is at the path now
         would put other pixels under reviewed labels, or hand out any file the daemon can read.
         """
         expected = row["image_sha256"] if "image_sha256" in row.keys() else None
-        if not expected or not Path(row["image_path"] or "").is_absolute():
-            return False  # a stored copy, or a row from before hashes were kept
+        if not Path(row["image_path"] or "").is_absolute():
+            return False  # a stored copy
         try:
-            digest = hashlib.sha256(data if data is not None else self.read_original(path)).hexdigest()
+            data = data if data is not None else self.read_original(path)
         except OSError:
-            return True
+            return True  # gone, or refused by the guard (also for a row from before hashes were kept)
+        if not expected:
+            return False  # a row from before hashes were kept: nothing to compare, but read the guarded way
+        digest = hashlib.sha256(data).hexdigest()
         if digest == expected:
             return False
         log.warning("dataset: %s changed since it was labeled (record %s); it is not served or exported",
