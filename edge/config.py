@@ -408,7 +408,7 @@ class WebConfig:
                 out.append(f"web.token: the operator token {why}")
         for name, op in self.operators.items():
             where = f"web.operators.{_key(name)}"
-            if not _NAME_RE.match(name) or name == "operator":
+            if not _NAME_RE.fullmatch(name) or name == "operator":
                 out.append(f"{where}: operator names are 1-64 characters of letters, digits, '_', '-', '.' "
                            "('operator' is taken by web.token)")
             if (op.token is None) == (op.token_sha256 is None):
@@ -589,7 +589,7 @@ def _check(cfg: Config, problems: list[str]) -> None:
     """Rules that involve more than one field or the meaning of a value."""
     from edgelabel.edge.sources import parse_uri  # late import: sources import config types
 
-    if not _NAME_RE.match(cfg.device_id):
+    if not _NAME_RE.fullmatch(cfg.device_id):
         problems.append(f"device_id: {_show(cfg.device_id)} must be 1-64 characters of letters, digits, '_', '-', '.'")
     if not cfg.model.path:
         problems.append("model.path: required (path to an ONNX detector)")
@@ -602,7 +602,7 @@ def _check(cfg: Config, problems: list[str]) -> None:
         problems.append("sources: at least one source is required, e.g. sources: {cam1: {uri: rtsp://...}}")
     for name, src in cfg.sources.items():
         src.name = name
-        if not _NAME_RE.match(name):
+        if not _NAME_RE.fullmatch(name):
             problems.append(f"sources.{_key(name)}: source names must be 1-64 characters of letters, digits, '_', '-', '.'")
         if not src.uri:
             problems.append(f"sources.{_key(name)}.uri: required")

@@ -143,3 +143,12 @@ def test_a_key_ending_in_a_newline_is_quoted() -> None:
         config_from_dict({"0\n": None})
     assert "'0\\n': unknown field" in info.value.problems[0]
     assert all("\n" not in line for line in info.value.problems)
+
+
+def test_names_with_a_trailing_newline_are_refused():
+    """``$`` also matches before a final newline: a device id, a source name or an operator name ending in
+    ``\\n`` passed and went into MQTT topics, record ids and review records."""
+    assert any(p.startswith("device_id:") for p in _problems(_base(device_id="line3\n")))
+    assert any(p.startswith("sources.") for p in _problems(_base(sources={"cam1\n": {"uri": "/data/in/"}})))
+    ops = {"bob\n": {"role": "viewer", "token": "a-long-enough-token-0123456789"}}
+    assert any("bob" in p for p in _problems(_base(web={"enabled": True, "operators": ops})))
