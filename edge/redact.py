@@ -69,7 +69,13 @@ def _mask_userinfo(m: re.Match[str], replacement: str | None) -> str:
     return f"{scheme}{user}:{replacement}@{host}" if sep else f"{scheme}{replacement}@{host}"
 
 
+#: an API token of ``edgelabel token add`` (``elt_`` + 43 URL-safe characters): masked wherever it appears,
+#: with its prefix kept so a reader sees what kind of secret was there
+_API_TOKEN_RE = re.compile(r"\belt_[A-Za-z0-9_-]{20,}")
+
+
 def _redact_plain(text: str, replacement: str | None) -> str:
+    text = _API_TOKEN_RE.sub("elt_" + MASK, text)
     text = _URL_RE.sub(lambda m: _mask_userinfo(m, replacement), text)
     text = _PARAM_RE.sub(_mask_param, text)
     return _COLON_RE.sub(_mask_param, text)

@@ -190,3 +190,14 @@ def test_the_broker_password_comes_from_the_environment(monkeypatch: pytest.Monk
     monkeypatch.setenv("EDGELABEL_MQTT_PASSWORD", "Zq9env")
     assert parse_mqtt_url("mqtts://op@broker:8883") == {"enabled": True, "host": "broker", "port": 8883,
                                                          "username": "op", "password": "Zq9env", "tls": {}}
+
+
+def test_api_tokens_are_masked_wherever_they_appear() -> None:
+    """An ``edgelabel token add`` token pasted into a URL, a header dump or an error text is masked."""
+    import secrets
+
+    token = "elt_" + secrets.token_urlsafe(32)
+    for text in (f"Authorization: Bearer {token}", f"curl -H 'x: {token}' http://h/api", f"bad token {token}."):
+        out = redact(text)
+        assert token not in out and token[4:] not in out and "elt_***" in out, out
+    assert redact("elt_short") == "elt_short"  # not a token: too short to be one

@@ -113,7 +113,7 @@ def create_app(
             app.config["SECRET_KEY"] = key
 
     redactor = Redactor([app.config["EDGELABEL_TOKEN"], str(app.config["SECRET_KEY"]), cfg.mqtt.password,
-                         _mqtt_password_file(cfg)])
+                         _mqtt_password_file(cfg), *(op.token for op in cfg.web.operators.values())])
     if log_handler is None:
         log_handler = RingLogHandler()
     log_handler.set_redact(redactor.text)
