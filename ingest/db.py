@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -190,6 +191,14 @@ def _required_ts(data: dict[str, Any], key: str) -> str:
     return value
 
 
+def _uuid(value: Any) -> str:
+    """A record id as PostgreSQL prints a uuid; ValueError (the message is rejected) when it is not one."""
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        raise ValueError(f"id: {value!r} is not a UUID (the label record's schema requires one)") from None
+
+
 def _epoch_iso(value: Any) -> str | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return datetime.fromtimestamp(value, tz=timezone.utc).isoformat()
@@ -304,7 +313,9 @@ class Writer:
             dets = data["detections"]
             if not isinstance(dets, list):
                 raise TypeError("detections: expected a list")
-            return {"id": str(data["id"]), "device": str(data["device_id"]), "source": str(data["source"]),
+            # the id in PostgreSQL's own spelling: the COPY below finds each new record by what INSERT RETURNING
+            # gives back (lowercase, hyphenated), and two spellings of one id in a batch are one record
+            return {"id": _uuid(data["id"]), "device": str(data["device_id"]), "source": str(data["source"]),
                     "frame_index": int(data["frame_index"]), "frame_key": str(data["frame_key"]),
                     "captured_at": _ts(data["captured_at"]) or _epoch_iso(data.get("captured_ts")),
                     "media_time": data.get("media_time"),
