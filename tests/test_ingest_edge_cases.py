@@ -55,3 +55,147 @@ def test_labels_with_tabs_newlines_backslashes_and_non_ascii_come_back_as_sent(p
         result = Writer(conn, "edgelabel").write_each([_msg(rec, 1), _msg(nul, 2)])
         assert result.inserted["labels"] == 1 and result.rejected == 1
         assert conn.execute("SELECT label FROM detections WHERE idx = 0").fetchone()[0] == odd
+
+
+# --- frames from a hostile or broken appliance --------------------------------------------------------------
+
+
+class RawAppliance:
+    """An HTTP server that answers every request the way ``mode`` says, recording what it was sent.
+
+    drip: headers, then one body byte every 0.3 s (for minutes); redirect: 302 to ``location``; ok: a frame.
+    """
+
+    def __init__(self, mode: str, location: str = "", body: bytes = b"") -> None:
+        import socket
+        import threading
+
+        self.mode, self.location, self.body = mode, location, body
+        self.requests: list[str] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.closed = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn) -> None:  # noqa: ANN001 - a socket
+        try:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            self.requests.append(head.decode("latin-1"))
+            if self.mode == "redirect":
+                conn.sendall(f"HTTP/1.1 302 Found\r\nLocation: {self.location}\r\nContent-Length: 0\r\n"
+                             "Connection: close\r\n\r\n".encode())
+            elif self.mode == "drip":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n")
+                for _ in range(1000):
+                    if self.closed.wait(0.3):
+                        break
+                    conn.sendall(b"x")
+            else:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: "
+                             + str(len(self.body)).encode() + b"\r\nConnection: close\r\n\r\n" + self.body)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.closed.set()
+        self.sock.close()
+
+
+def _fetch_one(dsn: str, device: str, frames: dict, until, timeout: float = 30.0) -> dict:
+    """Store one label record naming a frame for ``device``, run the real fetcher until ``until(row)``."""
+    import hashlib
+    import time
+
+    from prometheus_client import CollectorRegistry
+
+    from edgelabel.ingest.config import ingest_config_from_dict
+    from edgelabel.ingest.db import Writer, migrate
+    from edgelabel.ingest.frames import FrameFetcher
+
+    cfg = ingest_config_from_dict({"frames": {"enabled": True, "rate": 100, "backoff_min": 60, **frames}}).frames
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        migrate(conn)
+        rec = {**label("cam-1", "gate", 1), "device_id": device,
+               "frame_sha256": hashlib.sha256(b"frame").hexdigest(), "frame_path": "/data/f.jpg"}
+        assert Writer(conn, "edgelabel").write([_msg(rec)]).inserted["labels"] == 1
+        fetcher = FrameFetcher(cfg, dsn, registry=CollectorRegistry())
+        fetcher.start()
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+                row = cur.execute("SELECT * FROM frames").fetchone()
+                if until(row):
+                    return row
+                time.sleep(0.2)
+            raise AssertionError(f"the frame's row did not get there in {timeout:.0f} s: {row}")
+        finally:
+            fetcher.stop()
+
+
+def test_a_device_id_cannot_steer_the_token_to_another_host(pg_dsn, tmp_path):  # noqa: F811
+    """frames.url's {device} is filled with the device id of the message: an id that is not a plain name
+    (an '@', a '/', a '#') is refused instead of becoming part of the address the token is sent to."""
+    catcher = RawAppliance("ok", body=b"frame")
+    try:
+        device = f"127.0.0.1:{catcher.port}/#"
+        (tmp_path / "nas").mkdir()
+        row = _fetch_one(pg_dsn, device, {"folder": str(tmp_path / "nas"), "url": "http://{device}.plant.invalid:1",
+                                          "token": "viewer-token-0123456789abcdef"},
+                         lambda r: r["status"] != "pending")
+        assert not catcher.requests, catcher.requests
+        assert row["status"] == "failed" and "cannot go into frames.url" in row["last_error"]
+    finally:
+        catcher.close()
+
+
+def test_a_redirect_is_not_followed_with_the_token(pg_dsn, tmp_path):  # noqa: F811
+    elsewhere = RawAppliance("ok", body=b"frame")
+    redirect = RawAppliance("redirect", location=f"http://127.0.0.1:{elsewhere.port}/steal")
+    try:
+        (tmp_path / "nas").mkdir()
+        row = _fetch_one(pg_dsn, "cam-1", {"folder": str(tmp_path / "nas"), "url": f"http://127.0.0.1:{redirect.port}",
+                                           "token": "viewer-token-0123456789abcdef"},
+                         lambda r: r["attempts"] >= 1)
+        assert redirect.requests and "Bearer viewer-token" in redirect.requests[0]
+        assert not elsewhere.requests, "the redirect was followed"
+        assert row["status"] == "pending" and "302" in row["last_error"] and "not followed" in row["last_error"]
+    finally:
+        redirect.close()
+        elsewhere.close()
+
+
+def test_an_appliance_dripping_its_answer_is_cut_off_after_the_timeout(pg_dsn, tmp_path):  # noqa: F811
+    """frames.timeout bounds the whole answer, not each read: a byte every 0.3 s does not hold the thread."""
+    import time
+
+    drip = RawAppliance("drip")
+    try:
+        (tmp_path / "nas").mkdir()
+        t0 = time.monotonic()
+        row = _fetch_one(pg_dsn, "cam-1", {"folder": str(tmp_path / "nas"), "url": f"http://127.0.0.1:{drip.port}",
+                                           "timeout": 1.0, "workers": 1}, lambda r: r["attempts"] >= 1, timeout=40)
+        # the drip lasts 300 s; a cut after ~1 s (margin for a loaded machine)
+        assert time.monotonic() - t0 < 40
+        assert "longer than frames.timeout" in row["last_error"], row["last_error"]
+    finally:
+        drip.close()
