@@ -199,3 +199,49 @@ def test_an_appliance_dripping_its_answer_is_cut_off_after_the_timeout(pg_dsn, t
         assert "longer than frames.timeout" in row["last_error"], row["last_error"]
     finally:
         drip.close()
+
+
+# --- the central export over records ingest stored as they came -------------------------------------------
+
+
+def test_a_malformed_record_is_listed_by_the_central_export_and_the_others_are_exported(pg_dsn, tmp_path):  # noqa: F811
+    """Ingest keeps any JSON object; a record with a width of 1280.5 or a review whose boxes lack class_id
+    is left out with its reason, the rest is a valid COCO dataset (before: the whole export failed)."""
+    import hashlib
+
+    from edgelabel.ingest.db import Message, Writer, migrate
+    from edgelabel.ingest.export import export_central
+    from edgelabel.ingest.framestore import FolderStore, frame_location
+    from tests.test_ingest import review
+
+    (tmp_path / "nas").mkdir()
+    store = FolderStore(tmp_path / "nas")
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        migrate(conn)
+        writer = Writer(conn, "edgelabel")
+        recs = [label(f"cam-{i}", "gate", i) for i in range(4)]
+        recs[1]["width"] = 1280.5
+        recs[2]["height"] = "tall"
+        bad_review = review(recs[3], 1, "corrected", [[1.0, 2.0, 30.0, 40.0]])
+        bad_review["detections"] = [{"label": "truck", "box": [1, 2, 3, 4]}]
+        for rec in recs:
+            data = rec["id"].encode()
+            rec["frame_sha256"], rec["frame_path"] = hashlib.sha256(data).hexdigest(), "/d/f.jpg"
+            loc = frame_location(rec["device_id"], rec["source"], rec["frame_sha256"], "jpg")
+            store.put(loc, data, rec["frame_sha256"])
+        msgs = [Message(f"edgelabel/{r['device_id']}/gate/labels", json.dumps(r).encode(), i, 1)
+                for i, r in enumerate(recs)]
+        msgs.append(Message("edgelabel/cam-3/review", json.dumps(bad_review).encode(), 9, 1))
+        assert writer.write(msgs).rejected == 0
+        conn.execute("UPDATE frames SET status = 'fetched', location = device || '/gate/' || left(frame_sha256, 2) "
+                     "|| '/' || frame_sha256 || '.jpg'")
+        for fmt in ("coco", "yolo"):
+            res = export_central(conn, store, fmt, tmp_path / f"out-{fmt}")
+            assert res.images == 1 and res.devices == {"cam-0": 1}
+            reasons = {m["record_id"]: m["reason"] for m in res.not_exported}
+            assert "1280.5" in reasons[recs[1]["id"]] and "'tall'" in reasons[recs[2]["id"]]
+            assert reasons[recs[3]["id"]].startswith("the reviewed boxes: detections[0].class_id is None")
+        doc = json.loads((tmp_path / "out-coco" / "annotations" / "instances_default.json").read_text())
+        cats = {c["id"] for c in doc["categories"]}
+        assert doc["annotations"] and all(a["category_id"] in cats for a in doc["annotations"])
+        assert {a["image_id"] for a in doc["annotations"]} <= {i["id"] for i in doc["images"]}
