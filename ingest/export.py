@@ -16,7 +16,8 @@ Rules:
   copied; every other record is listed in ``edgelabel-export.json`` (``not_exported``) with the reason
   (pending, failed and why, no frame named, damaged in the store, a width/height or a box that is not a
   number where one is needed: ingest keeps any JSON object) and counted in the log;
-* file names are ``<device>__<source>__<frame_index>_<record id[:8]>.<ext>``: unique across appliances and
+* file names are ``<device>__<source>__<frame_index>_<record id[:8]>.<ext>`` (64 characters of each name at
+  most): unique across appliances and
   the same every time (records in device, source, capture order);
 * class names come from the records (``class_id`` -> ``label``); two names for one id are a warning and the
   first in that order wins;
@@ -176,7 +177,8 @@ def export_central(conn: psycopg.Connection, store: FrameStore, fmt: str, out: P
                                             "frame_status": r["frame_status"], "reason": reason})
                 continue
             ext = r["location"].rsplit(".", 1)[-1]
-            stem = f"{safe_part(r['device'])}__{safe_part(r['source'])}__{r['frame_index']:08d}_{r['id'][:8]}"
+            # 64 characters of each name at most (the daemon's limit): the file name stays under 255 bytes
+            stem = f"{safe_part(r['device'])[:64]}__{safe_part(r['source'])[:64]}__{r['frame_index']:08d}_{r['id'][:8]}"
             dets = r["detections"]
             if fmt == "yolo":
                 subset = "val" if val_fraction and _fraction(r["id"]) < val_fraction else "train"

@@ -245,3 +245,34 @@ def test_a_malformed_record_is_listed_by_the_central_export_and_the_others_are_e
         cats = {c["id"] for c in doc["categories"]}
         assert doc["annotations"] and all(a["category_id"] in cats for a in doc["annotations"])
         assert {a["image_id"] for a in doc["annotations"]} <= {i["id"] for i in doc["images"]}
+
+
+def test_long_device_and_source_names_from_a_foreign_publisher_still_export(pg_dsn, tmp_path):  # noqa: F811
+    """The daemon's names are at most 64 characters; ingest takes longer ones from any publisher, and the
+    export's file name (device, source, index, id) must still fit a file system's 255 bytes."""
+    import hashlib
+
+    from edgelabel.ingest.db import Message, Writer, migrate
+    from edgelabel.ingest.export import export_central
+    from edgelabel.ingest.framestore import FolderStore, frame_location
+
+    (tmp_path / "nas").mkdir()
+    store = FolderStore(tmp_path / "nas")
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        migrate(conn)
+        recs = [label("d" * 200 + str(i), "s" * 200, i) for i in range(2)]
+        for rec in recs:
+            data = rec["id"].encode()
+            rec["frame_sha256"], rec["frame_path"] = hashlib.sha256(data).hexdigest(), "/d/f.png"
+            loc = frame_location(rec["device_id"], rec["source"], rec["frame_sha256"], "png")
+            store.put(loc, data, rec["frame_sha256"])
+        msgs = [Message(f"edgelabel/{r['device_id']}/{r['source']}/labels", json.dumps(r).encode(), i, 1)
+                for i, r in enumerate(recs)]
+        assert Writer(conn, "edgelabel").write(msgs).inserted["labels"] == 2
+        for rec in recs:
+            conn.execute("UPDATE frames SET status = 'fetched', location = %s WHERE record_id = %s",
+                         (frame_location(rec["device_id"], rec["source"], rec["frame_sha256"], "png"), rec["id"]))
+        res = export_central(conn, store, "yolo", tmp_path / "out")
+        assert res.images == 2 and not res.not_exported
+        names = [p.name for p in (tmp_path / "out" / "images" / "train").iterdir()]
+        assert len(set(names)) == 2 and all(len(n.encode()) <= 255 for n in names)
