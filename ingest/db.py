@@ -237,7 +237,9 @@ class Writer:
             kind, device, source = self.classify(msg.topic)
             try:
                 row = self._row(kind, device, source, msg)
-            except (ValueError, KeyError, TypeError) as exc:
+            # OverflowError: int() of a 1e999 (JSON's inf); RecursionError: JSON nested thousands deep.  Either,
+            # escaping here, would stop the worker on every redelivery of the message
+            except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
                 rows["rejected"].append({"topic": msg.topic, "payload": msg.payload.hex(), "error": str(exc)[:500]})
                 continue
             key = (kind, str(row.get("id", "")))

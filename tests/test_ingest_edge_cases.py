@@ -276,3 +276,24 @@ def test_long_device_and_source_names_from_a_foreign_publisher_still_export(pg_d
         assert res.images == 2 and not res.not_exported
         names = [p.name for p in (tmp_path / "out" / "images" / "train").iterdir()]
         assert len(set(names)) == 2 and all(len(n.encode()) <= 255 for n in names)
+
+
+def test_a_deeply_nested_or_infinite_payload_is_rejected_and_the_batch_stored(pg_dsn):  # noqa: F811
+    """JSON nested 100 000 deep (RecursionError in the parser) or a 1e999 where an integer goes (int(inf):
+    OverflowError) is one bad message: kept in rejected_messages, the rest of its batch stored.  Raised out
+    of the writer, it stopped the worker, and again on each redelivery."""
+    from edgelabel.ingest.db import Message, Writer, migrate
+
+    good = label("cam-1", "gate", 1)
+    huge_index = json.dumps(label("cam-1", "gate", 2)).replace('"frame_index": 2', '"frame_index": 1e999')
+    huge_class = json.dumps(label("cam-1", "gate", 3)).replace('"class_id": 0', '"class_id": 1e999', 1)
+    huge_ts = json.dumps({**label("cam-1", "gate", 4), "captured_at": None, "captured_ts": 1e300})
+    assert "1e999" in huge_index and "1e999" in huge_class
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        migrate(conn)
+        batch = [Message(TOPIC, b"[" * 100_000, 1, 1), Message(TOPIC, b'{"a":' * 100_000, 2, 1),
+                 Message(TOPIC, huge_index.encode(), 3, 1), Message(TOPIC, huge_class.encode(), 4, 1),
+                 Message(TOPIC, huge_ts.encode(), 5, 1), _msg(good, 6)]
+        result = Writer(conn, "edgelabel").write(batch)
+        assert result.inserted["labels"] == 1 and result.rejected == 5
+        assert conn.execute("SELECT id::text FROM records").fetchone()[0] == good["id"]
