@@ -103,7 +103,17 @@ def migrate(conn: psycopg.Connection) -> int:
                                f"({len(known)}): upgrade edgelabel on this host")
         for version, name, sql in known[current:]:
             log.info("database: applying migration %s", name)
-            conn.execute(sql)
+            try:
+                conn.execute(sql)
+            except psycopg.errors.DependentObjectsStillExist as exc:
+                # the plant's own views on ingest's tables: retrying cannot help, and PostgreSQL's hint
+                # (DROP ... CASCADE) would drop them unseen
+                detail = " ".join((exc.diag.message_detail or "").split())
+                raise RuntimeError(
+                    f"migration {name} cannot run, the database was not changed: {exc.diag.message_primary} "
+                    f"({detail}). A view or function of your own uses ingest's tables: save its definition "
+                    f"(SELECT pg_get_viewdef('NAME'::regclass)), drop it, start this edgelabel once, then create "
+                    f"it again") from None
             conn.execute("INSERT INTO schema_version (version, name) VALUES (%s, %s)", (version, name))
             current = version
     return current

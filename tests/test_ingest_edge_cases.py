@@ -297,3 +297,30 @@ def test_a_deeply_nested_or_infinite_payload_is_rejected_and_the_batch_stored(pg
         result = Writer(conn, "edgelabel").write(batch)
         assert result.inserted["labels"] == 1 and result.rejected == 5
         assert conn.execute("SELECT id::text FROM records").fetchone()[0] == good["id"]
+
+
+def test_a_plant_view_on_the_history_tables_stops_the_upgrade_with_what_to_do(pg_dsn):  # noqa: F811
+    """Migration 003 rebuilds track_events, alarms and device_status; a view of the plant's own on one of
+    them makes it fail.  The database stays at version 2, and the error names the view and says what to
+    do (not PostgreSQL's 'DROP ... CASCADE', and not a retry for ever)."""
+    import pytest
+
+    from edgelabel.ingest import db
+
+    every = db.migrations()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        old = db.migrations
+        db.migrations = lambda: every[:2]  # an earlier edgelabel
+        try:
+            assert db.migrate(conn) == 2
+        finally:
+            db.migrations = old
+        conn.execute("CREATE VIEW line_alarms AS SELECT device, at FROM alarms")
+        with pytest.raises(RuntimeError) as err:
+            db.migrate(conn)
+        text = str(err.value)
+        assert "003_history_partitions.sql" in text and "line_alarms" in text and "not changed" in text
+        assert "CASCADE" not in text
+        assert conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] == 2
+        conn.execute("DROP VIEW line_alarms")
+        assert db.migrate(conn) == len(every)
