@@ -466,9 +466,12 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 def _error_text(exc: urllib.error.HTTPError) -> str:
-    """The appliance's JSON ``error`` (its reason), else the HTTP reason phrase."""
+    """The appliance's JSON ``error`` (its reason), else the HTTP reason phrase.
+
+    One ``read1`` (what one receive brings): ``read(4096)`` would wait for all 4096 bytes, a byte per
+    socket timeout from an appliance that drips its error answer."""
     try:
-        body = exc.read(4096)
+        body = exc.read1(4096)
         return str(json.loads(body).get("error") or exc.reason)[:300]
     except (ValueError, AttributeError, OSError):
         return str(exc.reason)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import psycopg
+import pytest
 
 from tests.test_ingest import label, pg_dsn  # noqa: F401 - pg_dsn is a fixture
 
@@ -101,8 +102,9 @@ class RawAppliance:
             if self.mode == "redirect":
                 conn.sendall(f"HTTP/1.1 302 Found\r\nLocation: {self.location}\r\nContent-Length: 0\r\n"
                              "Connection: close\r\n\r\n".encode())
-            elif self.mode == "drip":
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n")
+            elif self.mode in ("drip", "drip-error"):
+                status = b"500 Internal Server Error" if self.mode == "drip-error" else b"200 OK"
+                conn.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n")
                 for _ in range(1000):
                     if self.closed.wait(0.3):
                         break
@@ -184,11 +186,13 @@ def test_a_redirect_is_not_followed_with_the_token(pg_dsn, tmp_path):  # noqa: F
         elsewhere.close()
 
 
-def test_an_appliance_dripping_its_answer_is_cut_off_after_the_timeout(pg_dsn, tmp_path):  # noqa: F811
-    """frames.timeout bounds the whole answer, not each read: a byte every 0.3 s does not hold the thread."""
+@pytest.mark.parametrize("mode", ["drip", "drip-error"])
+def test_an_appliance_dripping_its_answer_is_cut_off_after_the_timeout(pg_dsn, tmp_path, mode):  # noqa: F811
+    """frames.timeout bounds the whole answer, not each read: a byte every 0.3 s does not hold the thread
+    (an image, or the body of an error answer, whose reason is read for last_error)."""
     import time
 
-    drip = RawAppliance("drip")
+    drip = RawAppliance(mode)
     try:
         (tmp_path / "nas").mkdir()
         t0 = time.monotonic()
@@ -196,7 +200,10 @@ def test_an_appliance_dripping_its_answer_is_cut_off_after_the_timeout(pg_dsn, t
                                            "timeout": 1.0, "workers": 1}, lambda r: r["attempts"] >= 1, timeout=40)
         # the drip lasts 300 s; a cut after ~1 s (margin for a loaded machine)
         assert time.monotonic() - t0 < 40
-        assert "longer than frames.timeout" in row["last_error"], row["last_error"]
+        if mode == "drip":
+            assert "longer than frames.timeout" in row["last_error"], row["last_error"]
+        else:
+            assert "answered 500" in row["last_error"], row["last_error"]
     finally:
         drip.close()
 
