@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -102,7 +103,17 @@ def migrate(conn: psycopg.Connection) -> int:
                                f"({len(known)}): upgrade edgelabel on this host")
         for version, name, sql in known[current:]:
             log.info("database: applying migration %s", name)
-            conn.execute(sql)
+            try:
+                conn.execute(sql)
+            except psycopg.errors.DependentObjectsStillExist as exc:
+                # the plant's own views on ingest's tables: retrying cannot help, and PostgreSQL's hint
+                # (DROP ... CASCADE) would drop them unseen
+                detail = " ".join((exc.diag.message_detail or "").split())
+                raise RuntimeError(
+                    f"migration {name} cannot run, the database was not changed: {exc.diag.message_primary} "
+                    f"({detail}). A view or function of your own uses ingest's tables: save its definition "
+                    f"(SELECT pg_get_viewdef('NAME'::regclass)), drop it, start this edgelabel once, then create "
+                    f"it again") from None
             conn.execute("INSERT INTO schema_version (version, name) VALUES (%s, %s)", (version, name))
             current = version
     return current
@@ -190,6 +201,14 @@ def _required_ts(data: dict[str, Any], key: str) -> str:
     return value
 
 
+def _uuid(value: Any) -> str:
+    """A record id as PostgreSQL prints a uuid; ValueError (the message is rejected) when it is not one."""
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        raise ValueError(f"id: {value!r} is not a UUID (the label record's schema requires one)") from None
+
+
 def _epoch_iso(value: Any) -> str | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return datetime.fromtimestamp(value, tz=timezone.utc).isoformat()
@@ -228,7 +247,9 @@ class Writer:
             kind, device, source = self.classify(msg.topic)
             try:
                 row = self._row(kind, device, source, msg)
-            except (ValueError, KeyError, TypeError) as exc:
+            # OverflowError: int() of a 1e999 (JSON's inf); RecursionError: JSON nested thousands deep.  Either,
+            # escaping here, would stop the worker on every redelivery of the message
+            except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
                 rows["rejected"].append({"topic": msg.topic, "payload": msg.payload.hex(), "error": str(exc)[:500]})
                 continue
             key = (kind, str(row.get("id", "")))
@@ -304,7 +325,9 @@ class Writer:
             dets = data["detections"]
             if not isinstance(dets, list):
                 raise TypeError("detections: expected a list")
-            return {"id": str(data["id"]), "device": str(data["device_id"]), "source": str(data["source"]),
+            # the id in PostgreSQL's own spelling: the COPY below finds each new record by what INSERT RETURNING
+            # gives back (lowercase, hyphenated), and two spellings of one id in a batch are one record
+            return {"id": _uuid(data["id"]), "device": str(data["device_id"]), "source": str(data["source"]),
                     "frame_index": int(data["frame_index"]), "frame_key": str(data["frame_key"]),
                     "captured_at": _ts(data["captured_at"]) or _epoch_iso(data.get("captured_ts")),
                     "media_time": data.get("media_time"),

@@ -14,8 +14,10 @@ Rules:
   ``label_records`` view shows them), else the detector's; frames whose last review is ``rejected`` are left out;
 * only frames the store holds (``frames.status = 'fetched'``), re-verified against their sha256 as they are
   copied; every other record is listed in ``edgelabel-export.json`` (``not_exported``) with the reason
-  (pending, failed and why, no frame named, damaged in the store) and counted in the log;
-* file names are ``<device>__<source>__<frame_index>_<record id[:8]>.<ext>``: unique across appliances and
+  (pending, failed and why, no frame named, damaged in the store, a width/height or a box that is not a
+  number where one is needed: ingest keeps any JSON object) and counted in the log;
+* file names are ``<device>__<source>__<frame_index>_<record id[:8]>.<ext>`` (64 characters of each name at
+  most): unique across appliances and
   the same every time (records in device, source, capture order);
 * class names come from the records (``class_id`` -> ``label``); two names for one id are a warning and the
   first in that order wins;
@@ -27,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -54,7 +57,7 @@ _QUERY = """
 SELECT r.id::text AS id, r.device, r.source, r.frame_index, r.captured_at,
        COALESCE(r.reviewed_detections, r.record -> 'detections') AS detections,
        r.review_state, r.reviewed_by, r.reviewed_at,
-       (r.record ->> 'width')::int AS width, (r.record ->> 'height')::int AS height,
+       r.record -> 'width' AS width, r.record -> 'height' AS height,
        r.record -> 'model' ->> 'name' AS model,
        f.status AS frame_status, f.location, f.last_error, f.frame_sha256
 FROM records r LEFT JOIN frames f ON f.record_id = r.id
@@ -145,6 +148,12 @@ def export_central(conn: psycopg.Connection, store: FrameStore, fmt: str, out: P
         raise CentralExportError("the database has no frames table: start edgelabel ingest once with this "
                                  "version (it migrates the schema)") from None
     result = CentralExportResult(out, fmt)
+    for r in rows:  # ingest stores any JSON object: a malformed record is listed, it does not stop the export
+        r["boxes_error"] = None
+        try:
+            r["detections"] = _clean_boxes(r["detections"])
+        except ValueError as exc:
+            r["detections"], r["boxes_error"] = [], str(exc)
     names = _class_names(rows)
     target = _Folder(out)
     t0 = time.monotonic()
@@ -168,8 +177,9 @@ def export_central(conn: psycopg.Connection, store: FrameStore, fmt: str, out: P
                                             "frame_status": r["frame_status"], "reason": reason})
                 continue
             ext = r["location"].rsplit(".", 1)[-1]
-            stem = f"{safe_part(r['device'])}__{safe_part(r['source'])}__{r['frame_index']:08d}_{r['id'][:8]}"
-            dets = r["detections"] if isinstance(r["detections"], list) else []
+            # 64 characters of each name at most (the daemon's limit): the file name stays under 255 bytes
+            stem = f"{safe_part(r['device'])[:64]}__{safe_part(r['source'])[:64]}__{r['frame_index']:08d}_{r['id'][:8]}"
+            dets = r["detections"]
             if fmt == "yolo":
                 subset = "val" if val_fraction and _fraction(r["id"]) < val_fraction else "train"
                 used.add(subset)
@@ -230,16 +240,38 @@ def _why_not(r: dict[str, Any]) -> str | None:
         return "not fetched yet (pending)" + (f"; last try: {r['last_error']}" if r["last_error"] else "")
     if status == "failed":
         return f"fetch failed: {r['last_error']}"
-    if not r["width"] or not r["height"]:
-        return "the record has no width/height"
+    if not all(isinstance(r[k], int) and not isinstance(r[k], bool) and r[k] > 0 for k in ("width", "height")):
+        return f"the record's width/height ({r['width']!r}, {r['height']!r}) are not positive integers"
+    if r["boxes_error"]:
+        return f"the {'reviewed' if r['review_state'] else 'detector' + chr(39) + 's'} boxes: {r['boxes_error']}"
     return None
+
+
+def _clean_boxes(dets: Any) -> list[dict[str, Any]]:
+    """The boxes as the export writes them (class_id an integer >= 0, box four finite numbers); ValueError
+    names the first one that is not (a review's detections reach the database unchecked)."""
+    if not isinstance(dets, list):
+        raise ValueError(f"detections is {type(dets).__name__}, not a list")
+    out = []
+    for i, d in enumerate(dets):
+        cid = d.get("class_id") if isinstance(d, dict) else None
+        box = d.get("box") if isinstance(d, dict) else None
+        if not isinstance(cid, int) or isinstance(cid, bool) or cid < 0:
+            raise ValueError(f"detections[{i}].class_id is {cid!r}, not an integer >= 0")
+        if not (isinstance(box, list) and len(box) == 4 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+            raise ValueError(f"detections[{i}].box is {box!r}, not four numbers")
+        score = d.get("score")
+        out.append({**d, "class_id": cid, "box": [float(v) for v in box],
+                    "score": score if isinstance(score, (int, float)) and not isinstance(score, bool) else None})
+    return out
 
 
 def _class_names(rows: list[dict[str, Any]]) -> list[str]:
     """Names indexed by class id, from the boxes themselves; ids without a box get ``class<N>``."""
     seen: dict[int, str] = {}
     for r in rows:
-        for d in r["detections"] if isinstance(r["detections"], list) else []:
+        for d in r["detections"]:
             cid, name = int(d["class_id"]), str(d.get("label") or "")
             if cid not in seen:
                 seen[cid] = name

@@ -28,6 +28,7 @@ import http.client
 import json
 import logging
 import random
+import re
 import ssl
 import sys
 import threading
@@ -48,6 +49,8 @@ log = logging.getLogger("edgelabel.ingest.frames")
 
 #: the appliance's endpoint (web/review.py)
 FRAME_PATH = "/api/dataset/frames/"
+#: a device id that may go into frames.url's {device} (the daemon's own rule for device_id)
+_DEVICE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 #: how long a thread with nothing due waits before looking again
 POLL = 1.0
 #: how often the pending/failed counts are read from the database for /metrics and /healthz
@@ -145,6 +148,8 @@ class FrameFetcher:
         self.store: FolderStore | S3Store | None = None
         self.last_error: str | None = None
         self._ssl = self._ssl_context()
+        # redirects are not followed: urllib would send the Authorization header along to wherever they point
+        self._opener = urllib.request.build_opener(_NoRedirect(), urllib.request.HTTPSHandler(context=self._ssl))
         self._metrics(registry)
 
     def _metrics(self, registry: Any) -> None:
@@ -327,6 +332,11 @@ class FrameFetcher:
 
     def _fetch(self, device: str, record_id: str) -> bytes:
         base, token = self.cfg.appliance(device)
+        own = self.cfg.appliances.get(device)
+        if base and not (own and own.url) and not _DEVICE_RE.match(device):
+            # the device id comes from the message: in frames.url it could name another host (an '@', a '/')
+            raise _Failed(f"device id {device!r} is not 1-64 letters, digits, '_', '-', '.' and cannot go into "
+                          f"frames.url: set frames.appliances.<device>.url for it, then requeue")
         if not base:
             raise _Failed(f"no web address for device {device!r}: set frames.url (with {{device}}) or "
                           f"frames.appliances.{device}.url, then requeue")
@@ -336,10 +346,14 @@ class FrameFetcher:
             req.add_header("Authorization", f"Bearer {token}")
         url = base + FRAME_PATH + record_id
         try:
-            ctx = self._ssl if base.startswith("https:") else None
-            with urllib.request.urlopen(req, timeout=self.cfg.timeout, context=ctx) as resp:  # noqa: S310 - http(s) only
-                data = resp.read(self.cfg.max_bytes + 1)
+            with self._opener.open(req, timeout=self.cfg.timeout) as resp:
+                data = self._body(resp, url, time.monotonic() + self.cfg.timeout)
         except urllib.error.HTTPError as exc:
+            if 300 <= exc.code < 400:
+                where = redact(str(exc.headers.get("Location") or "nowhere"))
+                raise _Retry(f"{url} answered {exc.code}, a redirect to {where}: not followed (the token would go "
+                             f"along); set frames.url or frames.appliances.{device}.url to the address to use") \
+                    from None
             detail = _error_text(exc)
             if exc.code in (404, 410):
                 raise _Failed(f"{url} answered {exc.code}: {detail}") from None
@@ -355,6 +369,23 @@ class FrameFetcher:
         if len(data) > self.cfg.max_bytes:
             raise _Failed(f"{url}: the answer is larger than frames.max_bytes ({self.cfg.max_bytes})")
         return data
+
+    def _body(self, resp: Any, url: str, deadline: float) -> bytes:
+        """The answer's body, at most ``max_bytes + 1`` of it, read by the piece so that ``timeout`` bounds the
+        whole answer: the socket timeout alone bounds each read, and an appliance dripping a byte now and then
+        would hold the thread for hours."""
+        parts: list[bytes] = []
+        size = 0
+        while size <= self.cfg.max_bytes:
+            if time.monotonic() > deadline:
+                raise _Retry(f"{url}: the answer took longer than frames.timeout ({self.cfg.timeout:g} s) "
+                             f"({size} bytes by then)")
+            part = resp.read1(min(1 << 20, self.cfg.max_bytes + 1 - size))
+            if not part:
+                break
+            parts.append(part)
+            size += len(part)
+        return b"".join(parts)
 
     def _pace(self, device: str) -> None:
         """Wait for this appliance's next slot: at most ``rate`` requests a second to it from this process."""
@@ -427,10 +458,20 @@ class FrameFetcher:
                     "appliances_backed_off": backed, "last_error": self.last_error}
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A 3xx answer stays an HTTPError (its Location is reported, never requested)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201 - urllib's signature
+        return None
+
+
 def _error_text(exc: urllib.error.HTTPError) -> str:
-    """The appliance's JSON ``error`` (its reason), else the HTTP reason phrase."""
+    """The appliance's JSON ``error`` (its reason), else the HTTP reason phrase.
+
+    One ``read1`` (what one receive brings): ``read(4096)`` would wait for all 4096 bytes, a byte per
+    socket timeout from an appliance that drips its error answer."""
     try:
-        body = exc.read(4096)
+        body = exc.read1(4096)
         return str(json.loads(body).get("error") or exc.reason)[:300]
     except (ValueError, AttributeError, OSError):
         return str(exc.reason)
