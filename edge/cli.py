@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlparse, urlsplit
 
 import edgelabel.edge.sources.imageio  # noqa: F401  (sets OpenCV's image size limit before cv2 is loaded)
 from edgelabel.edge import __version__
@@ -473,6 +473,10 @@ def _central_export(args: argparse.Namespace) -> int:
     if not (args.db or args.ingest_config):
         print("edgelabel export: the central export needs --db postgresql://... (or --ingest-config ingest.yaml)",
               file=sys.stderr)
+        return EXIT_USAGE
+    if args.db and urlsplit(args.db).password:
+        print("edgelabel export: --db holds a password, and a command line is readable by every local user; "
+              "give --db postgresql://user@host/dbname and the password in PGPASSWORD (or ~/.pgpass)", file=sys.stderr)
         return EXIT_USAGE
     try:
         from edgelabel.ingest.export import main as central_main

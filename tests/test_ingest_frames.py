@@ -297,6 +297,10 @@ def test_frames_are_fetched_once_verified_stored_and_failures_listed_then_export
     assert bad.returncode == 2 and "--overwrite" in bad.stderr
     bad = run_cli("export", "--db", pg_dsn, "--frames", str(tmp_path / "no-nas"), "--format", "yolo", str(tmp_path / "y"))
     assert bad.returncode == 2 and "is not a folder" in bad.stderr
+    # a password on the command line (readable by every local user): refused, PGPASSWORD named
+    bad = run_cli("export", "--db", "postgresql://plant:s3cret-pw@127.0.0.1/x", "--frames", str(nas), "--format", "yolo",
+                  str(tmp_path / "p"))
+    assert bad.returncode == 2 and "PGPASSWORD" in bad.stderr and "s3cret-pw" not in bad.stderr
 
 
 def test_frames_config_errors_name_the_field(monkeypatch):
