@@ -235,7 +235,7 @@ def test_full_state_dir_holds_the_record_raises_an_alarm_and_resumes_when_space_
         subprocess.run(["umount", "-l", str(mnt)], check=False)
     log = daemon.log()
     # was 5.1-5.2 s (the MQTT close waited ACK_TIMEOUT for acknowledgements that could not be recorded); the
-    # waits after a stop now end together within STOP_DRAIN_S (1.5 s) and sooner when nothing moves
+    # waits after a stop now end together within STOP_DRAIN_S (2.5 s) and sooner when nothing moves
     assert stop_s < 3.0, f"SIGTERM took {stop_s:.1f} s while the state_dir was full\n{log[-4000:]}"
     assert code in (0, EXIT_UNDELIVERED), log[-3000:]
     # the sink worker neither died nor gave a record up (the MQTT publisher thread's own retries log apart)

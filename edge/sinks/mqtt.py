@@ -114,9 +114,10 @@ WARN_INTERVAL = 30.0
 ACK_TIMEOUT = 5.0
 #: once the daemon is stopping, every wait for acknowledgements together ends this many seconds after the stop
 #: (what is not acknowledged stays in the outbox for the next start), so SIGTERM ends the daemon within seconds
-STOP_DRAIN_S = 1.5
-#: ... and a wait gives up earlier when nothing was acknowledged for this long (broker silent, disk full)
-DRAIN_STALL_S = 0.5
+STOP_DRAIN_S = 2.5
+#: ... and a wait gives up earlier when nothing was acknowledged for this long although the publisher's loop
+#: turned meanwhile (broker silent, disk full); a publisher that simply got no CPU yet is not a stall
+DRAIN_STALL_S = 1.0
 #: seconds without an acknowledgement while connected with messages waiting (or without a turn of the
 #: publisher's loop) before the publisher counts as stalled: ``publisher_stalled`` (edge/health.py)
 PUBLISHER_STALL_AFTER = 60.0
@@ -1223,7 +1224,11 @@ class MqttSink(Sink):
                 last, moved_at = (depth, direct), now
             if not connected or now >= deadline:
                 return False
-            if self._stop_deadline is not None and (now >= self._stop_deadline or now - moved_at >= DRAIN_STALL_S):
+            # the publisher had its turn since the last progress (or, for the direct messages after it stopped,
+            # there is no publisher to wait for) and still nothing moved
+            had_turn = not outbox or self._beat > moved_at
+            if self._stop_deadline is not None and (now >= self._stop_deadline
+                                                    or (now - moved_at >= DRAIN_STALL_S and had_turn)):
                 return False  # stopping: the broker is silent, the outbox cannot be written, or time is up
             self._wake.set()
             time.sleep(0.02)
