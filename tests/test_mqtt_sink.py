@@ -287,6 +287,26 @@ def test_device_and_source_status_are_retained_online_then_stopped(broker: Broke
     sink.close()  # a second close is harmless
 
 
+def test_a_close_long_after_the_stop_began_still_delivers_its_own_stopped_statuses(broker: Broker) -> None:
+    """The stop's deadline starts at SIGTERM; the MQTT sink closes last, after the web page (which once took
+    5 s to close a live view).  The close's own messages (each running source ``stopped``) still get their
+    window instead of being left in the outbox with exit 75."""
+    from edgelabel.edge.sinks.mqtt import STOP_DRAIN_S
+
+    sink = MqttSink(mqtt_cfg(broker.port), DEVICE)
+    sink.open()
+    try:
+        assert wait_retained(broker.port, f"{PREFIX}/{DEVICE}/status", "online", 5) == "online"
+        sink.source_status("cam1", "online")
+        sink.flush()
+        sink.interrupt()  # SIGTERM: the stop's deadline starts now
+        time.sleep(STOP_DRAIN_S + 0.5)  # ... and is spent by the time the sink closes
+    finally:
+        sink.close()
+    assert sink.left_at_close == 0
+    assert retained(broker.port, f"{PREFIX}/{DEVICE}/cam1/status") == "stopped"
+
+
 def test_reconnect_republishes_device_and_source_status(broker: Broker, tmp_path: Path, caplog) -> None:
     """The broker restarts without persistence, losing every retained message: the sink restores them."""
     caplog.set_level(logging.INFO, logger="edgelabel.edge.sinks.mqtt")

@@ -854,3 +854,13 @@ def test_a_record_path_outside_the_dataset_is_never_served(tmp_path: Path, daemo
                                                                  "SECRET_KEY": SECRET_KEY}).test_client()
     resp = client.get(f"/api/frames/{forged.id}.jpg")
     assert resp.status_code == 404 and resp.mimetype == "application/json"
+
+
+def test_a_live_view_that_starts_waiting_after_the_stop_began_returns_at_once(daemon: Daemon) -> None:
+    """The web server stops by setting ``closing`` and waking the viewers; a viewer that was between its check
+    of ``closing`` and its wait missed the wake-up and slept its whole keepalive (5 s), holding up SIGTERM."""
+    closing = threading.Event()
+    closing.set()
+    t0 = time.monotonic()
+    daemon.sink.wait_jpeg("cars", 10**12, 5.0, cancel=closing)  # no frame will ever be newer than this
+    assert time.monotonic() - t0 < 1.0

@@ -220,7 +220,7 @@ class _Stream:
         ctx, seq, last_sent = self.ctx, 0, 0.0
         interval = 1.0 / ctx.cfg.web.stream_fps
         while not ctx.closing.is_set():
-            new_seq, jpeg = ctx.sink.wait_jpeg(self.name, seq, STREAM_KEEPALIVE)
+            new_seq, jpeg = ctx.sink.wait_jpeg(self.name, seq, STREAM_KEEPALIVE, cancel=ctx.closing)
             if ctx.closing.is_set():
                 return
             now = time.monotonic()

@@ -310,11 +310,16 @@ class WebSink(Sink):
             view = self._sources.get(source)
             return (view.seq, view.jpeg) if view else (0, None)
 
-    def wait_jpeg(self, source: str, after: int, timeout: float) -> tuple[int, bytes | None]:
-        """Block until the source has a JPEG newer than ``after`` (or timeout / close); returns the newest."""
+    def wait_jpeg(self, source: str, after: int, timeout: float,
+                  cancel: threading.Event | None = None) -> tuple[int, bytes | None]:
+        """Block until the source has a JPEG newer than ``after`` (or timeout / close / ``cancel``); the newest.
+
+        ``cancel`` is looked at under the lock that ``wake_viewers`` takes, so a viewer that starts waiting just
+        after the web server began to stop does not sleep through its wake-up (a stop then took 5 s).
+        """
         deadline = time.monotonic() + timeout
         with self._lock:
-            while not self._closed:
+            while not self._closed and not (cancel is not None and cancel.is_set()):
                 view = self._sources.get(source)
                 if view is not None and view.seq > after and view.jpeg is not None:
                     return view.seq, view.jpeg

@@ -590,8 +590,10 @@ class MqttSink(Sink):
             if self._closing:
                 return
             self._closing = True  # releases a write blocked by stop_capture
-            if self._stop_deadline is None:
-                self._stop_deadline = time.monotonic() + STOP_DRAIN_S
+            # the close stores messages of its own (every source "stopped"): they get a window of their own even
+            # when the stop began long before (a web page that took seconds to close its live views); a broker
+            # that does not answer or a full disk still ends the wait after DRAIN_STALL_S
+            self._stop_deadline = max(self._stop_deadline or 0.0, time.monotonic() + STOP_DRAIN_S)
             opened = self._opened
             running = [src for src, st in self._source_status.items() if st not in FINAL_SOURCE_STATES]
             running += [src for src in self.sources if src not in self._source_status]
