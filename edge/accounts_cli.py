@@ -18,6 +18,7 @@ import getpass
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,8 @@ def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
 
 
-def cmd_user(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, action: Callable[[AccountStore, set[str]], None]) -> int:
+    """Open the account store named by ``-c``/``--state-dir``, run ``action`` on it, turn its errors into exits."""
     try:
         store, config_names = _open_store(args)
     except ConfigError as exc:
@@ -82,9 +84,25 @@ def cmd_user(args: argparse.Namespace) -> int:
             print(f"edgelabel: config error: {line}", file=sys.stderr)
         return EXIT_USAGE
     try:
+        action(store, config_names)
+    except AccountError as exc:
+        return _err(str(exc))
+    except (OSError, sqlite3.Error) as exc:
+        return _unusable(store, exc)
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+def _new_name(name: str, config_names: set[str]) -> None:
+    if name in config_names:
+        raise AccountError(f"the name {name!r} is a web.operators entry in the config; choose another")
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    def action(store: AccountStore, config_names: set[str]) -> None:
         if args.action == "add":
-            if args.name in config_names:
-                raise AccountError(f"the name {args.name!r} is a web.operators entry in the config; choose another")
+            _new_name(args.name, config_names)
             user = store.add_user(args.name, args.role, _read_password(args, args.name))
             print(f"user {user.name} added ({user.role}); log in at the web page's /login")
         elif args.action == "passwd":
@@ -108,26 +126,14 @@ def cmd_user(args: argparse.Namespace) -> int:
         elif args.action in ("disable", "enable"):
             ended = store.set_disabled(args.name, args.action == "disable")
             print(f"user {args.name} {args.action}d" + (f"; {ended} session(s) ended" if args.action == "disable" else ""))
-    except AccountError as exc:
-        return _err(str(exc))
-    except (OSError, sqlite3.Error) as exc:
-        return _unusable(store, exc)
-    finally:
-        store.close()
-    return EXIT_OK
+
+    return _run(args, action)
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    try:
-        store, config_names = _open_store(args)
-    except ConfigError as exc:
-        for line in exc.problems:
-            print(f"edgelabel: config error: {line}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
+    def action(store: AccountStore, config_names: set[str]) -> None:
         if args.action == "add":
-            if args.name in config_names:
-                raise AccountError(f"the name {args.name!r} is a web.operators entry in the config; choose another")
+            _new_name(args.name, config_names)
             tok, secret = store.add_token(args.name, args.role)
             print(secret)
             print(f"API token {tok.name} ({tok.role}, id {tok.id}) added. It is shown this once: store it now "
@@ -143,13 +149,8 @@ def cmd_token(args: argparse.Namespace) -> int:
         elif args.action == "revoke":
             tok = store.revoke_token(args.name)
             print(f"API token {tok.name} (id {tok.id}) revoked; it is refused from now on")
-    except AccountError as exc:
-        return _err(str(exc))
-    except (OSError, sqlite3.Error) as exc:
-        return _unusable(store, exc)
-    finally:
-        store.close()
-    return EXIT_OK
+
+    return _run(args, action)
 
 
 def _where(p: argparse.ArgumentParser) -> None:

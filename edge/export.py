@@ -49,8 +49,9 @@ from xml.etree import ElementTree as ET
 
 import yaml
 
+from edgelabel.edge.formats import replace_folder, yolo_text
 from edgelabel.edge.records import iso_utc
-from edgelabel.edge.sinks.dataset import INDEX_FILE, STATES, DatasetIndex, safe_component, yolo_text
+from edgelabel.edge.sinks.dataset import INDEX_FILE, STATES, DatasetIndex, safe_component
 
 log = logging.getLogger(__name__)
 
@@ -271,13 +272,7 @@ class _FolderTarget:
             shutil.copyfile(path, dst)
 
     def commit(self) -> None:
-        old = None
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_folder(self.tmp, self.out)
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -33,15 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from edgelabel.edge.salvage import (
-    TableSalvage,
-    copy_table,
-    estimate_rows,
-    integrity_problem,
-    is_corrupt,
-    move_aside,
-    open_read_only,
-)
+from edgelabel.edge.salvage import is_corrupt, open_checked, salvage_file
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -153,37 +145,15 @@ class Ledger:
 
     def _open(self) -> sqlite3.Connection:
         """Open the file, read every page once (``quick_check``); a corrupt one is salvaged, not fatal."""
-        db: sqlite3.Connection | None = None
-        try:
-            db = self._connect()
-            problem = integrity_problem(db)
-            if problem is None:
-                return db
-            exc: BaseException = sqlite3.DatabaseError(f"integrity check: {problem}")
-        except sqlite3.OperationalError:
-            if db is not None:
-                db.close()
-            raise  # cannot open, locked, I/O error, disk full: not the file's fault, do not move it
-        except sqlite3.DatabaseError as err:  # not a database, malformed
-            exc = err
-        if db is not None:
-            db.close()
-        return self._replace_corrupt(exc)
+        db, exc = open_checked(self._connect)
+        if exc is not None:
+            return self._replace_corrupt(exc)
+        assert db is not None
+        return db
 
     def _replace_corrupt(self, exc: BaseException) -> sqlite3.Connection:
         """Move the damaged file aside, start a new one with every row still readable, count and explain the rest."""
-        aside = move_aside(self.path)
-        db = self._connect()
-        old = open_read_only(aside)
-        kept: dict[str, TableSalvage] = {}
-        if old is None:
-            lost = estimate_rows(aside)
-        else:
-            try:
-                kept = {t: copy_table(old, db, t) for t in LEDGER_TABLES}
-            finally:
-                old.close()
-            lost = sum(r.unreadable for r in kept.values())
+        db, aside, kept, lost = salvage_file(self.path, self._connect, LEDGER_TABLES)
         done = kept.get("done")
         what = (f"job ledger {self.path} was corrupt ({exc}): moved it to {aside}, kept "
                 f"{done.kept if done else 0} done frame(s) and "

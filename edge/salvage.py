@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,3 +159,46 @@ def estimate_rows(path: Path) -> int:
     if declared > pages:  # cut off: the header still says how many pages there were
         rows = round(rows * (declared - 1) / max(1, pages - 1))
     return rows
+
+
+def open_checked(connect: Callable[[], sqlite3.Connection]) -> tuple[sqlite3.Connection | None, BaseException | None]:
+    """``connect()`` and read every page once: ``(db, None)`` when sound, ``(None, why)`` when the file is corrupt.
+
+    An ``OperationalError`` (cannot open, locked, I/O error, disk full) is raised as it is: that is not the
+    file's fault, and the file must not be moved aside for it.
+    """
+    db: sqlite3.Connection | None = None
+    try:
+        db = connect()
+        problem = integrity_problem(db)
+        if problem is None:
+            return db, None
+        exc: BaseException = sqlite3.DatabaseError(f"integrity check: {problem}")
+    except sqlite3.OperationalError:
+        if db is not None:
+            db.close()
+        raise
+    except sqlite3.DatabaseError as err:  # not a database, malformed
+        exc = err
+    if db is not None:
+        db.close()
+    return None, exc
+
+
+def salvage_file(path: Path, connect: Callable[[], sqlite3.Connection],
+                 tables: Iterable[str]) -> tuple[sqlite3.Connection, Path, dict[str, TableSalvage], int]:
+    """Move a corrupt ``path`` aside, start a new file with ``connect()`` and copy every readable row of ``tables``.
+
+    Returns the new connection, where the damaged file went, what each table kept and the rows lost (an
+    estimate from the file's pages when SQLite cannot open it at all).  The caller says what the loss means.
+    """
+    aside = move_aside(path)
+    db = connect()
+    old = open_read_only(aside)
+    if old is None:
+        return db, aside, {}, estimate_rows(aside)
+    try:
+        kept = {t: copy_table(old, db, t) for t in tables}
+    finally:
+        old.close()
+    return db, aside, kept, sum(r.unreadable for r in kept.values())

@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 import uuid
@@ -44,6 +43,7 @@ import psycopg
 import yaml
 from psycopg.rows import dict_row
 
+from edgelabel.edge.formats import replace_folder, yolo_text
 from edgelabel.ingest.framestore import FrameStore, safe_part
 
 log = logging.getLogger("edgelabel.ingest.export")
@@ -82,16 +82,6 @@ class CentralExportResult:
     not_exported: list[dict[str, Any]] = field(default_factory=list)  # {record_id, device, source, reason}
 
 
-def _yolo_text(boxes: list[dict[str, Any]], width: int, height: int) -> str:
-    """YOLO lines (``class cx cy w h``, normalised, 6 decimals): the appliance's convention (dataset.yolo_text)."""
-    lines = []
-    for b in boxes:
-        x1, y1, x2, y2 = b["box"]
-        cx, cy = (x1 + x2) / 2 / width, (y1 + y2) / 2 / height
-        lines.append(f"{b['class_id']} {cx:.6f} {cy:.6f} {(x2 - x1) / width:.6f} {(y2 - y1) / height:.6f}\n")
-    return "".join(lines)
-
-
 def _fraction(record_id: str) -> float:
     """A stable number in [0, 1) per record (the appliance's split rule): the same frame, the same split."""
     return int(hashlib.sha256(record_id.encode()).hexdigest()[:8], 16) / 2**32
@@ -118,13 +108,7 @@ class _Folder:
         p.write_bytes(data)
 
     def commit(self) -> None:
-        old = None
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_folder(self.tmp, self.out)
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -184,7 +168,7 @@ def export_central(conn: psycopg.Connection, store: FrameStore, fmt: str, out: P
                 subset = "val" if val_fraction and _fraction(r["id"]) < val_fraction else "train"
                 used.add(subset)
                 target.add(f"images/{subset}/{stem}.{ext}", data)
-                target.add(f"labels/{subset}/{stem}.txt", _yolo_text(dets, r["width"], r["height"]).encode())
+                target.add(f"labels/{subset}/{stem}.txt", yolo_text(dets, r["width"], r["height"]).encode())
             else:
                 image_id = len(images) + 1
                 target.add(f"images/default/{stem}.{ext}", data)

@@ -91,18 +91,11 @@ import yaml
 
 from edgelabel.edge.capture import SKIP, CaptureDecision, CaptureSelector
 from edgelabel.edge.config import ConfigError, DatasetConfig
+from edgelabel.edge.formats import yolo_text
 from edgelabel.edge.frame import Frame, text_path
 from edgelabel.edge.locks import LOCK_FILE, LockHeld, hold_lock
 from edgelabel.edge.records import LabelRecord, iso_utc
-from edgelabel.edge.salvage import (
-    TableSalvage,
-    copy_table,
-    estimate_rows,
-    integrity_problem,
-    is_corrupt,
-    move_aside,
-    open_read_only,
-)
+from edgelabel.edge.salvage import is_corrupt, open_checked, salvage_file
 from edgelabel.edge.sinks.base import Sink
 from edgelabel.edge.sources.pathguard import PathGuard, read_checked
 
@@ -325,25 +318,12 @@ class DatasetIndex:
 
     def _connect_checked(self) -> sqlite3.Connection:
         """Connect, read every page once (``quick_check``); a corrupt index is salvaged (``repair``) or raised."""
-        db: sqlite3.Connection | None = None
-        try:
-            db = self._connect()
-            problem = integrity_problem(db)
-            if problem is None:
-                db.row_factory = sqlite3.Row
-                return db
-            exc: sqlite3.DatabaseError = sqlite3.DatabaseError(f"integrity check: {problem}")
-        except sqlite3.OperationalError:
-            if db is not None:
-                db.close()
-            raise  # cannot open, locked, I/O error, disk full: not the file's fault, do not move it
-        except sqlite3.DatabaseError as err:  # not a database, malformed
-            exc = err
-        if db is not None:
-            db.close()
-        if not self._repair:  # an export never changes the dataset: the daemon salvages it when it opens
-            raise exc
-        db = self._replace_corrupt(exc)
+        db, exc = open_checked(self._connect)
+        if exc is not None:
+            if not self._repair:  # an export never changes the dataset: the daemon salvages it when it opens
+                raise exc
+            db = self._replace_corrupt(exc)
+        assert db is not None
         db.row_factory = sqlite3.Row
         return db
 
@@ -353,18 +333,7 @@ class DatasetIndex:
         Never deletes a file of the dataset: the images and labels of rows that could not be read stay
         where they are (left out of the COCO file until their frames are labeled again).
         """
-        aside = move_aside(self.path)
-        db = self._connect()
-        old = open_read_only(aside)
-        kept: dict[str, TableSalvage] = {}
-        if old is None:
-            lost = estimate_rows(aside)
-        else:
-            try:
-                kept = {t: copy_table(old, db, t) for t in ("records", "meta", "review_log")}
-            finally:
-                old.close()
-            lost = sum(r.unreadable for r in kept.values())
+        db, aside, kept, lost = salvage_file(self.path, self._connect, ("records", "meta", "review_log"))
         rec = kept.get("records")
         what = (f"dataset index {self.path} was corrupt ({exc}): moved it to {aside}, kept "
                 f"{rec.kept if rec else 0} record(s) in a new index; {lost} row(s) could not be read")
@@ -1487,11 +1456,3 @@ def _clipped_boxes(record: LabelRecord) -> list[dict[str, Any]]:
     return out
 
 
-def yolo_text(boxes: Iterable[dict[str, Any]], width: int, height: int) -> str:
-    """YOLO label lines (``class cx cy w h``, normalised, 6 decimals) for boxes in pixels."""
-    lines = []
-    for b in boxes:
-        x1, y1, x2, y2 = b["box"]
-        cx, cy = (x1 + x2) / 2 / width, (y1 + y2) / 2 / height
-        lines.append(f"{b['class_id']} {cx:.6f} {cy:.6f} {(x2 - x1) / width:.6f} {(y2 - y1) / height:.6f}\n")
-    return "".join(lines)
